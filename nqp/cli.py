@@ -1,0 +1,398 @@
+"""Command line: python -m nqp {predict,simulate,sweep,curve,docs}.
+
+Invalid or unstable input exits with status 2 and one line on stderr saying what is wrong.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+import numpy as np
+
+from .errors import NQPError
+from .methods import LatePhase, TailAverage, make_method
+from .problem import Problem
+
+DEFAULT_DIM, DEFAULT_POWER = 100, 1.0
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2
+        raise SystemExit(_fail(f"{message} (see {self.prog} --help)"))
+
+
+def _fail(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _positive_int(text):
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    return v
+
+
+# ----------------------------------------------------------------------------- flags
+
+def _problem_flags(p):
+    g = p.add_argument_group("problem (default: --spectrum powerlaw --dim 100 --power 1, noise 1, optimum 1)")
+    g.add_argument("--curvature", type=float, nargs="+", metavar="H", help="curvatures h_i > 0")
+    g.add_argument("--noise", type=float, nargs="+", metavar="S", default=[1.0],
+                   help="target-noise variances s_i >= 0 (one value broadcasts; default 1)")
+    g.add_argument("--optimum", type=float, nargs="+", metavar="W", default=[1.0],
+                   help="optimum w*_i (one value broadcasts; default 1)")
+    g.add_argument("--spectrum", choices=["powerlaw"], help="generate h_i = i^-P, i = 1..D")
+    g.add_argument("--dim", type=int, metavar="D", help=f"dimension of the power-law spectrum (default {DEFAULT_DIM})")
+    g.add_argument("--power", type=float, metavar="P", help=f"power-law exponent (default {DEFAULT_POWER:g})")
+
+
+def _method_flags(p, method_default="additive", gamma_default=1.0):
+    g = p.add_argument_group("method")
+    g.add_argument("--method", choices=["sgd", "additive", "multiplicative"], default=method_default)
+    g.add_argument("--K", type=_positive_int, default=10, help="number of late-phase members (default 10)")
+    g.add_argument("--gamma-theta", type=float, default=None,
+                   help=f"base-gradient scale: theta <- theta - lr_theta * gamma_theta * sum_k g_k "
+                        f"(default {gamma_default:g}; 1/K averages the member gradients)")
+    g.add_argument("--lr", type=float, default=0.1, help="SGD step; default for both late-phase rates (0.1)")
+    g.add_argument("--lr-theta", type=float, help="late-phase step of theta (default --lr)")
+    g.add_argument("--lr-phi", type=float, help="late-phase step of each phi_k (default --lr)")
+    g.add_argument("--momentum", type=float, default=0.0, help="momentum mu in [0, 1) (torch convention)")
+    g.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
+    g.add_argument("--batch", type=_positive_int, default=1, help="SGD only: minibatches averaged per step")
+    g.add_argument("--ensemble", action="store_true", help="SGD only: K independent runs averaged at the end")
+    g.add_argument("--swa-window", type=_positive_int, metavar="W",
+                   help="tail-average the mean model over the last W minibatches")
+
+
+def build_problem(a) -> Problem:
+    if a.spectrum and a.curvature:
+        raise NQPError("give either --curvature or --spectrum powerlaw, not both")
+    if not a.spectrum and (a.dim is not None or a.power is not None) and a.curvature:
+        raise NQPError("--dim/--power apply to --spectrum powerlaw")
+    if a.curvature:
+        return Problem.from_values(a.curvature, a.noise, a.optimum)
+    dim = DEFAULT_DIM if a.dim is None else a.dim
+    return Problem.powerlaw(dim, DEFAULT_POWER if a.power is None else a.power, _vec(a.noise), _vec(a.optimum))
+
+
+def _vec(v):
+    return v[0] if len(v) == 1 else v
+
+
+def method_params(a, gamma_default=1.0) -> dict:
+    if a.method == "sgd" and a.gamma_theta is not None:
+        raise NQPError("--gamma-theta applies to late-phase methods (--method additive/multiplicative)")
+    return dict(K=a.K, gamma_theta=gamma_default if a.gamma_theta is None else a.gamma_theta, lr=a.lr,
+                lr_theta=a.lr_theta, lr_phi=a.lr_phi, momentum=a.momentum, nesterov=a.nesterov,
+                batch=a.batch, ensemble=a.ensemble, swa_window=a.swa_window)
+
+
+def _finite(a):
+    for k in ("lr", "lr_theta", "lr_phi", "momentum", "gamma_theta"):
+        v = getattr(a, k, None)
+        if v is not None and not math.isfinite(v):
+            raise NQPError(f"--{k.replace('_', '-')} must be finite, got {v}")
+
+
+# ----------------------------------------------------------------------------- output helpers
+
+def _table(rows, cols) -> str:
+    cells = [[c for c, _ in cols]] + [[fmt(r) for _, fmt in cols] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _g(v) -> str:
+    return "unstable" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.6g}"
+
+
+def _dump(obj):
+    def conv(o):
+        if isinstance(o, float) and not math.isfinite(o):
+            return None
+        if isinstance(o, dict):
+            return {k: conv(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [conv(v) for v in o]
+        if isinstance(o, np.generic):
+            return conv(o.item())
+        return o
+    print(json.dumps(conv(obj), indent=2))
+
+
+def _params_dict(m) -> dict:
+    base = m.base if hasattr(m, "base") else m
+    d = {k: v for k, v in base.__dict__.items()}
+    if isinstance(m, TailAverage):
+        d["swa_window"] = m.window
+    if hasattr(m, "K") and not isinstance(base, LatePhase):
+        d["K"] = m.K
+    return d
+
+
+def write_atomic(path: str, text: str) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return path
+
+
+# ----------------------------------------------------------------------------- commands
+
+def cmd_predict(a) -> int:
+    from .theory import baselines, max_stable_lr, steady_state
+    from .methods import SGD
+
+    problem = build_problem(a)
+    path = "lyapunov" if a.lyapunov else "closed"
+    scan = a.method != "sgd" and a.gamma_theta is None and a.swa_window is None
+    method = make_method(a.method, **method_params(a))
+    pred = steady_state(problem, method, path)
+    sgd = SGD(a.lr, a.momentum, a.nesterov)
+    out = {"problem": problem.describe(), **pred.to_dict(), "params": _params_dict(method),
+           "max_stable": max_stable_lr(problem, method)}
+    rows = []
+    if isinstance(method, LatePhase):
+        out["baselines"] = baselines(problem, method, sgd, None)
+        if scan:
+            gammas = sorted({0.0, 1.0 / a.K, 0.5, 1.0})
+            out["gamma_theta_scan"] = []
+            for gm in gammas:
+                try:
+                    r = steady_state(problem, method.with_(gamma_theta=gm), path).to_dict()
+                except NQPError as e:
+                    r = {"unstable": str(e)}
+                out["gamma_theta_scan"].append({"gamma_theta": gm, **r})
+    if a.json:
+        _dump(out)
+        return 0
+    print(f"noisy quadratic problem: {problem.describe()}")
+    print(f"stationary expected excess loss (summed over coordinates); solution: {pred.path}\n")
+    e_sgd = out.get("baselines", {}).get("sgd", {}).get("excess_loss_mean_model")
+    if isinstance(method, LatePhase):
+        b = out["baselines"]
+        rows.append(("SGD", f"lr={a.lr:g}", b["sgd"].get("excess_loss_mean_model"),
+                     b["sgd"].get("excess_loss_members")))
+        rows.append((f"SGD, batch x{a.K}", f"lr={a.lr:g}", b["sgd_batch_K"].get("excess_loss_mean_model"),
+                     b["sgd_batch_K"].get("excess_loss_members")))
+        rows.append((f"ensemble of {a.K} SGD runs", f"lr={a.lr:g}, {a.K}x cost",
+                     b["ensemble_K"].get("excess_loss_mean_model"), b["ensemble_K"].get("excess_loss_members")))
+        entries = out.get("gamma_theta_scan") or [{"gamma_theta": method.gamma_theta, **pred.to_dict()}]
+        for r in entries:
+            rows.append((f"late-phase {a.method}, K={a.K}",
+                         f"gamma_theta={r['gamma_theta']:.4g}, lr_theta={method.lr_theta:g}, lr_phi={method.lr_phi:g}",
+                         r.get("excess_loss_mean_model"), r.get("excess_loss_members")))
+    else:
+        rows.append((method.name, json.dumps(_params_dict(method)), pred.excess_loss_mean_model,
+                     pred.excess_loss_members))
+    cols = [("method", lambda r: r[0]), ("settings", lambda r: r[1]),
+            ("mean model", lambda r: _g(r[2])), ("members (avg)", lambda r: _g(r[3]))]
+    if e_sgd:
+        cols.append(("mean / SGD", lambda r: "-" if r[2] is None else f"{r[2] / e_sgd:.4f}"))
+    print(_table(rows, cols))
+    if a.momentum:
+        print(f"\nmomentum {a.momentum:g}{' (Nesterov)' if a.nesterov else ''} on every optimizer")
+    if isinstance(method, LatePhase) and method.kind == "multiplicative":
+        print("\nmultiplicative: small-noise prediction (linearised about the balanced optimum); "
+              "check it with `python -m nqp simulate --method multiplicative`")
+    return 0
+
+
+def cmd_simulate(a) -> int:
+    from .montecarlo import simulate
+    from .theory import steady_state
+
+    problem = build_problem(a)
+    method = make_method(a.method, **method_params(a))
+    pred = steady_state(problem, method)  # also validates stability
+    res = simulate(problem, method, steps=a.steps, burn_in=a.burn_in, runs=a.runs, seed=a.seed,
+                   threads=a.threads, progress=not a.json and sys.stderr.isatty())
+    out = {"problem": problem.describe(), "method": method.name, "params": _params_dict(method), **res.to_dict(),
+           "prediction": pred.to_dict()}
+    for key in ("excess_loss_mean_model", "excess_loss_members"):
+        se = getattr(res, key + "_stderr")
+        out[key + "_z"] = (getattr(res, key) - getattr(pred, key)) / se if se > 0 else None
+    if a.json:
+        _dump(out)
+        return 0
+    print(f"noisy quadratic problem: {problem.describe()}")
+    print(f"Monte Carlo: {res.runs} runs x {res.steps} minibatches after {res.burn_in} burn-in, seed {res.seed}, "
+          f"{res.seconds:.2f} s ({res.updates_per_second / 1e6:.1f} M member-coordinate updates/s)\n")
+    rows = [("mean model", res.excess_loss_mean_model, res.excess_loss_mean_model_stderr,
+             pred.excess_loss_mean_model, out["excess_loss_mean_model_z"]),
+            ("members (avg)", res.excess_loss_members, res.excess_loss_members_stderr, pred.excess_loss_members,
+             out["excess_loss_members_z"])]
+    print(_table(rows, [("quantity", lambda r: r[0]), ("simulated", lambda r: _g(r[1])),
+                        ("std. error", lambda r: f"{r[2]:.2g}"), (f"predicted ({pred.path})", lambda r: _g(r[3])),
+                        ("z", lambda r: "-" if r[4] is None else f"{r[4]:+.2f}")]))
+    return 0
+
+
+def cmd_sweep(a) -> int:
+    from . import plots
+    from .sweep import grid, parse_values
+
+    problem = build_problem(a)
+    base = method_params(a)
+    for k in ("batch", "ensemble", "swa_window"):
+        if base.pop(k) not in (1, False, None):
+            raise NQPError(f"--{k.replace('_', '-')} is not supported by sweep")
+    xn, *xv = a.x or ["K", "1:50:50"]
+    yn, *yv = a.y or ["gamma_theta", "0.02:1:6:log"]
+    xn, yn = xn.replace("-", "_"), yn.replace("-", "_")
+    if not xv or not yv:
+        raise NQPError("--x and --y take a parameter name followed by values")
+    res = grid(problem, a.method, base, (xn, parse_values(xn, xv)), (yn, parse_values(yn, yv)))
+    os.makedirs(a.out, exist_ok=True)
+    d = {"problem": problem.describe(), "method": a.method, "base": base, **res.to_dict()}
+    files = {"json": os.path.join(a.out, "sweep.json"), "csv": os.path.join(a.out, "sweep.csv")}
+    write_atomic(files["json"], json.dumps(d, indent=1, allow_nan=False, default=str).replace("NaN", "null"))
+    header = [xn, yn, "excess_loss_mean_model", "excess_loss_members", "excess_loss_sgd", "gain_over_sgd", "stable"]
+    lines = [",".join(header)] + [",".join(str(r[k]) for k in header) for r in res.rows()]
+    write_atomic(files["csv"], "\n".join(lines) + "\n")
+    title = f"{a.method}: gain over SGD (E_sgd / E_mean); {problem.describe()}"
+    files["heatmap"] = plots.plot_heatmap(xn, res.x, yn, res.y, res.gain, os.path.join(a.out, "sweep_gain.png"),
+                                          title, "E_sgd / E_mean")
+    sgd_ref = float(np.nanmean(res.sgd)) if np.all(res.sgd == res.sgd[0, 0]) else None
+    files["lines"] = plots.plot_lines(xn, res.x, yn, res.y, {"mean model": res.mean_model, "members": res.members},
+                                      os.path.join(a.out, "sweep_lines.png"), f"{a.method}: stationary excess loss",
+                                      hline=sgd_ref)
+    if a.json:
+        _dump({**d, "files": files})
+        return 0
+    best = np.unravel_index(np.nanargmax(res.gain), res.gain.shape) if np.any(res.stable) else None
+    print(f"sweep of {xn} x {yn}: {res.stable.sum()} of {res.stable.size} points stable")
+    if best is not None:
+        j, i = best
+        print(f"largest gain over SGD: {res.gain[j, i]:.4g} at {xn}={res.x[i]:g}, {yn}={res.y[j]:g}")
+    for k, v in files.items():
+        print(f"wrote {v}")
+    return 0
+
+
+def cmd_curve(a) -> int:
+    from . import plots
+    from .curves import learning_curve
+    from .methods import SGD
+
+    problem = build_problem(a)
+    if a.method == "sgd":
+        raise NQPError("curve compares SGD with a late-phase method: use --method additive or multiplicative")
+    if a.swa_window is not None:
+        raise NQPError("curve uses --swa-start (running average from that minibatch), not --swa-window")
+    method = make_method(a.method, **method_params(a))
+    sgd = SGD(a.lr, a.momentum, a.nesterov)
+    path = "lyapunov" if a.lyapunov else "closed"
+    curve = learning_curve(problem, method, sgd, T0=a.t0, horizon=a.horizon, w0=_vec(a.w0), sigma0=a.sigma0,
+                           points=a.points, swa_start=a.swa_start, path=path)
+    mc = None
+    if a.simulate:
+        from .montecarlo import simulate_curve
+        mc = simulate_curve(problem, method, sgd, T0=a.t0, horizon=a.horizon, w0=_vec(a.w0), sigma0=a.sigma0,
+                            points=min(a.points, 60), swa_start=a.swa_start, runs=a.runs, seed=a.seed,
+                            threads=a.threads, progress=not a.json and sys.stderr.isatty())
+    png = plots.plot_curve(curve, a.out, mc)
+    out = {"problem": problem.describe(), "params": _params_dict(method), "png": png, **curve.to_dict()}
+    if mc is not None:
+        out["simulation"] = {"runs": a.runs, "seed": a.seed, **mc.to_dict()}
+    if a.json:
+        _dump(out)
+        return 0
+    last = {k: v[-1] for k, v in curve.series.items()}
+    print(f"learning curve, {problem.describe()}; late-phase from T0={a.t0}, K={a.K}")
+    print(_table(sorted(last.items(), key=lambda kv: kv[1]),
+                 [("series", lambda r: r[0]), (f"E at t={curve.t[-1]}", lambda r: _g(r[1]))]))
+    print(f"wrote {png}")
+    return 0
+
+
+def cmd_docs(a) -> int:
+    from .docs import build
+    for path in build(a.out, quick=a.quick, progress=sys.stderr.isatty()):
+        print(f"wrote {path}")
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m nqp", description="Exact and simulated loss of SGD and late-phase learning "
+                                                   "on the noisy quadratic problem.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sp = sub.add_parser("predict", help="stationary expected loss, exact (default: K=10, several gamma_theta)")
+    _problem_flags(sp)
+    _method_flags(sp)
+    sp.add_argument("--lyapunov", action="store_true", help="solve the Lyapunov equation instead of closed forms")
+    sp.add_argument("--json", action="store_true", help="print one JSON object")
+    sp.set_defaults(func=cmd_predict)
+
+    ss = sub.add_parser("simulate", help="Monte Carlo estimate with standard errors, beside the prediction")
+    _problem_flags(ss)
+    _method_flags(ss)
+    ss.add_argument("--steps", type=_positive_int, default=20000, help="minibatches averaged after burn-in")
+    ss.add_argument("--burn-in", type=int, default=None, help="minibatches discarded first (default: automatic)")
+    ss.add_argument("--runs", type=_positive_int, default=32, help="independent runs (>= 2)")
+    ss.add_argument("--seed", type=int, default=0)
+    ss.add_argument("--threads", type=_positive_int, default=None, help="worker threads (default: all cores)")
+    ss.add_argument("--json", action="store_true")
+    ss.set_defaults(func=cmd_simulate)
+
+    sw = sub.add_parser("sweep", help="grid over two parameters -> CSV, JSON and PNG")
+    _problem_flags(sw)
+    _method_flags(sw)
+    sw.add_argument("--x", nargs="+", metavar="ARG", help="NAME VALUES... (default: K 1:50:50)")
+    sw.add_argument("--y", nargs="+", metavar="ARG", help="NAME VALUES... (default: gamma_theta 0.02:1:6:log)")
+    sw.add_argument("--out", default="nqp_sweep", help="output folder (default nqp_sweep)")
+    sw.add_argument("--json", action="store_true")
+    sw.set_defaults(func=cmd_sweep)
+
+    sc = sub.add_parser("curve", help="expected loss vs t with the switch at T0 -> PNG")
+    _problem_flags(sc)
+    _method_flags(sc)
+    sc.add_argument("--t0", type=int, default=2000, help="minibatches of SGD before late-phase (default 2000)")
+    sc.add_argument("--horizon", type=int, default=6000, help="last minibatch shown (default 6000)")
+    sc.add_argument("--w0", type=float, nargs="+", default=[0.0], help="start weights (default 0)")
+    sc.add_argument("--sigma0", type=float, default=0.0, help="std of the noise added to each phi_k at T0")
+    sc.add_argument("--swa-start", type=int, default=None, help="also show the running average from this minibatch")
+    sc.add_argument("--points", type=_positive_int, default=300, help="evaluation times")
+    sc.add_argument("--lyapunov", action="store_true", help="propagate the full (theta, phi_1..K) system")
+    sc.add_argument("--simulate", action="store_true", help="overlay Monte Carlo points (±2 standard errors)")
+    sc.add_argument("--runs", type=_positive_int, default=200)
+    sc.add_argument("--seed", type=int, default=0)
+    sc.add_argument("--threads", type=_positive_int, default=None)
+    sc.add_argument("--out", default="nqp_curve.png", help="PNG path (default nqp_curve.png)")
+    sc.add_argument("--json", action="store_true")
+    sc.set_defaults(func=cmd_curve)
+
+    sd = sub.add_parser("docs", help="regenerate the theory figures and docs/theory.md")
+    sd.add_argument("--out", default="docs", help="docs folder (default docs)")
+    sd.add_argument("--quick", action="store_true", help="small, fast build (CI check)")
+    sd.set_defaults(func=cmd_docs)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = make_parser()
+    try:
+        a = parser.parse_args(argv)
+        if hasattr(a, "lr"):
+            _finite(a)
+        return a.func(a)
+    except SystemExit as e:
+        return int(e.code or 0)
+    except NQPError as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        return _fail("interrupted")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Optimisation methods on the noisy quadratic problem, as hyperparameter records.
+
+All optimizers follow torch.optim.SGD's momentum convention (dampening 0), each parameter tensor
+with its own buffer v:
+
+    heavy ball:  v <- mu v + g;  x <- x - lr v
+    Nesterov:    v <- mu v + g;  x <- x - lr (g + mu v)
+
+Time t counts minibatches: an SGD step with `batch` = B consumes B minibatches, one late-phase outer
+step consumes K minibatches (one per member).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+from .errors import NQPError
+
+
+def _check_rate(name: str, value: float, allow_zero: bool = False) -> None:
+    ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise NQPError(f"{name} must be {bound}, got {value}")
+
+
+def _check_momentum(momentum: float, nesterov: bool) -> None:
+    if not (math.isfinite(momentum) and 0.0 <= momentum < 1.0):
+        raise NQPError(f"--momentum must be in [0, 1), got {momentum}")
+    if nesterov and momentum == 0.0:
+        raise NQPError("Nesterov momentum needs --momentum > 0")
+
+
+@dataclass(frozen=True)
+class SGD:
+    """Minibatch SGD on w: w <- w - lr * grad, grad averaged over `batch` minibatches.
+
+    A step with batch B sees target noise of variance s/B and consumes B minibatches of time.
+    """
+
+    lr: float
+    momentum: float = 0.0
+    nesterov: bool = False
+    batch: int = 1
+    name: str = field(default="sgd", init=False)
+
+    def __post_init__(self):
+        _check_rate("--lr", self.lr)
+        _check_momentum(self.momentum, self.nesterov)
+        if int(self.batch) != self.batch or self.batch < 1:
+            raise NQPError(f"batch must be a positive integer, got {self.batch}")
+
+    @property
+    def minibatches_per_step(self) -> int:
+        return int(self.batch)
+
+
+@dataclass(frozen=True)
+class LatePhase:
+    """Late-phase learning (Algorithm 1) with K members w_k = theta + phi_k (additive) or
+    w_k = theta * phi_k (multiplicative, elementwise).
+
+    One outer step: for k = 1..K, g_k = grad_w l(w_k; c_k) with a fresh c_k;
+    phi_k <- U_phi(phi_k, dl/dphi_k); then theta <- U_theta(theta, gamma_theta * sum_k dl/dtheta|_k),
+    theta held fixed inside the loop. Additive: dl/dphi_k = dl/dtheta|_k = g_k.
+    Multiplicative: dl/dphi_k = theta * g_k, dl/dtheta|_k = phi_k * g_k.
+    """
+
+    K: int
+    lr_theta: float
+    lr_phi: float
+    gamma_theta: float = 1.0
+    momentum: float = 0.0
+    nesterov: bool = False
+    kind: str = "additive"
+
+    def __post_init__(self):
+        if int(self.K) != self.K or self.K < 1:
+            raise NQPError(f"--K must be a positive integer, got {self.K}")
+        _check_rate("--lr-theta", self.lr_theta, allow_zero=True)
+        _check_rate("--lr-phi", self.lr_phi)
+        _check_rate("--gamma-theta", self.gamma_theta, allow_zero=True)
+        _check_momentum(self.momentum, self.nesterov)
+        if self.kind not in ("additive", "multiplicative"):
+            raise NQPError(f"late-phase kind must be 'additive' or 'multiplicative', got {self.kind!r}")
+
+    @property
+    def name(self) -> str:
+        return self.kind
+
+    @property
+    def minibatches_per_step(self) -> int:
+        return int(self.K)
+
+    @property
+    def lr_eff(self) -> float:
+        """Effective step of the mean model per outer step: lr_phi + K * gamma_theta * lr_theta."""
+        return self.lr_phi + self.K * self.gamma_theta * self.lr_theta
+
+    def with_(self, **changes) -> "LatePhase":
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Ensemble:
+    """K independent SGD runs whose final weights are averaged (a full ensemble, K x the cost).
+
+    Per minibatch consumed, each run advances 1/K of a step; the mean model is (1/K) sum_k w_k.
+    """
+
+    base: SGD
+    K: int
+    name: str = field(default="ensemble", init=False)
+
+    def __post_init__(self):
+        if not isinstance(self.base, SGD):
+            raise NQPError("an ensemble is built from SGD runs")
+        if int(self.K) != self.K or self.K < 1:
+            raise NQPError(f"--K must be a positive integer, got {self.K}")
+
+    @property
+    def minibatches_per_step(self) -> int:
+        return int(self.K) * self.base.minibatches_per_step
+
+
+@dataclass(frozen=True)
+class TailAverage:
+    """Tail iterate averaging (SWA-style) of the mean model of `base` over the last `window`
+    minibatches, i.e. over window / minibatches_per_step consecutive steps at stationarity."""
+
+    base: object
+    window: int
+    name: str = field(default="tail-average", init=False)
+
+    def __post_init__(self):
+        if not isinstance(self.base, (SGD, LatePhase)):
+            raise NQPError("tail averaging applies to SGD or late-phase methods")
+        if int(self.window) != self.window or self.window < 1:
+            raise NQPError(f"--swa-window must be a positive integer number of minibatches, got {self.window}")
+        if self.window % self.base.minibatches_per_step:
+            raise NQPError(f"--swa-window ({self.window}) must be a multiple of the minibatches per step "
+                           f"({self.base.minibatches_per_step})")
+
+    @property
+    def steps(self) -> int:
+        return int(self.window) // self.base.minibatches_per_step
+
+    @property
+    def minibatches_per_step(self) -> int:
+        return self.base.minibatches_per_step
+
+
+def make_method(method: str = "additive", *, K: int = 10, gamma_theta: float = 1.0, lr: float = 0.1,
+                lr_theta: float | None = None, lr_phi: float | None = None, momentum: float = 0.0,
+                nesterov: bool = False, batch: int = 1, ensemble: bool = False,
+                swa_window: int | None = None):
+    """Build a method from flat parameters (the CLI's flags). lr_theta and lr_phi default to lr.
+
+    method "sgd" uses lr, momentum, nesterov, batch; with ensemble=True it is an ensemble of K SGD
+    runs. "additive"/"multiplicative" build LatePhase. swa_window wraps the result in TailAverage.
+    """
+    if method == "sgd":
+        if lr_theta is not None or lr_phi is not None:
+            raise NQPError("--lr-theta/--lr-phi apply to late-phase methods; use --lr with --method sgd")
+        m = SGD(lr, momentum, nesterov, batch)
+        if ensemble:
+            m = Ensemble(m, K)
+    elif method in ("additive", "multiplicative"):
+        if batch != 1 or ensemble:
+            raise NQPError("--batch and --ensemble apply to --method sgd")
+        m = LatePhase(K, lr if lr_theta is None else lr_theta, lr if lr_phi is None else lr_phi,
+                      gamma_theta, momentum, nesterov, method)
+    else:
+        raise NQPError(f"--method must be one of sgd, additive, multiplicative; got {method!r}")
+    if swa_window is not None:
+        if isinstance(m, Ensemble):
+            raise NQPError("--swa-window does not combine with --ensemble")
+        m = TailAverage(m, swa_window)
+    return m

@@ -1,0 +1,358 @@
+"""Monte Carlo simulation of every method, vectorised over independent runs and coordinates.
+
+The simulator calls the literal steps of :mod:`nqp.dynamics`. Work is split into tiles of
+(runs x coordinates); coordinates are independent, so each tile is simulated on its own with its
+own random stream, derived from (seed, tile index) by numpy's SeedSequence: results do not depend on
+the number of threads. Estimates are averages over runs of per-run time averages, with standard
+errors from the spread across the (independent) runs.
+"""
+from __future__ import annotations
+
+import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import dynamics as dyn
+from . import linear
+from .errors import NQPError
+from .methods import SGD, Ensemble, LatePhase, TailAverage
+
+TILE_ELEMENTS = 1 << 16  # member-coordinates per tile (a few hundred kB per array: stays in cache)
+
+
+class DivergedError(NQPError):
+    """The simulated loss became non-finite."""
+
+
+@dataclass
+class MCResult:
+    """Monte Carlo estimate of the stationary excess loss (loss units, summed over coordinates)."""
+
+    method: str
+    excess_loss_mean_model: float
+    excess_loss_mean_model_stderr: float
+    excess_loss_members: float
+    excess_loss_members_stderr: float
+    runs: int
+    steps: int
+    burn_in: int
+    seed: int
+    updates: int
+    seconds: float
+    per_run_mean_model: np.ndarray = field(repr=False)
+    per_run_members: np.ndarray = field(repr=False)
+
+    def to_dict(self) -> dict:
+        return {k: (float(v) if isinstance(v, (np.floating, float)) else v)
+                for k, v in self.__dict__.items() if not k.startswith("per_run")}
+
+    @property
+    def updates_per_second(self) -> float:
+        return self.updates / max(self.seconds, 1e-12)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _core(method):
+    """The method whose step is simulated (ensembles simulate K SGD runs, tail averages their base)."""
+    return method.base if isinstance(method, (Ensemble, TailAverage)) else method
+
+
+def _members(method) -> int:
+    core = _core(method)
+    if isinstance(method, Ensemble):
+        return method.K
+    return core.K if isinstance(core, LatePhase) else 1
+
+
+def auto_burn_in(problem, method, tol: float = 1e-6) -> int:
+    """Minibatches until the variance transient of the (linearised) dynamics from the optimum decays
+    below `tol` of its stationary value: n steps with rho^(2n) <= tol, rho the spectral radius."""
+    core = _core(method)
+    rho = float(linear.spectral_radius(linear.linearize(problem, core)).max())
+    if rho >= 1:
+        raise NQPError("cannot choose a burn-in: the dynamics are unstable")
+    steps = 1 if rho == 0 else math.ceil(math.log(tol) / (2 * math.log(rho)))
+    return max(1, steps) * core.minibatches_per_step * (method.K if isinstance(method, Ensemble) else 1)
+
+
+def _tiles(runs: int, dim: int, members: int):
+    """Fixed tiling of (runs, coordinates) into blocks of about TILE_ELEMENTS member-coordinates."""
+    d_block = max(1, min(dim, TILE_ELEMENTS // max(1, members)))
+    r_block = max(1, min(runs, TILE_ELEMENTS // (members * d_block)))
+    return [(r0, min(runs, r0 + r_block), c0, min(dim, c0 + d_block))
+            for r0 in range(0, runs, r_block) for c0 in range(0, dim, d_block)]
+
+
+def _rng(seed: int, index: int) -> np.random.Generator:
+    return np.random.Generator(np.random.SFC64(np.random.SeedSequence(seed, spawn_key=(index,))))
+
+
+class _Progress:
+    def __init__(self, total: int, enabled: bool, desc: str):
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=total, desc=desc, unit="upd", unit_scale=True, leave=False)
+        self.lock = threading.Lock()
+
+    def update(self, n: int):
+        if self.bar is not None:
+            with self.lock:
+                self.bar.update(n)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+class _Tile:
+    """State, noise buffer and observables of one (runs x coordinates) block."""
+
+    def __init__(self, problem, method, r0, r1, c0, c1):
+        self.method, self.core = method, _core(method)
+        self.h = problem.curvature[c0:c1]
+        self.wstar = problem.optimum[c0:c1]
+        sub = type(problem)(self.h, problem.noise[c0:c1], self.wstar)
+        self.coeffs = dyn.Coeffs.of(sub)
+        runs = r1 - r0
+        if isinstance(method, Ensemble):
+            self.state = dyn.fixed_point(sub, self.core, shape=(runs, method.K))
+            self.xi = np.empty((runs, method.K, c1 - c0))
+        elif isinstance(self.core, SGD):
+            self.state = dyn.fixed_point(sub, self.core, shape=(runs,))
+            self.xi = np.empty((runs, c1 - c0))
+        else:
+            self.state = dyn.fixed_point(sub, self.core, shape=(runs,))
+            self.xi = np.empty((runs, self.core.K, c1 - c0))
+        self.members = self.xi.size // (runs * (c1 - c0))
+
+    def step(self, rng):
+        rng.standard_normal(out=self.xi)
+        if isinstance(self.core, SGD):
+            dyn.sgd_step(self.state, self.xi, self.coeffs, self.core)
+        else:
+            dyn.latephase_step(self.state, self.xi, self.coeffs, self.core)
+
+    def observe(self):
+        """(mean-model weights - w*, per-run member excess summed over members and coordinates)."""
+        st, core = self.state, self.core
+        if isinstance(self.method, Ensemble):
+            w = st.w
+            dev = w - self.wstar
+            mem = np.einsum("rkd,rkd,d->r", dev, dev, self.h)
+            return w.mean(axis=1) - self.wstar, 0.5 * mem / self.method.K
+        if isinstance(core, SGD):
+            x = st.w - self.wstar
+            return x, 0.5 * np.einsum("rd,rd,d->r", x, x, self.h)
+        m = dyn.mean_model(st, core) - self.wstar
+        wk = dyn.members(st, core) - self.wstar
+        return m, 0.5 * np.einsum("rkd,rkd,d->r", wk, wk, self.h) / core.K
+
+
+def _excess(x, h):
+    return 0.5 * np.einsum("rd,rd,d->r", x, x, h)
+
+
+# ----------------------------------------------------------------------------- stationary estimates
+
+def simulate(problem, method, *, steps: int, burn_in: int | None = None, runs: int = 32, seed: int = 0,
+             threads: int | None = None, progress: bool = False) -> MCResult:
+    """Estimate the stationary excess loss of the mean model and the members' average by simulation.
+
+    Starts every run at the optimum (members equal, buffers zero), discards `burn_in` minibatches
+    (default: :func:`auto_burn_in`), then averages over `steps` minibatches (recording at every step
+    boundary; tail averages over consecutive windows of `method.window` minibatches). Returns the mean
+    over `runs` independent runs and its standard error (std across runs / sqrt(runs)).
+    """
+    import time
+
+    if int(runs) != runs or runs < 2:
+        raise NQPError(f"--runs must be an integer >= 2 (standard errors need two runs), got {runs}")
+    mpb = method.minibatches_per_step
+    if isinstance(method, TailAverage):
+        if steps < method.window:
+            raise NQPError(f"--steps ({steps}) must be >= the averaging window ({method.window})")
+        n_steps = (steps // method.window) * method.steps
+    else:
+        if steps < mpb:
+            raise NQPError(f"--steps ({steps}) must be >= the minibatches per step ({mpb})")
+        n_steps = steps // mpb
+    if burn_in is None:
+        burn_in = auto_burn_in(problem, method)
+    if int(burn_in) != burn_in or burn_in < 0:
+        raise NQPError(f"--burn-in must be a non-negative integer, got {burn_in}")
+    n_burn = -(-int(burn_in) // mpb)
+    members = _members(method)
+    tiles = _tiles(int(runs), problem.dim, members)
+    acc_mean = np.zeros(int(runs))
+    acc_mem = np.zeros(int(runs))
+    lock = threading.Lock()
+    bar = _Progress(len(tiles) * (n_burn + n_steps), progress, f"simulate {method.name}")
+    window = method.steps if isinstance(method, TailAverage) else None
+
+    def run_tile(index):
+        r0, r1, c0, c1 = tiles[index]
+        tile = _Tile(problem, method, r0, r1, c0, c1)
+        rng = _rng(seed, index)
+        s_mean = np.zeros(r1 - r0)
+        s_mem = np.zeros(r1 - r0)
+        sum_m = sum_mem = None
+        for i in range(n_burn + n_steps):
+            tile.step(rng)
+            if i >= n_burn:
+                m, mem = tile.observe()
+                if window is None:
+                    s_mean += _excess(m, tile.h)
+                    s_mem += mem
+                else:
+                    wk = (m[:, None, :] if isinstance(tile.core, SGD) or isinstance(method, Ensemble)
+                          else dyn.members(tile.state, tile.core) - tile.wstar)
+                    if sum_m is None:
+                        sum_m, sum_mem = np.zeros_like(m), np.zeros_like(wk)
+                    sum_m += m
+                    sum_mem += wk
+                    if (i - n_burn + 1) % window == 0:
+                        s_mean += _excess(sum_m / window, tile.h)
+                        avg = sum_mem / window
+                        s_mem += 0.5 * np.einsum("rkd,rkd,d->r", avg, avg, tile.h) / avg.shape[1]
+                        sum_m[:] = 0
+                        sum_mem[:] = 0
+            if (i + 1) % 256 == 0:
+                bar.update(256)
+                if not np.all(np.isfinite(tile.xi)):
+                    raise DivergedError(f"simulation diverged (non-finite values by minibatch {(i + 1) * mpb}); "
+                                        "lower the learning rates or the noise")
+        bar.update((n_burn + n_steps) % 256)
+        if not (np.all(np.isfinite(s_mean)) and np.all(np.isfinite(s_mem))):
+            raise DivergedError("simulation diverged (non-finite loss); lower the learning rates or the noise")
+        with lock:
+            acc_mean[r0:r1] += s_mean
+            acc_mem[r0:r1] += s_mem
+
+    t0 = time.perf_counter()
+    workers = threads or min(len(tiles), os.cpu_count() or 1)
+    try:
+        if workers <= 1:
+            for j in range(len(tiles)):
+                run_tile(j)
+        else:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                list(pool.map(run_tile, range(len(tiles))))
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    n_rec = n_steps // window if window else n_steps
+    per_mean, per_mem = acc_mean / n_rec, acc_mem / n_rec
+    updates = int(runs) * problem.dim * members * (n_burn + n_steps)
+    se = lambda a: float(a.std(ddof=1) / math.sqrt(a.size))  # noqa: E731
+    return MCResult(method.name, float(per_mean.mean()), se(per_mean), float(per_mem.mean()), se(per_mem),
+                    int(runs), n_steps * mpb, n_burn * mpb, int(seed), updates, seconds, per_mean, per_mem)
+
+
+# ----------------------------------------------------------------------------- learning curves
+
+def simulate_curve(problem, method: LatePhase, sgd: SGD, *, T0: int, horizon: int, w0=0.0,
+                   sigma0: float = 0.0, points: int = 200, swa_start: int | None = None, runs: int = 32,
+                   seed: int = 0, threads: int | None = None, progress: bool = False):
+    """Simulate the protocol of :func:`nqp.curves.learning_curve` (SGD until T0, then `method`;
+    SGD continuing beside it on the same noise up to T0). Returns a Curve of the run means with
+    standard errors for the series sgd, latephase_mean, latephase_members (and latephase_swa)."""
+    from .curves import Curve, time_grid
+
+    if int(runs) != runs or runs < 2:
+        raise NQPError(f"--runs must be an integer >= 2, got {runs}")
+    K = method.K
+    t = time_grid(T0, horizon, K, points)
+    if swa_start is not None and not (T0 <= swa_start < horizon and (swa_start - T0) % K == 0):
+        raise NQPError(f"--swa-start must be T0 + K n below the horizon (T0={T0}, K={K}), got {swa_start}")
+    names = ["sgd", "latephase_mean", "latephase_members"] + (["latephase_swa"] if swa_start is not None else [])
+    out = {k: np.zeros((int(runs), len(t))) for k in names}
+    w0 = np.broadcast_to(np.asarray(w0, float), (problem.dim,))
+    tiles = _tiles(int(runs), problem.dim, K)
+    lock = threading.Lock()
+    bar = _Progress(len(tiles) * int(horizon), progress, "simulate curve")
+    record = {int(x): i for i, x in enumerate(t)}
+
+    def run_tile(index):
+        r0, r1, c0, c1 = tiles[index]
+        h, ws = problem.curvature[c0:c1], problem.optimum[c0:c1]
+        sub = type(problem)(h, problem.noise[c0:c1], ws)
+        coeffs = dyn.Coeffs.of(sub)
+        rng = _rng(seed, index)
+        w = np.broadcast_to(w0[c0:c1], (r1 - r0, c1 - c0)).copy()
+        sgd_state = dyn.SGDState(w, np.zeros_like(w) if sgd.momentum else None)
+        xi1 = np.empty_like(w)
+        xik = np.empty((r1 - r0, K, c1 - c0))
+        local = {k: np.zeros((r1 - r0, len(t))) for k in names}
+        lp = None
+        swa_sum, swa_n = None, 0
+
+        def rec(i):
+            x = sgd_state.w - ws
+            local["sgd"][:, i] = _excess(x, h)
+            if lp is None:
+                local["latephase_mean"][:, i] = local["sgd"][:, i]
+                local["latephase_members"][:, i] = local["sgd"][:, i]
+            else:
+                m = dyn.mean_model(lp, method) - ws
+                wk = dyn.members(lp, method) - ws
+                local["latephase_mean"][:, i] = _excess(m, h)
+                local["latephase_members"][:, i] = 0.5 * np.einsum("rkd,rkd,d->r", wk, wk, h) / K
+            if "latephase_swa" in local:
+                local["latephase_swa"][:, i] = _excess(swa_sum / swa_n - ws, h) if swa_n else np.nan
+
+        now, pending = 0, 0
+        if T0 == 0:
+            lp = dyn.release(sgd_state.w, sgd_state.v, method, sigma0, rng)
+        if 0 in record:
+            rec(record[0])
+        while now < horizon:
+            if lp is None:  # SGD phase
+                rng.standard_normal(out=xi1)
+                dyn.sgd_step(sgd_state, xi1, coeffs, sgd)
+                now += 1
+                pending += 1
+                if now == T0:
+                    lp = dyn.release(sgd_state.w, sgd_state.v, method, sigma0, rng)
+            else:  # one outer step; SGD continues on K minibatches beside it
+                for _ in range(K):
+                    rng.standard_normal(out=xi1)
+                    dyn.sgd_step(sgd_state, xi1, coeffs, sgd)
+                rng.standard_normal(out=xik)
+                dyn.latephase_step(lp, xik, coeffs, method)
+                now += K
+                pending += K
+                if swa_start is not None and now > swa_start:
+                    m = dyn.mean_model(lp, method)
+                    swa_sum = m.copy() if swa_sum is None else swa_sum + m
+                    swa_n += 1
+            if now in record:
+                rec(record[now])
+            if pending >= 1024:
+                bar.update(pending)
+                pending = 0
+        bar.update(pending)
+        if not all(np.all(np.isfinite(v[~np.isnan(v)])) for v in local.values()):
+            raise DivergedError("simulation diverged (non-finite loss); lower the learning rates or the noise")
+        with lock:
+            for k in names:
+                out[k][r0:r1] += local[k]
+
+    workers = threads or min(len(tiles), os.cpu_count() or 1)
+    try:
+        if workers <= 1:
+            for j in range(len(tiles)):
+                run_tile(j)
+        else:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                list(pool.map(run_tile, range(len(tiles))))
+    finally:
+        bar.close()
+    series = {k: v.mean(axis=0) for k, v in out.items()}
+    stderr = {k: v.std(axis=0, ddof=1) / math.sqrt(v.shape[0]) for k, v in out.items()}
+    return Curve(t, series, int(T0), K, "monte carlo", stderr)

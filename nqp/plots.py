@@ -1,0 +1,138 @@
+"""PNG figures (matplotlib, Agg backend) for curves and sweeps."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+LABELS = {
+    "sgd": "SGD",
+    "sgd_batch_K": "SGD, K-times batch (from T0)",
+    "ensemble_K": "ensemble of K SGD runs",
+    "latephase_mean": "late-phase, mean model",
+    "latephase_members": "late-phase, members (avg)",
+    "latephase_swa": "late-phase mean, tail-averaged",
+    "sgd_swa": "SGD, tail-averaged",
+}
+COLORS = {
+    "sgd": "tab:gray", "sgd_batch_K": "tab:olive", "ensemble_K": "tab:purple",
+    "latephase_mean": "tab:blue", "latephase_members": "tab:orange", "latephase_swa": "tab:green",
+    "sgd_swa": "tab:brown",
+}
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save(fig, path: str) -> str:
+    """Write a figure atomically (temporary file + rename) and close it."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=130, bbox_inches="tight", metadata={"Software": None})
+    os.replace(tmp, path)
+    _plt().close(fig)
+    return path
+
+
+def plot_curve(curve, path: str, mc=None, title: str | None = None, logy: bool = True) -> str:
+    """Analytic lines for every series of `curve`; Monte Carlo points with 2-sigma bars from `mc`."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    for name, y in curve.series.items():
+        ax.plot(curve.t, y, color=COLORS.get(name), label=LABELS.get(name, name), lw=1.6)
+        if mc is not None and name in mc.series:
+            ok = ~np.isnan(mc.series[name])
+            ax.errorbar(mc.t[ok], mc.series[name][ok], yerr=2 * mc.stderr[name][ok], fmt="o", ms=2.5,
+                        color=COLORS.get(name), alpha=0.75, elinewidth=0.8, capsize=0)
+    ax.axvline(curve.T0, color="k", ls=":", lw=1)
+    ax.text(curve.T0, ax.get_ylim()[1], " T0", va="top", fontsize=8)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel("t (minibatches)")
+    ax.set_ylabel("expected excess loss")
+    ax.set_title(title or f"learning curve (K={curve.K})" + (", points: simulation ±2 s.e." if mc else ""))
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return save(fig, path)
+
+
+def plot_heatmap(x_name, x_vals, y_name, y_vals, z, path: str, title: str, cbar: str, log: bool = True,
+                 center_one: bool = True) -> str:
+    """A (y, x) grid of values; NaN cells (unstable) shown blank."""
+    plt = _plt()
+    from matplotlib.colors import LogNorm, TwoSlopeNorm
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    zz = np.ma.masked_invalid(z)
+    norm = None
+    if log and np.all(zz.compressed() > 0) and zz.count():
+        lo, hi = float(zz.min()), float(zz.max())
+        if center_one and lo < 1 < hi:
+            norm = TwoSlopeNorm(vcenter=0.0, vmin=np.log10(lo), vmax=np.log10(hi))
+            zz = np.ma.log10(zz)
+            cbar = f"log10 {cbar}"
+        else:
+            norm = LogNorm(vmin=lo, vmax=hi)
+    mesh = ax.pcolormesh(_edges(x_vals), _edges(y_vals), zz, cmap="RdBu" if center_one else "viridis",
+                         norm=norm, shading="flat")
+    fig.colorbar(mesh, ax=ax, label=cbar)
+    ax.set_xlabel(x_name)
+    ax.set_ylabel(y_name)
+    if _is_log(x_vals):
+        ax.set_xscale("log")
+    if _is_log(y_vals):
+        ax.set_yscale("log")
+    ax.set_title(title)
+    return save(fig, path)
+
+
+def plot_lines(x_name, x_vals, y_name, y_vals, series: dict, path: str, title: str, mc: dict | None = None,
+               ylabel: str = "expected excess loss", hline: float | None = None) -> str:
+    """One line per y value for each named series ({name: (len(y), len(x)) array})."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    cmap = plt.get_cmap("viridis")
+    styles = ["-", "--", ":", "-."]
+    for j, yv in enumerate(y_vals):
+        col = cmap(j / max(1, len(y_vals) - 1))
+        for s, (name, arr) in enumerate(series.items()):
+            ax.plot(x_vals, arr[j], ls=styles[s % 4], color=col,
+                    label=f"{name}, {y_name}={yv:g}" if len(y_vals) <= 6 or j in (0, len(y_vals) - 1) else None)
+            if mc and name in mc:
+                m, e = mc[name]
+                ax.errorbar(x_vals, m[j], yerr=2 * e[j], fmt="o", ms=3, color=col, elinewidth=0.8)
+    if hline is not None:
+        ax.axhline(hline, color="k", ls=":", lw=1, label="SGD")
+    ax.set_xlabel(x_name)
+    ax.set_ylabel(ylabel)
+    if _is_log(x_vals):
+        ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    return save(fig, path)
+
+
+def _is_log(v) -> bool:
+    v = np.asarray(v, float)
+    if len(v) < 3 or np.any(v <= 0):
+        return False
+    r = v[1:] / v[:-1]
+    return bool(np.allclose(r, r[0], rtol=1e-6) and not np.allclose(np.diff(v), np.diff(v)[0], rtol=1e-6))
+
+
+def _edges(v):
+    v = np.asarray(v, float)
+    if len(v) == 1:
+        return np.array([v[0] * 0.9, v[0] * 1.1]) if v[0] else np.array([-0.5, 0.5])
+    if _is_log(v):
+        lv = np.log(v)
+        mid = (lv[1:] + lv[:-1]) / 2
+        return np.exp(np.concatenate([[2 * lv[0] - mid[0]], mid, [2 * lv[-1] - mid[-1]]]))
+    mid = (v[1:] + v[:-1]) / 2
+    return np.concatenate([[2 * v[0] - mid[0]], mid, [2 * v[-1] - mid[-1]]])

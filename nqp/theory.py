@@ -1,0 +1,212 @@
+"""Steady-state predictions and stability for every method (the main public API).
+
+`steady_state(problem, method)` returns the stationary expected excess loss (t -> infinity) of the
+mean model and the average member excess (1/K) sum_k E(w_k), summed over coordinates, in loss units.
+Two exact paths: "closed" (sympy closed forms, :mod:`nqp.closed_form`) and "lyapunov" (discrete
+Lyapunov equation on the literal step, :mod:`nqp.linear`); they agree to rounding (tested). For the
+multiplicative model both give the small-noise prediction (linearised about the balanced optimum);
+use :mod:`nqp.montecarlo` for the exact value.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import closed_form as cf
+from . import linear
+from .errors import NQPError, UnstableError
+from .methods import SGD, Ensemble, LatePhase, TailAverage
+from .problem import Problem
+
+
+# ----------------------------------------------------------------------------- stability
+
+@dataclass(frozen=True)
+class Condition:
+    """One stability condition: `value` (max over coordinates) must be < `bound`."""
+
+    expression: str
+    value: float
+    bound: float
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.value < self.bound)
+
+    def to_dict(self) -> dict:
+        return {"expression": self.expression, "value": self.value, "bound": self.bound, "ok": self.ok}
+
+
+def _edge_text(momentum: float, nesterov: bool) -> str:
+    v = cf.variant_of(momentum, nesterov)
+    return {"plain": "2", "heavy": "2(1+momentum)", "nesterov": "2(1+momentum)/(1+2 momentum)"}[v]
+
+
+def stability(problem: Problem, method) -> list[Condition]:
+    """The stability conditions of `method` on `problem` (all must hold for a stationary state).
+
+    SGD: lr h_i < edge(mu) for all i, edge = 2 (plain), 2(1+mu) (heavy ball), 2(1+mu)/(1+2mu)
+    (Nesterov). Additive late-phase: the same for lr_phi and for lr_eff = lr_phi + K gamma_theta lr_theta
+    (members' deviations and mean model). Multiplicative (linearised): the same with h_i |w*_i|.
+    """
+    if isinstance(method, (Ensemble, TailAverage)):
+        return stability(problem, method.base)
+    edge = cf.stability_edge(method.momentum, method.nesterov)
+    tail = f" (edge {_edge_text(method.momentum, method.nesterov)})"
+    h = problem.curvature
+    if isinstance(method, SGD):
+        return [Condition("lr * h" + tail, float(method.lr * h.max()), edge)]
+    if method.kind == "multiplicative":
+        if np.any(problem.optimum == 0):
+            raise NQPError("the multiplicative model needs a nonzero optimum in every coordinate (--optimum)")
+        h = h * np.abs(problem.optimum)
+        unit = " * |w*|"
+    else:
+        unit = ""
+    return [
+        Condition(f"lr_phi * h{unit}" + tail, float(method.lr_phi * h.max()), edge),
+        Condition(f"(lr_phi + K*gamma_theta*lr_theta) * h{unit}" + tail, float(method.lr_eff * h.max()), edge),
+    ]
+
+
+def check_stable(problem: Problem, method) -> list[Condition]:
+    """Raise UnstableError naming the violated bound; return the conditions otherwise."""
+    conds = stability(problem, method)
+    for c in conds:
+        if not c.ok:
+            raise UnstableError(f"unstable: max {c.expression.split(' (')[0]} = {c.value:.6g} must be < "
+                                f"{c.bound:.6g}{' (' + c.expression.split(' (', 1)[1] if ' (' in c.expression else ''}"
+                                f"; lower the learning rate(s)")
+    return conds
+
+
+def max_stable_lr(problem: Problem, method) -> dict:
+    """The stability region along each learning rate, others fixed: the supremum of stable values."""
+    edge = cf.stability_edge(method.momentum, method.nesterov)
+    if isinstance(method, (Ensemble, TailAverage)):
+        return max_stable_lr(problem, method.base)
+    h = problem.curvature
+    if isinstance(method, LatePhase) and method.kind == "multiplicative":
+        h = h * np.abs(problem.optimum)
+    hmax = float(h.max())
+    if isinstance(method, SGD):
+        return {"lr": edge / hmax}
+    Kg = method.K * method.gamma_theta
+    out = {"lr_phi": min(edge / hmax, edge / hmax - Kg * method.lr_theta)}
+    out["lr_theta"] = float("inf") if Kg == 0 else (edge / hmax - method.lr_phi) / Kg
+    return out
+
+
+# ----------------------------------------------------------------------------- predictions
+
+@dataclass
+class Prediction:
+    """Stationary excess losses (loss units, summed over coordinates) and per-coordinate values."""
+
+    method: str
+    path: str
+    excess_loss_mean_model: float
+    excess_loss_members: float
+    mean_model_per_coordinate: np.ndarray = field(repr=False)
+    members_per_coordinate: np.ndarray = field(repr=False)
+    conditions: list = field(default_factory=list, repr=False)
+
+    def to_dict(self, per_coordinate: bool = False) -> dict:
+        out = {"method": self.method, "path": self.path,
+               "excess_loss_mean_model": float(self.excess_loss_mean_model),
+               "excess_loss_members": float(self.excess_loss_members),
+               "stability": [c.to_dict() for c in self.conditions]}
+        if per_coordinate:
+            out["mean_model_per_coordinate"] = self.mean_model_per_coordinate.tolist()
+            out["members_per_coordinate"] = self.members_per_coordinate.tolist()
+        return out
+
+
+def _pred(name, path, per_mean, per_mem, conds):
+    return Prediction(name, path, float(per_mean.sum()), float(per_mem.sum()), per_mean, per_mem, conds)
+
+
+def _latephase_rates(problem, method):
+    """Per-coordinate (lr_theta, lr_phi): multiplied by |w*| for the linearised multiplicative model."""
+    scale = np.abs(problem.optimum) if method.kind == "multiplicative" else 1.0
+    return method.lr_theta * scale, method.lr_phi * scale
+
+
+def _closed(problem: Problem, method):
+    """Per-coordinate (mean model, members) stationary excess from the closed forms."""
+    h, s = problem.curvature, problem.noise
+    if isinstance(method, SGD):
+        e = cf.sgd_excess(method.lr, h, s / method.batch, method.momentum, method.nesterov)
+        return e, e
+    if isinstance(method, LatePhase):
+        lt, lp = _latephase_rates(problem, method)
+        return cf.additive_excess(method.K, method.gamma_theta, lt, lp, h, s, method.momentum, method.nesterov)
+    if isinstance(method, Ensemble):
+        e = _closed(problem, method.base)[0]
+        return e / method.K, e
+    # Tail average: mean model = SGD-like block (rho_eff), members add the deviation block (rho_phi).
+    base, n = method.base, method.steps
+    if base.momentum:
+        raise NQPError("no closed form for tail averages with momentum; use path='lyapunov'")
+    if isinstance(base, SGD):
+        e = cf.sgd_excess(base.lr, h, s / base.batch)
+        e = e * cf.tail_average_factor(1 - base.lr * h, n)
+        return e, e
+    lt, lp = _latephase_rates(problem, base)
+    e_mean, e_mem = cf.additive_excess(base.K, base.gamma_theta, lt, lp, h, s)
+    lr_eff = lp + base.K * base.gamma_theta * lt
+    avg_mean = e_mean * cf.tail_average_factor(1 - lr_eff * h, n)
+    return avg_mean, avg_mean + (e_mem - e_mean) * cf.tail_average_factor(1 - lp * h, n)
+
+
+def _lyapunov(problem: Problem, method):
+    if isinstance(method, (SGD, LatePhase)):
+        st = linear.stationary(problem, method)
+        return 0.5 * problem.curvature * st.var_mean, 0.5 * problem.curvature * st.var_members.mean(axis=1)
+    if isinstance(method, Ensemble):
+        e = _lyapunov(problem, method.base)[0]
+        return e / method.K, e
+    st = linear.stationary(problem, method.base)
+    h = problem.curvature
+    return (0.5 * h * linear.tail_average_variance(st, method.steps),
+            0.5 * h * linear.tail_average_variance(st, method.steps, members=True).mean(axis=1))
+
+
+def steady_state(problem: Problem, method, path: str = "closed") -> Prediction:
+    """Stationary expected excess loss of the mean model and the members' average (t -> infinity).
+
+    path: "closed" (sympy closed forms; tail averages with momentum fall back to "lyapunov") or
+    "lyapunov" (scipy's discrete Lyapunov solver on the literal step's Jacobians).
+    Raises UnstableError (with the violated bound) if no stationary state exists.
+    """
+    if path not in ("closed", "lyapunov"):
+        raise NQPError(f"path must be 'closed' or 'lyapunov', got {path!r}")
+    conds = check_stable(problem, method)
+    if path == "closed" and isinstance(method, TailAverage) and method.base.momentum:
+        path = "lyapunov"
+    mean, mem = (_closed if path == "closed" else _lyapunov)(problem, method)
+    label = path
+    base = method.base if isinstance(method, (Ensemble, TailAverage)) else method
+    if isinstance(base, LatePhase) and base.kind == "multiplicative":
+        label += " (small-noise linearisation)"
+    return _pred(method.name, label, np.asarray(mean, float), np.asarray(mem, float), conds)
+
+
+def baselines(problem: Problem, method: LatePhase, sgd: SGD, swa_window: int | None = None) -> dict:
+    """Comparison baselines on the same footing as a late-phase method with K members:
+    SGD, SGD with a K-times batch, an ensemble of K SGD runs, and (with swa_window minibatches)
+    tail averaging of SGD and of the late-phase mean model. Unstable baselines are reported as such."""
+    cands = {"sgd": sgd,
+             "sgd_batch_K": SGD(sgd.lr, sgd.momentum, sgd.nesterov, batch=method.K),
+             "ensemble_K": Ensemble(sgd, method.K)}
+    if swa_window:
+        cands["sgd_tail_average"] = TailAverage(sgd, swa_window)
+        cands["latephase_tail_average"] = TailAverage(method, swa_window)
+    out = {}
+    for name, m in cands.items():
+        try:
+            out[name] = steady_state(problem, m).to_dict()
+        except UnstableError as e:
+            out[name] = {"method": m.name, "unstable": str(e)}
+    return out

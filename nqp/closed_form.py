@@ -92,6 +92,18 @@ def sgd_variance_expr(variant: str):
 
 
 @functools.cache
+def variance_factor_expr(variant: str):
+    """g(a, mu) with V(eta, h, s, mu) = s g(eta h, mu): the variance depends on eta and h only through
+    the dimensionless step a = eta h (h cancels when eta = a / h is substituted)."""
+    import sympy as sp
+    S = _symbols()
+    a = sp.Symbol("a", positive=True)
+    g = sp.factor(sp.simplify(sgd_variance_expr(variant).subs(S["eta"], a / S["h"]) / S["s"]))
+    assert g.free_symbols <= {a, S["mu"]}, g
+    return g, a
+
+
+@functools.cache
 def stability_bound_expr(variant: str):
     """Largest stable eta*h: the positive root (in eta h) of V's denominator.
     plain: 2; heavy ball: 2 (1 + mu); Nesterov: 2 (1 + mu) / (1 + 2 mu)."""
@@ -129,6 +141,8 @@ def _lambdas():
     for v in VARIANTS:
         out[("var", v)] = sp.lambdify((S["eta"], S["h"], S["s"], S["mu"]), sgd_variance_expr(v), "numpy")
         out[("edge", v)] = sp.lambdify((S["mu"],), stability_bound_expr(v), "numpy")
+        g, a = variance_factor_expr(v)
+        out[("g", v)] = sp.lambdify((a, S["mu"]), g, "numpy")
     fac, rho = tail_average_factor_expr()
     out["tail"] = sp.lambdify((rho, S["n"]), fac, "numpy")
     return out
@@ -141,6 +155,11 @@ def sgd_variance(lr, h, s, momentum: float = 0.0, nesterov: bool = False):
     lam = _lambdas()[("var", variant_of(momentum, nesterov))]
     lr, h, s = np.broadcast_arrays(np.asarray(lr, float), np.asarray(h, float), np.asarray(s, float))
     return np.asarray(lam(lr, h, s, float(momentum)), dtype=float) * np.ones_like(lr)
+
+
+def variance_factor(a, momentum: float = 0.0, nesterov: bool = False):
+    """g(a, mu) = V / s at the dimensionless step a = eta h (vectorised; plain SGD: a / (2 - a))."""
+    return _lambdas()[("g", variant_of(momentum, nesterov))](np.asarray(a, float), float(momentum))
 
 
 def stability_edge(momentum: float = 0.0, nesterov: bool = False) -> float:

@@ -159,6 +159,7 @@ def make_method(method: str = "additive", *, K: int = 10, gamma_theta: float = 1
     method "sgd" uses lr, momentum, nesterov, batch; with ensemble=True it is an ensemble of K SGD
     runs. "additive"/"multiplicative" build LatePhase. swa_window wraps the result in TailAverage.
     """
+    _check_rate("--lr", lr)
     if method == "sgd":
         if lr_theta is not None or lr_phi is not None:
             raise NQPError("--lr-theta/--lr-phi apply to late-phase methods; use --lr with --method sgd")

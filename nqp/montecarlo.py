@@ -21,7 +21,7 @@ from . import linear
 from .errors import NQPError
 from .methods import SGD, Ensemble, LatePhase, TailAverage
 
-TILE_ELEMENTS = 1 << 16  # member-coordinates per tile (a few hundred kB per array: stays in cache)
+TILE_ELEMENTS = 1 << 15  # member-coordinates per tile (a few hundred kB per array: stays in cache)
 
 
 class DivergedError(NQPError):
@@ -139,23 +139,37 @@ class _Tile:
             dyn.latephase_step(self.state, self.xi, self.coeffs, self.core)
 
     def observe(self):
-        """(mean-model weights - w*, per-run member excess summed over members and coordinates)."""
-        st, core = self.state, self.core
+        """(mean-model weights - w*, per-run member excess averaged over members, summed over coordinates).
+
+        Member excess via sums over members, without forming the (runs, K, d) member weights:
+        additive sum_k (u + phi_k)^2 = K u^2 + 2 u S1 + S2, multiplicative
+        sum_k (theta phi_k - w*)^2 = theta^2 S2 - 2 theta w* S1 + K w*^2, S1 = sum_k phi_k, S2 = sum_k phi_k^2."""
+        st, core, h = self.state, self.core, self.h
         if isinstance(self.method, Ensemble):
             w = st.w
             dev = w - self.wstar
-            mem = np.einsum("rkd,rkd,d->r", dev, dev, self.h)
+            mem = np.einsum("rkd,rkd->rd", dev, dev) @ h
             return w.mean(axis=1) - self.wstar, 0.5 * mem / self.method.K
         if isinstance(core, SGD):
             x = st.w - self.wstar
-            return x, 0.5 * np.einsum("rd,rd,d->r", x, x, self.h)
-        m = dyn.mean_model(st, core) - self.wstar
-        wk = dyn.members(st, core) - self.wstar
-        return m, 0.5 * np.einsum("rkd,rkd,d->r", wk, wk, self.h) / core.K
+            return x, _excess(x, h)
+        K = core.K
+        s1 = st.phi.sum(axis=-2)
+        s2 = np.einsum("rkd,rkd->rd", st.phi, st.phi)
+        if core.kind == "additive":
+            u = st.theta - self.wstar
+            m = u + s1 / K
+            tot = K * u * u + 2 * u * s1 + s2
+        else:
+            th = st.theta
+            m = th * s1 / K - self.wstar
+            tot = th * th * s2 - 2 * th * self.wstar * s1 + K * self.wstar ** 2
+        return m, 0.5 * (tot @ h) / K
 
 
 def _excess(x, h):
-    return 0.5 * np.einsum("rd,rd,d->r", x, x, h)
+    """1/2 sum_i h_i x_i^2 per run (x of shape (runs, d))."""
+    return 0.5 * ((x * x) @ h)
 
 
 # ----------------------------------------------------------------------------- stationary estimates

@@ -59,6 +59,9 @@ class Problem:
         """Build a problem; a single value of any argument broadcasts to all coordinates."""
         sizes = [np.size(v) for v in (curvature, noise, optimum)]
         dim = max(sizes)
+        if any(n not in (1, dim) for n in sizes):
+            raise NQPError(f"--curvature has {sizes[0]}, --noise {sizes[1]} and --optimum {sizes[2]} values; "
+                           f"give each either one value (broadcast) or the same number")
         h = _as_vector("curvature", curvature, dim)
         return cls(h, _as_vector("noise", noise, dim), _as_vector("optimum", optimum, dim))
 

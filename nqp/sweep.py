@@ -6,6 +6,8 @@ in chunks so memory stays bounded. Unstable grid points are NaN.
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,7 +88,7 @@ class SweepResult:
                            for r in self.rows()]}
 
 
-def grid(problem, method: str, base: dict, x: tuple, y: tuple, chunk_elements: int = 1 << 22) -> SweepResult:
+def grid(problem, method: str, base: dict, x: tuple, y: tuple, chunk_elements: int = 1 << 18) -> SweepResult:
     """Closed-form stationary excess over the (y, x) grid; `base` holds the other parameters
     (K, gamma_theta, lr, lr_theta, lr_phi, momentum, nesterov). lr_theta/lr_phi follow lr unless set.
     The multiplicative model uses its small-noise linearisation (rates x |w*|)."""
@@ -113,44 +115,52 @@ def grid(problem, method: str, base: dict, x: tuple, y: tuple, chunk_elements: i
     P = {k: np.broadcast_to(v, shape).reshape(-1) for k, v in P.items()}
     nest = bool(base.get("nesterov", False))
     h, s = problem.curvature, problem.noise
-    if method == "multiplicative":
-        h_eff = h * np.abs(problem.optimum)
-    else:
-        h_eff = h
-    hmax = h_eff.max()
-    npts = shape[0] * shape[1]
-    mean = np.empty(npts)
-    mem = np.empty(npts)
-    sgd = np.empty(npts)
-    edge = np.array([cf.stability_edge(m, nest) for m in P["momentum"]])
+    h_step = h * np.abs(problem.optimum) if method == "multiplicative" else h
+    weights = 0.5 * h * s                      # E_i = 1/2 h_i s_i g(a_i, mu)
+    mu = P["momentum"]
+    edge = np.array([cf.stability_edge(m, nest) for m in mu])
+    sgd = _summed(P["lr"], h, weights, mu, nest, chunk_elements)
+    sgd[~(P["lr"] * h.max() < edge)] = np.nan
     if method == "sgd":
-        stable = P["lr"] * hmax < edge
+        stable = P["lr"] * h.max() < edge
+        mean = mem = sgd.copy()
     else:
-        lr_eff = P["lr_phi"] + P["K"] * P["gamma_theta"] * P["lr_theta"]
-        stable = (P["lr_phi"] * hmax < edge) & (lr_eff * hmax < edge)
-    sgd_stable = P["lr"] * h.max() < edge
-    step = max(1, chunk_elements // problem.dim)
-    for a in range(0, npts, step):
-        b = min(npts, a + step)
-        col = slice(a, b)
-        moms = np.unique(P["momentum"][col])
-        for mu in moms:  # the closed form is specialised per momentum variant
-            sel = np.arange(a, b)[P["momentum"][col] == mu]
-            e_sgd = cf.sgd_excess(P["lr"][sel, None], h, s, mu, nest).sum(axis=1)
-            sgd[sel] = e_sgd
-            if method == "sgd":
-                mean[sel] = mem[sel] = e_sgd
-                continue
-            scale = np.abs(problem.optimum) if method == "multiplicative" else 1.0
-            em, eb = cf.additive_excess(P["K"][sel, None], P["gamma_theta"][sel, None],
-                                        P["lr_theta"][sel, None] * scale, P["lr_phi"][sel, None] * scale,
-                                        h, s, mu, nest)
-            mean[sel], mem[sel] = em.sum(axis=1), eb.sum(axis=1)
-    mean[~stable] = np.nan
-    mem[~stable] = np.nan
-    sgd[~sgd_stable] = np.nan
+        K = P["K"]
+        lr_eff = P["lr_phi"] + K * P["gamma_theta"] * P["lr_theta"]
+        stable = (P["lr_phi"] * h_step.max() < edge) & (lr_eff * h_step.max() < edge)
+        # Mean model: SGD with lr_eff and noise s/K; deviations: lr_phi and noise s (1 - 1/K).
+        mean = _summed(lr_eff, h_step, weights, mu, nest, chunk_elements) / K
+        mem = mean + _summed(P["lr_phi"], h_step, weights, mu, nest, chunk_elements) * (1 - 1 / K)
+    mean = np.where(stable, mean, np.nan)
+    mem = np.where(stable, mem, np.nan)
     return SweepResult(xn, xv, yn, yv, mean.reshape(shape), mem.reshape(shape), sgd.reshape(shape),
                        stable.reshape(shape))
+
+
+def _summed(rates, h_step, weights, mu, nesterov, chunk_elements):
+    """S(rate, mu) = sum_i weights_i g(rate h_step_i, mu) for every grid point (closed form g of
+    :func:`nqp.closed_form.variance_factor`), evaluated once per distinct (rate, mu): chunked outer
+    products on all cores, then a BLAS matrix-vector product."""
+    keys, inverse = np.unique(np.stack([rates, mu], axis=1), axis=0, return_inverse=True)
+    out = np.empty(len(keys))
+    rows = max(1, chunk_elements // h_step.size)
+    jobs = []
+    for m in np.unique(keys[:, 1]):
+        idx = np.flatnonzero(keys[:, 1] == m)
+        jobs += [(idx[i:i + rows], m) for i in range(0, len(idx), rows)]
+
+    def work(job):
+        idx, m = job
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            out[idx] = cf.variance_factor(np.multiply.outer(keys[idx, 0], h_step), m, nesterov) @ weights
+
+    if len(jobs) > 1:
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            list(pool.map(work, jobs))
+    else:
+        for j in jobs:
+            work(j)
+    return out[inverse.reshape(-1)]
 
 
 def _point(base: dict, override: dict) -> dict:

@@ -83,9 +83,9 @@ def check_stable(problem: Problem, method) -> list[Condition]:
 
 def max_stable_lr(problem: Problem, method) -> dict:
     """The stability region along each learning rate, others fixed: the supremum of stable values."""
-    edge = cf.stability_edge(method.momentum, method.nesterov)
     if isinstance(method, (Ensemble, TailAverage)):
         return max_stable_lr(problem, method.base)
+    edge = cf.stability_edge(method.momentum, method.nesterov)
     h = problem.curvature
     if isinstance(method, LatePhase) and method.kind == "multiplicative":
         h = h * np.abs(problem.optimum)

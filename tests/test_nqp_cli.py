@@ -1,0 +1,146 @@
+"""The `python -m nqp` contract: flags, JSON keys, tables, files, and one-line errors with exit 2."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from nqp import LatePhase, Problem, steady_state
+from nqp.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_json(capsys, *argv):
+    code, out, err = run(capsys, *argv, "--json")
+    assert code == 0, err
+    return json.loads(out)
+
+
+def test_predict_default_prints_paper_like_table(capsys):
+    code, out, err = run(capsys, "predict")
+    assert code == 0, err
+    assert "SGD" in out and "late-phase additive, K=10" in out
+    for g in ("gamma_theta=0.1", "gamma_theta=0.5", "gamma_theta=1"):
+        assert g in out
+    assert "ensemble of 10 SGD runs" in out
+
+
+def test_predict_json_contract(capsys):
+    d = run_json(capsys, "predict", "--method", "additive", "--K", "4", "--gamma-theta", "0.5", "--lr", "0.2",
+                 "--lr-theta", "0.1", "--lr-phi", "0.3", "--momentum", "0.5", "--curvature", "1", "0.5",
+                 "--noise", "2", "--optimum", "1", "-1")
+    assert isinstance(d["excess_loss_mean_model"], float)
+    assert isinstance(d["excess_loss_members"], float)
+    exact = steady_state(Problem.from_values([1, 0.5], 2, [1, -1]), LatePhase(4, 0.1, 0.3, 0.5, 0.5))
+    assert d["excess_loss_mean_model"] == pytest.approx(exact.excess_loss_mean_model, rel=1e-12)
+    assert d["excess_loss_members"] == pytest.approx(exact.excess_loss_members, rel=1e-12)
+    assert {"sgd", "sgd_batch_K", "ensemble_K"} <= set(d["baselines"])
+    assert all(c["ok"] for c in d["stability"])
+
+
+def test_predict_lyapunov_equals_closed_form(capsys):
+    args = ["predict", "--spectrum", "powerlaw", "--dim", "30", "--power", "1.5", "--K", "3", "--nesterov",
+            "--momentum", "0.5"]
+    a, b = run_json(capsys, *args), run_json(capsys, *args, "--lyapunov")
+    assert a["excess_loss_mean_model"] == pytest.approx(b["excess_loss_mean_model"], rel=1e-9)
+    assert a["excess_loss_members"] == pytest.approx(b["excess_loss_members"], rel=1e-9)
+
+
+@pytest.mark.parametrize("extra", [["--method", "sgd"], ["--method", "sgd", "--batch", "4"],
+                                   ["--method", "sgd", "--ensemble", "--K", "3"], ["--swa-window", "50"],
+                                   ["--method", "multiplicative", "--optimum", "0.5"]])
+def test_predict_method_variants(capsys, extra):
+    d = run_json(capsys, "predict", "--curvature", "1", "0.1", *extra)
+    assert d["excess_loss_mean_model"] > 0 and d["excess_loss_members"] >= d["excess_loss_mean_model"] * 0.999
+
+
+def test_simulate_json_contract(capsys):
+    d = run_json(capsys, "simulate", "--method", "additive", "--K", "3", "--curvature", "1", "0.4",
+                 "--steps", "3000", "--runs", "8", "--seed", "1")
+    for k in ("excess_loss_mean_model", "excess_loss_members", "excess_loss_mean_model_stderr",
+              "excess_loss_members_stderr"):
+        assert isinstance(d[k], float)
+    assert abs(d["excess_loss_mean_model_z"]) < 5
+    code, out, err = run(capsys, "simulate", "--curvature", "1", "--steps", "500", "--runs", "4", "--K", "2")
+    assert code == 0 and "std. error" in out
+
+
+def test_sweep_writes_csv_json_png(capsys, tmp_path):
+    d = run_json(capsys, "sweep", "--dim", "50", "--spectrum", "powerlaw", "--x", "K", "1", "2", "4", "8",
+                 "--y", "gamma_theta", "0.1:1:3", "--out", str(tmp_path))
+    assert len(d["points"]) == 12
+    for f in ("sweep.csv", "sweep.json", "sweep_gain.png", "sweep_lines.png"):
+        assert (tmp_path / f).stat().st_size > 0
+    rows = (tmp_path / "sweep.csv").read_text().strip().splitlines()
+    assert rows[0].startswith("K,gamma_theta,excess_loss_mean_model") and len(rows) == 13
+    # An unstable corner is reported, not an error.
+    d = run_json(capsys, "sweep", "--curvature", "1", "--x", "lr", "0.5", "1.5", "--y", "K", "1", "10",
+                 "--out", str(tmp_path / "b"))
+    assert any(not p["stable"] for p in d["points"]) and any(p["stable"] for p in d["points"])
+
+
+def test_curve_writes_png_and_json(capsys, tmp_path):
+    png = tmp_path / "c.png"
+    d = run_json(capsys, "curve", "--curvature", "1", "0.2", "--K", "3", "--t0", "30", "--horizon", "150",
+                 "--sigma0", "0.1", "--swa-start", "60", "--simulate", "--runs", "20", "--out", str(png))
+    assert png.stat().st_size > 0
+    assert set(d["series"]) >= {"sgd", "latephase_mean", "latephase_members", "sgd_batch_K", "ensemble_K",
+                                "latephase_swa", "sgd_swa"}
+    assert "stderr" in d["simulation"]
+    assert all(t == 30 or t < 30 or (t - 30) % 3 == 0 for t in d["t"])
+
+
+ERRORS = [
+    (["predict", "--lr", "-0.1"], "--lr must be > 0"),
+    (["predict", "--K", "0"], "--K must be a positive integer"),
+    (["predict", "--lr", "3", "--method", "sgd"], "lr * h = 3 must be < 2"),
+    (["predict", "--lr", "0.2", "--gamma-theta", "1"], "(lr_phi + K*gamma_theta*lr_theta) * h = 2.2 must be < 2"),
+    (["predict", "--momentum", "0.5", "--lr", "3.5", "--method", "sgd"], "must be < 3"),
+    (["predict", "--momentum", "1.0"], "--momentum must be in [0, 1)"),
+    (["predict", "--nesterov"], "Nesterov momentum needs --momentum > 0"),
+    (["predict", "--curvature", "1", "--spectrum", "powerlaw"], "not both"),
+    (["predict", "--curvature", "1", "2", "--noise", "1", "2", "3"], "--curvature has 2, --noise 3 and --optimum 1 values"),
+    (["predict", "--curvature", "0"], "curvature must be > 0"),
+    (["predict", "--noise", "-1"], "noise variance must be >= 0"),
+    (["predict", "--method", "multiplicative", "--optimum", "0"], "nonzero optimum"),
+    (["predict", "--method", "sgd", "--gamma-theta", "0.5"], "--gamma-theta applies to late-phase"),
+    (["predict", "--method", "sgd", "--lr-phi", "0.5"], "--lr-theta/--lr-phi apply to late-phase"),
+    (["predict", "--method", "bogus"], "invalid choice"),
+    (["predict", "--frobnicate"], "unrecognized arguments"),
+    (["predict", "--lr", "nan"], "must be"),
+    (["predict", "--spectrum", "powerlaw", "--dim", "0"], "--dim must be a positive integer"),
+    (["predict", "--swa-window", "15", "--K", "10"], "must be a multiple"),
+    (["simulate", "--runs", "1", "--curvature", "1"], "--runs must be an integer >= 2"),
+    (["simulate", "--steps", "5", "--curvature", "1"], "--steps (5) must be >="),
+    (["sweep", "--x", "bogus", "1", "2"], "cannot sweep 'bogus'"),
+    (["sweep", "--x", "K", "a:b"], "cannot read"),
+    (["curve", "--t0", "100", "--horizon", "50"], "--horizon (50) must be an integer > --t0 (100)"),
+    (["curve", "--method", "sgd"], "use --method additive or multiplicative"),
+    ([], "required"),
+]
+
+
+@pytest.mark.parametrize("argv,message", ERRORS)
+def test_errors_exit_2_with_one_line(capsys, argv, message):
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ") and message in lines[0], lines[0]
+    assert "Traceback" not in err
+
+
+def test_module_entry_point_subprocess():
+    """`python -m nqp predict --json` as a user runs it; an error exits 2 with one stderr line."""
+    r = subprocess.run([sys.executable, "-m", "nqp", "predict", "--json", "--dim", "10", "--spectrum", "powerlaw"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "excess_loss_mean_model" in json.loads(r.stdout)
+    r = subprocess.run([sys.executable, "-m", "nqp", "predict", "--lr", "5"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr

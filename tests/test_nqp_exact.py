@@ -205,7 +205,8 @@ def test_learning_curve_paths_agree(data):
     a = learning_curve(p, lp, sgd, **kw)
     b = learning_curve(p, lp, sgd, path="lyapunov", **kw)
     for k in a.series:
-        np.testing.assert_allclose(a.series[k], b.series[k], rtol=1e-9, atol=1e-300)
+        scale = np.nanmax(np.abs(b.series[k]))  # values decaying to ~0 agree to rounding of the scale
+        np.testing.assert_allclose(a.series[k], b.series[k], rtol=1e-9, atol=1e-13 * scale)
 
 
 def test_learning_curve_converges_to_steady_state():

@@ -128,7 +128,7 @@ def test_docs_monotonicity_claims(data):
     pred = steady_state(p, lp)
     # Members are never better than the mean model (strictly worse when K > 1 and there is noise).
     assert pred.excess_loss_members >= pred.excess_loss_mean_model * (1 - 1e-12)
-    if lp.K > 1 and p.noise.max() > 0:
+    if lp.K > 1 and p.noise.max() > 1e-6:
         assert pred.excess_loss_members > pred.excess_loss_mean_model
     # The mean model's loss grows with gamma_theta (a larger effective step), all else fixed.
     if lp.lr_theta > 1e-6 and p.noise.max() > 1e-6:
@@ -198,7 +198,8 @@ def test_learning_curve_paths_agree(data):
     kind = data.draw(st.sampled_from(["additive", "multiplicative"]))
     p = data.draw(problems(max_dim=3, nonzero_optimum=kind == "multiplicative"))
     lp = data.draw(latephase_methods(p, kind, max_K=4))
-    sgd = SGD(lp.lr_phi, lp.momentum, lp.nesterov)
+    sgd_edge = cf.stability_edge(lp.momentum, lp.nesterov) / p.curvature.max()
+    sgd = SGD(min(lp.lr_phi, 0.9 * sgd_edge), lp.momentum, lp.nesterov)
     T0 = data.draw(st.integers(0, 30))
     kw = dict(T0=T0, horizon=T0 + 20 * lp.K, w0=0.3, sigma0=data.draw(st.sampled_from([0.0, 0.2])), points=15,
               swa_start=T0 + lp.K)

@@ -1,14 +1,18 @@
-"""enwik8 loading and BPTT batching, the character LSTM."""
+"""enwik8 loading and BPTT batching, the character LSTM, ImageNet folders and loaders, torchvision model builder."""
 import math
+import urllib.error
 import zipfile
 
 import pytest
 import torch
 from torch import nn
 
+from deep.data.imagenet import EpochSampler, imagenet_datasets, imagenet_loader
 from deep.data.text import (ENWIK8_URL, BPTTBatcher, DataError, bits_per_character, distinct_symbols, load_enwik8,
                             split_sizes)
 from deep.models.lstm import PAPER_PARAMETERS, CharLSTM, LSTMCell, detach_state, parameter_count
+from deep.models.torchvision_models import (ModelError, build_pretrained, cached_weights_path,
+                                            weights_unavailable_message)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -205,3 +209,147 @@ def test_lstm_carried_state_equals_one_long_sequence():
     torch.testing.assert_close(torch.cat([first, second], dim=1), full)
     with pytest.raises(ValueError, match="does not match"):
         model(inputs, model.init_state(3))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ImageNet folders and loaders
+
+def _image_tree(root, classes=("n01440764", "n01443537"), per_class=3, splits=("train", "val")):
+    from PIL import Image
+    generator = torch.Generator().manual_seed(0)
+    for split in splits:
+        for c, wnid in enumerate(classes):
+            (root / split / wnid).mkdir(parents=True)
+            for i in range(per_class):
+                pixels = torch.randint(0, 256, (20 + 7 * i, 30, 3), generator=generator, dtype=torch.uint8)
+                suffix = ".JPEG" if i % 2 == 0 else ".png"
+                Image.fromarray(pixels.numpy()).save(root / split / wnid / f"{wnid}_{i}{suffix}")
+
+
+def test_imagefolder_datasets_and_loader_batch(tmp_path):
+    _image_tree(tmp_path)
+    train, val = imagenet_datasets(tmp_path)
+    assert len(train) == len(val) == 6 and train.classes == val.classes == ["n01440764", "n01443537"]
+    image, label = val[5]
+    assert image.shape == (3, 224, 224) and label == 1
+    loader = imagenet_loader(train, batch_size=4, train=True, workers=0, seed=5)
+    loader.sampler.set_epoch(0)
+    images, labels = next(iter(loader))
+    assert images.shape == (4, 3, 224, 224) and images.dtype == torch.float32 and labels.shape == (4,)
+    assert len(loader) == 1  # 6 samples, batch 4, last incomplete batch dropped for training
+    evaluation = imagenet_loader(val, batch_size=4, train=False, workers=0)
+    assert sum(len(labels) for _, labels in evaluation) == 6
+
+
+def test_torchvision_imagenet_layout_is_preferred(tmp_path):
+    _image_tree(tmp_path)
+    names = {"n01440764": ("tench", "Tinca tinca"), "n01443537": ("goldfish", "Carassius auratus")}
+    torch.save((names, ["n01440764"] * 3 + ["n01443537"] * 3), tmp_path / "meta.bin")
+    train, val = imagenet_datasets(tmp_path)
+    assert type(train).__name__ == "ImageNet" and train.classes[1] == ("goldfish", "Carassius auratus")
+    assert train.wnids == ["n01440764", "n01443537"] and val[0][0].shape == (3, 224, 224)
+
+
+def test_imagenet_error_messages(tmp_path):
+    with pytest.raises(DataError, match=r"not a folder; expected <root>/train/<wnid>/\*\.JPEG"):
+        imagenet_datasets(tmp_path / "missing")
+    (tmp_path / "train").mkdir()
+    with pytest.raises(DataError, match="no class folders"):
+        imagenet_datasets(tmp_path)
+    _image_tree(tmp_path / "flat", splits=("train",))
+    (tmp_path / "flat" / "val").mkdir()
+    (tmp_path / "flat" / "val" / "ILSVRC2012_val_00000001.JPEG").write_bytes(b"")
+    with pytest.raises(DataError, match="holds images directly.*ILSVRC2012_devkit_t12"):
+        imagenet_datasets(tmp_path / "flat")
+    _image_tree(tmp_path / "mismatch", splits=("train",))
+    _image_tree(tmp_path / "mismatch", classes=("n01440764", "n09999999"), splits=("val",))
+    with pytest.raises(DataError, match="class folders differ"):
+        imagenet_datasets(tmp_path / "mismatch")
+    (tmp_path / "tars").mkdir()
+    (tmp_path / "tars" / "ILSVRC2012_img_val.tar").write_bytes(b"")
+    (tmp_path / "tars" / "ILSVRC2012_img_train.tar").write_bytes(b"")
+    with pytest.raises(DataError, match="put the devkit next to it"):
+        imagenet_datasets(tmp_path / "tars")
+
+
+def test_epoch_sampler_matches_distributed_sampler_and_resumes():
+    from torch.utils.data import DistributedSampler
+    dataset = list(range(23))
+    for rank in range(3):
+        ours = EpochSampler(23, shuffle=True, seed=4, num_replicas=3, rank=rank)
+        theirs = DistributedSampler(dataset, num_replicas=3, rank=rank, shuffle=True, seed=4)
+        for epoch in (0, 1):
+            ours.set_epoch(epoch)
+            theirs.set_epoch(epoch)
+            assert list(ours) == list(theirs)
+        ours.set_epoch(1, skip=5)
+        assert list(ours) == list(theirs)[5:] and len(ours) == len(theirs) - 5
+    shards = [list(EpochSampler(23, shuffle=False, num_replicas=3, rank=r, pad=False)) for r in range(3)]
+    assert sorted(i for shard in shards for i in shard) == dataset  # exact evaluation: every sample once
+    first, second = EpochSampler(23, shuffle=True, seed=4), EpochSampler(23, shuffle=True, seed=4)
+    second.set_epoch(1)
+    assert sorted(first) == dataset and list(first) != list(second)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torchvision models
+
+def test_build_random_and_from_local_file(tmp_path):
+    torch.manual_seed(0)
+    model = build_pretrained("resnet18", weights=None, num_classes=10)
+    assert model.fc.out_features == 10
+    torch.save(model.state_dict(), tmp_path / "plain.pt")
+    wrapped = {"model": {f"module.{k}": v for k, v in model.state_dict().items()}, "epoch": 3}
+    torch.save(wrapped, tmp_path / "checkpoint.pt")
+    for name in ("plain.pt", "checkpoint.pt"):
+        loaded = build_pretrained("resnet18", weights=tmp_path / name, num_classes=10)
+        for (key, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+            assert torch.equal(a, b), key
+    with pytest.raises(ModelError, match="num_classes"):
+        build_pretrained("resnet18", weights=tmp_path / "plain.pt")
+    with pytest.raises(ModelError, match="neither an existing file"):
+        build_pretrained("resnet18", weights=tmp_path / "absent.pth")
+    with pytest.raises(ModelError, match="unknown torchvision"):
+        build_pretrained("resnet9000", weights=None)
+
+
+def test_legacy_densenet_keys_are_renamed(tmp_path):
+    model = build_pretrained("densenet121", weights=None, num_classes=3)
+    legacy = {k.replace(".norm1.", ".norm.1.").replace(".conv2.", ".conv.2."): v for k, v in model.state_dict().items()}
+    assert any(".norm.1." in k for k in legacy)
+    torch.save(legacy, tmp_path / "legacy.pth")
+    loaded = build_pretrained("densenet121", weights=tmp_path / "legacy.pth", num_classes=3)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+
+
+def test_named_weights_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    expected = cached_weights_path("resnet18")
+    assert tmp_path in expected.parents and expected.name == "resnet18-f37072fd.pth"
+    with pytest.raises(ModelError) as missing:
+        build_pretrained("resnet18", allow_download=False)
+    message = str(missing.value)
+    assert "resnet18-f37072fd.pth" in message and "https://download.pytorch.org/models/resnet18-f37072fd.pth" in message
+    assert "weights=PATH" in message and "\n" not in message
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(ModelError, match="download failed.*resnet18-f37072fd.pth"):
+        build_pretrained("resnet18")
+    # A file already in torchvision's cache is used without any network access.
+    torch.manual_seed(3)
+    reference = build_pretrained("resnet18", weights=None)
+    expected.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(reference.state_dict(), expected)
+    loaded = build_pretrained("resnet18", weights="IMAGENET1K_V1")
+    assert torch.equal(loaded.fc.weight, reference.fc.weight)
+
+
+def test_weights_names_and_message_builder():
+    message = weights_unavailable_message("resnet50", "paper")
+    assert "IMAGENET1K_V1" in message and "resnet50-0676ba61.pth" in message
+    from torchvision.models import get_model_weights
+    assert get_model_weights("densenet161").DEFAULT.url in weights_unavailable_message("densenet161")
+    with pytest.raises(ModelError, match="neither an existing file nor"):
+        build_pretrained("resnet152", weights="IMAGENET9K")

@@ -88,19 +88,26 @@ def _with_sum(A, B, C, mean, cov):
 
 def learning_curve(problem: Problem, method: LatePhase, sgd: SGD, *, T0: int, horizon: int,
                    w0=0.0, sigma0: float = 0.0, points: int = 200, swa_start: int | None = None,
-                   path: str = "closed") -> Curve:
-    """Exact expected excess loss vs t for `sgd` switching to `method` at T0, and the baselines."""
+                   path: str = "closed", sgd_after: SGD | None = None) -> Curve:
+    """Exact expected excess loss vs t for `sgd` switching to `method` at T0, and the baselines.
+
+    `sgd_after` (default `sgd`) is the SGD that the SGD baselines (continuing, K-times batch, tail
+    average) use from T0 on, e.g. a lowered learning rate; the ensemble runs use `sgd` throughout."""
     if not isinstance(method, LatePhase) or not isinstance(sgd, SGD) or sgd.batch != 1:
         raise NQPError("learning_curve needs a late-phase method and a batch-1 SGD method")
     if path not in ("closed", "lyapunov"):
         raise NQPError(f"path must be 'closed' or 'lyapunov', got {path!r}")
     if sigma0 < 0 or not np.isfinite(sigma0):
         raise NQPError(f"--sigma0 must be >= 0, got {sigma0}")
+    sgd_after = sgd if sgd_after is None else sgd_after
     check_stable(problem, sgd)
+    check_stable(problem, sgd_after)
     check_stable(problem, method)
     K = method.K
-    if sgd.momentum != method.momentum or sgd.nesterov != method.nesterov:
+    if len({(m.momentum, m.nesterov) for m in (sgd, sgd_after, method)}) > 1:
         raise NQPError("SGD and the late-phase method must use the same momentum setting")
+    if sgd_after.batch != 1:
+        raise NQPError("sgd_after must be a batch-1 SGD method")
     t = time_grid(T0, horizon, K, points)
     if swa_start is not None and not (T0 <= swa_start < horizon and (swa_start - T0) % K == 0):
         raise NQPError(f"--swa-start must be T0 + K n below the horizon (T0={T0}, K={K}), got {swa_start}")
@@ -122,6 +129,10 @@ def learning_curve(problem: Problem, method: LatePhase, sgd: SGD, *, T0: int, ho
     mT, cT = ms[i0], cs[i0]
     post = t[i0:]
     steps_post = (post - T0) // K
+    A_after, B_after = (A, B) if sgd_after == sgd else _sgd_system(problem, sgd_after)
+    if sgd_after != sgd:
+        ma, ca = linear.moments_at(A_after, B_after, mT, cT, post - T0)
+        series["sgd"] = np.concatenate([series["sgd"][:i0], _observe(h, C_x, ma, ca)])
 
     # --- Ensemble of K independent runs from w0, floor(t/K) steps each.
     ts = t // K
@@ -133,7 +144,7 @@ def learning_curve(problem: Problem, method: LatePhase, sgd: SGD, *, T0: int, ho
     series["ensemble_K"] = 0.5 * ((m_e ** 2 + v_e / K) * h).sum(axis=1)
 
     # --- SGD with a K-times batch from T0.
-    Ab, Bb = _sgd_system(problem, SGD(sgd.lr, sgd.momentum, sgd.nesterov, batch=K))
+    Ab, Bb = _sgd_system(problem, SGD(sgd_after.lr, sgd.momentum, sgd.nesterov, batch=K))
     mb, cb = linear.moments_at(Ab, Bb, mT, cT, steps_post)
     series["sgd_batch_K"] = np.concatenate([series["sgd"][:i0], _observe(h, C_x, mb, cb)])
 
@@ -192,7 +203,7 @@ def learning_curve(problem: Problem, method: LatePhase, sgd: SGD, *, T0: int, ho
         n_avg = steps_post[keep] - k0
         for name, (As, Bs, C, m_start, c_start), n_per in (
                 ("latephase_swa", swa, 1),
-                ("sgd_swa", (A, B, C_x, mT, cT), K)):
+                ("sgd_swa", (A_after, B_after, C_x, mT, cT), K)):
             # Advance to swa_start, then add the running sum (over step boundaries).
             m1, c1 = linear.moments_at(As, Bs, m_start, c_start, [k0 * n_per])
             Aa, Ba, ma, ca = _with_sum(As, Bs, C, m1[0], c1[0])

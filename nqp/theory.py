@@ -189,7 +189,7 @@ def steady_state(problem: Problem, method, path: str = "closed") -> Prediction:
     label = path
     base = method.base if isinstance(method, (Ensemble, TailAverage)) else method
     if isinstance(base, LatePhase) and base.kind == "multiplicative":
-        label += " (small-noise linearisation)"
+        label += ", small-noise linearisation"
     return _pred(method.name, label, np.asarray(mean, float), np.asarray(mem, float), conds)
 
 

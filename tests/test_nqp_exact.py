@@ -225,3 +225,15 @@ def test_latex_export_is_generated():
         assert r"\eta" in tex[f"sgd_variance_{v}"]
         assert "K" in tex[f"additive_mean_{v}"]
     assert r"\rho" in tex["tail_average_factor"]
+
+
+def test_sgd_after_switches_the_sgd_baselines_at_T0():
+    p = Problem.from_values([1.0, 0.2], [1.0, 0.5])
+    lp = LatePhase(3, 0.05, 0.1, 0.5)
+    a = learning_curve(p, lp, SGD(0.3), T0=0, horizon=90, points=10, swa_start=0, sgd_after=SGD(0.05))
+    b = learning_curve(p, lp, SGD(0.05), T0=0, horizon=90, points=10, swa_start=0)
+    for k in ("sgd", "sgd_batch_K", "sgd_swa", "latephase_mean"):
+        np.testing.assert_allclose(a.series[k], b.series[k], rtol=1e-12)
+    c = learning_curve(p, lp, SGD(0.3), T0=30, horizon=90, points=10, sgd_after=SGD(0.3))
+    d = learning_curve(p, lp, SGD(0.3), T0=30, horizon=90, points=10)
+    np.testing.assert_allclose(c.series["sgd"], d.series["sgd"], rtol=1e-12)

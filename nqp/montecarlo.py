@@ -224,7 +224,7 @@ def simulate(problem, method, *, steps: int, burn_in: int | None = None, runs: i
                     s_mean += _excess(m, tile.h)
                     s_mem += mem
                 else:
-                    wk = (m[:, None, :] if isinstance(tile.core, SGD) or isinstance(method, Ensemble)
+                    wk = (m[:, None, :] if isinstance(tile.core, SGD)
                           else dyn.members(tile.state, tile.core) - tile.wstar)
                     if sum_m is None:
                         sum_m, sum_mem = np.zeros_like(m), np.zeros_like(wk)

@@ -1,0 +1,8 @@
+"""Data layer of the deep benchmarks: in-memory image datasets."""
+
+from .errors import DataError
+from .vision import (DATASETS, DEBIAN_FASHION_MNIST, OOD_SETS, REFERENCE_STATS, STATS, ImageData, channel_stats,
+                     load_dataset, load_image_folder, load_ood_sets)
+
+__all__ = ["DATASETS", "DEBIAN_FASHION_MNIST", "OOD_SETS", "REFERENCE_STATS", "STATS", "DataError",
+           "ImageData", "channel_stats", "load_dataset", "load_image_folder", "load_ood_sets"]

@@ -7,9 +7,11 @@ import struct
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from deep.data import (DEBIAN_FASHION_MNIST, STATS, DataError, ImageData, channel_stats, load_dataset,
+from deep.data import (DEBIAN_FASHION_MNIST, STATS, DataError, GPULoader, ImageData, channel_stats, load_dataset,
                        load_image_folder, load_ood_sets)
+from deep.data.loader import crop_flip, cutout_
 
 RNG = np.random.default_rng(0)
 
@@ -21,7 +23,7 @@ def random_images(n, c=3, h=32, w=32):
 # ---------------------------------------------------------------- writers of the real on-disk formats
 
 def write_pickle(path, obj, protocol=2, legacy_numpy=False):
-    """Pickle obj; legacy_numpy (protocol 2 only) renames numpy's module as numpy 1.x and the original archive wrote it."""
+    """Pickle obj; legacy_numpy (protocol 2 only) names numpy's module as numpy 1.x and the original archive do."""
     raw = pickle.dumps(obj, protocol=protocol)
     if legacy_numpy:
         raw = raw.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
@@ -58,8 +60,8 @@ def write_cifar100(root, n_train=11, n_test=5):
     for split, n in (("train", n_train), ("test", n_test)):
         im, fine = random_images(n), RNG.integers(0, 100, n)
         write_pickle(folder / split, {b"filenames": [b"z.png"] * n, b"batch_label": split.encode(),
-                                      b"fine_labels": [int(v) for v in fine], b"coarse_labels": [int(v) // 5 for v in fine],
-                                      b"data": im.reshape(n, 3072)})
+                                      b"fine_labels": [int(v) for v in fine],
+                                      b"coarse_labels": [int(v) // 5 for v in fine], b"data": im.reshape(n, 3072)})
         out[split] = (im, fine)
     write_pickle(folder / "meta", {b"fine_label_names": [b"apple"] * 100, b"coarse_label_names": [b"fish"] * 20})
     return out
@@ -298,3 +300,201 @@ def test_real_fashion_mnist_from_debian_package(tmp_path):
     mean, std = channel_stats(train.images)
     assert np.allclose(mean, STATS["fashion_mnist"][0], atol=5e-5) and np.allclose(std, STATS["fashion_mnist"][1],
                                                                                    atol=5e-5)
+
+
+# ---------------------------------------------------------------- GPULoader
+
+def make_data(n=50, c=3, h=8, w=8, mean=0.5, std=0.25):
+    images = torch.from_numpy(random_images(n, c, h, w))
+    return ImageData("toy", "train", images, torch.arange(n), n, (mean,) * c, (std,) * c)  # label = image index
+
+
+def normalise(images, mean, std):
+    return (images.double() / 255 - mean) / std
+
+
+def collect(loader, count=None):
+    out = []
+    for batch in loader:
+        out.append(batch)
+        if count is not None and len(out) == count:
+            break
+    return out
+
+
+def test_eval_loader_is_ordered_complete_and_normalised():
+    data = make_data(n=23)
+    loader = GPULoader(data, 5, device="cpu")
+    assert len(loader) == 5
+    batches = collect(loader)
+    assert [len(y) for _, y in batches] == [5, 5, 5, 5, 3]
+    x = torch.cat([b[0] for b in batches])
+    assert torch.equal(torch.cat([b[1] for b in batches]), data.labels)
+    assert torch.allclose(x.double(), normalise(data.images, 0.5, 0.25), atol=1e-5)
+    collect(loader, count=2)  # an interrupted pass ...
+    assert torch.equal(torch.cat([b[0] for b in collect(loader)]), x)  # ... does not shift the next one
+
+
+def test_train_loader_drop_last_and_epoch_permutation():
+    data = make_data(n=50)
+    loader = GPULoader(data, 8, train=True, device="cpu", pad=0, flip=False)
+    assert len(loader) == 6
+    epoch0, epoch1 = collect(loader), collect(loader)
+    assert len(epoch0) == len(epoch1) == 6 and all(len(y) == 8 for _, y in epoch0 + epoch1)
+    for epoch in (epoch0, epoch1):
+        x, idx = torch.cat([b[0] for b in epoch]), torch.cat([b[1] for b in epoch])
+        assert len(set(idx.tolist())) == 48  # 48 distinct images of the 50, none repeated
+        assert torch.allclose(x.double(), normalise(data.images[idx], 0.5, 0.25), atol=1e-5)
+    assert not torch.equal(epoch0[0][0], epoch1[0][0])
+    assert loader.state_dict()["epoch"] == 2 and loader.state_dict()["step"] == 0
+
+
+@pytest.fixture
+def index_data():
+    """Images whose pixel values encode the image index (value = index), so an output batch reveals its order."""
+    n = 40
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 4, 4).contiguous()
+    return ImageData("idx", "train", images, torch.arange(n), 40, (0.0,) * 3, (1 / 255,) * 3)
+
+
+def test_train_order_deterministic_by_seed(index_data):
+    def run(seed):
+        return [y for _, y in collect(GPULoader(index_data, 8, train=True, seed=seed, device="cpu", pad=1))]
+
+    a, b, c = run(1), run(1), run(2)
+    assert all(torch.equal(p, q) for p, q in zip(a, b)) and not all(torch.equal(p, q) for p, q in zip(a, c))
+
+
+def test_resume_from_state_dict_gives_identical_remaining_batches(index_data):
+    kwargs = dict(train=True, seed=7, device="cpu", pad=1, cutout=2)
+    reference = GPULoader(index_data, 6, **kwargs)
+    full = collect(reference) + collect(reference)  # two epochs of 6 batches
+    interrupted = GPULoader(index_data, 6, **kwargs)
+    collect(interrupted)
+    first = collect(interrupted, count=2)  # stop inside epoch 1
+    state = interrupted.state_dict()
+    assert state["epoch"] == 1 and state["step"] == 2
+    resumed = GPULoader(index_data, 6, **kwargs)
+    resumed.load_state_dict(state)
+    rest = collect(resumed)
+    assert len(first) + len(rest) == 6
+    for (x, y), (x_ref, y_ref) in zip(first + rest, full[6:]):
+        assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+    assert resumed.state_dict()["epoch"] == 2
+
+
+def test_state_from_other_settings_is_refused(index_data):
+    state = GPULoader(index_data, 6, train=True, seed=7, device="cpu").state_dict()
+    with pytest.raises(DataError, match="seed"):
+        GPULoader(index_data, 6, train=True, seed=8, device="cpu").load_state_dict(state)
+    with pytest.raises(DataError, match="batch_size"):
+        GPULoader(index_data, 5, train=True, seed=7, device="cpu").load_state_dict(state)
+
+
+def windows(image, pad):
+    """All (2·pad+1)² crops of the zero-padded image and their mirror images, as a (M, C, H, W) tensor."""
+    _, h, w = image.shape
+    padded = F.pad(image, (pad,) * 4)
+    crops = [padded[:, i:i + h, j:j + w] for i in range(2 * pad + 1) for j in range(2 * pad + 1)]
+    return torch.stack(crops + [c.flip(-1) for c in crops])
+
+
+def test_random_crop_is_a_translation_of_the_zero_padded_image():
+    image = (torch.arange(3 * 6 * 6) % 251 + 1).to(torch.uint8).view(1, 3, 6, 6)  # no zero pixel, all distinct
+    data = ImageData("one", "train", image.expand(64, 3, 6, 6).contiguous(), torch.zeros(64, dtype=torch.int64), 1,
+                     (0.0,) * 3, (1 / 255,) * 3)  # normalisation is the identity: x = pixel value
+    loader = GPULoader(data, 64, train=True, device="cpu", pad=2, flip=True)
+    x, _ = next(iter(loader))
+    candidates = windows(image[0].float(), 2)
+    matches = [(candidates == xi).flatten(1).all(1).nonzero().flatten().tolist() for xi in x]
+    assert all(len(m) == 1 for m in matches)  # every output is exactly one shifted (and maybe mirrored) window
+    kinds = {m[0] for m in matches}
+    assert len(kinds) > 10 and any(k >= 25 for k in kinds) and any(k < 25 for k in kinds)
+
+
+def test_crop_flip_explicit_parameters():
+    x = torch.from_numpy(random_images(3, 2, 5, 7))
+    b = len(x)
+    centre = torch.full((b,), 3)
+    assert torch.equal(crop_flip(x, centre, centre, torch.zeros(b, dtype=torch.bool), 3), x)
+    assert torch.equal(crop_flip(x, centre, centre, torch.ones(b, dtype=torch.bool), 3), x.flip(-1))
+    dy, dx, flip = torch.tensor([0, 6, 2]), torch.tensor([6, 0, 5]), torch.tensor([False, True, True])
+    for mode, torch_mode in (("zeros", "constant"), ("reflect", "reflect")):
+        padded = F.pad(x.float(), (3,) * 4, mode=torch_mode).to(torch.uint8)
+        out = crop_flip(x, dy, dx, flip, 3, mode)
+        for i in range(b):
+            window = padded[i, :, dy[i]:dy[i] + 5, dx[i]:dx[i] + 7]
+            assert torch.equal(out[i], window.flip(-1) if flip[i] else window)
+
+
+def test_flip_only_gives_image_or_its_mirror():
+    data = make_data(n=32)
+    loader = GPULoader(data, 32, train=True, device="cpu", pad=0, flip=True)
+    x, y = next(iter(loader))
+    ref = normalise(data.images[y], 0.5, 0.25).float()
+    same = (x - ref).abs().flatten(1).amax(1) < 1e-5
+    mirrored = (x - ref.flip(-1)).abs().flatten(1).amax(1) < 1e-5
+    assert (same | mirrored).all() and same.any() and mirrored.any()
+
+
+def test_cutout_explicit_square_clipped_at_border():
+    x = torch.ones(2, 1, 10, 10)
+    cutout_(x, torch.tensor([5, 0]), torch.tensor([5, 9]), 4)
+    expected = torch.ones(2, 1, 10, 10)
+    expected[0, :, 3:7, 3:7] = 0
+    expected[1, :, 0:2, 7:10] = 0
+    assert torch.equal(x, expected)
+
+
+def test_cutout_zeroes_a_square_after_normalisation():
+    images = torch.full((64, 3, 12, 12), 200, dtype=torch.uint8)
+    data = ImageData("flat", "train", images, torch.zeros(64, dtype=torch.int64), 1, (0.1,) * 3, (0.3,) * 3)
+    x, _ = next(iter(GPULoader(data, 64, train=True, device="cpu", pad=0, flip=False, cutout=6)))
+    value = (200 / 255 - 0.1) / 0.3
+    assert torch.all((x == 0) | ((x - value).abs() < 1e-5))
+    for xi in x:
+        zero = xi == 0
+        assert torch.equal(zero[0], zero[1]) and torch.equal(zero[0], zero[2])
+        rows, cols = zero[0].any(1).nonzero().flatten(), zero[0].any(0).nonzero().flatten()
+        assert 3 <= len(rows) <= 6 and 3 <= len(cols) <= 6  # a 6×6 square, clipped to at least half at a border
+        assert zero[0].sum() == len(rows) * len(cols)  # the zeros form one full rectangle
+        assert rows.max() - rows.min() + 1 == len(rows) and cols.max() - cols.min() + 1 == len(cols)
+
+
+def test_dtype_and_channels_last():
+    data = make_data(n=16)
+    x, y = next(iter(GPULoader(data, 8, train=True, device="cpu", dtype=torch.bfloat16, channels_last=True)))
+    assert x.dtype == torch.bfloat16 and y.dtype == torch.int64 and x.shape == (8, 3, 8, 8)
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    ex, _ = next(iter(GPULoader(data, 8, device="cpu", dtype=torch.float16)))
+    assert torch.allclose(ex.double(), normalise(data.images[:8], 0.5, 0.25), atol=5e-3)
+
+
+def test_loader_rejects_bad_arguments():
+    data = make_data(n=10)
+    with pytest.raises(DataError, match="exceeds the 10 images"):
+        GPULoader(data, 16, train=True, device="cpu")
+    assert len(GPULoader(data, 16, device="cpu")) == 1  # eval keeps the partial batch
+    with pytest.raises(DataError, match="pad_mode"):
+        GPULoader(data, 4, device="cpu", pad_mode="edge")
+    with pytest.raises(DataError, match="reflect padding"):
+        GPULoader(data, 4, device="cpu", pad=8, pad_mode="reflect")
+    with pytest.raises(DataError, match="floating"):
+        GPULoader(data, 4, device="cpu", dtype=torch.int32)
+    with pytest.raises(DataError, match="channel means"):
+        GPULoader(data, 4, device="cpu", mean=(0.5,))
+
+
+@pytest.mark.cuda
+def test_cuda_loader_matches_cpu_order_and_eval_batches():
+    data = make_data(n=40)
+    cpu = GPULoader(data, 8, train=True, device="cpu", seed=4)
+    gpu = GPULoader(data, 8, train=True, device="cuda", seed=4)
+    assert all(torch.equal(a[1], b[1].cpu()) for a, b in zip(collect(cpu), collect(gpu)))
+    for (a, _), (b, _) in zip(GPULoader(data, 8, device="cpu"), GPULoader(data, 8, device="cuda")):
+        assert torch.allclose(a, b.cpu(), atol=1e-6)
+    x = torch.from_numpy(random_images(5, 3, 8, 8))
+    dy, dx, flip = torch.randint(0, 9, (2, 5)), torch.randint(0, 9, (5,)), torch.rand(5) < 0.5
+    for mode in ("zeros", "reflect"):
+        ref = crop_flip(x, dy[0], dx, flip, 4, mode)
+        assert torch.equal(crop_flip(x.cuda(), dy[0].cuda(), dx.cuda(), flip.cuda(), 4, mode).cpu(), ref)

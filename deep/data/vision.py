@@ -1,8 +1,8 @@
 """Image datasets as in-memory tensors: CIFAR-10/100, SVHN, Fashion-MNIST, image folders and synthetic data.
 
-Every loader returns an `ImageData` holding all images of one split as a uint8 tensor (N, C, H, W) and the labels as an
-int64 tensor (N,), read from the dataset's own on-disk format in one pass (see `formats.py`). torchvision is used only to
-download (`download=True`), which also verifies the archive's checksum; the files are then read here, so data that is
+Every loader returns an `ImageData` holding all images of one split as a uint8 tensor (N, C, H, W) and the labels as
+an int64 tensor (N,), read from the dataset's own on-disk format in one pass (see `formats.py`). torchvision is used
+only to download (`download=True`), which also verifies the archive's checksum; the files are then read here, so data
 already on disk is never re-hashed or converted image by image.
 
 Normalisation statistics (`ImageData.mean`, `ImageData.std`, per channel, in units of pixel/255) are fixed constants:
@@ -144,8 +144,8 @@ def load_cifar(name, root, split="train", download=False):
         _torchvision_download(spec["title"], spec["cls"], root, train=split == "train")
     missing = [f.name for f in files if not f.is_file()]
     if missing:
-        raise DataError(f"{spec['title']} not found: expected {folder}/{spec['listing']} (missing {', '.join(missing)}); "
-                        f"pass --download (download=True) with internet access, or unpack {spec['archive']} "
+        raise DataError(f"{spec['title']} not found: expected {folder}/{spec['listing']} "
+                        f"(missing {', '.join(missing)}); pass --download (download=True) with internet access, or unpack {spec['archive']} "
                         f"into {root}")
     images, labels = read_cifar_batches(files, spec["label_key"], spec["num_classes"])
     return _make(name, split, images, labels, spec["num_classes"])

@@ -167,6 +167,35 @@ def test_missing_data_names_the_expected_files(tmp_path, name, expected):
         assert part.format(root=tmp_path) in message
 
 
+def test_download_goes_through_torchvision_then_reads_the_files(tmp_path, monkeypatch):
+    import torchvision.datasets as tvd
+
+    calls = []
+
+    def fake_cifar10(root, download, train):  # stands in for the network: leaves the archive's files in root
+        calls.append((root, download, train))
+        write_cifar10(tmp_path)
+
+    monkeypatch.setattr(tvd, "CIFAR10", fake_cifar10)
+    assert len(load_dataset("cifar10", tmp_path, "test", download=True)) == 9
+    assert calls == [(str(tmp_path), True, False)]
+    load_dataset("cifar10", tmp_path, "train", download=True)  # files present: no second download
+    assert len(calls) == 1
+
+
+def test_failed_download_is_a_one_line_error(tmp_path, monkeypatch):
+    import urllib.error
+
+    import torchvision.datasets as tvd
+
+    def offline(root, download, **kwargs):
+        raise urllib.error.URLError("Temporary failure in name resolution")
+
+    monkeypatch.setattr(tvd, "SVHN", offline)
+    with pytest.raises(DataError, match=r"SVHN download into .* failed \(URLError.*\); check the internet"):
+        load_dataset("svhn", tmp_path, "test", download=True)
+
+
 def test_missing_single_cifar_batch_is_named(tmp_path):
     write_cifar10(tmp_path)
     (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()

@@ -512,6 +512,8 @@ def test_loader_rejects_bad_arguments():
         GPULoader(data, 4, device="cpu", dtype=torch.int32)
     with pytest.raises(DataError, match="channel means"):
         GPULoader(data, 4, device="cpu", mean=(0.5,))
+    with pytest.raises(DataError, match="seed >= 0"):
+        GPULoader(data, 4, device="cpu", seed=-1)
 
 
 @pytest.mark.cuda

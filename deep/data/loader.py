@@ -95,8 +95,8 @@ class GPULoader:
         n, c, h, w = data.images.shape
         mean = data.mean if mean is None else tuple(mean)
         std = data.std if std is None else tuple(std)
-        if batch_size < 1:
-            raise DataError(f"batch_size must be >= 1, got {batch_size}")
+        if batch_size < 1 or seed < 0:
+            raise DataError(f"batch_size must be >= 1 and seed >= 0, got batch_size {batch_size}, seed {seed}")
         if pad < 0 or cutout < 0:
             raise DataError(f"pad and cutout must be >= 0, got pad {pad}, cutout {cutout}")
         if pad_mode not in PAD_MODES:

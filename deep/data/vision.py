@@ -48,7 +48,7 @@ _UNIFORM_BYTE_STATS = (0.5, math.sqrt((256 ** 2 - 1) / 12) / 255)
 SPLITS = ("train", "test")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: compare tensors with torch.equal, not ==
 class ImageData:
     """One split of an image dataset held in memory.
 
@@ -222,9 +222,9 @@ def load_synthetic(split="train", size=None, shape=(3, 32, 32), num_classes=10, 
     """
     size = (50_000 if split == "train" else 10_000) if size is None else int(size)
     shape = tuple(int(s) for s in shape)
-    if size < 0 or len(shape) != 3 or min(shape) < 1 or num_classes < 1:
-        raise DataError(f"synthetic: need size >= 0, shape (C, H, W) and num_classes >= 1, "
-                        f"got size {size}, shape {shape}, num_classes {num_classes}")
+    if size < 0 or len(shape) != 3 or min(shape) < 1 or num_classes < 1 or seed < 0:
+        raise DataError(f"synthetic: need size >= 0, shape (C, H, W), num_classes >= 1 and seed >= 0, "
+                        f"got size {size}, shape {shape}, num_classes {num_classes}, seed {seed}")
     stream = int(np.random.SeedSequence([seed, zlib.crc32(split.encode())]).generate_state(1)[0])
     g = torch.Generator().manual_seed(stream)
     images = torch.randint(0, 256, (size, *shape), generator=g, dtype=torch.uint8)

@@ -13,6 +13,7 @@ from .checkpoint import load, save
 from .core import LatePhase, sgd
 from .errors import LatePhaseError
 from .families import BatchNorm, Custom, Family, Head, Rank1
+from .swa import SWA
 
 __all__ = ["LatePhase", "LatePhaseError", "sgd", "BatchNorm", "Head", "Rank1", "Custom", "Family", "collapse",
-           "ensemble_logits", "ensemble_probs", "update_bn_members", "save", "load"]
+           "ensemble_logits", "ensemble_probs", "update_bn_members", "SWA", "save", "load"]

@@ -78,61 +78,86 @@ class LateModule(nn.Module):
 
 # ----------------------------------------------------------------------------- BatchNorm
 
+def _dense_format(x: torch.Tensor):
+    """The memory format x is dense in (channels_last for NHWC/NDHWC tensors, else contiguous)."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _into(result: torch.Tensor, out: torch.Tensor) -> None:
+    """Make sure an out= kernel's result landed in ``out`` (a kernel may reallocate an out tensor)."""
+    if result.data_ptr() != out.data_ptr() or result.stride() != out.stride():
+        out.copy_(result)
+
+
 class _SliceBatchNorm(torch.autograd.Function):
-    """Batch normalisation of each slice of x5 (K, B, C, L) with its own statistics and affine map:
+    """Batch normalisation of the K equal slices of x (dim 0), each with its own batch statistics, affine map and
+    running statistics, using nn.BatchNorm's own kernels slice by slice. For slice k (n values per channel):
 
-        mu_kc = mean_{b,l} x_kbcl,  var_kc = mean_{b,l} (x_kbcl - mu_kc)^2  (biased),
-        y_kbcl = w_kc (x_kbcl - mu_kc) / sqrt(var_kc + eps) + b_kc   (one fused scale/shift pass).
+        mu_kc = mean x_k,  var_kc = biased variance of x_k,  y_k = w_kc (x_k - mu_kc) / sqrt(var_kc + eps) + b_kc,
 
-    Backward (per (k, c), n = B L, a = w / sqrt(var + eps)):
-        dx = a (g - sum(g)/n - (x - mu) sum(g (x - mu)) / (n (var + eps))),  dw = sum(g (x - mu)) / sqrt(var + eps),
-        db = sum(g).
-    Statistics and gradients are computed in float32 for half/bfloat16 input; y keeps x's dtype and strides
-    (channels_last stays channels_last). Returns (y5, mu (K, C), var (K, C)); mu and var are not differentiable.
+    and, where a slice gets running statistics (r_mean, r_var, m), r <- (1 - m) r + m s with the unbiased variance,
+    exactly as F.batch_norm. One autograd node for the stacked batch, so the input gradient is assembled in one tensor
+    (slicing a tensor in autograd would allocate a full-size gradient per slice); the output is written into one
+    tensor slice by slice. No transposing copies; the layout is kept (channels_last stays channels_last).
+    ``stats`` lists (running_mean, running_var, momentum) per slice, the tensors possibly shared or None.
     """
 
     @staticmethod
-    def forward(ctx, x5, weight, bias, eps):
-        xc = x5 if x5.dtype in _EXACT else x5.float()
-        var, mean = torch.var_mean(xc, dim=(1, 3), correction=0, keepdim=True)
-        invstd = torch.rsqrt(var + eps)
-        scale = invstd if weight is None else invstd * weight.to(invstd.dtype)[:, None, :, None]
-        shift = -mean * scale
-        if bias is not None:
-            shift = shift + bias.to(invstd.dtype)[:, None, :, None]
-        y5 = torch.empty_like(x5)
-        torch.addcmul(shift, xc, scale, out=y5)
-        ctx.save_for_backward(x5, mean, invstd, weight)
-        ctx.has_bias = bias is not None
-        K, C = mean.shape[0], mean.shape[2]
-        mu, v = mean.reshape(K, C).clone(), var.reshape(K, C).clone()
-        ctx.mark_non_differentiable(mu, v)
-        return y5, mu, v
+    def forward(ctx, x, weight, bias, K, eps, stats):
+        B = x.shape[0] // K
+        y = torch.empty_like(x)
+        pick = (lambda t, k: None if t is None else t[k])
+        save_mean = save_invstd = None
+        for k in range(K):
+            sl = slice(k * B, (k + 1) * B)
+            rm, rv, m = stats[k]
+            if k == 0:  # the functional kernel tells the statistics' dtype (float32 for low-precision input)
+                yk, mean0, invstd0 = torch.native_batch_norm(x[sl], pick(weight, 0), pick(bias, 0), rm, rv, True, m,
+                                                             eps)
+                y[sl].copy_(yk)
+                save_mean = mean0.new_empty((K, *mean0.shape))
+                save_invstd = invstd0.new_empty((K, *invstd0.shape))
+                save_mean[0], save_invstd[0] = mean0, invstd0
+                continue
+            out = torch.ops.aten.native_batch_norm.out(x[sl], pick(weight, k), pick(bias, k), rm, rv, True, m, eps,
+                                                       out=y[sl], save_mean=save_mean[k], save_invstd=save_invstd[k])
+            _into(out[0], y[sl])
+            _into(out[1], save_mean[k])
+            _into(out[2], save_invstd[k])
+        ctx.save_for_backward(x, weight, save_mean, save_invstd)
+        ctx.K, ctx.eps, ctx.has_bias = K, eps, bias is not None
+        return y
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, gy, _gmu, _gvar):
-        x5, mean, invstd, weight = ctx.saved_tensors
-        x = x5 if x5.dtype in _EXACT else x5.float()
-        g = gy.to(x.dtype)
-        n = x.shape[1] * x.shape[3]
-        K, C = mean.shape[0], mean.shape[2]
-        xc = x - mean
-        sum_g = g.sum(dim=(1, 3), keepdim=True)
-        dot = (g * xc).sum(dim=(1, 3), keepdim=True)
-        a = invstd if weight is None else invstd * weight.to(invstd.dtype)[:, None, :, None]
-        gx = gw = gb = None
-        if ctx.needs_input_grad[0]:
-            coef = -a * invstd * invstd * dot / n
-            const = -a * sum_g / n
-            torch.addcmul(const, xc, coef, out=xc)
-            gx = torch.empty_like(x5)
-            torch.addcmul(xc, g, a, out=gx)
-        if weight is not None and ctx.needs_input_grad[1]:
-            gw = (dot * invstd).reshape(K, C).to(weight.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = sum_g.reshape(K, C).to(weight.dtype if weight is not None else sum_g.dtype)
-        return gx, gw, gb, None
+    def backward(ctx, gy):
+        x, weight, save_mean, save_invstd = ctx.saved_tensors
+        K = ctx.K
+        B = x.shape[0] // K
+        gy = gy.contiguous(memory_format=_dense_format(x))
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_w, need_b = need_w and weight is not None, need_b and ctx.has_bias
+        gx = torch.empty_like(x) if need_x else None
+        C = x.shape[1]
+        gw = x.new_empty((K, C), dtype=weight.dtype if weight is not None else save_mean.dtype)
+        gb = torch.empty_like(gw)
+        mask = [bool(need_x), bool(need_w), bool(need_b)]
+        for k in range(K):
+            sl = slice(k * B, (k + 1) * B)
+            gxk, gwk, gbk = torch.ops.aten.native_batch_norm_backward(
+                gy[sl], x[sl], None if weight is None else weight[k], None, None, save_mean[k], save_invstd[k], True,
+                ctx.eps, mask)
+            if need_x:
+                gx[sl].copy_(gxk)
+            if need_w:
+                gw[k].copy_(gwk)
+            if need_b:
+                gb[k].copy_(gbk)
+        return (gx if need_x else None, gw if need_w else None, gb if need_b else None, None, None, None)
 
 
 class LateBatchNorm(LateModule):
@@ -146,7 +171,9 @@ class LateBatchNorm(LateModule):
 
     late=True: gamma, beta (phi) and the running statistics are per member (buffers of shape (K, C) and (K,)).
     late=False: gamma, beta are theta -- the original module's own Parameters and buffers -- and in stacked mode the
-    shared running statistics receive the K member updates in the order k = 1..K, as K sequential passes would.
+    shared running statistics receive the K member updates in the order k = 1..K, as K sequential passes do.
+    Stacked mode in training uses nn.BatchNorm's kernels on each slice (see _SliceBatchNorm); eval mode applies the
+    running statistics as one scale/shift per member.
     """
 
     def __init__(self, bn: nn.Module, K: int, late: bool = True):
@@ -198,57 +225,48 @@ class LateBatchNorm(LateModule):
             return _stack(self.weight), _stack(self.bias)
         return self.weight.expand(self.K, -1), self.bias.expand(self.K, -1)
 
-    @torch.no_grad()
-    def _update_running(self, mean, var_unbiased):
-        """Late: r_k <- (1 - m_k) r_k + m_k s_k per member. Shared: the K updates r <- (1 - m_k) r + m_k s_k for
-        k = 1..K composed: r <- c0 r + sum_k w_k s_k, c0 = prod_k (1 - m_k), w_k = m_k prod_{j>k} (1 - m_j)."""
-        rm, rv, nbt, K = self.running_mean, self.running_var, self.num_batches_tracked, self.K
-        mean, var_unbiased = mean.to(rm.dtype), var_unbiased.to(rv.dtype)
+    def _slice_stats(self, update: bool) -> list:
+        """(running_mean, running_var, momentum m) for each slice k, in the order the K member passes would update
+        them. Late: member k's own rows, m = momentum or 1 / num_batches_tracked_k (after the increment). Shared: the
+        same buffers for every slice, m_k = momentum or 1 / (n0 + k) (cumulative average over the K updates)."""
+        K, rm, rv, nbt = self.K, self.running_mean, self.running_var, self.num_batches_tracked
+        if not update:
+            return [(None, None, 0.0)] * K
         if self.late:
             if nbt is not None:
                 nbt.add_(1)
             if self.momentum is None:
-                e = (1.0 / nbt.to(rm.dtype)).unsqueeze(1)
-            else:
-                e = self.momentum
-            rm.mul_(1 - e).add_(mean * e)
-            rv.mul_(1 - e).add_(var_unbiased * e)
-            return
+                counts = nbt.tolist()
+                return [(rm[k], rv[k], 1.0 / counts[k]) for k in range(K)]
+            return [(rm[k], rv[k], self.momentum) for k in range(K)]
         if self.momentum is None:
-            n0 = float(nbt)
-            c0, w = n0 / (n0 + K), torch.full((K, 1), 1.0 / (n0 + K), dtype=rm.dtype, device=rm.device)
-        else:
-            m = self.momentum
-            c0 = (1.0 - m) ** K
-            w = (m * (1.0 - m) ** torch.arange(K - 1, -1, -1, dtype=rm.dtype, device=rm.device)).unsqueeze(1)
+            n0 = int(nbt)
+            nbt.add_(K)
+            return [(rm, rv, 1.0 / (n0 + k + 1)) for k in range(K)]
         if nbt is not None:
             nbt.add_(K)
-        rm.mul_(c0).add_((w * mean).sum(0))
-        rv.mul_(c0).add_((w * var_unbiased).sum(0))
+        return [(rm, rv, self.momentum)] * K
 
     def _stacked_forward(self, x):
         K, C = self.K, self.num_features
         B = split_size(x.shape[0], K, f"{self.kind.__name__}({C})")
-        x5 = x.reshape(K, B, C, -1)
         weight, bias = self._affine_stacked()
         rm, rv = self.running_mean, self.running_var
         if self.training or (rm is None and rv is None):
-            n = B * x5.shape[3]
+            n = x[:B].numel() // C
             if self.training and n <= 1:
                 raise LatePhaseError(f"BatchNorm needs more than 1 value per channel in each member's minibatch when "
                                      f"training (got {n}); use a per-member batch of at least 2")
-            y5, mean, var = _SliceBatchNorm.apply(x5, weight, bias, self.eps)
-            if self.training and self.track_running_stats and rm is not None:
-                self._update_running(mean, var * (n / (n - 1)))
-        else:
-            invstd = torch.rsqrt(rv + self.eps)
-            scale = invstd if weight is None else invstd * weight
-            shift = -rm * scale if bias is None else bias - rm * scale
-            scale, shift = scale.reshape(-1, 1, C, 1), shift.reshape(-1, 1, C, 1)
-            if x.dtype not in _EXACT:
-                scale, shift = scale.to(x.dtype), shift.to(x.dtype)
-            y5 = torch.addcmul(shift, x5, scale)
-        return y5.reshape(x.shape)
+            update = self.training and self.track_running_stats and rm is not None
+            return _SliceBatchNorm.apply(x, weight, bias, K, self.eps, self._slice_stats(update))
+        x5 = x.reshape(K, B, C, -1)
+        invstd = torch.rsqrt(rv + self.eps)
+        scale = invstd if weight is None else invstd * weight
+        shift = -rm * scale if bias is None else bias - rm * scale
+        scale, shift = scale.reshape(-1, 1, C, 1), shift.reshape(-1, 1, C, 1)
+        if x.dtype not in _EXACT:
+            scale, shift = scale.to(x.dtype), shift.to(x.dtype)
+        return torch.addcmul(shift, x5, scale).reshape(x.shape)
 
     def forward(self, x):
         self.kind._check_input_dim(self, x)

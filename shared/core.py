@@ -100,6 +100,8 @@ class LatePhase:
         check_finite_every: check the loss for NaN/inf every this many outer steps (1: before every update, which
             synchronises with the GPU; n > 1: a device-side flag read every n steps; 0: never). Default: 1 on the CPU,
             50 on accelerators.
+        autocast: run the forward passes and losses under torch.autocast with this dtype (e.g. torch.bfloat16);
+            backward passes and optimizer steps run outside it.
         distributed: use torch.distributed (default: when a process group with > 1 rank is initialised).
         ddp_kwargs: keyword arguments for DistributedDataParallel (vectorized path).
     """
@@ -110,7 +112,8 @@ class LatePhase:
                  phi_scheduler: SchedulerFactory | None = None, path: str = "auto", T0: int = 0,
                  inherit_optimizer_state: torch.optim.Optimizer | None = None,
                  generator: torch.Generator | None = None, check_finite_every: int | None = None,
-                 distributed: bool | None = None, ddp_kwargs: dict | None = None):
+                 autocast: torch.dtype | None = None, distributed: bool | None = None,
+                 ddp_kwargs: dict | None = None):
         if isinstance(K, bool) or not isinstance(K, int) or K < 1:
             raise LatePhaseError(f"K must be an integer >= 1 (the number of members), got {K!r}")
         if not (isinstance(gamma_theta, (int, float)) and math.isfinite(gamma_theta) and gamma_theta >= 0):
@@ -175,6 +178,10 @@ class LatePhase:
             raise LatePhaseError(f"check_finite_every must be an integer >= 0, got {check_finite_every!r}")
         self._bad_step = None
         self._dev_step = None
+        if autocast is not None and not isinstance(autocast, torch.dtype):
+            raise LatePhaseError(f"autocast must be a torch dtype such as torch.bfloat16, got {autocast!r}")
+        self.autocast = autocast
+        self._device_type = device.type
 
         self.distributed = ddp_utils.is_distributed() if distributed is None else bool(distributed)
         self._ddp = None
@@ -343,6 +350,11 @@ class LatePhase:
                                      f"detected at step {self.outer_step} (check_finite_every="
                                      f"{self.check_finite_every}) -- lower the learning rate or check the data")
 
+    def _autocast(self):
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self._device_type, dtype=self.autocast)
+
     def zero_grad(self) -> None:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
@@ -369,9 +381,10 @@ class LatePhase:
             ddp_utils.broadcast_module(self.model, buffers_only=True)
         if path == "vectorized":
             set_member(self.late, None)
-            out = (self._ddp or self.model)(x)
-            losses = torch.stack([self._loss(loss_fn, _slice(out, slice(k * B, (k + 1) * B), n),
-                                             y[k * B:(k + 1) * B]) for k in range(K)])
+            with self._autocast():
+                out = (self._ddp or self.model)(x)
+                losses = torch.stack([self._loss(loss_fn, _slice(out, slice(k * B, (k + 1) * B), n),
+                                                 y[k * B:(k + 1) * B]) for k in range(K)])
             total = losses.sum()
             if immediate:
                 self._check_now(total, lambda: f"member losses {losses.detach().tolist()}")
@@ -382,7 +395,8 @@ class LatePhase:
             for k in range(K):
                 set_member(self.late, k)
                 sl = slice(k * B, (k + 1) * B)
-                loss = self._loss(loss_fn, self.model(x[sl]), y[sl])
+                with self._autocast():
+                    loss = self._loss(loss_fn, self.model(x[sl]), y[sl])
                 if immediate:
                     self._check_now(loss, lambda: f"member {k}'s loss {loss.item()}")
                 loss.backward()

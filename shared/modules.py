@@ -384,39 +384,29 @@ class Rank1(LateModule):
         self.r = _members_of(torch.ones(n_out, device=w.device, dtype=w.dtype), K, w.requires_grad)
         self.s = _members_of(torch.ones(n_in, device=w.device, dtype=w.dtype), K, w.requires_grad)
 
-    def _shape(self, v, x_dim):
-        """Broadcast a per-channel vector over the feature dim (last for Linear, 1 for conv)."""
-        if isinstance(self.base, nn.Linear):
-            return v
-        return v.reshape(-1, *([1] * (x_dim - 2)))
-
-    def _rank1(self, x, s, r):
-        base = self.base
-        if isinstance(base, nn.Linear):
-            y = F.linear(x * s, base.weight)
-            return y * r if base.bias is None else torch.addcmul(base.bias, y, r)
-        y = base._conv_forward(x * s, base.weight, None)
-        return y * r if base.bias is None else torch.addcmul(self._shape(base.bias, y.dim()), y, r)
-
     def forward(self, x):
-        base, K = self.base, self.K
-        if self.member is not None:
-            k = self.member
-            return self._rank1(x, self._shape(self.s[k], x.dim()), self._shape(self.r[k], x.dim()))
-        B = split_size(x.shape[0], K, f"rank-1 {type(base).__name__}")
+        base = self.base
+        if self.member is not None:  # member mode = stacked mode with one slice
+            K, s, r = 1, self.s[self.member].unsqueeze(0), self.r[self.member].unsqueeze(0)
+        else:
+            K, s, r = self.K, _stack(self.s), _stack(self.r)
+            split_size(x.shape[0], K, f"rank-1 {type(base).__name__}")
+        bias = base.bias
+        if x.dtype not in _EXACT:  # under autocast keep the activations in their low precision
+            s, r = s.to(x.dtype), r.to(x.dtype)
+            bias = None if bias is None else bias.to(x.dtype)
         if isinstance(base, nn.Linear):
             x3 = x.reshape(K, -1, base.in_features)
-            s, r = _stack(self.s).unsqueeze(1), _stack(self.r).unsqueeze(1)
-            y = F.linear(x3 * s, base.weight)
-            y = y * r if base.bias is None else torch.addcmul(base.bias, y, r)
+            y = F.linear(x3 * s.unsqueeze(1), base.weight)
+            y = y * r.unsqueeze(1) if bias is None else torch.addcmul(bias, y, r.unsqueeze(1))
             return y.reshape(*x.shape[:-1], base.out_features)
         tail = [1] * (x.dim() - 2)
-        s = _stack(self.s).reshape(K, 1, -1, *tail)
-        r = _stack(self.r).reshape(K, 1, -1, *tail)
-        xs = (x.reshape(K, B, *x.shape[1:]) * s).reshape(x.shape)
+        B = x.shape[0] // K
+        xs = (x.reshape(K, B, *x.shape[1:]) * s.reshape(K, 1, -1, *tail)).reshape(x.shape)
         y = base._conv_forward(xs, base.weight, None)
         y5 = y.reshape(K, B, *y.shape[1:])
-        y5 = y5 * r if base.bias is None else torch.addcmul(base.bias.reshape(-1, *tail), y5, r)
+        r5 = r.reshape(K, 1, -1, *tail)
+        y5 = y5 * r5 if bias is None else torch.addcmul(bias.reshape(-1, *tail), y5, r5)
         return y5.reshape(y.shape)
 
     def to_plain(self, members: Sequence[int], stats: str = "mean") -> nn.Module:

@@ -358,3 +358,26 @@ def test_sgd_factory_defaults_are_the_reference_settings():
     opt = shared.sgd()([nn.Parameter(torch.zeros(1))])
     g = opt.param_groups[0]
     assert (g["lr"], g["momentum"], g["nesterov"], g["weight_decay"]) == (0.1, 0.9, True, 5e-4)
+
+
+def test_bf16_autocast_step_on_cpu():
+    """The autocast option (bf16 forward passes, full-precision updates): both paths agree to bf16 accuracy and the
+    rank-1, head and BatchNorm layers keep the activations in bf16."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 3))
+    lp = LatePhase(model, K, [BatchNorm(), Head(), Rank1("3")], sigma0=0.1, autocast=torch.bfloat16)
+    seq = copy.deepcopy(lp)
+    x, y = data("image")
+    x = x.float().to(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert lp.model(x).dtype == torch.bfloat16
+    lv = lp.step(x, y, F.cross_entropy, path="vectorized")
+    ls = seq.step(x, y, F.cross_entropy, path="sequential")
+    assert abs(lv.item() - ls.item()) < 2e-2
+    assert all(p.dtype == torch.float32 for p in lp.model.parameters())
+    for p, q in zip(lp.model.parameters(), seq.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=2e-2, atol=2e-3)
+    with pytest.raises(LatePhaseError, match="autocast"):
+        LatePhase(convnet(), K, autocast="bf16")

@@ -171,7 +171,7 @@ class LatePhase:
         self._blocker = blocker
 
         self.outer_step = 0
-        device = next(iter(model.parameters())).device
+        device = self.phi_params[0][0].device
         self.check_finite_every = (check_finite_every if check_finite_every is not None
                                    else (1 if device.type == "cpu" else 50))
         if not isinstance(self.check_finite_every, int) or self.check_finite_every < 0:

@@ -45,7 +45,12 @@ class Family:
         return module, {}
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if v not in ((), None))
+        def show(v):
+            if isinstance(v, tuple):
+                return "(" + ", ".join(t.__name__ if isinstance(t, type) else repr(t) for t in v) + \
+                    ("," if len(v) == 1 else "") + ")"
+            return repr(v)
+        args = ", ".join(f"{k}={show(v)}" for k, v in vars(self).items() if v not in ((), None, ("*",)))
         return f"{type(self).__name__}({args})"
 
 

@@ -282,7 +282,7 @@ class LateBatchNorm(LateModule):
             if self.num_batches_tracked is not None:
                 self.num_batches_tracked.zero_()
 
-    def to_plain(self, members: Sequence[int], stats: str = "mean") -> nn.Module:
+    def to_plain(self, members: Sequence[int]) -> nn.Module:
         """The original BatchNorm class with gamma_bar, beta_bar = mean over ``members`` and, for stats="mean", the
         mean of the members' running mean and running variance (num_batches_tracked: their maximum)."""
         p = (self.weight[0] if self.late else self.weight) if self.affine else self.running_mean
@@ -342,7 +342,7 @@ class LateLinear(LateModule):
         y = torch.bmm(x3, w) if self.bias is None else torch.baddbmm(_stack(self.bias).unsqueeze(1), x3, w)
         return y.reshape(*x.shape[:-1], self.out_features)
 
-    def to_plain(self, members: Sequence[int], stats: str = "mean") -> nn.Linear:
+    def to_plain(self, members: Sequence[int]) -> nn.Linear:
         """nn.Linear with W_bar, b_bar = mean over ``members``."""
         w = self.weight[0]
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device,
@@ -409,7 +409,7 @@ class Rank1(LateModule):
         y5 = y5 * r5 if bias is None else torch.addcmul(bias.reshape(-1, *tail), y5, r5)
         return y5.reshape(y.shape)
 
-    def to_plain(self, members: Sequence[int], stats: str = "mean") -> nn.Module:
+    def to_plain(self, members: Sequence[int]) -> nn.Module:
         """The original layer with W o (r_bar s_bar^T) folded in (r_bar, s_bar: means over ``members``)."""
         layer = copy.deepcopy(self.base)
         r, s = _mean(self.r, members), _mean(self.s, members)
@@ -471,7 +471,7 @@ class LateCustom(LateModule):
                                  f"({str(e).splitlines()[0]}); use path='sequential'") from e
         return _merge_members(out)
 
-    def to_plain(self, members: Sequence[int], stats: str = "mean") -> nn.Module:
+    def to_plain(self, members: Sequence[int]) -> nn.Module:
         """A copy of the original module with phi_bar = mean over ``members`` put back in place."""
         inner = copy.deepcopy(self.inner)
         for name, plist in self.phi_lists():

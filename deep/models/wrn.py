@@ -1,0 +1,83 @@
+"""Pre-activation wide residual network WRN-d-k (Zagoruyko & Komodakis 2016), as used by the late-phase paper.
+
+Stem: 3x3 conv to 16 channels. Three stages of n = (d - 4) / 6 pre-activation blocks with widths 16k, 32k, 64k and
+strides 1, 2, 2; block: BN-ReLU-conv3x3(stride)-BN-ReLU-conv3x3, plus the identity, or a 1x1 projection of the
+pre-activated input (stride as the block) when the shape changes. No dropout. Head: BN-ReLU-global average pool-linear.
+Convolutions have no bias. He initialisation (normal, fan_out) for the convolutions, BatchNorm gamma = 1 and beta = 0,
+zero linear bias. WRN-28-10 for 10 classes has 36.48 M parameters.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class WRNConfig:
+    depth: int = 28
+    width: int = 10
+    num_classes: int = 10
+    in_channels: int = 3
+
+    def __post_init__(self):
+        if self.depth < 10 or (self.depth - 4) % 6:
+            raise ValueError(f"WRN depth must be 6n + 4 with n >= 1 (e.g. 16, 28), got {self.depth}")
+        if self.width < 1 or self.num_classes < 1 or self.in_channels < 1:
+            raise ValueError("WRN width, num_classes and in_channels must be >= 1")
+
+
+class Block(nn.Module):
+    """Pre-activation residual block: y = conv2(relu(bn2(conv1(relu(bn1(x)))))) + shortcut."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.shortcut = None
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Conv2d(c_in, c_out, 1, stride, 0, bias=False)
+
+    def forward(self, x):
+        o = F.relu(self.bn1(x), inplace=True)
+        y = self.conv2(F.relu(self.bn2(self.conv1(o)), inplace=True))
+        return y + (x if self.shortcut is None else self.shortcut(o))
+
+
+class WRN(nn.Module):
+    def __init__(self, cfg: WRNConfig = WRNConfig()):
+        super().__init__()
+        self.cfg = cfg
+        n, k = (cfg.depth - 4) // 6, cfg.width
+        widths = (16, 16 * k, 32 * k, 64 * k)
+        self.conv = nn.Conv2d(cfg.in_channels, widths[0], 3, 1, 1, bias=False)
+        blocks, c_in = [], widths[0]
+        for stage, stride in zip(range(1, 4), (1, 2, 2)):
+            for i in range(n):
+                blocks.append(Block(c_in, widths[stage], stride if i == 0 else 1))
+                c_in = widths[stage]
+        self.blocks = nn.Sequential(*blocks)
+        self.bn = nn.BatchNorm2d(c_in)
+        self.fc = nn.Linear(c_in, cfg.num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(self.conv(x))
+        x = F.relu(self.bn(x), inplace=True)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def wrn(depth: int = 28, width: int = 10, num_classes: int = 10, in_channels: int = 3) -> WRN:
+    """WRN-depth-width, e.g. ``wrn(28, 10)`` (36.48 M parameters) or ``wrn(16, 4)`` for quick runs."""
+    return WRN(WRNConfig(depth, width, num_classes, in_channels))

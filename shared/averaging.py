@@ -1,0 +1,135 @@
+"""The end of late-phase training: weight averaging (collapse), ensembles and BatchNorm re-estimation.
+
+These functions take any model carrying member-aware layers (``LatePhase.model``, or the SWA-averaged copy from
+:class:`shared.swa.SWA`).
+
+* :func:`collapse` -- one plain ``nn.Module`` of the original architecture with phi_bar = (1/K) sum_k phi_k
+  (the "spatial average in weight space"); no late-phase overhead at inference. BatchNorm statistics re-estimated
+  from data (torch.optim.swa_utils.update_bn), or the mean of the members' statistics.
+* :func:`ensemble_logits` / :func:`ensemble_probs` -- the K members as an ensemble: per-member outputs (K, N, ...)
+  from one stacked forward in eval mode, and the average of their predicted probabilities
+  p(y|x) = (1/K) sum_k softmax(f_k(x)).
+* :func:`update_bn_members` -- recompute every member's BatchNorm statistics from data (e.g. after SWA), vectorized
+  by feeding K stacked copies of each batch.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn as nn
+from torch.optim.swa_utils import update_bn
+
+from .errors import LatePhaseError
+from .modules import LateBatchNorm, late_modules, set_member
+
+
+def _late(model: nn.Module):
+    mods = late_modules(model)
+    if not mods:
+        raise LatePhaseError("the model has no late-phase layers; pass LatePhase(...).model (or the SWA model)")
+    return mods
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent), leaf, new)
+
+
+def collapse(model: nn.Module, loader: Iterable | None = None, bn: str = "data",
+             members: Sequence[int] | None = None, device=None) -> nn.Module:
+    """A plain copy of ``model`` with every member-aware layer replaced by its original class holding
+    phi_bar = (1/|S|) sum_{k in S} phi_k over the members S (default: all K).
+
+    BatchNorm: gamma_bar, beta_bar; running statistics re-estimated by one pass over ``loader`` (bn="data",
+    torch.optim.swa_utils.update_bn: cumulative average over the loader's batches) or the members' mean running
+    mean and mean running variance (bn="mean"). Head: W_bar, b_bar. Rank-1: W o (r_bar s_bar^T) folded into the
+    original Linear/Conv. Custom: the original module with phi_bar. ``model`` itself is not changed.
+    With a single member (``members=[k]``) and bn="mean" the result is exactly member k's network.
+    """
+    mods = _late(model)
+    K = mods[0][1].K
+    members = list(range(K)) if members is None else [int(k) for k in members]
+    if not members or any(not 0 <= k < K for k in members):
+        raise LatePhaseError(f"members must be a non-empty list of indices in 0..{K - 1}, got {members}")
+    if bn not in ("data", "mean"):
+        raise LatePhaseError(f"bn must be 'data' (re-estimate from a loader) or 'mean' (average the members' "
+                             f"statistics), got {bn!r}")
+    plain = copy.deepcopy(model)
+    for name, m in late_modules(plain):
+        _replace(plain, name, m.to_plain(members))
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in plain.modules())
+    if bn == "data" and has_bn:
+        if loader is None:
+            raise LatePhaseError("collapse(bn='data') re-estimates BatchNorm statistics from data: pass a loader "
+                                 "(e.g. the training loader), or use bn='mean'")
+        with torch.no_grad():
+            update_bn(loader, plain, device)
+    plain.train(model.training)
+    return plain
+
+
+def _stacked_copies(x: torch.Tensor, K: int) -> torch.Tensor:
+    """K copies of a batch stacked along dim 0 (keeps channels_last)."""
+    return torch.cat([x] * K)
+
+
+@torch.no_grad()
+def ensemble_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Per-member outputs f_k(x), shape (K, N, ...), computed in eval mode by one forward in stacked mode of K copies
+    of ``x``. The model's training flag and modes are restored afterwards."""
+    mods = [m for _, m in _late(model)]
+    K = mods[0].K
+    was_training, modes = model.training, [m.member for m in mods]
+    model.eval()
+    set_member(mods, None)
+    try:
+        out = model(_stacked_copies(x, K))
+    finally:
+        model.train(was_training)
+        for m, mode in zip(mods, modes):
+            m.member = mode
+    return out.reshape(K, x.shape[0], *out.shape[1:])
+
+
+@torch.no_grad()
+def ensemble_probs(model: nn.Module, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """The ensemble's predictive distribution p(y|x) = (1/K) sum_k softmax(f_k(x)) along ``dim`` (float32 or
+    wider), shape (N, ...)."""
+    logits = ensemble_logits(model, x)
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()
+    return torch.softmax(logits, dim=dim).mean(0)
+
+
+@torch.no_grad()
+def update_bn_members(loader: Iterable, model: nn.Module, device=None) -> None:
+    """Recompute the BatchNorm running statistics of every member from data, as torch.optim.swa_utils.update_bn does
+    for one network: reset, then a cumulative average (momentum None) over one pass of ``loader``; every batch x is
+    fed as K stacked copies so member k's statistics come from its own phi_k. Batches are tensors or lists/tuples whose
+    first element is the input."""
+    mods = [m for _, m in _late(model)]
+    bns = [m for m in mods if isinstance(m, LateBatchNorm) and m.running_mean is not None]
+    if not bns:
+        return
+    K = mods[0].K
+    momenta = [m.momentum for m in bns]
+    was_training, modes = model.training, [m.member for m in mods]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    set_member(mods, None)
+    try:
+        for batch in loader:
+            x = batch[0] if isinstance(batch, (list, tuple)) else batch
+            if device is not None:
+                x = x.to(device)
+            model(_stacked_copies(x, K))
+    finally:
+        for m, mom in zip(bns, momenta):
+            m.momentum = mom
+        model.train(was_training)
+        for m, mode in zip(mods, modes):
+            m.member = mode

@@ -1,0 +1,205 @@
+"""Member-aware modules: one stacked forward/backward equals K member forwards/backwards (float64), and member k equals
+the plain layer of the original class built from member k's tensors."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shared import LatePhaseError
+from shared.modules import LateBatchNorm, LateCustom, LateLinear, Rank1, set_member
+from shared_testing import one_thread  # noqa: F401  (autouse fixture)
+
+TOL = dict(rtol=1e-10, atol=1e-12)
+
+
+def perturb(module, scale=0.3, seed=0):
+    """Make the members differ (as after training)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+def stacked_vs_members(module, x, K):
+    """Run ``module`` once stacked and once as K member passes on copies; return both outputs, input gradients,
+    parameter gradients and buffers."""
+    module.zero_grad(set_to_none=True)
+    a, b = module, copy.deepcopy(module)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    set_member(a, None)
+    ya = a(xa)
+    g = torch.randn(ya.shape, generator=torch.Generator().manual_seed(1), dtype=ya.dtype)
+    (ya * g).sum().backward()
+    B = x.shape[0] // K
+    outs = []
+    for k in range(K):
+        set_member(b, k)
+        outs.append(b(xb[k * B:(k + 1) * B]))
+    yb = torch.cat(outs)
+    (yb * g).sum().backward()
+    torch.testing.assert_close(ya, yb, **TOL)
+    torch.testing.assert_close(xa.grad, xb.grad, **TOL)
+    for (n, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert (pa.grad is None) == (pb.grad is None), n
+        if pa.grad is not None:
+            torch.testing.assert_close(pa.grad, pb.grad, **TOL)
+    for (n, ba), (_, bb) in zip(a.named_buffers(), b.named_buffers()):
+        torch.testing.assert_close(ba, bb, **TOL)
+    return ya
+
+
+BN_CASES = {  # kind, input shape after the batch and channel dims
+    "1d-flat": (nn.BatchNorm1d, ()),
+    "1d-seq": (nn.BatchNorm1d, (5,)),
+    "2d": (nn.BatchNorm2d, (3, 4)),
+    "3d": (nn.BatchNorm3d, (2, 3, 2)),
+}
+
+
+@settings(max_examples=30)
+@given(case=st.sampled_from(sorted(BN_CASES)), K=st.integers(1, 3), B=st.integers(2, 4), C=st.integers(1, 3),
+       momentum=st.sampled_from([0.1, 0.7, None]), affine=st.booleans(), track=st.booleans(), late=st.booleans(),
+       training=st.booleans(), channels_last=st.booleans(), seed=st.integers(0, 10))
+def test_batchnorm_stacked_equals_member_passes(case, K, B, C, momentum, affine, track, late, training,
+                                                channels_last, seed):
+    kind, tail = BN_CASES[case]
+    torch.manual_seed(seed)
+    bn = kind(C, momentum=momentum, affine=affine, track_running_stats=track).double()
+    if track:
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.num_batches_tracked.fill_(3)
+    m = LateBatchNorm(bn, K, late=late)
+    if late:
+        perturb(m, seed=seed)
+    m.train(training)
+    x = 3 * torch.randn(K * B, C, *tail, dtype=torch.float64) + 2
+    if channels_last and case == "2d":
+        x = x.to(memory_format=torch.channels_last)
+    y = stacked_vs_members(m, x, K)
+    if channels_last and case == "2d":
+        assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_batchnorm_member_k_is_nn_batchnorm(momentum):
+    """Member mode follows nn.BatchNorm2d exactly (output and updated running statistics)."""
+    K, B = 3, 4
+    bn = nn.BatchNorm2d(3, momentum=momentum).double()
+    m = LateBatchNorm(bn, K)
+    perturb(m)
+    x = torch.randn(K * B, 3, 5, 5, dtype=torch.float64)
+    plains = [m.to_plain([k]) for k in range(K)]
+    set_member(m, None)
+    y = m(x)
+    for k, plain in enumerate(plains):
+        plain.train()
+        torch.testing.assert_close(plain(x[k * B:(k + 1) * B]), y[k * B:(k + 1) * B], **TOL)
+        torch.testing.assert_close(plain.running_mean, m.running_mean[k], **TOL)
+        torch.testing.assert_close(plain.running_var, m.running_var[k], **TOL)
+        assert int(plain.num_batches_tracked) == int(m.num_batches_tracked[k])
+
+
+def test_batchnorm_low_precision_keeps_dtype_and_layout():
+    bn = nn.BatchNorm2d(4)
+    m = LateBatchNorm(bn, 2)
+    x = (torch.randn(6, 4, 5, 5) * 2 + 1).to(memory_format=torch.channels_last)
+    set_member(m, None)
+    y32 = m(x.clone())
+    xb = x.to(torch.bfloat16).requires_grad_()
+    yb = m(xb)
+    assert yb.dtype == torch.bfloat16 and yb.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(yb.float(), y32, atol=0.05, rtol=0.05)
+    yb.float().sum().backward()
+    assert xb.grad.dtype == torch.bfloat16
+
+
+def test_batchnorm_needs_two_values_per_channel():
+    m = LateBatchNorm(nn.BatchNorm1d(3), 2)
+    with pytest.raises(LatePhaseError, match="more than 1 value"):
+        m(torch.randn(2, 3))
+
+
+@pytest.mark.parametrize("layer", ["linear", "linear-seq", "conv1d", "conv2d", "conv2d-cl", "conv3d"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_rank1_stacked_equals_members_and_folds(layer, bias):
+    K, B = 3, 2
+    torch.manual_seed(0)
+    base, shape = {
+        "linear": (nn.Linear(4, 3, bias=bias), (4,)),
+        "linear-seq": (nn.Linear(4, 3, bias=bias), (5, 4)),
+        "conv1d": (nn.Conv1d(2, 3, 3, padding=1, bias=bias), (2, 6)),
+        "conv2d": (nn.Conv2d(2, 3, 3, stride=2, padding=1, bias=bias), (2, 6, 5)),
+        "conv2d-cl": (nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect", bias=bias), (2, 6, 5)),
+        "conv3d": (nn.Conv3d(2, 3, 2, bias=bias), (2, 3, 3, 3)),
+    }[layer]
+    m = Rank1(base.double(), K)
+    perturb(m)
+    x = torch.randn(K * B, *shape, dtype=torch.float64)
+    if layer == "conv2d-cl":
+        x = x.to(memory_format=torch.channels_last)
+    y = stacked_vs_members(m, x, K)
+    for k in range(K):  # W_k = W o (r_k s_k^T) folded into the original class
+        plain = m.to_plain([k])
+        assert type(plain) is type(base)
+        torch.testing.assert_close(plain(x[k * B:(k + 1) * B]), y[k * B:(k + 1) * B].detach(), **TOL)
+
+
+def test_rank1_starts_as_identity_and_rejects_groups():
+    conv = nn.Conv2d(4, 4, 3, groups=2)
+    with pytest.raises(LatePhaseError, match="groups=1"):
+        Rank1(conv, 2)
+    lin = nn.Linear(3, 2)
+    m = Rank1(lin, 2)
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(m(x), lin(x))
+    assert m.base.weight is lin.weight
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_head_stacked_equals_members(bias):
+    K, B = 4, 3
+    m = LateLinear(nn.Linear(5, 3, bias=bias).double(), K)
+    perturb(m)
+    stacked_vs_members(m, torch.randn(K * B, 5, dtype=torch.float64), K)
+    stacked_vs_members(m, torch.randn(K * B, 2, 5, dtype=torch.float64), K)
+
+
+class TwoOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.scale = nn.Parameter(torch.ones(2))
+
+    def forward(self, x, shift=0.0):
+        y = self.lin(x) * self.scale + shift
+        return torch.tanh(y)
+
+
+def test_custom_stacked_equals_members_and_keeps_theta():
+    K, B = 3, 2
+    inner = TwoOut().double()
+    w = inner.lin.weight
+    m = LateCustom(inner, ["scale", "lin.bias"], K)
+    assert m.inner.lin.weight is w
+    assert [n for n, _ in m.named_parameters()][0] == "inner.lin.weight"
+    perturb(m)
+    stacked_vs_members(m, torch.randn(K * B, 3, dtype=torch.float64), K)
+    plain = m.to_plain([1])
+    set_member(m, 1)
+    x = torch.randn(2, 3, dtype=torch.float64)
+    torch.testing.assert_close(plain(x), m(x))
+
+
+def test_custom_refuses_buffers():
+    with pytest.raises(LatePhaseError, match="BatchNorm family"):
+        LateCustom(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)), ["0.weight"], 2)
+
+
+def test_stacked_batch_must_split():
+    m = LateLinear(nn.Linear(2, 2), 3)
+    with pytest.raises(LatePhaseError, match="K=3"):
+        m(torch.randn(4, 2))

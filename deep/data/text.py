@@ -15,14 +15,12 @@ from typing import Iterator, Sequence
 
 import torch
 
+from .errors import DataError
+
 ENWIK8_URL = "http://mattmahoney.net/dc/enwik8.zip"
 ENWIK8_BYTES = 100_000_000
 ENWIK8_SPLIT = (90_000_000, 5_000_000, 5_000_000)
 VOCAB_SIZE = 256
-
-
-class DataError(ValueError):
-    """A data set is missing, malformed or inconsistent with the requested use (one actionable line)."""
 
 
 def _how_to_get() -> str:

@@ -23,3 +23,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords and not has_cuda:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Run every test on one intra-op thread: the suite runs two pytest workers on two cores, and tiny models are
+    fastest single-threaded (two OpenMP threads per worker would wait for each other in every operator)."""
+    try:
+        import torch
+    except ImportError:
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

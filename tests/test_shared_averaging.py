@@ -10,7 +10,6 @@ from torch.optim.swa_utils import update_bn
 import shared
 from shared import SWA, BatchNorm, Head, LatePhase, LatePhaseError, Rank1
 from shared.modules import LateModule
-from shared_testing import one_thread  # noqa: F401  (autouse fixture)
 
 TOL = dict(rtol=1e-10, atol=1e-12)
 K, B = 3, 4

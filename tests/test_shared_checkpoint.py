@@ -14,7 +14,6 @@ import torch.nn as nn
 
 import shared
 from shared import BatchNorm, Head, LatePhase, LatePhaseError
-from shared_testing import one_thread  # noqa: F401  (autouse fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 
 import shared
 from shared import BatchNorm, Custom, Head, LatePhase, LatePhaseError, Rank1
-from shared_testing import one_thread  # noqa: F401  (autouse fixture)
 
 TOL = dict(rtol=1e-9, atol=1e-11)
 K, B = 3, 4

@@ -9,7 +9,6 @@ import textwrap
 
 import torch
 
-from shared_testing import one_thread  # noqa: F401  (autouse fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

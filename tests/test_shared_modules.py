@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 
 from shared import LatePhaseError
 from shared.modules import LateBatchNorm, LateCustom, LateLinear, Rank1, set_member
-from shared_testing import one_thread  # noqa: F401  (autouse fixture)
 
 TOL = dict(rtol=1e-10, atol=1e-12)
 

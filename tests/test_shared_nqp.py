@@ -6,7 +6,6 @@ import torch
 from nqp import LatePhase as NQPLatePhase
 from nqp import Problem, steady_state
 from shared.nqp_torch import simulate
-from shared_testing import one_thread  # noqa: F401  (autouse fixture)
 
 K = 4
 SETTINGS = {

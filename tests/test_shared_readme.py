@@ -5,7 +5,6 @@ import re
 import pytest
 import torch
 
-from shared_testing import one_thread  # noqa: F401  (autouse fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,0 +1,171 @@
+"""`python -m deep bench`: training-step throughput of plain SGD vs the sequential and the vectorized late-phase step.
+
+All three are measured side by side in one run, in interleaved rounds (plain, sequential, vectorized, plain, ...) so
+that a change of machine load hits them alike; the table reports the median over rounds, the ratio per image to plain
+SGD and the estimated TFLOP/s (training FLOPs = 3 x 2 x forward multiply-accumulates, counted with hooks). Equal
+per-member batch: a plain SGD step sees B images, a late-phase outer step K B images (B per member); one round times K
+plain steps and one outer step of each late-phase path. Late-phase weights: BatchNorm + classifier head (the reference
+CIFAR setting), SGD with Nesterov momentum. Inputs are synthetic tensors already on the device (the model's speed,
+not the data pipeline's).
+
+    python -m deep bench                                   # CUDA: WRN-28-10, B=128, K=10 (add --bf16 --channels-last)
+    python -m deep bench --device cpu --arch 16-4 --batch 16
+"""
+from __future__ import annotations
+
+import copy
+import datetime
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from shared import BatchNorm, Head, LatePhase, sgd
+
+from .models import wrn
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def keep_freed_memory() -> str:
+    """Ask glibc malloc to keep freed memory instead of returning it to the OS (mallopt M_MMAP_THRESHOLD and
+    M_TRIM_THRESHOLD at 2 GiB). With the defaults, every step of a large stacked batch maps and page-faults its
+    activations afresh (blocks above 32 MiB are mmap'ed and unmapped each time), which on the CPU costs the
+    vectorized path ~40 %; jemalloc or tcmalloc have the same effect. Returns a line for the provenance."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(-3, 2 ** 31 - 1) == 1 and libc.mallopt(-1, 2 ** 31 - 1) == 1
+    except (OSError, AttributeError):
+        ok = False
+    return "glibc malloc keeps freed memory (mallopt)" if ok else "system malloc (mallopt unavailable)"
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def forward_macs(model, x) -> int:
+    """Multiply-accumulates of one forward pass per input image, counted over Conv and Linear layers with hooks:
+    conv: out_elements * in_channels / groups * prod(kernel); linear: out_elements * in_features."""
+    total = [0]
+
+    def hook(m, inp, out):
+        if isinstance(m, torch.nn.Conv2d):
+            total[0] += out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+        elif isinstance(m, torch.nn.Linear):
+            total[0] += out.numel() * m.in_features
+
+    hs = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    with torch.no_grad():
+        model(x[:1])
+    for h in hs:
+        h.remove()
+    return total[0]
+
+
+def add_arguments(ap):
+    ap.add_argument("--arch", default=None, help="WRN depth-width (default 28-10 on CUDA, 16-4 on the CPU)")
+    ap.add_argument("--K", type=int, default=10, help="members (default 10)")
+    ap.add_argument("--batch", type=int, default=None, help="per-member minibatch B (default 16 on CPU, 128 on GPU)")
+    ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast for forward passes")
+    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--rounds", type=int, default=5, help="timed rounds (default 5)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--image-size", type=int, default=32)
+    ap.add_argument("--classes", type=int, default=10)
+    ap.add_argument("--system-malloc", action="store_true",
+                    help="keep glibc's default malloc settings on the CPU (see keep_freed_memory)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile each model's forward")
+
+
+def main(args) -> int:
+    """Run the benchmark for parsed arguments (see add_arguments); prints a markdown table."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args.arch = args.arch or ("28-10" if device.type == "cuda" else "16-4")
+    malloc = "system malloc defaults"
+    if device.type == "cpu" and not args.system_malloc:
+        malloc = keep_freed_memory()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    B = args.batch or (128 if device.type == "cuda" else 16)
+    K = args.K
+    depth, width = (int(v) for v in args.arch.split("-"))
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    autocast = torch.bfloat16 if args.bf16 else None
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    torch.manual_seed(0)
+    base = wrn(depth, width, args.classes).to(device, memory_format=fmt)
+    n_params = sum(p.numel() for p in base.parameters())
+    macs = forward_macs(base, torch.randn(1, 3, args.image_size, args.image_size, device=device))
+    x = torch.randn(K * B, 3, args.image_size, args.image_size, device=device).to(memory_format=fmt)
+    y = torch.randint(0, args.classes, (K * B,), device=device)
+
+    plain = copy.deepcopy(base)
+    if args.compile:
+        plain.compile()
+    opt = sgd()(list(plain.parameters()))
+
+    def plain_round():
+        for k in range(K):
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+                loss = F.cross_entropy(plain(x[k * B:(k + 1) * B]), y[k * B:(k + 1) * B])
+            loss.backward()
+            opt.step()
+
+    runs = {"plain SGD": plain_round}
+    for path in ("sequential", "vectorized"):
+        lp = LatePhase(copy.deepcopy(base), K, [BatchNorm(), Head()], path=path, autocast=autocast,
+                       check_finite_every=1 if device.type == "cpu" else 50)
+        if args.compile:
+            lp.model.compile()
+        runs[f"late-phase {path}"] = (lambda lp=lp: lp.step(x, y, F.cross_entropy))
+
+    times = {name: [] for name in runs}
+    for r in range(args.warmup + args.rounds):
+        for name, fn in runs.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            if r >= args.warmup:
+                times[name].append(time.perf_counter() - t0)
+
+    images = K * B
+    plain_rate = images / statistics.median(times["plain SGD"])
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    print(f"# late-phase step throughput -- {datetime.datetime.now().isoformat(timespec='seconds')}")
+    print(f"torch {torch.__version__}, device {device.type} ({dev_name}), threads {torch.get_num_threads()}, "
+          f"dtype {'bf16 autocast' if autocast else 'float32'}, {'channels_last' if args.channels_last else 'NCHW'}, "
+          f"{malloc}")
+    print(f"WRN-{args.arch} ({n_params / 1e6:.2f} M parameters), {args.image_size}x{args.image_size} inputs, K={K}, "
+          f"B={B} per member ({images} images per round), late-phase BatchNorm + head, {args.rounds} rounds "
+          f"(median) after {args.warmup} warm-up")
+    print()
+    print(f"forward: {macs / 1e9:.3f} G multiply-accumulates per image; training FLOPs estimated as 3 x 2 x MACs = "
+          f"{6 * macs / 1e9:.2f} GFLOP per image")
+    print()
+    print("| step | images/s | per image vs plain SGD | est. TFLOP/s | round time (s), median [min, max] |")
+    print("|---|---:|---:|---:|---|")
+    for name, ts in times.items():
+        rate = images / statistics.median(ts)
+        print(f"| {name} | {rate:.1f} | {rate / plain_rate:.2f}x | {rate * 6 * macs / 1e12:.3f} | "
+              f"{statistics.median(ts):.3f} [{min(ts):.3f}, {max(ts):.3f}] |")
+    return 0

@@ -136,6 +136,8 @@ class Run:
             self.model = self.model.to(memory_format=torch.channels_last)
         if self.distributed:
             dist_utils.broadcast_module(self.model)
+        if cfg.compile:
+            self.model.compile()  # in place: parameter names and state_dict keys stay the same
         self.fams = families(cfg) if cfg.late_phase else []
         self._build_pre_optimizer()
         self.lp = None
@@ -207,6 +209,8 @@ class Run:
             phi_optimizer=shared.sgd(cfg.phi_lr, cfg.momentum, cfg.nesterov, cfg.phi_weight_decay),
             theta_scheduler=sched, phi_scheduler=sched, path=cfg.path, T0=self.t,
             inherit_optimizer_state=self.opt if self.t > 0 else None, generator=gen, autocast=self.amp)
+        if cfg.compile:
+            self.lp.model.compile()  # recompile after the surgery (late-phase layers replaced the originals)
         self.opt = self.sched = None
 
     @property

@@ -1,7 +1,7 @@
 """Build the theory documentation: every figure (PNG) and docs/theory.md from its template.
 
     python -m nqp docs --out docs            # full build (a few minutes on 2 cores)
-    python -m nqp docs --out /tmp/d --quick  # small Monte Carlo budgets (CI smoke test)
+    python -m nqp docs --out build/docs --quick  # small Monte Carlo budgets (CI smoke test)
 
 The template (`theory_template.md`, shipped in this package) holds the prose; the build fills in the
 sympy-generated formulas ({{tex:NAME}}), numbers computed from the closed forms ({{val:NAME}}),

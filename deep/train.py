@@ -126,6 +126,10 @@ class Run:
         if self.rank == 0:
             os.makedirs(self.out, exist_ok=True)
         cuda = self.device.type == "cuda"
+        self.malloc = None
+        if self.device.type == "cpu":
+            from .bench import keep_freed_memory
+            self.malloc = keep_freed_memory()  # large stacked batches: avoid re-mapping activations every step
         self.amp = torch.bfloat16 if (cuda and cfg.bf16) else None
         self.channels_last = cuda and cfg.channels_last
 
@@ -391,7 +395,7 @@ class Run:
         result = {
             "schema": SCHEMA, "config": cfg.to_dict(), "seed": self.seed, "command": self.command,
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "hardware": hardware(self.device),
-            "world_size": self.world, "models": models, "ood_missing": self.ood_missing,
+            "world_size": self.world, "malloc": self.malloc, "models": models, "ood_missing": self.ood_missing,
             "train_seconds": sum(e["seconds"] for e in self.log),
             "eval_seconds": time.perf_counter() - t_start,
             "images_per_s": {"pre": _median([e["images_per_s"] for e in self.log if e["phase"] == "pre"]),

@@ -1,10 +1,13 @@
-"""python -m deep finetune (ImageNet late-phase BatchNorm fine-tuning) on generated data: end to end, resume,
-gradient accumulation, streamed metrics and one-line errors."""
+"""python -m deep finetune (ImageNet late-phase BatchNorm fine-tuning) and the enwik8 LSTM runs, on generated data:
+end to end, resume, gradient accumulation, rank-1 LSTM paths, streamed metrics and one-line errors."""
+import copy
 import json
+import math
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -15,6 +18,7 @@ from deep import metrics
 from deep.cli import main
 from deep.config import PRESETS, get_config
 from deep.finetune import FineTune, FinetuneConfig, MetricSums, accumulated_step
+from deep.lm import LMRun, StatefulLM, clip_member_mean, late_step, stream_nats
 from deep.table import render
 
 TOL = dict(rtol=1e-9, atol=1e-12)
@@ -48,6 +52,20 @@ def weights_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("weights") / "resnet18_2class.pth"
     torch.save(model.state_dict(), path)
     return path
+
+
+TEXT_SPLIT = (2400, 300, 300)
+
+
+@pytest.fixture(scope="module")
+def text_root(tmp_path_factory):
+    """A 3,000-byte text written as 'enwik8' (words drawn at random: learnable, far from uniform)."""
+    root = tmp_path_factory.mktemp("text")
+    g = torch.Generator().manual_seed(0)
+    words = [b"the ", b"late ", b"phase ", b"weights ", b"of ", b"a ", b"network ", b"<page>", b"\n", b"[[", b"]]"]
+    text = b"".join(words[i] for i in torch.randint(0, len(words), (2000,), generator=g).tolist())
+    (root / "enwik8").write_bytes(text[:sum(TEXT_SPLIT)])
+    return root
 
 
 FT = ["--arch", "resnet18", "--epochs", "2", "--K", "2", "--batch-size", "4", "--accum", "2", "--crop", "32",
@@ -261,3 +279,194 @@ def test_finetune_torchrun_two_processes(image_root, tmp_path):
     assert res["world_size"] == 2 and len(res["models"]["members"]) == 2 and res["val_images"] == 8
     log = [json.loads(line) for line in open(tmp_path / "ddp" / "log.jsonl")]
     assert log[1]["outer_steps"] == 3  # 12 images per rank, K * 4 / 2 per rank and outer step
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# enwik8 LSTM
+
+LSTM_CONFIGS = sorted(n for n, c in PRESETS.items() if c.dataset == "enwik8")
+TINY_LM = dict(hidden_size=16, embedding_dim=8, bptt=12, batch_size=4, epochs=3, eval_batch_size=8,
+               text_split=TEXT_SPLIT, anneal_start=1, anneal_end=3)
+
+
+def tiny_lm(name, **extra):
+    cfg = PRESETS[name]
+    over = dict(TINY_LM, **extra)
+    if cfg.late_phase and cfg.K > 1:
+        over.update(T0=1, K=over.get("K", 3))
+    if cfg.swa:
+        over["swa_start"] = 2
+    return get_config(name, **over)
+
+
+def test_lstm_presets():
+    assert LSTM_CONFIGS == ["enwik8_lstm_base", "enwik8_lstm_base_swa", "enwik8_lstm_lp", "enwik8_lstm_lp_swa",
+                            "enwik8_lstm_rank1", "enwik8_lstm_rank1_swa"]
+    for name in LSTM_CONFIGS:
+        c = PRESETS[name]
+        assert (c.hidden_size, c.embedding_dim, c.bptt, c.weight_decay, c.momentum) == (500, 190, 100, 0.0, 0.0)
+        assert c.text_split == () and c.swa == name.endswith("_swa")
+    assert not PRESETS["enwik8_lstm_base"].late_phase
+    assert PRESETS["enwik8_lstm_rank1"].K == 1 and PRESETS["enwik8_lstm_rank1"].T0 == 0
+    assert PRESETS["enwik8_lstm_lp"].K == 10 and PRESETS["enwik8_lstm_lp"].phi == ("rank1",)
+
+
+@pytest.mark.parametrize("name", LSTM_CONFIGS)
+def test_every_enwik8_config_runs(name, text_root, tmp_path):
+    cfg = tiny_lm(name)
+    r = LMRun(cfg, seed=1, data_dir=str(text_root), out=str(tmp_path / "run"), progress=False).train()
+    models = r["models"]
+    K = cfg.K if cfg.late_phase else 1
+    assert set(models) == ({"averaged", "ensemble", "members"} if K > 1 else {"averaged"})
+    for m in [models["averaged"]] + ([models["ensemble"]] + models["members"] if K > 1 else []):
+        assert 0 < m["bpc_valid"] < 8 and 0 < m["bpc_test"] < 8
+    if K > 1:
+        assert len(models["members"]) == K
+        # the ensemble's log of mean probabilities is never worse than the members' mean
+        assert models["ensemble"]["bpc_test"] <= sum(m["bpc_test"] for m in models["members"]) / K + 1e-9
+    log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    assert [e["epoch"] for e in log] == [1, 2, 3]
+    phases = ["late"] * 3 if cfg.late_phase and cfg.T0 == 0 else ["pre"] + (["late"] * 2 if cfg.late_phase else
+                                                                           ["pre"] * 2)
+    assert [e["phase"] for e in log] == phases
+    assert log[-1]["bpc_valid"] < log[0]["bpc_valid"] < 8 and all(e["chars_per_s"] > 0 for e in log)
+    saved = json.load(open(tmp_path / "run" / "results.json"))
+    assert saved["config"]["name"] == name and saved["schema"] == "late-phase-results/1"
+    assert saved["parameters"] == sum(p.numel() for p in StatefulLM(256, 8, 16).parameters())
+    assert (saved["train_chars"], saved["valid_chars"], saved["test_chars"]) == TEXT_SPLIT
+
+
+def test_lstm_bits_per_character_at_init_is_8(text_root):
+    torch.manual_seed(0)
+    model = StatefulLM(256, 190, 500)
+    data = torch.frombuffer(bytearray((text_root / "enwik8").read_bytes()[:600]), dtype=torch.uint8)
+    nats, _, count = stream_nats(model, data, rows=4, bptt=50)
+    assert count == 596 and float(nats[0]) / count / math.log(2) == pytest.approx(8.0, abs=0.05)
+
+
+@pytest.mark.parametrize("stop_after", [1, 2])
+def test_lm_resume_is_bit_identical(stop_after, text_root, tmp_path):
+    """Interrupt after 1 epoch (before the release at T0 = 1) or 2 (after it, SWA from epoch 2), resume in a fresh
+    run, compare with an uninterrupted one."""
+    cfg = tiny_lm("enwik8_lstm_lp_swa", K=2, sigma0=0.1)
+    kw = dict(seed=2, data_dir=str(text_root), progress=False)
+    full = LMRun(cfg, out=str(tmp_path / "a"), **kw)
+    r_full = full.train()
+    part = LMRun(cfg, out=str(tmp_path / "b"), **kw)
+    for _ in range(stop_after):
+        part.run_epoch()
+    del part
+    resumed = LMRun(cfg, out=str(tmp_path / "b"), resume=True, **kw)
+    assert resumed.epoch == stop_after
+    r_res = resumed.train()
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = full.swa.state_dict(), resumed.swa.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert [e["bpc_train"] for e in full.log] == [e["bpc_train"] for e in resumed.log]
+    assert r_full["models"] == r_res["models"]
+
+
+def test_lm_torchrun_two_processes_equals_one(text_root, tmp_path):
+    """`torchrun --nproc_per_node 2 -m deep train --config enwik8_lstm_lp_swa` on the CPU (gloo): each member's rows
+    are split over the ranks (each carries the state of its rows); the results equal a one-process run up to float32
+    summation order."""
+    cfg = tiny_lm("enwik8_lstm_lp_swa", K=2)
+    one = LMRun(cfg, seed=0, data_dir=str(text_root), out=str(tmp_path / "one"), progress=False).train()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    flags = [f"--{k}" for k in ("hidden_size", "embedding_dim", "bptt", "batch_size", "epochs", "eval_batch_size",
+                                "anneal_start", "anneal_end", "T0", "K", "swa_start")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "deep",
+           "train", "--config", "enwik8_lstm_lp_swa", "--data-dir", str(text_root), "--out", str(tmp_path / "ddp"),
+           "--no-progress", "--text_split", *map(str, TEXT_SPLIT)]
+    for flag in flags:
+        cmd += [flag, str(getattr(cfg, flag[2:]))]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = json.load(open(tmp_path / "ddp" / "results.json"))
+    assert two["world_size"] == 2 and two["config"] == one["config"]
+    for name in ("averaged", "ensemble"):
+        for key in ("bpc_valid", "bpc_test"):
+            assert two["models"][name][key] == pytest.approx(one["models"][name][key], rel=1e-3)
+
+
+def _lstm_lp(path, K=3, B=2):
+    torch.manual_seed(0)
+    model = StatefulLM(11, 5, 6).double()
+    lp = shared.LatePhase(model, K, [shared.Rank1("cell.input_proj", "cell.hidden_proj")], sigma0=0.3,
+                          gamma_theta=0.7, path=path, generator=torch.Generator().manual_seed(1),
+                          theta_optimizer=shared.sgd(0.5, 0.9, False, 1e-3),
+                          phi_optimizer=shared.sgd(0.3, 0.9, True, 0.0))
+    g = torch.Generator().manual_seed(3)
+    model.carry = tuple(torch.randn(K * B, 6, generator=g, dtype=torch.float64) for _ in range(2))
+    return lp
+
+
+def test_rank1_lstm_vectorized_equals_sequential_float64():
+    """Two windows with the state carried per member, clipping active: theta, every phi_k, the optimizer states and
+    the carried state agree between the stacked and the member-by-member path."""
+    K, B, T = 3, 2, 5
+    vec, seq = _lstm_lp("vectorized"), _lstm_lp("sequential")
+    g = torch.Generator().manual_seed(4)
+    for _ in range(2):
+        x = torch.randint(0, 11, (K * B, T), generator=g)
+        y = torch.randint(0, 11, (K * B, T), generator=g)
+        lv = late_step(vec, x, y, grad_clip=0.5, path="vectorized")
+        ls = late_step(seq, x, y, grad_clip=0.5, path="sequential")
+        torch.testing.assert_close(lv, ls, **TOL)
+    sv, ss = vec.model.state_dict(), seq.model.state_dict()
+    assert any(k.endswith(".r.1") for k in sv)
+    for k in sv:
+        torch.testing.assert_close(sv[k], ss[k], **TOL, msg=lambda m: f"{k}: {m}")
+    for oa, ob in zip(vec.optimizers, seq.optimizers):
+        for i, st in oa.state_dict()["state"].items():
+            torch.testing.assert_close(st["momentum_buffer"], ob.state_dict()["state"][i]["momentum_buffer"], **TOL)
+    for a, b in zip(vec.model.carry, seq.model.carry):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+def test_clip_member_mean():
+    """K = 1: the same as clip_grad_norm_ over all parameters; K members: the mean member's gradient is clipped."""
+    lp = _lstm_lp("vectorized", K=1)
+    ref = copy.deepcopy(lp)
+    x = torch.randint(0, 11, (2, 4), generator=torch.Generator().manual_seed(0))
+    for m in (lp, ref):
+        m.forward_backward(x, x, lambda o, t: F.cross_entropy(o.reshape(-1, 11), t.reshape(-1)))
+    norm = clip_member_mean(lp, 0.01)
+    ref_norm = nn.utils.clip_grad_norm_(list(ref.model.parameters()), 0.01)
+    torch.testing.assert_close(norm, ref_norm.double(), **TOL)
+    for p, q in zip(lp.model.parameters(), ref.model.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, **TOL)
+    lp = _lstm_lp("vectorized", K=2)
+    for p in lp.model.parameters():
+        p.grad = torch.ones_like(p)
+    n_theta = sum(p.numel() for p in lp.theta_params)
+    n_phi = sum(p.numel() for p in lp.phi_params[0])
+    expected = math.sqrt(n_theta / 4 + n_phi)
+    assert float(clip_member_mean(lp, 1e9)) == pytest.approx(expected)
+
+
+def test_lm_cli_errors(text_root, tmp_path, monkeypatch, capsys):
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    small = ["--hidden_size", "8", "--embedding_dim", "4", "--epochs", "1", "--no-progress"]
+    cases = [
+        (["--data-dir", str(tmp_path / "none")], "enwik8 file"),
+        (["--data-dir", str(tmp_path / "none"), "--download"], "could not download http://mattmahoney.net"),
+        (["--data-dir", str(text_root)], "not the 100,000,000 of enwik8"),
+        (["--data-dir", str(text_root), "--text_split", "5", "5"], "text_split must be three"),
+        (["--data-dir", str(text_root), "--text_split", "2000", "500", "100"], "summing to"),
+        (["--data-dir", str(text_root), "--phi", "bn"], "rank-1 late-phase weights only"),
+    ]
+    for extra, msg in cases:
+        args = ["train", "--config", "enwik8_lstm_lp", "--out", str(tmp_path / "run")] + small + extra
+        assert main(args) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and msg in err[0], (msg, err)
+    args = ["train", "--config", "enwik8_lstm_rank1", "--data-dir", str(text_root), "--out", str(tmp_path / "ok"),
+            "--text_split", *map(str, TEXT_SPLIT), "--batch_size", "2", "--bptt", "20", "--eval_batch_size", "4"]
+    assert main(args + small) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["config"] == "enwik8_lstm_rank1" and set(printed["models"]) == {"averaged"}
+    assert np.isfinite(printed["models"]["averaged"]["bpc_test"])

@@ -1,4 +1,4 @@
-"""Command line: python -m deep {train,table,bench,configs}.
+"""Command line: python -m deep {train,finetune,table,bench,configs}.
 
 User mistakes (unknown config or key, missing data or weights, a bad resume) exit with status 2 and one line.
 """
@@ -26,9 +26,10 @@ def _user_errors():
     from shared import LatePhaseError
 
     from .data import DataError
+    from .finetune import FinetuneError
     from .table import TableError
     from .train import TrainError
-    errs = [ConfigError, DataError, LatePhaseError, TableError, TrainError]
+    errs = [ConfigError, DataError, FinetuneError, LatePhaseError, TableError, TrainError]
     try:
         from .models.torchvision_models import ModelError
         errs.append(ModelError)
@@ -51,6 +52,11 @@ def cmd_train(a) -> int:
     summary = {name: {k: v for k, v in m.items() if k != "ood"} for name, m in models.items() if isinstance(m, dict)}
     print(json.dumps({"config": cfg.name, "seed": a.seed, "models": summary}, indent=1))
     return 0
+
+
+def cmd_finetune(a) -> int:
+    from .finetune import main as finetune_main
+    return finetune_main(a)
 
 
 def cmd_table(a) -> int:
@@ -86,6 +92,11 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_config_flags(t)
     t.set_defaults(func=cmd_train)
+
+    from .finetune import add_arguments as finetune_args
+    f = sub.add_parser("finetune", help="ImageNet late-phase BatchNorm fine-tuning of a pretrained torchvision model")
+    finetune_args(f)
+    f.set_defaults(func=cmd_finetune)
 
     tb = sub.add_parser("table", help="aggregate results.json files over seeds into markdown tables")
     tb.add_argument("results", nargs="+", help="results.json files or run folders")

@@ -28,8 +28,8 @@ class Config:
     ood: tuple[str, ...] = ()         # OOD test sets: svhn, cifar10, cifar100 (missing ones are skipped with a note)
     augment: bool = True              # pad-4 random crop + horizontal flip (images)
     cutout: int = 0                   # cutout square side in pixels (0: off), applied after normalisation
-    train_subset: int = 0             # use only the first N training examples (0: all) -- quick runs
-    test_subset: int = 0              # evaluate on the first N test examples (0: all)
+    train_subset: int = 0             # use only the first N training examples/characters (0: all)
+    test_subset: int = 0              # evaluate on the first N test examples (enwik8: of valid and test)
     synthetic_size: int = 4096        # examples in the synthetic data set
     # --- model
     arch: str = "wrn-28-10"           # wrn-DEPTH-WIDTH | lstm
@@ -60,8 +60,9 @@ class Config:
     swa_lr: float = 0.05              # constant learning rate during SWA
     # --- evaluation
     bn_update: str = "data"           # BatchNorm statistics of the averaged model: data (re-estimated) | mean
-    eval_batch_size: int = 1000
+    eval_batch_size: int = 1000       # enwik8: rows (columns of the stream) evaluated side by side
     # --- enwik8 (character LSTM)
+    text_split: tuple[int, ...] = ()  # (train, valid, test) bytes of the text file; empty: enwik8's 90M/5M/5M
     bptt: int = 100                   # truncated-BPTT window (characters)
     hidden_size: int = 500
     embedding_dim: int = 190
@@ -110,6 +111,8 @@ class Config:
         need(self.anneal_start <= self.anneal_end, "anneal_start must be <= anneal_end")
         need(not self.swa or self.swa_start < self.epochs, f"swa_start ({self.swa_start}) must be < epochs")
         need(self.cutout >= 0 and self.train_subset >= 0 and self.test_subset >= 0, "sizes must be >= 0")
+        need(len(self.text_split) in (0, 3) and all(isinstance(n, int) and n >= 2 for n in self.text_split),
+             f"text_split must be three byte counts >= 2 (train valid test) or empty, got {self.text_split}")
         if self.arch != "lstm":
             parts = self.arch.split("-")
             need(len(parts) == 3 and parts[0] == "wrn" and parts[1].isdigit() and parts[2].isdigit()
@@ -147,7 +150,7 @@ _LATE = {
 _LSTM = dict(dataset="enwik8", arch="lstm", epochs=20, batch_size=32, bptt=100, lr=1.0, momentum=0.0,
              nesterov=False, weight_decay=0.0, grad_clip=1.0, anneal_start=10, anneal_end=20, anneal_end_lr=0.1,
              augment=False, K=10, gamma_theta=1.0, rank1_layers=("cell.input_proj", "cell.hidden_proj"),
-             channels_last=False)
+             channels_last=False, bf16=False, eval_batch_size=100)
 _LATE.update({
     # base: no rank-1 factors; rank1: factors from the start, one member (no ensembling); late-phase: K members from T0
     "enwik8_lstm_base": dict(_LSTM, phi=(), K=1, T0=0),
@@ -189,7 +192,8 @@ def get_config(name: str, **overrides) -> Config:
 def _flag_type(tp):
     origin = typing.get_origin(tp)
     if origin is tuple:
-        return str, "*"
+        args = typing.get_args(tp)
+        return (args[0] if args and args[0] in (int, float) else str), "*"
     if tp is bool:
         return _parse_bool, None
     return tp, None

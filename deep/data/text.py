@@ -40,6 +40,25 @@ def _resolve(path: str | Path) -> Path:
     return path
 
 
+def download_enwik8(folder: str | Path) -> Path:
+    """Download enwik8.zip into `folder` unless `enwik8` or `enwik8.zip` is already there; returns the file.
+
+    Failures (no network, disk full) raise a one-line DataError saying where to put the file by hand."""
+    folder = Path(folder).expanduser()
+    for name in ("enwik8", "enwik8.zip"):
+        if (folder / name).is_file():
+            return folder / name
+    target = folder / "enwik8.zip"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(ENWIK8_URL, str(target), progress=False)
+    except Exception as error:  # network, disk or permission failures all mean: no data
+        detail = " ".join(str(error).split())[:200]
+        raise DataError(f"could not download {ENWIK8_URL} ({detail}); download it elsewhere and put enwik8.zip "
+                        f"into {folder}") from None
+    return target
+
+
 def read_bytes(path: str | Path) -> torch.Tensor:
     """All bytes of a text file, or of the single text inside a zip archive, as a 1-D uint8 tensor.
 

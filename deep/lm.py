@@ -1,0 +1,510 @@
+"""Training of the enwik8 character LSTM with rank-1 multiplicative late-phase weights (`python -m deep train
+--config enwik8_lstm_*`).
+
+Model: :class:`deep.models.lstm.CharLSTM` (256 byte symbols, embedding 190, one LSTM layer of 500 units, untied
+decoder: 1.56 M parameters, no regularisation). Data: enwik8 split into the standard 90M/5M/5M bytes (or
+``text_split`` for another text), truncated BPTT over ``batch_size`` contiguous columns of the training stream in
+windows of ``bptt`` characters (:class:`deep.data.text.BPTTBatcher`; the first window of each epoch has a random
+length so the truncation points move). The LSTM state is carried from window to window (detached) and reset at the
+start of every epoch. Optimiser: plain SGD (``lr``, no momentum), gradient-norm clipping ``grad_clip``, the
+"annealing" learning-rate schedule per epoch (:mod:`deep.schedule`).
+
+Late-phase weights (family ``rank1``): every weight matrix of the LSTM cell (``cell.input_proj`` = W_ih and
+``cell.hidden_proj`` = W_hh) gets rank-1 multiplicative factors, W_k = W o (r_k s_k^T), r_k and s_k initialised to ones
+at the release (:class:`shared.Rank1`). ``enwik8_lstm_rank1`` trains one set of factors from the start (K = 1: no
+ensembling); ``enwik8_lstm_lp`` trains the plain LSTM until epoch T0 and then K members. Members and the BPTT
+state: member k owns a fixed contiguous block of ``batch_size`` rows of every window (its own columns of the
+stream; with ``rotate_members`` member k reads column block (k + epoch) mod K), so an outer step of Algorithm 1 is
+one window of K * batch_size rows, and the rows of the carried state that belong to member k continue member k's own
+columns. :class:`StatefulLM` keeps that state inside the model, so the vectorized path (one stacked forward, member k
+on rows k*B..(k+1)*B-1) and the sequential path (member k's rows alone) carry it the same way; they are equal in
+float64 (tested).
+
+Gradient clipping after the release acts on the *mean member's* gradient: its norm is
+sqrt(|theta.grad / K|^2 + (1/K) sum_k |phi_k.grad|^2) (theta.grad holds sum_k grad_theta L(M_k)), and all gradients
+are scaled by min(1, grad_clip / (norm + 1e-6)), as torch.nn.utils.clip_grad_norm_ does. For K = 1 this is
+clip_grad_norm_ over all parameters; for identical members it is the base model's clip of one member's gradient.
+
+SWA (``_swa`` presets): from ``swa_start`` the learning rate is constant (``swa_lr``) and all weights -- theta and
+every member's factors -- are averaged once per epoch (equal weights); there is no BatchNorm to re-estimate.
+
+Evaluation: bits per character (mean next-byte cross-entropy / ln 2) on the validation and the test part, each
+streamed in ``eval_batch_size`` columns with the state carried across windows from a zero start (the last
+< eval_batch_size bytes of a part are not predicted). Models: "averaged" (the rank-1 factors averaged over members
+and folded into the weights, W o (r_bar s_bar^T): one plain LSTM), "ensemble" (the mean of the K members'
+predicted probabilities, each member with its own state) and every member. Each epoch logs the averaged model's
+validation bits per character (and the ensemble's).
+
+The hyperparameters of the presets (lr 1.0, clip 1.0, batch 32 per member, bptt 100, 20 epochs, annealing from epoch
+10 to 0.1, T0 = 10, gamma_theta = 1, SWA from epoch 15 at lr 0.1) are this project's choices: the paper gives the
+model size and the results only.
+
+Outputs as for the image runs: config.json, log.jsonl, checkpoint.pt (atomic, after every epoch; resume is
+bit-identical on the CPU), results.json (schema late-phase-results/1; models.{averaged, ensemble, members} hold
+bpc_valid and bpc_test). Under torchrun each member's rows are split over the ranks (each rank carries the state of
+its rows); the evaluation columns are split over the ranks and the sums reduced.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel
+
+import shared
+from shared import distributed as dist_utils
+from shared.modules import late_modules, set_member
+
+from .config import Config, ConfigError
+from .data.errors import DataError
+from .data.text import VOCAB_SIZE, BPTTBatcher, download_enwik8, load_enwik8
+from .models.lstm import CharLSTM
+from .schedule import lr_factor
+from .train import SCHEMA, TrainError, families, hardware, write_json_atomic
+
+FORMAT = "deep-lm/1"
+LN2 = math.log(2.0)
+
+
+# ----------------------------------------------------------------------------- the stateful model
+
+class StatefulLM(CharLSTM):
+    """A CharLSTM that carries its LSTM state (h, c) from call to call: ``forward(inputs (N, T)) -> logits
+    (N, T, V)``, the state of the N rows continuing from the previous call.
+
+    ``reset(rows)`` starts ``rows`` zero states. When the model carries late-phase layers in member mode k (the
+    sequential path of :class:`shared.LatePhase`), the input is member k's block of rows and only rows
+    k*N..(k+1)*N-1 of the state are used and advanced; in stacked mode (or without late-phase layers) all rows are.
+    The state is detached after every call (truncated BPTT) and is not part of the state_dict."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.carry: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def reset(self, rows: int) -> None:
+        self.carry = self.init_state(rows)
+
+    def _member(self) -> int | None:
+        for _, m in late_modules(self):
+            return m.member
+        return None
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        if self.carry is None:
+            raise ValueError("StatefulLM: call reset(rows) before the first window")
+        h, c = self.carry
+        member, n = self._member(), inputs.shape[0]
+        if member is None:
+            if n != h.shape[0]:
+                raise ValueError(f"StatefulLM carries {h.shape[0]} rows but got {n}; reset(rows) first")
+            logits, (h2, c2) = super().forward(inputs, (h, c))
+            self.carry = (h2.detach(), c2.detach())
+            return logits
+        rows = slice(member * n, (member + 1) * n)
+        if rows.stop > h.shape[0]:
+            raise ValueError(f"StatefulLM carries {h.shape[0]} rows, too few for member {member}'s {n} rows")
+        logits, (h2, c2) = super().forward(inputs, (h[rows], c[rows]))
+        h, c = h.clone(), c.clone()
+        h[rows], c[rows] = h2.detach(), c2.detach()
+        self.carry = (h, c)
+        return logits
+
+
+def sequence_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-byte cross-entropy (nats) over all positions of a (N, T, V) window."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+
+
+@torch.no_grad()
+def clip_member_mean(lp: shared.LatePhase, max_norm: float) -> torch.Tensor:
+    """Clip the mean member's gradient (see the module doc) to ``max_norm``; returns the norm before clipping."""
+    K = lp.K
+    theta = [p.grad for p in lp.theta_params if p.grad is not None]
+    phis = [[p.grad for p in ps if p.grad is not None] for ps in lp.phi_params]
+
+    def sq(grads):
+        if not grads:
+            return torch.zeros((), device=lp.phi_params[0][0].device)
+        return torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64) for g in grads]).pow(2).sum()
+
+    norm = (sq(theta) / K ** 2 + sum(sq(g) for g in phis) / K).sqrt()
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    grads = theta + [g for gs in phis for g in gs]
+    torch._foreach_mul_(grads, scale.to(grads[0].dtype))
+    return norm
+
+
+def late_step(lp: shared.LatePhase, x: torch.Tensor, y: torch.Tensor, grad_clip: float = 0.0,
+              path: str | None = None) -> torch.Tensor:
+    """One outer step on one window (K member row blocks stacked along dim 0): gradients, clipping, update.
+    Returns the K member losses (nats, detached)."""
+    losses = lp.forward_backward(x, y, sequence_loss, path)
+    if grad_clip:
+        clip_member_mean(lp, grad_clip)
+    lp.update()
+    return losses
+
+
+@torch.no_grad()
+def stream_nats(model: StatefulLM, data: torch.Tensor, rows: int, bptt: int, members: int = 0,
+                autocast=None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Sum of next-byte negative log-likelihoods (nats) over a stream cut into ``rows`` columns, state carried.
+
+    members = 0: ``model`` is a plain network; returns (sum (1,), empty, count). members = K: ``model`` carries K
+    late-phase members and runs in stacked mode on K copies of each window; returns (per-member sums (K,), ensemble
+    sum (1,) of -log((1/K) sum_k p_k), count). Under torchrun every rank takes every world-th column and the sums
+    are reduced."""
+    device = next(model.parameters()).device
+    rows = max(1, min(rows, data.numel() - 1))
+    batcher = BPTTBatcher(data, rows, bptt, device=device)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist_utils.is_distributed() else (0, 1)
+    mine = torch.arange(rows, device=device)[rank::world]
+    K = max(members, 1)
+    was, saved = model.training, model.carry
+    model.eval()
+    late = [m for _, m in late_modules(model)]
+    modes = [m.member for m in late]
+    set_member(late, None)
+    model.reset(K * mine.numel())
+    sums = torch.zeros(K, dtype=torch.float64, device=device)
+    ens = torch.zeros(1, dtype=torch.float64, device=device)
+    count = 0
+    try:
+        for x, y in batcher:
+            x, y = x[mine], y[mine]
+            count += y.numel()
+            if not y.numel():
+                continue
+            with (torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext()):
+                logits = model(torch.cat([x] * K) if members else x)
+            logp = torch.log_softmax(logits.float(), -1).reshape(K, *y.shape, -1)
+            target = logp.gather(-1, y.expand(K, *y.shape).unsqueeze(-1)).squeeze(-1)  # (K, r, T)
+            sums -= target.double().sum((1, 2))
+            if members:
+                ens -= (torch.logsumexp(target.double(), 0) - math.log(K)).sum()
+    finally:
+        model.carry = saved
+        model.train(was)
+        for m, mode in zip(late, modes):
+            m.member = mode
+    total = torch.tensor([count], dtype=torch.float64, device=device)
+    if world > 1:
+        for t in (sums, ens, total):
+            dist.all_reduce(t)
+    return sums, ens, int(total.item())
+
+
+def bpc(nats: torch.Tensor | float, count: int) -> float:
+    return float(nats) / count / LN2
+
+
+# ----------------------------------------------------------------------------- the run
+
+class LMRun:
+    """One enwik8 run: data, model, optimisers and the epoch loop, with checkpoints and resume (see module doc)."""
+
+    def __init__(self, cfg: Config, seed: int = 0, data_dir: str = "data", out: str | None = None,
+                 download: bool = False, device: str | None = None, progress: bool = True, resume: bool = False,
+                 command: str | None = None):
+        if cfg.dataset != "enwik8":
+            raise ConfigError(f"deep.lm trains the enwik8 LSTM; {cfg.name} is a {cfg.dataset} config")
+        self.cfg, self.seed, self.progress = cfg.validate(), int(seed), progress
+        if cfg.late_phase and "rank1" not in cfg.phi or set(cfg.phi) - {"rank1"}:
+            raise ConfigError(f"the enwik8 LSTM has rank-1 late-phase weights only (phi rank1), got {cfg.phi}")
+        if cfg.late_phase and cfg.swa and cfg.swa_start < cfg.T0:
+            raise ConfigError(f"swa_start ({cfg.swa_start}) must be >= T0 ({cfg.T0}): average after the release")
+        if cfg.compile:
+            raise ConfigError("compile is not supported for the enwik8 LSTM (its state changes shape at T0)")
+        self.command = command or " ".join(["python -m deep"] + sys.argv[1:])
+        self.distributed = dist_utils.init_from_env()
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world = dist.get_world_size() if self.distributed else 1
+        if cfg.batch_size % self.world:
+            raise ConfigError(f"batch_size {cfg.batch_size} (rows per member) must be divisible by the "
+                              f"{self.world} ranks")
+        if device is None:
+            device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.amp = torch.bfloat16 if (self.device.type == "cuda" and cfg.bf16) else None
+        self.out = out or os.path.join("runs", f"{cfg.name}_seed{seed}")
+        self.ckpt_path = os.path.join(self.out, "checkpoint.pt")
+        if os.path.exists(self.ckpt_path) and not resume:
+            raise TrainError(f"{self.ckpt_path} exists: pass --resume to continue that run, or choose another --out")
+        if resume and not os.path.exists(self.ckpt_path):
+            raise TrainError(f"--resume: no checkpoint at {self.ckpt_path}; start the run without --resume")
+        if self.rank == 0:
+            os.makedirs(self.out, exist_ok=True)
+
+        self._load_data(data_dir, download)
+        torch.manual_seed(self.seed)
+        self.model = StatefulLM(VOCAB_SIZE, cfg.embedding_dim, cfg.hidden_size).to(self.device)
+        if self.distributed:
+            dist_utils.broadcast_module(self.model)
+        self.fams = families(cfg) if cfg.late_phase else []
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                   weight_decay=cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda e: lr_factor(cfg, e))
+        self.lp = None
+        self.swa = None
+        self.log: list = []
+        self.epoch = 0
+        self.steps = 0  # windows (outer steps) trained
+        if resume:
+            self._resume()
+        elif self.rank == 0:
+            write_json_atomic(os.path.join(self.out, "config.json"), {"config": cfg.to_dict(), "seed": self.seed})
+
+    # ------------------------------------------------------------------ data
+    def _load_data(self, data_dir, download):
+        cfg = self.cfg
+        path = Path(data_dir).expanduser()
+        if download and not path.is_file():
+            download_enwik8(path)
+        split = tuple(cfg.text_split) if cfg.text_split else "enwik8"
+        train, valid, test = load_enwik8(path, split)
+        if cfg.train_subset:
+            train = train[:cfg.train_subset]
+        if cfg.test_subset:
+            valid, test = valid[:cfg.test_subset], test[:cfg.test_subset]
+        self.train_data, self.valid_data, self.test_data = train, valid, test
+        rows = cfg.batch_size * (cfg.K if cfg.late_phase else 1)
+        if (train.numel() - 1) // rows < 1:
+            raise DataError(f"the training text ({train.numel()} bytes) is too short for {rows} rows")
+
+    def _batcher(self, members: int) -> BPTTBatcher:
+        """Training windows of members * batch_size rows (member k: its own block of rows)."""
+        cfg = self.cfg
+        return BPTTBatcher(self.train_data, cfg.batch_size * members, cfg.bptt, device=self.device, seed=self.seed,
+                           members=members, rotate_members=members > 1)
+
+    # ------------------------------------------------------------------ phases
+    def release(self):
+        """T0: rank-1 factors (ones) on the cell's weight matrices, K members, Algorithm 1 from here on."""
+        cfg = self.cfg
+        t0 = cfg.T0
+        sched = (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda e: lr_factor(cfg, e + t0)))
+        opt = shared.sgd(cfg.lr, cfg.momentum, cfg.nesterov, cfg.weight_decay)
+        self.lp = shared.LatePhase(
+            self.model, cfg.K, self.fams, gamma_theta=cfg.gamma_theta, sigma0=cfg.sigma0, theta_optimizer=opt,
+            phi_optimizer=opt, theta_scheduler=sched, phi_scheduler=sched, path=cfg.path, T0=self.steps,
+            inherit_optimizer_state=self.opt if self.steps > 0 else None,
+            generator=torch.Generator().manual_seed(self.seed + 12345), autocast=self.amp)
+        self.opt = self.sched = None
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp) if self.amp else contextlib.nullcontext()
+
+    def _plain_step(self, x, y):
+        self.opt.zero_grad(set_to_none=True)
+        with self._autocast():
+            loss = sequence_loss(self.model(x), y)
+        loss.backward()
+        if self.distributed:
+            dist_utils.allreduce_grads(self.model.parameters())
+        if self.cfg.grad_clip:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.opt.step()
+        return loss.detach().reshape(1)
+
+    def run_epoch(self) -> dict:
+        cfg = self.cfg
+        if cfg.late_phase and self.lp is None and self.epoch >= cfg.T0:
+            self.release()
+        if cfg.swa and self.swa is None and self.epoch >= cfg.swa_start:
+            self.swa = AveragedModel(self.model)
+        K = self.lp.K if self.lp is not None else 1
+        batcher = self._batcher(K)
+        state = batcher.state_dict()
+        state["epoch"] = self.epoch
+        batcher.load_state_dict(state)
+        n = len(batcher)
+        bar = None
+        if self.progress and self.rank == 0:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=n, desc=f"{cfg.name} epoch {self.epoch + 1}/{cfg.epochs}", leave=False, unit="window")
+        model = self.model
+        model.train()
+        model.reset(K * cfg.batch_size // self.world)
+        nats = torch.zeros((), dtype=torch.float64, device=self.device)
+        chars = 0
+        _sync(self.device)
+        t_start = time.perf_counter()
+        for x, y in batcher:
+            if self.distributed:
+                x, y = dist_utils.shard(x, K), dist_utils.shard(y, K)
+            if self.lp is not None:
+                losses = late_step(self.lp, x, y, cfg.grad_clip)
+            else:
+                losses = self._plain_step(x, y)
+            nats += losses.double().mean() * y.shape[1]
+            chars += y.shape[1]
+            self.steps += 1
+            if bar is not None:
+                bar.update(1)
+        _sync(self.device)
+        seconds = time.perf_counter() - t_start
+        if bar is not None:
+            bar.close()
+        if not torch.isfinite(nats):
+            raise TrainError(f"non-finite loss in epoch {self.epoch + 1} of {cfg.name}; lower the learning rate")
+        if self.lp is not None:
+            self.lp.check_finite()
+            lr = self.lp.optimizers[0].param_groups[0]["lr"]
+            self.lp.step_schedulers()
+        else:
+            lr = self.opt.param_groups[0]["lr"]
+            self.sched.step()
+        if self.swa is not None:
+            self.swa.update_parameters(self.model)
+        entry = {"epoch": self.epoch + 1, "t": self.lp.t if self.lp is not None else self.steps,
+                 "phase": "late" if self.lp is not None else "pre", "lr": lr,
+                 "bpc_train": float(nats) / chars / LN2,
+                 "chars_per_s": chars * K * cfg.batch_size / seconds, "seconds": seconds}
+        late = self._late_model()
+        entry["bpc_valid"] = self._bpc(self._averaged(late), self.valid_data)
+        if late is not None and late.K > 1:
+            entry["bpc_valid_ensemble"] = self._bpc_members(late, self.valid_data)[0]
+        self.epoch += 1
+        self.log.append(entry)
+        if self.rank == 0:
+            self._checkpoint()
+        return entry
+
+    # ------------------------------------------------------------------ evaluation
+    def _late_model(self):
+        """The late-phase model to evaluate (the SWA average when SWA runs), or None before the release."""
+        if self.lp is None:
+            return None
+        return _LateView(self.swa.module if self.swa is not None else self.model, self.lp.K)
+
+    def _averaged(self, late) -> StatefulLM:
+        if late is None:
+            return self.swa.module if self.swa is not None else self.model
+        return shared.collapse(late.model, None, "mean")
+
+    def _bpc(self, model: StatefulLM, data: torch.Tensor) -> float:
+        nats, _, count = stream_nats(model, data, self.cfg.eval_batch_size, self.cfg.bptt, autocast=self.amp)
+        return bpc(nats[0], count)
+
+    def _bpc_members(self, late, data) -> tuple[float, list]:
+        nats, ens, count = stream_nats(late.model, data, self.cfg.eval_batch_size, self.cfg.bptt, members=late.K,
+                                       autocast=self.amp)
+        return bpc(ens[0], count), [bpc(v, count) for v in nats]
+
+    def evaluate(self) -> dict:
+        cfg = self.cfg
+        t_start = time.perf_counter()
+        late = self._late_model()
+        averaged = self._averaged(late)
+        models = {"averaged": {"bpc_valid": self._bpc(averaged, self.valid_data),
+                               "bpc_test": self._bpc(averaged, self.test_data)}}
+        if late is not None and late.K > 1:
+            ev, mv = self._bpc_members(late, self.valid_data)
+            et, mt = self._bpc_members(late, self.test_data)
+            models["ensemble"] = {"bpc_valid": ev, "bpc_test": et}
+            models["members"] = [{"bpc_valid": v, "bpc_test": t} for v, t in zip(mv, mt)]
+        for name, m in models.items():
+            for v in (m if isinstance(m, list) else [m]):
+                if not all(math.isfinite(x) for x in v.values()):
+                    raise TrainError(f"the {name} model's bits per character are not finite; the run diverged")
+        late_log = [e for e in self.log if e["phase"] == "late"]
+        result = {
+            "schema": SCHEMA, "config": cfg.to_dict(), "seed": self.seed, "command": self.command,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "hardware": hardware(self.device),
+            "world_size": self.world, "models": models,
+            "train_seconds": sum(e["seconds"] for e in self.log), "eval_seconds": time.perf_counter() - t_start,
+            "chars_per_s": {"pre": _median([e["chars_per_s"] for e in self.log if e["phase"] == "pre"]),
+                            "late": _median([e["chars_per_s"] for e in late_log])},
+            "parameters": sum(p.numel() for p in averaged.parameters()),
+            "train_chars": self.train_data.numel(), "valid_chars": self.valid_data.numel(),
+            "test_chars": self.test_data.numel(),
+        }
+        if self.rank == 0:
+            write_json_atomic(os.path.join(self.out, "results.json"), result)
+        return result
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint(self):
+        state = {"format": FORMAT, "config": self.cfg.to_dict(), "seed": self.seed, "epoch": self.epoch,
+                 "steps": self.steps, "world_size": self.world, "log": self.log,
+                 "phase": "late" if self.lp is not None else "pre"}
+        if self.lp is not None:
+            state["latephase"] = self.lp.state_dict()
+        else:
+            state.update(model=self.model.state_dict(), optimizer=self.opt.state_dict(),
+                         scheduler=self.sched.state_dict(), rng=shared.checkpoint.rng_state())
+        if self.swa is not None:
+            state["swa"] = self.swa.state_dict()
+        shared.save(self.ckpt_path, state)
+        tmp = os.path.join(self.out, "log.jsonl.tmp")
+        with open(tmp, "w") as f:
+            f.write("".join(json.dumps(e) + "\n" for e in self.log))
+        os.replace(tmp, os.path.join(self.out, "log.jsonl"))
+
+    def _resume(self):
+        state = shared.load(self.ckpt_path)
+        if state.get("format") != FORMAT:
+            raise TrainError(f"{self.ckpt_path} is not an enwik8 training checkpoint")
+        saved = {k: (tuple(v) if isinstance(v, list) else v) for k, v in state["config"].items()}
+        mine = {k: (tuple(v) if isinstance(v, list) else v) for k, v in self.cfg.to_dict().items()}
+        diff = sorted(k for k in mine if saved.get(k) != mine[k])
+        if diff or state["seed"] != self.seed:
+            what = ", ".join(f"{k}: {saved.get(k)!r} -> {mine[k]!r}" for k in diff[:4]) or \
+                f"seed {state['seed']} -> {self.seed}"
+            raise TrainError(f"--resume with different settings ({what}); resume with the run's own config and seed")
+        if state["world_size"] != self.world:
+            raise TrainError(f"the run used {state['world_size']} process(es), this one has {self.world}; resume "
+                             f"with the same number (each rank carries the state of its rows)")
+        self.epoch, self.log, self.steps = state["epoch"], state["log"], state["steps"]
+        if state["phase"] == "late":
+            # Rebuild the members on the fresh model, then load everything (weights, optimizers, schedulers, RNG).
+            self.release()
+            if "swa" in state:
+                self.swa = AveragedModel(self.model)
+            self.lp.load_state_dict(state["latephase"])
+        else:
+            self.model.load_state_dict(state["model"])
+            self.opt.load_state_dict(state["optimizer"])
+            self.sched.load_state_dict(state["scheduler"])
+            if "swa" in state:
+                self.swa = AveragedModel(self.model)
+            shared.checkpoint.set_rng_state(state["rng"])
+        if "swa" in state:
+            self.swa.load_state_dict(state["swa"])
+
+    # ------------------------------------------------------------------ the whole run
+    def train(self) -> dict:
+        while self.epoch < self.cfg.epochs:
+            self.run_epoch()
+        return self.evaluate()
+
+
+class _LateView:
+    """A late-phase model (LatePhase.model or its SWA average) with its number of members."""
+
+    def __init__(self, model: nn.Module, K: int):
+        self.model, self.K = model, K
+
+
+def _median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if xs else None
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train(cfg: Config, **kwargs) -> dict:
+    """Train and evaluate one enwik8 run (see :class:`LMRun`); returns the results dict (also in results.json)."""
+    return LMRun(cfg, **kwargs).train()

@@ -62,7 +62,7 @@ from shared import distributed as dist_utils
 from .data.errors import DataError
 from .data.imagenet import EpochSampler, imagenet_datasets, train_transform, val_transform
 from .models.torchvision_models import PAPER_ARCHS, build_pretrained
-from .train import SCHEMA, hardware, write_json_atomic
+from .runs import SCHEMA, hardware, settings_change, sync, write_json_atomic, write_log
 
 FORMAT = "deep-finetune/1"
 ECE_BINS = 15
@@ -436,7 +436,7 @@ class FineTune:
         total = torch.zeros((), device=self.device)
         lr_theta = lp.optimizers[0].param_groups[0]["lr"]
         lr_phi = lp.phi_optimizers[0].param_groups[0]["lr"]
-        _sync(self.device)
+        sync(self.device)
         t_start = time.perf_counter()
         batches = iter(loader)
         check_every = 1 if self.device.type == "cpu" else 50
@@ -448,7 +448,7 @@ class FineTune:
                                     f"{cfg.name}; lower --lr or check the data")
             if bar is not None:
                 bar.update(1)
-        _sync(self.device)
+        sync(self.device)
         seconds = time.perf_counter() - t_start
         if bar is not None:
             bar.close()
@@ -481,20 +481,14 @@ class FineTune:
         state = {"format": FORMAT, "config": self.cfg.to_dict(), "seed": self.seed, "epoch": self.epoch,
                  "world_size": self.world, "log": self.log, "latephase": self.lp.state_dict()}
         shared.save(self.ckpt_path, state)
-        tmp = os.path.join(self.out, "log.jsonl.tmp")
-        with open(tmp, "w") as f:
-            f.write("".join(json.dumps(e) + "\n" for e in self.log))
-        os.replace(tmp, os.path.join(self.out, "log.jsonl"))
+        write_log(self.out, self.log)
 
     def _resume(self) -> None:
         state = shared.load(self.ckpt_path)
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             raise FinetuneError(f"{self.ckpt_path} is not a fine-tuning checkpoint")
-        mine = self.cfg.to_dict()
-        diff = sorted(k for k in mine if state["config"].get(k) != mine[k])
-        if diff or state["seed"] != self.seed:
-            what = ", ".join(f"{k}: {state['config'].get(k)!r} -> {mine[k]!r}" for k in diff[:4]) or \
-                f"seed {state['seed']} -> {self.seed}"
+        what = settings_change(state["config"], state["seed"], self.cfg.to_dict(), self.seed)
+        if what:
             raise FinetuneError(f"--resume with different settings ({what}); resume with the run's own flags")
         if state["world_size"] != self.world:
             raise FinetuneError(f"the run used {state['world_size']} process(es), this one has {self.world}; resume "
@@ -534,11 +528,6 @@ class FineTune:
         if self.rank == 0:
             write_json_atomic(os.path.join(self.out, "results.json"), result)
         return result
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ----------------------------------------------------------------------------- command line

@@ -47,7 +47,6 @@ its rows); the evaluation columns are split over the ranks and the sums reduced.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import sys
@@ -69,7 +68,8 @@ from .data.errors import DataError
 from .data.text import VOCAB_SIZE, BPTTBatcher, download_enwik8, load_enwik8
 from .models.lstm import CharLSTM
 from .schedule import lr_factor
-from .train import SCHEMA, TrainError, families, hardware, write_json_atomic
+from .runs import SCHEMA, hardware, median, settings_change, sync, write_json_atomic, write_log
+from .train import TrainError, families
 
 FORMAT = "deep-lm/1"
 LN2 = math.log(2.0)
@@ -336,7 +336,7 @@ class LMRun:
         model.reset(K * cfg.batch_size // self.world)
         nats = torch.zeros((), dtype=torch.float64, device=self.device)
         chars = 0
-        _sync(self.device)
+        sync(self.device)
         t_start = time.perf_counter()
         for x, y in batcher:
             if self.distributed:
@@ -350,7 +350,7 @@ class LMRun:
             self.steps += 1
             if bar is not None:
                 bar.update(1)
-        _sync(self.device)
+        sync(self.device)
         seconds = time.perf_counter() - t_start
         if bar is not None:
             bar.close()
@@ -422,8 +422,8 @@ class LMRun:
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "hardware": hardware(self.device),
             "world_size": self.world, "models": models,
             "train_seconds": sum(e["seconds"] for e in self.log), "eval_seconds": time.perf_counter() - t_start,
-            "chars_per_s": {"pre": _median([e["chars_per_s"] for e in self.log if e["phase"] == "pre"]),
-                            "late": _median([e["chars_per_s"] for e in late_log])},
+            "chars_per_s": {"pre": median([e["chars_per_s"] for e in self.log if e["phase"] == "pre"]),
+                            "late": median([e["chars_per_s"] for e in late_log])},
             "parameters": sum(p.numel() for p in averaged.parameters()),
             "train_chars": self.train_data.numel(), "valid_chars": self.valid_data.numel(),
             "test_chars": self.test_data.numel(),
@@ -445,21 +445,14 @@ class LMRun:
         if self.swa is not None:
             state["swa"] = self.swa.state_dict()
         shared.save(self.ckpt_path, state)
-        tmp = os.path.join(self.out, "log.jsonl.tmp")
-        with open(tmp, "w") as f:
-            f.write("".join(json.dumps(e) + "\n" for e in self.log))
-        os.replace(tmp, os.path.join(self.out, "log.jsonl"))
+        write_log(self.out, self.log)
 
     def _resume(self):
         state = shared.load(self.ckpt_path)
         if state.get("format") != FORMAT:
             raise TrainError(f"{self.ckpt_path} is not an enwik8 training checkpoint")
-        saved = {k: (tuple(v) if isinstance(v, list) else v) for k, v in state["config"].items()}
-        mine = {k: (tuple(v) if isinstance(v, list) else v) for k, v in self.cfg.to_dict().items()}
-        diff = sorted(k for k in mine if saved.get(k) != mine[k])
-        if diff or state["seed"] != self.seed:
-            what = ", ".join(f"{k}: {saved.get(k)!r} -> {mine[k]!r}" for k in diff[:4]) or \
-                f"seed {state['seed']} -> {self.seed}"
+        what = settings_change(state["config"], state["seed"], self.cfg.to_dict(), self.seed)
+        if what:
             raise TrainError(f"--resume with different settings ({what}); resume with the run's own config and seed")
         if state["world_size"] != self.world:
             raise TrainError(f"the run used {state['world_size']} process(es), this one has {self.world}; resume "
@@ -493,16 +486,6 @@ class _LateView:
 
     def __init__(self, model: nn.Module, K: int):
         self.model, self.K = model, K
-
-
-def _median(xs):
-    xs = sorted(xs)
-    return xs[len(xs) // 2] if xs else None
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def train(cfg: Config, **kwargs) -> dict:

@@ -14,9 +14,7 @@ atomically at the end of every epoch; `resume=True` continues bit-for-bit on the
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import platform
 import sys
 import time
 
@@ -32,25 +30,14 @@ from . import evaluate
 from .config import Config, ConfigError
 from .data import GPULoader, load_dataset, load_ood_sets
 from .models import wrn
+from .runs import SCHEMA, hardware, median, settings_change, sync, write_json_atomic, write_log
 from .schedule import lr_factor
-
-SCHEMA = "late-phase-results/1"
-
 
 class TrainError(ValueError):
     """A run cannot start or resume (one actionable line)."""
 
 
 # ----------------------------------------------------------------------------- small helpers
-
-def write_json_atomic(path: str, obj) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
 
 def families(cfg: Config) -> list:
     """The late-phase weight families named by cfg.phi."""
@@ -83,19 +70,6 @@ def phi_parameters(model: nn.Module, fams: list) -> list:
 def build_model(cfg: Config, num_classes: int, in_channels: int) -> nn.Module:
     _, depth, width = cfg.arch.split("-")
     return wrn(int(depth), int(width), num_classes, in_channels)
-
-
-def hardware(device: torch.device) -> dict:
-    info = {"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
-            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -271,7 +245,7 @@ class Run:
             bar = tqdm(total=n, desc=f"{cfg.name} epoch {self.epoch + 1}/{cfg.epochs}", leave=False, unit="step")
         self.model.train()
         total = torch.zeros((), device=self.device)
-        _sync(self.device)
+        sync(self.device)
         t_start = time.perf_counter()
         for step in range(n):
             x, y = loader.batch(self.epoch, step)
@@ -281,7 +255,7 @@ class Run:
             total += loss
             if bar is not None:
                 bar.update(1)
-        _sync(self.device)
+        sync(self.device)
         seconds = time.perf_counter() - t_start
         if bar is not None:
             bar.close()
@@ -331,22 +305,14 @@ class Run:
         if self.swa is not None:
             state["swa"] = self.swa.state_dict()
         shared.save(self.ckpt_path, state)
-        lines = "".join(json.dumps(e) + "\n" for e in self.log)
-        tmp = os.path.join(self.out, "log.jsonl.tmp")
-        with open(tmp, "w") as f:
-            f.write(lines)
-        os.replace(tmp, os.path.join(self.out, "log.jsonl"))
+        write_log(self.out, self.log)
 
     def _resume(self):
         state = shared.load(self.ckpt_path)
         if state.get("format") != "deep-run/1":
             raise TrainError(f"{self.ckpt_path} is not a deep training checkpoint")
-        saved = {k: (tuple(v) if isinstance(v, list) else v) for k, v in state["config"].items()}
-        mine = {k: (tuple(v) if isinstance(v, list) else v) for k, v in self.cfg.to_dict().items()}
-        diff = sorted(k for k in mine if saved.get(k) != mine[k])
-        if diff or state["seed"] != self.seed:
-            what = ", ".join(f"{k}: {saved.get(k)!r} -> {mine[k]!r}" for k in diff[:4]) or \
-                f"seed {state['seed']} -> {self.seed}"
+        what = settings_change(state["config"], state["seed"], self.cfg.to_dict(), self.seed)
+        if what:
             raise TrainError(f"--resume with different settings ({what}); resume with the run's own config and seed")
         self.epoch, self.log = state["epoch"], state["log"]
         if state["phase"] == "late":
@@ -398,18 +364,13 @@ class Run:
             "world_size": self.world, "malloc": self.malloc, "models": models, "ood_missing": self.ood_missing,
             "train_seconds": sum(e["seconds"] for e in self.log),
             "eval_seconds": time.perf_counter() - t_start,
-            "images_per_s": {"pre": _median([e["images_per_s"] for e in self.log if e["phase"] == "pre"]),
-                             "late": _median([e["images_per_s"] for e in late_log])},
+            "images_per_s": {"pre": median([e["images_per_s"] for e in self.log if e["phase"] == "pre"]),
+                             "late": median([e["images_per_s"] for e in late_log])},
             "train_images": len(self.train_data), "test_images": len(self.test_data),
         }
         if self.rank == 0:
             write_json_atomic(os.path.join(self.out, "results.json"), result)
         return result
-
-
-def _median(xs):
-    xs = sorted(xs)
-    return xs[len(xs) // 2] if xs else None
 
 
 def _subset(data, n):

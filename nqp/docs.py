@@ -320,7 +320,7 @@ def _table_baselines(vals):
     sgd = SGD(LR)
     rows = [("SGD", sgd), (f"SGD, batch x{K_DEFAULT}", SGD(LR, batch=K_DEFAULT)),
             (f"ensemble of {K_DEFAULT} independent SGD runs", Ensemble(sgd, K_DEFAULT)),
-            (f"SGD, tail average over 1000 minibatches", TailAverage(sgd, 1000))]
+            ("SGD, tail average over 1000 minibatches", TailAverage(sgd, 1000))]
     for g, tag in ((1.0, "1"), (1.0 / K_DEFAULT, "1/K"), (0.0, "0")):
         rows.append((f"late-phase additive, gamma_theta = {tag}", LatePhase(K_DEFAULT, LR, LR, g)))
     rows.append(("late-phase (gamma_theta = 1/K), tail average over 1000",

@@ -30,7 +30,7 @@ from . import checkpoint as ckpt
 from . import distributed as ddp_utils
 from .errors import LatePhaseError
 from .families import BatchNorm, Family
-from .modules import BATCHNORM_TYPES, LateBatchNorm, LateModule, late_modules, set_member
+from .modules import BATCHNORM_TYPES, LateBatchNorm, late_modules, set_member
 
 OptimizerFactory = Callable[[list], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], object]

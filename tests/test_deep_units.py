@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from deep import metrics
-from deep.config import PRESETS, Config, ConfigError, get_config
+from deep.config import PRESETS, ConfigError, get_config
 from deep.schedule import annealing_lr, lr_factor
 from deep.table import TableError, load_results, render
 

@@ -188,7 +188,7 @@ def test_release_noise_is_relative_per_tensor():
         model[0].weight.mul_(7.0)
     w = model[0].weight.detach().clone()
     rms = w.pow(2).mean().sqrt()
-    lp = LatePhase(model, 4, [Head()], sigma0=0.05, generator=torch.Generator().manual_seed(0))
+    LatePhase(model, 4, [Head()], sigma0=0.05, generator=torch.Generator().manual_seed(0))
     devs = torch.stack([(p.detach() - w) / rms for p in model[0].weight])
     assert abs(devs.std().item() - 0.05) < 0.05 * 0.05  # 8000 draws: relative s.e. ~ 0.8 %
     assert not torch.allclose(devs[0], devs[1])

@@ -1,7 +1,6 @@
 """Theory check: the late-phase core (both execution paths) on the noisy quadratic problem reproduces nqp's exact
 stationary excess losses, for additive and multiplicative late-phase weights, within Monte Carlo error (|z| < 4)."""
 import pytest
-import torch
 
 from nqp import LatePhase as NQPLatePhase
 from nqp import Problem, steady_state

@@ -88,6 +88,20 @@ def _tiles(runs: int, dim: int, members: int):
             for r0 in range(0, runs, r_block) for c0 in range(0, dim, d_block)]
 
 
+def _run_tiles(run_tile, n: int, threads: int | None, bar) -> None:
+    """run_tile(0..n-1) on a thread pool (numpy releases the GIL in the array work); closes the progress bar."""
+    workers = threads or min(n, os.cpu_count() or 1)
+    try:
+        if workers <= 1:
+            for j in range(n):
+                run_tile(j)
+        else:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                list(pool.map(run_tile, range(n)))
+    finally:
+        bar.close()
+
+
 def _rng(seed: int, index: int) -> np.random.Generator:
     return np.random.Generator(np.random.SFC64(np.random.SeedSequence(seed, spawn_key=(index,))))
 
@@ -249,16 +263,7 @@ def simulate(problem, method, *, steps: int, burn_in: int | None = None, runs: i
             acc_mem[r0:r1] += s_mem
 
     t0 = time.perf_counter()
-    workers = threads or min(len(tiles), os.cpu_count() or 1)
-    try:
-        if workers <= 1:
-            for j in range(len(tiles)):
-                run_tile(j)
-        else:
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                list(pool.map(run_tile, range(len(tiles))))
-    finally:
-        bar.close()
+    _run_tiles(run_tile, len(tiles), threads, bar)
     seconds = time.perf_counter() - t0
     n_rec = n_steps // window if window else n_steps
     per_mean, per_mem = acc_mean / n_rec, acc_mem / n_rec
@@ -357,16 +362,7 @@ def simulate_curve(problem, method: LatePhase, sgd: SGD, *, T0: int, horizon: in
             for k in names:
                 out[k][r0:r1] += local[k]
 
-    workers = threads or min(len(tiles), os.cpu_count() or 1)
-    try:
-        if workers <= 1:
-            for j in range(len(tiles)):
-                run_tile(j)
-        else:
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                list(pool.map(run_tile, range(len(tiles))))
-    finally:
-        bar.close()
+    _run_tiles(run_tile, len(tiles), threads, bar)
     series = {k: v.mean(axis=0) for k, v in out.items()}
     stderr = {k: v.std(axis=0, ddof=1) / math.sqrt(v.shape[0]) for k, v in out.items()}
     return Curve(t, series, int(T0), K, "monte carlo", stderr)

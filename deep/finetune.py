@@ -62,7 +62,7 @@ from shared import distributed as dist_utils
 from .data.errors import DataError
 from .data.imagenet import EpochSampler, imagenet_datasets, train_transform, val_transform
 from .models.torchvision_models import PAPER_ARCHS, build_pretrained
-from .runs import SCHEMA, hardware, settings_change, sync, write_json_atomic, write_log
+from .runs import SCHEMA, hardware, load_checkpoint, restore, save_checkpoint, setup, sync, write_json_atomic
 
 FORMAT = "deep-finetune/1"
 ECE_BINS = 15
@@ -279,26 +279,13 @@ class FineTune:
     def __init__(self, cfg: FinetuneConfig, data_dir: str, seed: int = 0, out: str | None = None,
                  resume: bool = False, device: str | None = None, workers: int = 8, progress: bool = True,
                  allow_download: bool = True, command: str | None = None):
-        self.distributed = dist_utils.init_from_env()
-        self.rank = dist.get_rank() if self.distributed else 0
-        self.world = dist.get_world_size() if self.distributed else 1
+        setup(self, cfg.name, int(seed), out, device, resume, command, FinetuneError)
         self.cfg, self.seed, self.workers, self.progress = cfg.validate(self.world), int(seed), workers, progress
-        self.command = command or " ".join(["python -m deep"] + sys.argv[1:])
-        if device is None:
-            device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
         cuda = self.device.type == "cuda"
         self.amp = torch.bfloat16 if (cuda and cfg.bf16) else None
         self.memory_format = torch.channels_last if (cuda and cfg.channels_last) else torch.contiguous_format
         if cuda:
             torch.backends.cudnn.benchmark = True
-        self.out = out or os.path.join("runs", f"{cfg.name}_seed{seed}")
-        self.ckpt_path = os.path.join(self.out, "checkpoint.pt")
-        if os.path.exists(self.ckpt_path) and not resume:
-            raise FinetuneError(f"{self.ckpt_path} exists: pass --resume to continue that run, or choose another "
-                                f"--out")
-        if resume and not os.path.exists(self.ckpt_path):
-            raise FinetuneError(f"--resume: no checkpoint at {self.ckpt_path}; start the run without --resume")
 
         train, val = imagenet_datasets(data_dir, train_transform(cfg.crop), val_transform(cfg.resize, cfg.crop))
         self.num_classes = _classes(train)
@@ -335,7 +322,6 @@ class FineTune:
         if resume:
             self._resume()
         elif self.rank == 0:
-            os.makedirs(self.out, exist_ok=True)
             write_json_atomic(os.path.join(self.out, "config.json"), {"config": cfg.to_dict(), "seed": self.seed})
 
     # ------------------------------------------------------------------ data
@@ -478,23 +464,10 @@ class FineTune:
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint(self) -> None:
-        state = {"format": FORMAT, "config": self.cfg.to_dict(), "seed": self.seed, "epoch": self.epoch,
-                 "world_size": self.world, "log": self.log, "latephase": self.lp.state_dict()}
-        shared.save(self.ckpt_path, state)
-        write_log(self.out, self.log)
+        save_checkpoint(self, FORMAT, world_size=self.world)
 
     def _resume(self) -> None:
-        state = shared.load(self.ckpt_path)
-        if not isinstance(state, dict) or state.get("format") != FORMAT:
-            raise FinetuneError(f"{self.ckpt_path} is not a fine-tuning checkpoint")
-        what = settings_change(state["config"], state["seed"], self.cfg.to_dict(), self.seed)
-        if what:
-            raise FinetuneError(f"--resume with different settings ({what}); resume with the run's own flags")
-        if state["world_size"] != self.world:
-            raise FinetuneError(f"the run used {state['world_size']} process(es), this one has {self.world}; resume "
-                                f"with the same number (the data shards depend on it)")
-        self.lp.load_state_dict(state["latephase"])
-        self.epoch, self.log = state["epoch"], state["log"]
+        restore(self, load_checkpoint(self, FORMAT, "a fine-tuning", FinetuneError, world=self.world))
 
     # ------------------------------------------------------------------ the whole run
     def train(self) -> dict:

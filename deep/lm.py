@@ -49,7 +49,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -68,7 +67,7 @@ from .data.errors import DataError
 from .data.text import VOCAB_SIZE, BPTTBatcher, download_enwik8, load_enwik8
 from .models.lstm import CharLSTM
 from .schedule import lr_factor
-from .runs import SCHEMA, hardware, median, settings_change, sync, write_json_atomic, write_log
+from .runs import SCHEMA, hardware, load_checkpoint, median, restore, save_checkpoint, setup, sync, write_json_atomic
 from .train import TrainError, families
 
 FORMAT = "deep-lm/1"
@@ -224,25 +223,11 @@ class LMRun:
             raise ConfigError(f"swa_start ({cfg.swa_start}) must be >= T0 ({cfg.T0}): average after the release")
         if cfg.compile:
             raise ConfigError("compile is not supported for the enwik8 LSTM (its state changes shape at T0)")
-        self.command = command or " ".join(["python -m deep"] + sys.argv[1:])
-        self.distributed = dist_utils.init_from_env()
-        self.rank = dist.get_rank() if self.distributed else 0
-        self.world = dist.get_world_size() if self.distributed else 1
+        setup(self, cfg.name, self.seed, out, device, resume, command, TrainError)
         if cfg.batch_size % self.world:
             raise ConfigError(f"batch_size {cfg.batch_size} (rows per member) must be divisible by the "
                               f"{self.world} ranks")
-        if device is None:
-            device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
         self.amp = torch.bfloat16 if (self.device.type == "cuda" and cfg.bf16) else None
-        self.out = out or os.path.join("runs", f"{cfg.name}_seed{seed}")
-        self.ckpt_path = os.path.join(self.out, "checkpoint.pt")
-        if os.path.exists(self.ckpt_path) and not resume:
-            raise TrainError(f"{self.ckpt_path} exists: pass --resume to continue that run, or choose another --out")
-        if resume and not os.path.exists(self.ckpt_path):
-            raise TrainError(f"--resume: no checkpoint at {self.ckpt_path}; start the run without --resume")
-        if self.rank == 0:
-            os.makedirs(self.out, exist_ok=True)
 
         self._load_data(data_dir, download)
         torch.manual_seed(self.seed)
@@ -320,7 +305,7 @@ class LMRun:
         if cfg.late_phase and self.lp is None and self.epoch >= cfg.T0:
             self.release()
         if cfg.swa and self.swa is None and self.epoch >= cfg.swa_start:
-            self.swa = AveragedModel(self.model)
+            self._start_swa()
         K = self.lp.K if self.lp is not None else 1
         batcher = self._batcher(K)
         state = batcher.state_dict()
@@ -434,45 +419,15 @@ class LMRun:
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint(self):
-        state = {"format": FORMAT, "config": self.cfg.to_dict(), "seed": self.seed, "epoch": self.epoch,
-                 "steps": self.steps, "world_size": self.world, "log": self.log,
-                 "phase": "late" if self.lp is not None else "pre"}
-        if self.lp is not None:
-            state["latephase"] = self.lp.state_dict()
-        else:
-            state.update(model=self.model.state_dict(), optimizer=self.opt.state_dict(),
-                         scheduler=self.sched.state_dict(), rng=shared.checkpoint.rng_state())
-        if self.swa is not None:
-            state["swa"] = self.swa.state_dict()
-        shared.save(self.ckpt_path, state)
-        write_log(self.out, self.log)
+        save_checkpoint(self, FORMAT, steps=self.steps, world_size=self.world)
 
     def _resume(self):
-        state = shared.load(self.ckpt_path)
-        if state.get("format") != FORMAT:
-            raise TrainError(f"{self.ckpt_path} is not an enwik8 training checkpoint")
-        what = settings_change(state["config"], state["seed"], self.cfg.to_dict(), self.seed)
-        if what:
-            raise TrainError(f"--resume with different settings ({what}); resume with the run's own config and seed")
-        if state["world_size"] != self.world:
-            raise TrainError(f"the run used {state['world_size']} process(es), this one has {self.world}; resume "
-                             f"with the same number (each rank carries the state of its rows)")
-        self.epoch, self.log, self.steps = state["epoch"], state["log"], state["steps"]
-        if state["phase"] == "late":
-            # Rebuild the members on the fresh model, then load everything (weights, optimizers, schedulers, RNG).
-            self.release()
-            if "swa" in state:
-                self.swa = AveragedModel(self.model)
-            self.lp.load_state_dict(state["latephase"])
-        else:
-            self.model.load_state_dict(state["model"])
-            self.opt.load_state_dict(state["optimizer"])
-            self.sched.load_state_dict(state["scheduler"])
-            if "swa" in state:
-                self.swa = AveragedModel(self.model)
-            shared.checkpoint.set_rng_state(state["rng"])
-        if "swa" in state:
-            self.swa.load_state_dict(state["swa"])
+        state = load_checkpoint(self, FORMAT, "an enwik8 training", TrainError, world=self.world)
+        self.steps = state["steps"]
+        restore(self, state, release=self.release, start_swa=self._start_swa)
+
+    def _start_swa(self):
+        self.swa = AveragedModel(self.model)
 
     # ------------------------------------------------------------------ the whole run
     def train(self) -> dict:

@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 
 import torch
+
+import shared
+from shared import distributed as dist_utils
 
 SCHEMA = "late-phase-results/1"
 
@@ -38,6 +42,90 @@ def settings_change(saved: dict, saved_seed, mine: dict, seed) -> str | None:
     if not diff and saved_seed == seed:
         return None
     return ", ".join(f"{k}: {saved.get(k)!r} -> {mine[k]!r}" for k in diff[:4]) or f"seed {saved_seed} -> {seed}"
+
+
+def setup(run, name: str, seed: int, out: str | None, device: str | None, resume: bool, command: str | None,
+          error: type) -> None:
+    """Set-up common to the trainers: join the torchrun process group if there is one (``run.distributed``,
+    ``run.rank``, ``run.world``), pick the device (this rank's GPU, else the CPU), the output folder (default
+    runs/<name>_seed<seed>) and ``run.ckpt_path``, which must exist exactly when `resume` is set (else `error`)."""
+    run.command = command or " ".join(["python -m deep"] + sys.argv[1:])
+    run.distributed = dist_utils.init_from_env()
+    run.rank = torch.distributed.get_rank() if run.distributed else 0
+    run.world = torch.distributed.get_world_size() if run.distributed else 1
+    if device is None:
+        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+    run.device = torch.device(device)
+    run.out = out or os.path.join("runs", f"{name}_seed{seed}")
+    run.ckpt_path = os.path.join(run.out, "checkpoint.pt")
+    if os.path.exists(run.ckpt_path) and not resume:
+        raise error(f"{run.ckpt_path} exists: pass --resume to continue that run, or choose another --out")
+    if resume and not os.path.exists(run.ckpt_path):
+        raise error(f"--resume: no checkpoint at {run.ckpt_path}; start the run without --resume")
+    if run.rank == 0:
+        os.makedirs(run.out, exist_ok=True)
+
+
+def save_checkpoint(run, fmt: str, **extra) -> None:
+    """Save the complete state of a trainer atomically and rewrite its log.
+
+    `run` has ``cfg``, ``seed``, ``epoch``, ``log``, ``out``, ``ckpt_path`` and ``lp`` (the :class:`shared.LatePhase`
+    after the release, else None, when ``model``, ``opt`` and ``sched`` hold the plain run), and optionally ``swa``
+    (anything with ``state_dict``). Before the release the RNG states are saved too; after it they are part of
+    ``lp.state_dict()``. `extra` entries are stored as they are.
+    """
+    state = {"format": fmt, "config": run.cfg.to_dict(), "seed": run.seed, "epoch": run.epoch, "log": run.log,
+             **extra}
+    if run.lp is not None:
+        state.update(phase="late", latephase=run.lp.state_dict())
+    else:
+        state.update(phase="pre", model=run.model.state_dict(), optimizer=run.opt.state_dict(),
+                     scheduler=run.sched.state_dict(), rng=shared.checkpoint.rng_state())
+    if getattr(run, "swa", None) is not None:
+        state["swa"] = run.swa.state_dict()
+    shared.save(run.ckpt_path, state)
+    write_log(run.out, run.log)
+
+
+def load_checkpoint(run, fmt: str, kind: str, error: type, world: int | None = None) -> dict:
+    """Read ``run.ckpt_path`` and check that it continues this run: its format is `fmt` (else "not a `kind`
+    checkpoint"), its config and seed are this run's, and (if `world` is given) it was written by as many processes.
+    Failures raise `error` with a one-line message saying how to resume."""
+    state = shared.load(run.ckpt_path)
+    if not isinstance(state, dict) or state.get("format") != fmt:
+        raise error(f"{run.ckpt_path} is not {kind} checkpoint")
+    what = settings_change(state["config"], state["seed"], run.cfg.to_dict(), run.seed)
+    if what:
+        raise error(f"--resume with different settings ({what}); resume with the run's own settings and seed")
+    if world is not None and state.get("world_size") != world:
+        raise error(f"the run used {state.get('world_size')} process(es), this one has {world}; resume with the same "
+                    f"number (each rank's data shard depends on it)")
+    return state
+
+
+def restore(run, state: dict, release=None, start_swa=None) -> None:
+    """Load a checkpoint from :func:`load_checkpoint` into a freshly built `run` (see :func:`save_checkpoint`).
+
+    After the release, ``release()`` (if given) rebuilds the members on the fresh model first; ``start_swa()`` rebuilds
+    the SWA average where the checkpoint has one; then every state (weights, optimizers, schedulers, RNG, average)
+    is loaded, so the run continues bit for bit.
+    """
+    run.epoch, run.log = state["epoch"], state["log"]
+    if state["phase"] == "late":
+        if release is not None:
+            release()
+        if "swa" in state:
+            start_swa()
+        run.lp.load_state_dict(state["latephase"])
+    else:
+        run.model.load_state_dict(state["model"])
+        run.opt.load_state_dict(state["optimizer"])
+        run.sched.load_state_dict(state["scheduler"])
+        if "swa" in state:
+            start_swa()
+        shared.checkpoint.set_rng_state(state["rng"])
+    if "swa" in state:
+        run.swa.load_state_dict(state["swa"])
 
 
 def hardware(device: torch.device) -> dict:

@@ -30,7 +30,7 @@ from . import evaluate
 from .config import Config, ConfigError
 from .data import GPULoader, load_dataset, load_ood_sets
 from .models import wrn
-from .runs import SCHEMA, hardware, median, settings_change, sync, write_json_atomic, write_log
+from .runs import SCHEMA, hardware, load_checkpoint, median, restore, save_checkpoint, setup, sync, write_json_atomic
 from .schedule import lr_factor
 
 class TrainError(ValueError):
@@ -84,21 +84,7 @@ class Run:
             raise ConfigError("enwik8 configs train a language model: they are run by deep.lm (python -m deep train "
                               "dispatches them)")
         self.cfg, self.seed, self.progress = cfg.validate(), int(seed), progress
-        self.command = command or " ".join(["python -m deep"] + sys.argv[1:])
-        self.distributed = dist_utils.init_from_env()
-        self.rank = torch.distributed.get_rank() if self.distributed else 0
-        self.world = torch.distributed.get_world_size() if self.distributed else 1
-        if device is None:
-            device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
-        self.out = out or os.path.join("runs", f"{cfg.name}_seed{seed}")
-        self.ckpt_path = os.path.join(self.out, "checkpoint.pt")
-        if os.path.exists(self.ckpt_path) and not resume:
-            raise TrainError(f"{self.ckpt_path} exists: pass --resume to continue that run, or choose another --out")
-        if resume and not os.path.exists(self.ckpt_path):
-            raise TrainError(f"--resume: no checkpoint at {self.ckpt_path}; start the run without --resume")
-        if self.rank == 0:
-            os.makedirs(self.out, exist_ok=True)
+        setup(self, cfg.name, self.seed, out, device, resume, command, TrainError)
         cuda = self.device.type == "cuda"
         self.malloc = None
         if self.device.type == "cpu":
@@ -295,43 +281,17 @@ class Run:
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint(self):
-        state = {"format": "deep-run/1", "config": self.cfg.to_dict(), "seed": self.seed, "epoch": self.epoch,
-                 "log": self.log, "phase": "late" if self.lp is not None else "pre"}
-        if self.lp is not None:
-            state["latephase"] = self.lp.state_dict()
-        else:
-            state.update(model=self.model.state_dict(), optimizer=self.opt.state_dict(),
-                         scheduler=self.sched.state_dict(), rng=shared.checkpoint.rng_state())
-        if self.swa is not None:
-            state["swa"] = self.swa.state_dict()
-        shared.save(self.ckpt_path, state)
-        write_log(self.out, self.log)
+        save_checkpoint(self, "deep-run/1")
 
     def _resume(self):
-        state = shared.load(self.ckpt_path)
-        if state.get("format") != "deep-run/1":
-            raise TrainError(f"{self.ckpt_path} is not a deep training checkpoint")
-        what = settings_change(state["config"], state["seed"], self.cfg.to_dict(), self.seed)
-        if what:
-            raise TrainError(f"--resume with different settings ({what}); resume with the run's own config and seed")
-        self.epoch, self.log = state["epoch"], state["log"]
-        if state["phase"] == "late":
-            # Rebuild the members on the fresh model, then load everything (weights, optimizers, schedulers, RNG).
-            self.epoch = self.cfg.T0
-            self.release()
-            self.epoch = state["epoch"]
-            if "swa" in state:
-                self._start_swa()
-            self.lp.load_state_dict(state["latephase"])
-        else:
-            self.model.load_state_dict(state["model"])
-            self.opt.load_state_dict(state["optimizer"])
-            self.sched.load_state_dict(state["scheduler"])
-            if "swa" in state:
-                self._start_swa()
-            shared.checkpoint.set_rng_state(state["rng"])
-        if "swa" in state:
-            self.swa.load_state_dict(state["swa"])
+        state = load_checkpoint(self, "deep-run/1", "a deep training", TrainError)
+        restore(self, state, release=self._release_at_T0, start_swa=self._start_swa)
+
+    def _release_at_T0(self):
+        """Rebuild the members as they were released at epoch T0 (for resuming; the checkpoint then overwrites them)."""
+        epoch, self.epoch = self.epoch, self.cfg.T0
+        self.release()
+        self.epoch = epoch
 
     # ------------------------------------------------------------------ the whole run
     def train(self) -> dict:

@@ -114,3 +114,41 @@ def test_table_aggregates_seeds(tmp_path):
         load_results([str(tmp_path / "bad.json")])
     with pytest.raises(TableError, match="no results"):
         load_results([])
+
+
+def test_checkpoint_bookkeeping_refuses_foreign_checkpoints(tmp_path):
+    """deep.runs: a checkpoint of another format, other settings, seed or number of processes is refused with a
+    one-line message; a matching one round-trips the plain (pre-release) state."""
+    from types import SimpleNamespace
+
+    from deep import runs
+
+    class Cfg:
+        def __init__(self, lr):
+            self.lr = lr
+
+        def to_dict(self):
+            return {"lr": self.lr, "sizes": [1, 2]}
+
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    run = SimpleNamespace(cfg=Cfg(0.1), seed=0, epoch=3, log=[{"epoch": 3}], out=str(tmp_path), lp=None,
+                          model=model, opt=opt, sched=torch.optim.lr_scheduler.StepLR(opt, 1),
+                          ckpt_path=str(tmp_path / "checkpoint.pt"))
+    runs.save_checkpoint(run, "fmt/1", world_size=2)
+    assert (tmp_path / "log.jsonl").read_text() == '{"epoch": 3}\n'
+    with pytest.raises(ValueError, match="is not a test checkpoint"):
+        runs.load_checkpoint(run, "other/1", "a test", ValueError)
+    with pytest.raises(ValueError, match="process"):
+        runs.load_checkpoint(run, "fmt/1", "a test", ValueError, world=1)
+    for change in ({"cfg": Cfg(0.2)}, {"seed": 1}):
+        other = SimpleNamespace(**{**vars(run), **change})
+        with pytest.raises(ValueError, match="different settings"):
+            runs.load_checkpoint(other, "fmt/1", "a test", ValueError, world=2)
+    fresh_model = torch.nn.Linear(2, 1)
+    fresh_opt = torch.optim.SGD(fresh_model.parameters(), lr=0.1)
+    fresh = SimpleNamespace(**{**vars(run), "epoch": 0, "log": [], "model": fresh_model, "opt": fresh_opt,
+                               "sched": torch.optim.lr_scheduler.StepLR(fresh_opt, 1)})
+    runs.restore(fresh, runs.load_checkpoint(fresh, "fmt/1", "a test", ValueError, world=2))
+    assert fresh.epoch == 3 and fresh.log == [{"epoch": 3}]
+    assert torch.equal(fresh_model.weight, model.weight)

@@ -62,7 +62,8 @@ from shared import distributed as dist_utils
 from .data.errors import DataError
 from .data.imagenet import EpochSampler, imagenet_datasets, train_transform, val_transform
 from .models.torchvision_models import PAPER_ARCHS, build_pretrained
-from .runs import SCHEMA, hardware, load_checkpoint, restore, save_checkpoint, setup, sync, write_json_atomic
+from .runs import (SCHEMA, Trainer, hardware, load_checkpoint, restore,
+                   save_checkpoint, setup, sync, write_json_atomic)
 
 FORMAT = "deep-finetune/1"
 ECE_BINS = 15
@@ -273,7 +274,7 @@ def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 # ----------------------------------------------------------------------------- the run
 
-class FineTune:
+class FineTune(Trainer):
     """One fine-tuning run: data, pretrained model, late-phase BatchNorm, the epoch loop, evaluation, checkpoints."""
 
     def __init__(self, cfg: FinetuneConfig, data_dir: str, seed: int = 0, out: str | None = None,
@@ -319,10 +320,7 @@ class FineTune:
                                    gamma_theta=cfg.gamma_theta,
                                    theta_optimizer=opt, phi_optimizer=opt, theta_scheduler=theta_schedule,
                                    path=cfg.path, T0=0, check_finite_every=0, autocast=self.amp)
-        if resume:
-            self._resume()
-        elif self.rank == 0:
-            write_json_atomic(os.path.join(self.out, "config.json"), {"config": cfg.to_dict(), "seed": self.seed})
+        self._begin(resume)
 
     # ------------------------------------------------------------------ data
     def _loader(self, dataset, batch_size: int, shuffle: bool, seed: int = 0, epoch: int = 0,
@@ -470,11 +468,6 @@ class FineTune:
         restore(self, load_checkpoint(self, FORMAT, "a fine-tuning", FinetuneError, world=self.world))
 
     # ------------------------------------------------------------------ the whole run
-    def train(self) -> dict:
-        while self.epoch < self.cfg.epochs:
-            self.run_epoch()
-        return self.evaluate()
-
     def evaluate(self) -> dict:
         cfg = self.cfg
         t_start = time.perf_counter()

@@ -67,7 +67,8 @@ from .data.errors import DataError
 from .data.text import VOCAB_SIZE, BPTTBatcher, download_enwik8, load_enwik8
 from .models.lstm import CharLSTM
 from .schedule import lr_factor
-from .runs import SCHEMA, hardware, load_checkpoint, median, restore, save_checkpoint, setup, sync, write_json_atomic
+from .runs import (SCHEMA, Trainer, hardware, load_checkpoint, median, restore,
+                   save_checkpoint, setup, sync, write_json_atomic)
 from .train import TrainError, families
 
 FORMAT = "deep-lm/1"
@@ -208,7 +209,7 @@ def bpc(nats: torch.Tensor | float, count: int) -> float:
 
 # ----------------------------------------------------------------------------- the run
 
-class LMRun:
+class LMRun(Trainer):
     """One enwik8 run: data, model, optimisers and the epoch loop, with checkpoints and resume (see module doc)."""
 
     def __init__(self, cfg: Config, seed: int = 0, data_dir: str = "data", out: str | None = None,
@@ -243,10 +244,7 @@ class LMRun:
         self.log: list = []
         self.epoch = 0
         self.steps = 0  # windows (outer steps) trained
-        if resume:
-            self._resume()
-        elif self.rank == 0:
-            write_json_atomic(os.path.join(self.out, "config.json"), {"config": cfg.to_dict(), "seed": self.seed})
+        self._begin(resume)
 
     # ------------------------------------------------------------------ data
     def _load_data(self, data_dir, download):
@@ -430,11 +428,6 @@ class LMRun:
         self.swa = AveragedModel(self.model)
 
     # ------------------------------------------------------------------ the whole run
-    def train(self) -> dict:
-        while self.epoch < self.cfg.epochs:
-            self.run_epoch()
-        return self.evaluate()
-
 
 class _LateView:
     """A late-phase model (LatePhase.model or its SWA average) with its number of members."""

@@ -44,6 +44,24 @@ def settings_change(saved: dict, saved_seed, mine: dict, seed) -> str | None:
     return ", ".join(f"{k}: {saved.get(k)!r} -> {mine[k]!r}" for k in diff[:4]) or f"seed {saved_seed} -> {seed}"
 
 
+class Trainer:
+    """What the three trainers share besides :func:`setup`: the start or resumption of a run (:meth:`_begin`) and the
+    epoch loop (:meth:`train`). A subclass defines ``run_epoch()``, ``evaluate()`` and ``_resume()``."""
+
+    def _begin(self, resume: bool) -> None:
+        """Load the checkpoint (resume) or record the run's settings in config.json (new run)."""
+        if resume:
+            self._resume()
+        elif self.rank == 0:
+            write_json_atomic(os.path.join(self.out, "config.json"), {"config": self.cfg.to_dict(), "seed": self.seed})
+
+    def train(self) -> dict:
+        """Run the remaining epochs, then evaluate; returns the results dict (also in results.json)."""
+        while self.epoch < self.cfg.epochs:
+            self.run_epoch()
+        return self.evaluate()
+
+
 def setup(run, name: str, seed: int, out: str | None, device: str | None, resume: bool, command: str | None,
           error: type) -> None:
     """Set-up common to the trainers: join the torchrun process group if there is one (``run.distributed``,

@@ -30,7 +30,8 @@ from . import evaluate
 from .config import Config, ConfigError
 from .data import GPULoader, load_dataset, load_ood_sets
 from .models import wrn
-from .runs import SCHEMA, hardware, load_checkpoint, median, restore, save_checkpoint, setup, sync, write_json_atomic
+from .runs import (SCHEMA, Trainer, hardware, load_checkpoint, median, restore,
+                   save_checkpoint, setup, sync, write_json_atomic)
 from .schedule import lr_factor
 
 class TrainError(ValueError):
@@ -74,7 +75,7 @@ def build_model(cfg: Config, num_classes: int, in_channels: int) -> nn.Module:
 
 # ----------------------------------------------------------------------------- the run
 
-class Run:
+class Run(Trainer):
     """One training run: data, model, optimizers and the epoch loop, with checkpoints and resume."""
 
     def __init__(self, cfg: Config, seed: int = 0, data_dir: str = "data", out: str | None = None,
@@ -108,10 +109,7 @@ class Run:
         self.swa = None
         self.log: list = []
         self.epoch = 0
-        if resume:
-            self._resume()
-        elif self.rank == 0:
-            write_json_atomic(os.path.join(self.out, "config.json"), {"config": cfg.to_dict(), "seed": self.seed})
+        self._begin(resume)
 
     # ------------------------------------------------------------------ data
     def _load_data(self, data_dir, download):
@@ -294,11 +292,6 @@ class Run:
         self.epoch = epoch
 
     # ------------------------------------------------------------------ the whole run
-    def train(self) -> dict:
-        while self.epoch < self.cfg.epochs:
-            self.run_epoch()
-        return self.evaluate()
-
     def evaluate(self) -> dict:
         cfg = self.cfg
         t_start = time.perf_counter()

@@ -144,3 +144,19 @@ def test_module_entry_point_subprocess():
     r = subprocess.run([sys.executable, "-m", "nqp", "predict", "--lr", "5"], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_readme_python_example_runs():
+    """The README's nqp snippet runs as written (a few seconds), and its closed form and Lyapunov paths agree."""
+    import os
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    text = open(os.path.join(root, "README.md")).read()
+    section = text.split("From Python:", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    ns: dict = {}
+    exec(code, ns)
+    p, lp = ns["p"], ns["lp"]
+    a = ns["steady_state"](p, lp).excess_loss_mean_model
+    assert a == pytest.approx(ns["steady_state"](p, lp, "lyapunov").excess_loss_mean_model, rel=1e-9)

@@ -29,12 +29,42 @@ def _fail(msg: str) -> int:
     return 2
 
 
-def _positive_int(text):
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    return v
+def _int_at_least(lo: int | None):
+    def parse(text):
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if lo is not None and v < lo:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {v}")
+        return v
+    return parse
+
+
+# Flags whose range is checked where the value is used (with a message naming the bound) are parsed with _int.
+_int, _positive_int, _nonneg_int = _int_at_least(None), _int_at_least(1), _int_at_least(0)
+
+
+def _out_folder(path: str) -> str:
+    """An output folder: created if missing; an existing file there is a usage error."""
+    if not path:
+        raise NQPError("--out must name a folder")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NQPError(f"--out {path} exists and is not a folder; choose another --out")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def _out_png(path: str) -> str:
+    """An output PNG path: must end in .png and not be a folder."""
+    if not path.lower().endswith(".png"):
+        raise NQPError(f"--out {path!r} must end in .png (figures are written as PNG)")
+    if os.path.isdir(path):
+        raise NQPError(f"--out {path} is a folder; give a file name ending in .png")
+    folder = os.path.dirname(path)
+    if folder:
+        _out_folder(folder)
+    return path
 
 
 # ----------------------------------------------------------------------------- flags
@@ -54,7 +84,7 @@ def _problem_flags(p):
 def _method_flags(p, method_default="additive", gamma_default=1.0):
     g = p.add_argument_group("method")
     g.add_argument("--method", choices=["sgd", "additive", "multiplicative"], default=method_default)
-    g.add_argument("--K", type=_positive_int, default=10, help="number of late-phase members (default 10)")
+    g.add_argument("--K", type=_int, default=10, help="number of late-phase members (default 10)")
     g.add_argument("--gamma-theta", type=float, default=None,
                    help=f"base-gradient scale: theta <- theta - lr_theta * gamma_theta * sum_k g_k "
                         f"(default {gamma_default:g}; 1/K averages the member gradients)")
@@ -63,9 +93,9 @@ def _method_flags(p, method_default="additive", gamma_default=1.0):
     g.add_argument("--lr-phi", type=float, help="late-phase step of each phi_k (default --lr)")
     g.add_argument("--momentum", type=float, default=0.0, help="momentum mu in [0, 1) (torch convention)")
     g.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
-    g.add_argument("--batch", type=_positive_int, default=1, help="SGD only: minibatches averaged per step")
+    g.add_argument("--batch", type=_int, default=1, help="SGD only: minibatches averaged per step")
     g.add_argument("--ensemble", action="store_true", help="SGD only: K independent runs averaged at the end")
-    g.add_argument("--swa-window", type=_positive_int, metavar="W",
+    g.add_argument("--swa-window", type=_int, metavar="W",
                    help="tail-average the mean model over the last W minibatches")
 
 
@@ -115,6 +145,11 @@ def _g(v) -> str:
 
 
 def _dump(obj):
+    print(_json(obj, indent=2))
+
+
+def _json(obj, indent=1) -> str:
+    """JSON text with non-finite floats written as null (JSON has no NaN or infinity)."""
     def conv(o):
         if isinstance(o, float) and not math.isfinite(o):
             return None
@@ -125,7 +160,7 @@ def _dump(obj):
         if isinstance(o, np.generic):
             return conv(o.item())
         return o
-    print(json.dumps(conv(obj), indent=2))
+    return json.dumps(conv(obj), indent=indent, allow_nan=False, default=str)
 
 
 def _params_dict(m) -> dict:
@@ -253,10 +288,10 @@ def cmd_sweep(a) -> int:
     if not xv or not yv:
         raise NQPError("--x and --y take a parameter name followed by values")
     res = grid(problem, a.method, base, (xn, parse_values(xn, xv)), (yn, parse_values(yn, yv)))
-    os.makedirs(a.out, exist_ok=True)
+    _out_folder(a.out)
     d = {"problem": problem.describe(), "method": a.method, "base": base, **res.to_dict()}
     files = {"json": os.path.join(a.out, "sweep.json"), "csv": os.path.join(a.out, "sweep.csv")}
-    write_atomic(files["json"], json.dumps(d, indent=1, allow_nan=False, default=str).replace("NaN", "null"))
+    write_atomic(files["json"], _json(d))
     header = [xn, yn, "excess_loss_mean_model", "excess_loss_members", "excess_loss_sgd", "gain_over_sgd", "stable"]
     lines = [",".join(header)] + [",".join(str(r[k]) for k in header) for r in res.rows()]
     write_atomic(files["csv"], "\n".join(lines) + "\n")
@@ -270,8 +305,11 @@ def cmd_sweep(a) -> int:
     if a.json:
         _dump({**d, "files": files})
         return 0
-    best = np.unravel_index(np.nanargmax(res.gain), res.gain.shape) if np.any(res.stable) else None
+    finite = np.isfinite(res.gain)
+    best = np.unravel_index(np.argmax(np.where(finite, res.gain, -np.inf)), res.gain.shape) if finite.any() else None
     print(f"sweep of {xn} x {yn}: {res.stable.sum()} of {res.stable.size} points stable")
+    if best is None and res.stable.any():
+        print("no gain over SGD is defined (SGD's stationary loss is 0 or unstable at every point, e.g. --noise 0)")
     if best is not None:
         j, i = best
         print(f"largest gain over SGD: {res.gain[j, i]:.4g} at {xn}={res.x[i]:g}, {yn}={res.y[j]:g}")
@@ -293,6 +331,7 @@ def cmd_curve(a) -> int:
     method = make_method(a.method, **method_params(a))
     sgd = SGD(a.lr, a.momentum, a.nesterov)
     path = "lyapunov" if a.lyapunov else "closed"
+    _out_png(a.out)
     curve = learning_curve(problem, method, sgd, T0=a.t0, horizon=a.horizon, w0=_vec(a.w0), sigma0=a.sigma0,
                            points=a.points, swa_start=a.swa_start, path=path)
     mc = None
@@ -318,6 +357,7 @@ def cmd_curve(a) -> int:
 
 def cmd_docs(a) -> int:
     from .docs import build
+    _out_folder(a.out)
     for path in build(a.out, quick=a.quick, progress=sys.stderr.isatty()):
         print(f"wrote {path}")
     return 0
@@ -337,10 +377,11 @@ def make_parser() -> argparse.ArgumentParser:
     ss = sub.add_parser("simulate", help="Monte Carlo estimate with standard errors, beside the prediction")
     _problem_flags(ss)
     _method_flags(ss)
-    ss.add_argument("--steps", type=_positive_int, default=20000, help="minibatches averaged after burn-in")
-    ss.add_argument("--burn-in", type=int, default=None, help="minibatches discarded first (default: automatic)")
-    ss.add_argument("--runs", type=_positive_int, default=32, help="independent runs (>= 2)")
-    ss.add_argument("--seed", type=int, default=0)
+    ss.add_argument("--steps", type=_int, default=20000, help="minibatches averaged after burn-in")
+    ss.add_argument("--burn-in", type=_nonneg_int, default=None,
+                    help="minibatches discarded first (default: automatic)")
+    ss.add_argument("--runs", type=_int, default=32, help="independent runs (>= 2)")
+    ss.add_argument("--seed", type=_nonneg_int, default=0)
     ss.add_argument("--threads", type=_positive_int, default=None, help="worker threads (default: all cores)")
     ss.add_argument("--json", action="store_true")
     ss.set_defaults(func=cmd_simulate)
@@ -362,11 +403,11 @@ def make_parser() -> argparse.ArgumentParser:
     sc.add_argument("--w0", type=float, nargs="+", default=[0.0], help="start weights (default 0)")
     sc.add_argument("--sigma0", type=float, default=0.0, help="std of the noise added to each phi_k at T0")
     sc.add_argument("--swa-start", type=int, default=None, help="also show the running average from this minibatch")
-    sc.add_argument("--points", type=_positive_int, default=300, help="evaluation times")
+    sc.add_argument("--points", type=_int, default=300, help="evaluation times")
     sc.add_argument("--lyapunov", action="store_true", help="propagate the full (theta, phi_1..K) system")
     sc.add_argument("--simulate", action="store_true", help="overlay Monte Carlo points (±2 standard errors)")
-    sc.add_argument("--runs", type=_positive_int, default=200)
-    sc.add_argument("--seed", type=int, default=0)
+    sc.add_argument("--runs", type=_int, default=200)
+    sc.add_argument("--seed", type=_nonneg_int, default=0)
     sc.add_argument("--threads", type=_positive_int, default=None)
     sc.add_argument("--out", default="nqp_curve.png", help="PNG path (default nqp_curve.png)")
     sc.add_argument("--json", action="store_true")
@@ -390,6 +431,9 @@ def main(argv=None) -> int:
         return int(e.code or 0)
     except NQPError as e:
         return _fail(str(e))
+    except OSError as e:  # an output path that cannot be written
+        where = f" {e.filename}" if e.filename else ""
+        return _fail(f"cannot write{where}: {e.strerror or e}; choose another --out")
     except KeyboardInterrupt:
         return _fail("interrupted")
 

@@ -17,6 +17,7 @@ while w stays near w*; before T0 the SGD phase is exact).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -59,7 +60,19 @@ def time_grid(T0: int, horizon: int, K: int, points: int = 200) -> np.ndarray:
     pre = np.round(raw[raw < T0]).astype(int)
     post = T0 + K * np.round((raw[raw >= T0] - T0) / K).astype(int)
     t = np.unique(np.concatenate([pre, [T0], post[post <= horizon]]))
+    if len(t) < 2:
+        raise NQPError(f"--horizon ({horizon}) must reach at least one outer step past --t0: >= {T0 + K} (T0 + K)")
     return t
+
+
+def start_weights(w0, dim: int) -> np.ndarray:
+    """The start w_0 (one value broadcasts, or one per coordinate), checked finite."""
+    w = np.asarray(w0, float).reshape(-1)
+    if w.size not in (1, dim):
+        raise NQPError(f"--w0 takes one value or one per coordinate ({dim}), got {w.size}")
+    if not np.all(np.isfinite(w)):
+        raise NQPError("--w0 must be finite")
+    return np.broadcast_to(w if w.size == dim else w[0], (dim,))
 
 
 def _observe(h, C, mean, cov):
@@ -86,6 +99,21 @@ def _with_sum(A, B, C, mean, cov):
     return Aa, Ba, m, c
 
 
+def _finite(fn):
+    """Run a curve computation with float overflow silenced, and refuse a curve that overflowed."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with np.errstate(over="ignore", invalid="ignore"):
+            curve = fn(*args, **kwargs)
+        # (a tail-average series is NaN before its start, by design)
+        if any(np.isinf(v).any() or ("swa" not in k and np.isnan(v).any()) for k, v in curve.series.items()):
+            raise NQPError("the predicted loss overflows float64 (values near 1e308); rescale the problem "
+                           "(smaller --w0, --noise, --curvature or --optimum)")
+        return curve
+    return run
+
+
+@_finite
 def learning_curve(problem: Problem, method: LatePhase, sgd: SGD, *, T0: int, horizon: int,
                    w0=0.0, sigma0: float = 0.0, points: int = 200, swa_start: int | None = None,
                    path: str = "closed", sgd_after: SGD | None = None) -> Curve:
@@ -112,7 +140,7 @@ def learning_curve(problem: Problem, method: LatePhase, sgd: SGD, *, T0: int, ho
     if swa_start is not None and not (T0 <= swa_start < horizon and (swa_start - T0) % K == 0):
         raise NQPError(f"--swa-start must be T0 + K n below the horizon (T0={T0}, K={K}), got {swa_start}")
     h, d = problem.curvature, problem.dim
-    w0 = np.broadcast_to(np.asarray(w0, float), (d,))
+    w0 = start_weights(w0, d)
     mom = bool(sgd.momentum)
     n_sgd = 2 if mom else 1
 

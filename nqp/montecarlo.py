@@ -102,6 +102,11 @@ def _run_tiles(run_tile, n: int, threads: int | None, bar) -> None:
         bar.close()
 
 
+def _check_seed(seed) -> None:
+    if isinstance(seed, bool) or int(seed) != seed or seed < 0:
+        raise NQPError(f"--seed must be a non-negative integer, got {seed}")
+
+
 def _rng(seed: int, index: int) -> np.random.Generator:
     return np.random.Generator(np.random.SFC64(np.random.SeedSequence(seed, spawn_key=(index,))))
 
@@ -201,6 +206,7 @@ def simulate(problem, method, *, steps: int, burn_in: int | None = None, runs: i
 
     if int(runs) != runs or runs < 2:
         raise NQPError(f"--runs must be an integer >= 2 (standard errors need two runs), got {runs}")
+    _check_seed(seed)
     mpb = method.minibatches_per_step
     if isinstance(method, TailAverage):
         if steps < method.window:
@@ -268,9 +274,13 @@ def simulate(problem, method, *, steps: int, burn_in: int | None = None, runs: i
     n_rec = n_steps // window if window else n_steps
     per_mean, per_mem = acc_mean / n_rec, acc_mem / n_rec
     updates = int(runs) * problem.dim * members * (n_burn + n_steps)
-    se = lambda a: float(a.std(ddof=1) / math.sqrt(a.size))  # noqa: E731
-    return MCResult(method.name, float(per_mean.mean()), se(per_mean), float(per_mem.mean()), se(per_mem),
-                    int(runs), n_steps * mpb, n_burn * mpb, int(seed), updates, seconds, per_mean, per_mem)
+    with np.errstate(over="ignore", invalid="ignore"):
+        se = lambda a: float(a.std(ddof=1) / math.sqrt(a.size))  # noqa: E731
+        stats = (float(per_mean.mean()), se(per_mean), float(per_mem.mean()), se(per_mem))
+    if not all(math.isfinite(v) for v in stats):
+        raise DivergedError("the simulated losses overflow float64 (values near 1e308); rescale the problem "
+                            "(smaller --noise, --curvature or --optimum)")
+    return MCResult(method.name, *stats, int(runs), n_steps * mpb, n_burn * mpb, int(seed), updates, seconds, per_mean, per_mem)
 
 
 # ----------------------------------------------------------------------------- learning curves
@@ -281,17 +291,18 @@ def simulate_curve(problem, method: LatePhase, sgd: SGD, *, T0: int, horizon: in
     """Simulate the protocol of :func:`nqp.curves.learning_curve` (SGD until T0, then `method`;
     SGD continuing beside it on the same noise up to T0). Returns a Curve of the run means with
     standard errors for the series sgd, latephase_mean, latephase_members (and latephase_swa)."""
-    from .curves import Curve, time_grid
+    from .curves import Curve, start_weights, time_grid
 
     if int(runs) != runs or runs < 2:
         raise NQPError(f"--runs must be an integer >= 2, got {runs}")
+    _check_seed(seed)
     K = method.K
     t = time_grid(T0, horizon, K, points)
     if swa_start is not None and not (T0 <= swa_start < horizon and (swa_start - T0) % K == 0):
         raise NQPError(f"--swa-start must be T0 + K n below the horizon (T0={T0}, K={K}), got {swa_start}")
     names = ["sgd", "latephase_mean", "latephase_members"] + (["latephase_swa"] if swa_start is not None else [])
     out = {k: np.zeros((int(runs), len(t))) for k in names}
-    w0 = np.broadcast_to(np.asarray(w0, float), (problem.dim,))
+    w0 = start_weights(w0, problem.dim)
     tiles = _tiles(int(runs), problem.dim, K)
     lock = threading.Lock()
     bar = _Progress(len(tiles) * int(horizon), progress, "simulate curve")

@@ -41,16 +41,22 @@ def parse_values(name: str, tokens) -> np.ndarray:
                 vals.extend(np.geomspace(a, b, n))
             else:
                 vals.extend(np.linspace(a, b, n))
+        except NQPError:
+            raise
         except ValueError:
             raise NQPError(f"{name}: cannot read {tok!r}; give numbers or start:stop:num[:log]") from None
     if not vals:
         raise NQPError(f"{name}: no values given")
     arr = np.asarray(vals, float)
+    if not np.all(np.isfinite(arr)):
+        raise NQPError(f"{name}: values must be finite, got {', '.join(f'{v:g}' for v in arr[~np.isfinite(arr)])}")
     if name == "K":
-        if np.any(arr < 1) or np.any(arr != np.round(arr)):
-            arr = np.round(arr)
-            if np.any(arr < 1):
-                raise NQPError("K values must be >= 1")
+        given = [float(t) for t in tokens if ":" not in str(t)]
+        if any(v != round(v) for v in given):
+            raise NQPError(f"K values must be integers, got {', '.join(f'{v:g}' for v in given if v != round(v))}")
+        arr = np.round(arr)  # a range is rounded to the integers it passes
+        if np.any(arr < 1) or np.any(arr > 2 ** 31):
+            raise NQPError("K values must be between 1 and 2^31")
         arr = np.unique(arr.astype(int)).astype(float)
     return arr
 
@@ -84,7 +90,7 @@ class SweepResult:
     def to_dict(self) -> dict:
         return {"x": {"name": self.x_name, "values": self.x.tolist()},
                 "y": {"name": self.y_name, "values": self.y.tolist()},
-                "points": [{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in r.items()}
+                "points": [{k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in r.items()}
                            for r in self.rows()]}
 
 
@@ -100,6 +106,8 @@ def grid(problem, method: str, base: dict, x: tuple, y: tuple, chunk_elements: i
         raise NQPError("--x and --y must name different parameters")
     if method == "sgd" and {xn, yn} & {"K", "gamma_theta", "lr_theta", "lr_phi"}:
         raise NQPError("with --method sgd only lr and momentum can be swept")
+    if method == "multiplicative" and np.any(problem.optimum == 0):
+        raise NQPError("the multiplicative model needs a nonzero optimum in every coordinate (--optimum)")
     # Validate every grid value once by building the method at the axis extremes.
     for xi in (xv.min(), xv.max()):
         for yi in (yv.min(), yv.max()):
@@ -116,7 +124,8 @@ def grid(problem, method: str, base: dict, x: tuple, y: tuple, chunk_elements: i
     nest = bool(base.get("nesterov", False))
     h, s = problem.curvature, problem.noise
     h_step = h * np.abs(problem.optimum) if method == "multiplicative" else h
-    weights = 0.5 * h * s                      # E_i = 1/2 h_i s_i g(a_i, mu)
+    with np.errstate(over="ignore"):
+        weights = 0.5 * h * s                  # E_i = 1/2 h_i s_i g(a_i, mu)
     mu = P["momentum"]
     edge = np.array([cf.stability_edge(m, nest) for m in mu])
     sgd = _summed(P["lr"], h, weights, mu, nest, chunk_elements)
@@ -131,6 +140,9 @@ def grid(problem, method: str, base: dict, x: tuple, y: tuple, chunk_elements: i
         # Mean model: SGD with lr_eff and noise s/K; deviations: lr_phi and noise s (1 - 1/K).
         mean = _summed(lr_eff, h_step, weights, mu, nest, chunk_elements) / K
         mem = mean + _summed(P["lr_phi"], h_step, weights, mu, nest, chunk_elements) * (1 - 1 / K)
+    if np.any(stable & ~(np.isfinite(mean) & np.isfinite(mem))) or np.any(np.isinf(sgd)):
+        raise NQPError("the predicted loss overflows float64 (values near 1e308); rescale the problem "
+                       "(smaller --noise, --curvature or --optimum)")
     mean = np.where(stable, mean, np.nan)
     mem = np.where(stable, mem, np.nan)
     return SweepResult(xn, xv, yn, yv, mean.reshape(shape), mem.reshape(shape), sgd.reshape(shape),

@@ -185,7 +185,11 @@ def steady_state(problem: Problem, method, path: str = "closed") -> Prediction:
     conds = check_stable(problem, method)
     if path == "closed" and isinstance(method, TailAverage) and method.base.momentum:
         path = "lyapunov"
-    mean, mem = (_closed if path == "closed" else _lyapunov)(problem, method)
+    with np.errstate(over="ignore", invalid="ignore"):
+        mean, mem = (_closed if path == "closed" else _lyapunov)(problem, method)
+    if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(mem))):
+        raise NQPError("the predicted loss overflows float64 (values near 1e308); rescale the problem "
+                       "(smaller --noise, --curvature or --optimum)")
     label = path
     base = method.base if isinstance(method, (Ensemble, TailAverage)) else method
     if isinstance(base, LatePhase) and base.kind == "multiplicative":

@@ -160,3 +160,55 @@ def test_readme_python_example_runs():
     p, lp = ns["p"], ns["lp"]
     a = ns["steady_state"](p, lp).excess_loss_mean_model
     assert a == pytest.approx(ns["steady_state"](p, lp, "lyapunov").excess_loss_mean_model, rel=1e-9)
+
+
+ERRORS_MORE = [
+    (["simulate", "--dim", "3", "--K", "2", "--runs", "2", "--steps", "50", "--seed", "-1"], "--seed: expected an integer >= 0"),
+    (["simulate", "--dim", "3", "--K", "2", "--runs", "2", "--steps", "50", "--threads", "0"], "--threads: expected an integer >= 1"),
+    (["simulate", "--dim", "3", "--K", "2", "--runs", "2", "--steps", "50", "--noise", "1e308"], "overflow float64"),
+    (["predict", "--curvature", "1e300", "--noise", "1e300", "--lr", "1e-301"], "overflows float64"),
+    (["sweep", "--dim", "5", "--x", "K", "nan", "--y", "lr", "0.1"], "K: values must be finite"),
+    (["sweep", "--dim", "5", "--x", "K", "1e30", "--y", "lr", "0.1"], "K values must be between 1 and 2^31"),
+    (["sweep", "--dim", "5", "--x", "K", "2.5", "--y", "lr", "0.1"], "K values must be integers, got 2.5"),
+    (["sweep", "--dim", "5", "--x", "K", "2", "--y", "lr", "0:1:3:log"], "a log range needs positive ends"),
+    (["sweep", "--dim", "5", "--x", "K", "2", "--y", "lr", "0.1", "--method", "multiplicative", "--optimum", "0", "1",
+      "1", "1", "1"], "nonzero optimum"),
+    (["sweep", "--curvature", "1e300", "--noise", "1e300", "--x", "K", "2", "3", "--y", "lr", "1e-301"],
+     "overflows float64"),
+    (["curve", "--dim", "5", "--K", "2", "--t0", "20", "--horizon", "60", "--w0", "nan"], "--w0 must be finite"),
+    (["curve", "--dim", "5", "--K", "2", "--t0", "20", "--horizon", "60", "--w0", "1", "2"],
+     "--w0 takes one value or one per coordinate (5), got 2"),
+    (["curve", "--dim", "5", "--K", "2", "--t0", "20", "--horizon", "60", "--w0", "1e200"], "overflows float64"),
+    (["curve", "--dim", "5", "--K", "2", "--t0", "0", "--horizon", "1"], ">= 2 (T0 + K)"),
+    (["curve", "--dim", "5", "--K", "2", "--t0", "20", "--horizon", "60", "--out", "c.pdf"], "must end in .png"),
+]
+
+
+@pytest.mark.parametrize("argv,message", ERRORS_MORE)
+def test_more_errors_exit_2_with_one_line(capsys, tmp_path, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)  # any output lands in a scratch folder
+    test_errors_exit_2_with_one_line(capsys, argv, message)
+
+
+def test_output_path_errors(capsys, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    (tmp_path / "folder").mkdir()
+    sweep = ["sweep", "--dim", "3", "--x", "K", "2", "--y", "lr", "0.1", "--out"]
+    curve = ["curve", "--dim", "3", "--K", "2", "--t0", "10", "--horizon", "30", "--points", "5", "--out"]
+    for argv, message in [(sweep + [str(afile)], "exists and is not a folder"),
+                          (sweep + [str(afile / "sub")], "cannot write"),
+                          (sweep + [""], "--out must name a folder"),
+                          (curve + [str(afile / "x.png")], "exists and is not a folder"),
+                          (curve + [str(tmp_path / "folder")], "must end in .png"),
+                          (["docs", "--quick", "--out", str(afile)], "exists and is not a folder")]:
+        test_errors_exit_2_with_one_line(capsys, argv, message)
+
+
+def test_sweep_without_noise_has_no_gain_but_succeeds(capsys, tmp_path):
+    code, out, err = run(capsys, "sweep", "--dim", "3", "--noise", "0", "--x", "K", "2", "3", "--y", "lr", "0.1",
+                         "--out", str(tmp_path))
+    assert code == 0, err
+    assert "no gain over SGD is defined" in out
+    d = json.loads((tmp_path / "sweep.json").read_text())
+    assert all(p["gain_over_sgd"] is None for p in d["points"])

@@ -163,6 +163,8 @@ def test_readme_python_example_runs():
 
 
 ERRORS_MORE = [
+    (["simulate", "--dim", "3", "--K", "2", "--runs", "2", "--steps", "50", "--method", "multiplicative",
+      "--optimum", "1e-300"], "the slowest mode does not relax in float64"),
     (["simulate", "--dim", "3", "--K", "2", "--runs", "2", "--steps", "50", "--seed", "-1"], "--seed: expected an integer >= 0"),
     (["simulate", "--dim", "3", "--K", "2", "--runs", "2", "--steps", "50", "--threads", "0"], "--threads: expected an integer >= 1"),
     (["simulate", "--dim", "3", "--K", "2", "--runs", "2", "--steps", "50", "--noise", "1e308"], "overflow float64"),

@@ -25,6 +25,13 @@ import torch.nn.functional as F
 from shared import BatchNorm, Head, LatePhase, sgd
 
 from .models import wrn
+from .runs import pick_device
+
+MIN_IMAGE_SIZE = 8  # the WRN halves the resolution twice; BatchNorm needs more than one value per channel
+
+
+class BenchError(ValueError):
+    """Invalid benchmark arguments (one actionable line)."""
 
 
 def cpu_name() -> str:
@@ -77,7 +84,8 @@ def forward_macs(model, x) -> int:
 
 
 def add_arguments(ap):
-    ap.add_argument("--arch", default=None, help="WRN depth-width (default 28-10 on CUDA, 16-4 on the CPU)")
+    ap.add_argument("--arch", default=None,
+                    help="WRN depth-width, e.g. 16-4 or wrn-16-4 (default 28-10 on CUDA, 16-4 on the CPU)")
     ap.add_argument("--K", type=int, default=10, help="members (default 10)")
     ap.add_argument("--batch", type=int, default=None, help="per-member minibatch B (default 16 on CPU, 128 on GPU)")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -93,18 +101,44 @@ def add_arguments(ap):
     ap.add_argument("--compile", action="store_true", help="torch.compile each model's forward")
 
 
+def parse_arch(arch: str) -> tuple[int, int]:
+    """(depth, width) of a WRN named DEPTH-WIDTH or wrn-DEPTH-WIDTH, with DEPTH = 6n + 4 >= 10 and WIDTH >= 1."""
+    parts = arch.lower().removeprefix("wrn-").split("-")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise BenchError(f"--arch {arch}: expected WRN DEPTH-WIDTH such as 16-4 or wrn-16-4")
+    depth, width = int(parts[0]), int(parts[1])
+    if depth < 10 or (depth - 4) % 6:
+        raise BenchError(f"--arch {arch}: the WRN depth must be 6n + 4 >= 10 (e.g. 16, 28), got {depth}")
+    if width < 1:
+        raise BenchError(f"--arch {arch}: the WRN width must be >= 1")
+    return depth, width
+
+
+def check_arguments(args) -> None:
+    """Raise BenchError for the first argument out of range (--K, --batch, --rounds, ...)."""
+    rules = [("--K", args.K, 1), ("--batch", args.batch, 1), ("--rounds", args.rounds, 1),
+             ("--warmup", args.warmup, 0), ("--threads", args.threads, 1),
+             ("--image-size", args.image_size, MIN_IMAGE_SIZE), ("--classes", args.classes, 1)]
+    for flag, value, least in rules:
+        if value is not None and value < least:
+            why = " (the WRN downsamples by 4)" if flag == "--image-size" else ""
+            raise BenchError(f"{flag} must be >= {least}{why}, got {value}")
+
+
 def main(args) -> int:
     """Run the benchmark for parsed arguments (see add_arguments); prints a markdown table."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    check_arguments(args)
+    device = pick_device(args.device, BenchError) if args.device else torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu")
     args.arch = args.arch or ("28-10" if device.type == "cuda" else "16-4")
+    depth, width = parse_arch(args.arch)
     malloc = "system malloc defaults"
     if device.type == "cpu" and not args.system_malloc:
         malloc = keep_freed_memory()
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
-    B = args.batch or (128 if device.type == "cuda" else 16)
+    B = args.batch if args.batch is not None else (128 if device.type == "cuda" else 16)
     K = args.K
-    depth, width = (int(v) for v in args.arch.split("-"))
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     autocast = torch.bfloat16 if args.bf16 else None
     if device.type == "cuda":
@@ -155,8 +189,8 @@ def main(args) -> int:
     print(f"torch {torch.__version__}, device {device.type} ({dev_name}), threads {torch.get_num_threads()}, "
           f"dtype {'bf16 autocast' if autocast else 'float32'}, {'channels_last' if args.channels_last else 'NCHW'}, "
           f"{malloc}")
-    print(f"WRN-{args.arch} ({n_params / 1e6:.2f} M parameters), {args.image_size}x{args.image_size} inputs, K={K}, "
-          f"B={B} per member ({images} images per round), late-phase BatchNorm + head, {args.rounds} rounds "
+    print(f"WRN-{depth}-{width} ({n_params / 1e6:.2f} M parameters), {args.image_size}x{args.image_size} inputs, "
+          f"K={K}, B={B} per member ({images} images per round), late-phase BatchNorm + head, {args.rounds} rounds "
           f"(median) after {args.warmup} warm-up")
     print()
     print(f"forward: {macs / 1e9:.3f} G multiply-accumulates per image; training FLOPs estimated as 3 x 2 x MACs = "

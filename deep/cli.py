@@ -25,11 +25,12 @@ def _user_errors():
     """Exception types that are the user's to fix (printed in one line, exit 2)."""
     from shared import LatePhaseError
 
+    from .bench import BenchError
     from .data import DataError
     from .finetune import FinetuneError
     from .table import TableError
     from .train import TrainError
-    errs = [ConfigError, DataError, FinetuneError, LatePhaseError, TableError, TrainError]
+    errs = [BenchError, ConfigError, DataError, FinetuneError, LatePhaseError, TableError, TrainError]
     try:
         from .models.torchvision_models import ModelError
         errs.append(ModelError)
@@ -122,4 +123,15 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         return _fail("interrupted (resume with --resume)")
     except _user_errors() as e:
-        return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return _fail(_one_line(e))
+    except OSError as e:  # a path the user gave that the OS refuses (no such file, permission, a folder, ...)
+        return _fail(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else _one_line(e))
+
+
+def _one_line(e: BaseException) -> str:
+    """The first line of `e`'s message (its type name if empty); for an error re-raised from a DataLoader worker
+    ("Caught X in DataLoader worker process N. Original Traceback ..."), the original message."""
+    lines = str(e).strip().splitlines()
+    if len(lines) > 1 and lines[0].startswith("Caught ") and "worker" in lines[0]:
+        return lines[-1].split(": ", 1)[-1]
+    return lines[0] if lines else type(e).__name__

@@ -18,6 +18,9 @@ class ConfigError(ValueError):
 
 
 FAMILIES = ("bn", "head", "rank1")
+FLOAT32_MAX = 3.4028234663852886e38  # float values must fit the float32 parameters and optimizer arguments
+OOD_NAMES = ("svhn", "cifar10", "cifar100")  # every OOD set of deep.data.OOD_SETS
+IMAGE_SIDE = {"cifar10": 32, "cifar100": 32, "fashion_mnist": 28, "synthetic": 32}  # image height = width (pixels)
 
 
 @dataclass(frozen=True)
@@ -95,9 +98,18 @@ class Config:
                 raise ConfigError(msg)
         need(self.dataset in ("cifar10", "cifar100", "fashion_mnist", "synthetic", "enwik8"),
              f"unknown dataset {self.dataset!r}; choose cifar10, cifar100, fashion_mnist, synthetic or enwik8")
+        for f in fields(self):
+            v = getattr(self, f.name)
+            need(not isinstance(v, float) or abs(v) <= FLOAT32_MAX,
+                 f"{f.name} must be a finite number (float32: |x| <= 3.4e38), got {v}")
         need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        need(self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        need(self.grad_clip >= 0, f"grad_clip must be >= 0 (0: off), got {self.grad_clip}")
+        need(self.anneal_end_lr >= 0, f"anneal_end_lr must be >= 0, got {self.anneal_end_lr}")
+        need(self.swa_lr >= 0, f"swa_lr must be >= 0, got {self.swa_lr}")
         need(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
         need(not (self.nesterov and self.momentum == 0), "nesterov needs momentum > 0")
         need(self.K >= 1, f"K must be >= 1, got {self.K}")
@@ -110,7 +122,13 @@ class Config:
         need(self.bn_update in ("data", "mean"), f"bn_update must be data or mean, got {self.bn_update!r}")
         need(self.anneal_start <= self.anneal_end, "anneal_start must be <= anneal_end")
         need(not self.swa or self.swa_start < self.epochs, f"swa_start ({self.swa_start}) must be < epochs")
-        need(self.cutout >= 0 and self.train_subset >= 0 and self.test_subset >= 0, "sizes must be >= 0")
+        for key in ("cutout", "train_subset", "test_subset", "workers"):
+            need(getattr(self, key) >= 0, f"{key} must be >= 0, got {getattr(self, key)}")
+        side = IMAGE_SIDE.get(self.dataset)
+        need(side is None or self.cutout <= side,
+             f"cutout must be <= the image side ({side} pixels for {self.dataset}), got {self.cutout}")
+        unknown = [o for o in self.ood if o not in OOD_NAMES]
+        need(not unknown, f"unknown OOD set(s) {', '.join(unknown)} in --ood; known: {', '.join(OOD_NAMES)}")
         need(len(self.text_split) in (0, 3) and all(isinstance(n, int) and n >= 2 for n in self.text_split),
              f"text_split must be three byte counts >= 2 (train valid test) or empty, got {self.text_split}")
         if self.arch != "lstm":
@@ -216,7 +234,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         if f.name == "name":
             continue
         tp, nargs = _flag_type(hints[f.name])
-        kw = dict(type=tp, default=None, metavar=f.name.upper(), help=f"{hints[f.name]}".replace("typing.", ""))
+        hint = hints[f.name]
+        kw = dict(type=tp, default=None, metavar=f.name.upper(),
+                  help=hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", ""))
         if nargs:
             kw["nargs"] = nargs
         group.add_argument(f"--{f.name}", dest=f"cfg_{f.name}", **kw)

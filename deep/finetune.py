@@ -59,6 +59,7 @@ from torch.utils.data import DataLoader, Subset
 import shared
 from shared import distributed as dist_utils
 
+from .config import FLOAT32_MAX
 from .data.errors import DataError
 from .data.imagenet import EpochSampler, imagenet_datasets, train_transform, val_transform
 from .models.torchvision_models import PAPER_ARCHS, build_pretrained
@@ -115,6 +116,10 @@ class FinetuneConfig:
         def need(ok, msg):
             if not ok:
                 raise FinetuneError(msg)
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            need(not isinstance(v, float) or abs(v) <= FLOAT32_MAX,
+                 f"--{f.name.replace('_', '-')} must be a finite number (float32: |x| <= 3.4e38), got {v}")
         need(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
         need(self.K >= 1, f"--K must be >= 1, got {self.K}")
         need(not self.baseline or self.K == 1, "the baseline has one member (K = 1)")
@@ -126,11 +131,13 @@ class FinetuneConfig:
              f"--batch-size {self.batch_size} (one member minibatch, all ranks together) must split into "
              f"--accum {self.accum} micro-batches on each of {world} rank(s): use a multiple of "
              f"{self.accum * world}")
-        need(self.lr_drop > 0 and self.lr_drop_epoch >= 0, "--lr-drop must be > 0 and --lr-drop-epoch >= 0")
+        need(0 < self.lr_drop <= 1, f"--lr-drop must be in (0, 1] (theta's lr is multiplied by it), got {self.lr_drop}")
+        need(self.lr_drop_epoch >= 0, f"--lr-drop-epoch must be >= 0, got {self.lr_drop_epoch}")
         need(self.path in ("vectorized", "sequential"), f"--path must be vectorized or sequential, got {self.path!r}")
         need(self.bn_update in ("data", "mean"), f"--bn-update must be data or mean, got {self.bn_update!r}")
         need(self.crop >= 1 and self.resize >= self.crop, "--resize must be >= --crop >= 1")
-        need(self.train_subset >= 0 and self.val_subset >= 0 and self.bn_images >= 0, "sizes must be >= 0")
+        for key in ("train_subset", "val_subset", "bn_images"):
+            need(getattr(self, key) >= 0, f"--{key.replace('_', '-')} must be >= 0, got {getattr(self, key)}")
         need(self.eval_batch_size >= 1, "--eval-batch-size must be >= 1")
         return self
 
@@ -280,6 +287,7 @@ class FineTune(Trainer):
     def __init__(self, cfg: FinetuneConfig, data_dir: str, seed: int = 0, out: str | None = None,
                  resume: bool = False, device: str | None = None, workers: int = 8, progress: bool = True,
                  allow_download: bool = True, command: str | None = None):
+        cfg.validate()  # before setup creates the run folder (the checks that depend on the ranks follow)
         setup(self, cfg.name, int(seed), out, device, resume, command, FinetuneError)
         self.cfg, self.seed, self.workers, self.progress = cfg.validate(self.world), int(seed), workers, progress
         cuda = self.device.type == "cuda"
@@ -526,7 +534,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="gradient-accumulation micro-steps per outer step (each member minibatch in this many parts)")
     p.add_argument("--lr-drop-epoch", type=int, default=d.lr_drop_epoch,
                    help="theta's lr is multiplied by --lr-drop after this many epochs (default 10; phi's is constant)")
-    p.add_argument("--lr-drop", type=float, default=d.lr_drop, help="default 0.1")
+    p.add_argument("--lr-drop", type=float, default=d.lr_drop, help="factor in (0, 1] (default 0.1)")
     p.add_argument("--path", choices=("vectorized", "sequential"), default=d.path,
                    help="members stacked in one forward (default) or one after the other (less memory)")
     p.add_argument("--crop", type=int, default=d.crop, help="training/validation crop (default 224)")

@@ -73,15 +73,39 @@ def setup(run, name: str, seed: int, out: str | None, device: str | None, resume
     run.world = torch.distributed.get_world_size() if run.distributed else 1
     if device is None:
         device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
-    run.device = torch.device(device)
+    run.device = pick_device(device, error)
     run.out = out or os.path.join("runs", f"{name}_seed{seed}")
     run.ckpt_path = os.path.join(run.out, "checkpoint.pt")
+    if os.path.exists(run.out) and not os.path.isdir(run.out):
+        raise error(f"--out {run.out} is a file, not a folder; choose another --out")
     if os.path.exists(run.ckpt_path) and not resume:
         raise error(f"{run.ckpt_path} exists: pass --resume to continue that run, or choose another --out")
     if resume and not os.path.exists(run.ckpt_path):
         raise error(f"--resume: no checkpoint at {run.ckpt_path}; start the run without --resume")
     if run.rank == 0:
-        os.makedirs(run.out, exist_ok=True)
+        try:
+            os.makedirs(run.out, exist_ok=True)
+        except OSError as e:
+            raise error(f"--out {run.out}: cannot create the run folder ({e.strerror or type(e).__name__}); "
+                        f"choose another --out") from None
+
+
+def pick_device(device: str, error: type) -> torch.device:
+    """``torch.device(device)`` for a --device value, checked: a CPU or CUDA device that exists here (else `error`
+    with a one-line message)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise error(f"--device {device}: not a torch device (use cpu, cuda or cuda:N)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise error(f"--device {device}: not supported (use cpu, cuda or cuda:N)")
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise error(f"--device {device}: no CUDA device is available here; use --device cpu")
+        if dev.index is not None and dev.index >= n:
+            raise error(f"--device {device}: there are only {n} CUDA device(s) here (cuda:0 to cuda:{n - 1})")
+    return dev
 
 
 def save_checkpoint(run, fmt: str, **extra) -> None:
@@ -109,7 +133,10 @@ def load_checkpoint(run, fmt: str, kind: str, error: type, world: int | None = N
     """Read ``run.ckpt_path`` and check that it continues this run: its format is `fmt` (else "not a `kind`
     checkpoint"), its config and seed are this run's, and (if `world` is given) it was written by as many processes.
     Failures raise `error` with a one-line message saying how to resume."""
-    state = shared.load(run.ckpt_path)
+    try:
+        state = shared.load(run.ckpt_path)
+    except shared.CheckpointError as e:
+        raise error(f"--resume: {e}; delete it to start afresh, or choose another --out") from None
     if not isinstance(state, dict) or state.get("format") != fmt:
         raise error(f"{run.ckpt_path} is not {kind} checkpoint")
     what = settings_change(state["config"], state["seed"], run.cfg.to_dict(), run.seed)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from collections import defaultdict
 
 # (row label, metric, baseline config, late-phase config, paper baseline, paper late-phase); metrics: accuracy (%),
@@ -35,24 +36,65 @@ class TableError(ValueError):
 
 
 def load_results(paths) -> list[dict]:
-    out = []
+    """The results files among `paths` (results JSON files, or run folders whose results JSON files are taken), each
+    read once (by real path) and checked (:func:`check_result`); raises TableError naming a bad file."""
+    out, seen = [], set()
     for p in paths:
         files = [os.path.join(p, f) for f in sorted(os.listdir(p)) if f.endswith(".json")] if os.path.isdir(p) else [p]
         for f in files:
+            real = os.path.realpath(f)
+            if real in seen:
+                print(f"note: {f} was given more than once; counted once", file=sys.stderr)
+                continue
+            seen.add(real)
             try:
                 with open(f) as fh:
                     d = json.load(fh)
-            except (OSError, json.JSONDecodeError) as e:
+            except (OSError, ValueError) as e:  # ValueError: invalid JSON or not UTF-8 text
                 raise TableError(f"cannot read results file {f}: {e}") from None
             if not isinstance(d, dict) or "models" not in d or "config" not in d:
                 if os.path.isdir(p):
                     continue  # other JSON files in a run folder
                 raise TableError(f"{f} is not a results file (no 'config'/'models'); pass results.json files")
+            problem = check_result(d)
+            if problem:
+                raise TableError(f"{f} is not a valid results file: {problem}; pass results.json files written by "
+                                 f"python -m deep")
             d["_file"] = f
             out.append(d)
     if not out:
         raise TableError("no results files found; pass results.json files or run folders")
     return out
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_result(d: dict) -> str | None:
+    """What is wrong with results dict `d` for the table (None if nothing): config.name a string, seed an integer
+    (or absent), models an object of model -> metrics object (or a list of them, one per member), metric values
+    numbers or null, and ood an object of OOD set -> object of numbers."""
+    if not isinstance(d["config"], dict) or not isinstance(d["config"].get("name"), str):
+        return "'config' must be an object with a string 'name'"
+    if d.get("seed") is not None and not (isinstance(d["seed"], int) and not isinstance(d["seed"], bool)):
+        return f"'seed' must be an integer, got {d['seed']!r}"
+    if not isinstance(d["models"], dict):
+        return f"'models' must be an object (model name -> metrics), got {type(d['models']).__name__}"
+    for model, m in d["models"].items():
+        for entry in (m if isinstance(m, list) else [m]):
+            if not isinstance(entry, dict):
+                return f"models.{model} must be an object of metrics (or a list of them)"
+            for k, v in entry.items():
+                if k == "ood":
+                    ok = isinstance(v, dict) and all(isinstance(o, dict) and all(_is_number(x) or x is None
+                                                                                   for x in o.values())
+                                                     for o in v.values())
+                    if not ok:
+                        return f"models.{model}.ood must map OOD sets to objects of numbers"
+                elif not (_is_number(v) or v is None):
+                    return f"models.{model}.{k} must be a number, got {v!r}"
+    return None
 
 
 def _stat(vals):
@@ -95,6 +137,13 @@ def metric_of(r, model: str, metric: str):
     return m.get(metric)
 
 
+def _auroc(rows, score: str) -> str:
+    """One table cell: the mean (± std) of OOD AUROC `score` over `rows` per OOD set."""
+    oods = sorted({k for m in rows for k in m.get("ood", {})})
+    per_set = {o: [m["ood"][o].get(score) for m in rows if o in m.get("ood", {})] for o in oods}
+    return "; ".join(f"{o}: {_fmt(_stat(v), 1)}" for o, v in per_set.items()) or "—"
+
+
 def render(results) -> str:
     by = group(results)
     lines = ["| setting | paper: base | ours: base | paper: late-phase | ours: late-phase (averaged) | "
@@ -124,15 +173,12 @@ def render(results) -> str:
                 rows.extend(m if isinstance(m, list) else [m])
             if not rows or "accuracy" not in rows[0]:
                 continue
-            oods = sorted({k for m in rows for k in m.get("ood", {})})
-            ent = "; ".join(f"{o}: {_fmt(_stat([m['ood'][o]['auroc_entropy'] for m in rows if o in m.get('ood', {})]), 1)}"
-                            for o in oods) or "—"
-            msp = "; ".join(f"{o}: {_fmt(_stat([m['ood'][o]['auroc_max_softmax'] for m in rows if o in m.get('ood', {})]), 1)}"
-                            for o in oods) or "—"
             label = "members (each)" if model == "members" else model
-            lines.append(f"| {name} | {label} | {_fmt(_stat([m['accuracy'] for m in rows]))} | "
-                         f"{_fmt(_stat([m['nll'] for m in rows]), 3)} | {_fmt(_stat([m['ece'] for m in rows]))} | "
-                         f"{ent} | {msp} |")
-    seeds = {name: sorted({r.get("seed") for r in runs}) for name, runs in by.items()}
+            lines.append(f"| {name} | {label} | {_fmt(_stat([m.get('accuracy') for m in rows]))} | "
+                         f"{_fmt(_stat([m.get('nll') for m in rows]), 3)} | "
+                         f"{_fmt(_stat([m.get('ece') for m in rows]))} | "
+                         f"{_auroc(rows, 'auroc_entropy')} | {_auroc(rows, 'auroc_max_softmax')} |")
+    seeds = {name: sorted({r.get("seed") for r in runs}, key=lambda s: (s is None, s or 0))
+             for name, runs in by.items()}
     lines += ["", "Seeds: " + "; ".join(f"{k}: {v}" for k, v in sorted(seeds.items()))]
     return "\n".join(lines)

@@ -123,6 +123,9 @@ class Run(Trainer):
         if cfg.test_subset:
             test = _subset(test, cfg.test_subset)
         self.train_data, self.test_data = train, test
+        if train.source and self.rank == 0:
+            print(f"note: {cfg.dataset} not found under --data-dir {data_dir}; reading it from {train.source}",
+                  file=sys.stderr)
         self.ood, self.ood_missing = ({}, {})
         if cfg.ood:
             found, missing = load_ood_sets(train, data_dir, download=download)

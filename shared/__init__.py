@@ -9,11 +9,12 @@ See :mod:`shared.core` for Algorithm 1, :mod:`shared.families` for the late-phas
 :mod:`shared.distributed`.
 """
 from .averaging import collapse, ensemble_logits, ensemble_probs, update_bn_members
-from .checkpoint import load, save
+from .checkpoint import CheckpointError, load, save
 from .core import LatePhase, sgd
 from .errors import LatePhaseError
 from .families import BatchNorm, Custom, Family, Head, Rank1
 from .swa import SWA
 
 __all__ = ["LatePhase", "LatePhaseError", "sgd", "BatchNorm", "Head", "Rank1", "Custom", "Family", "collapse",
-           "ensemble_logits", "ensemble_probs", "update_bn_members", "SWA", "save", "load"]
+           "ensemble_logits", "ensemble_probs", "update_bn_members", "SWA", "save", "load",
+           "CheckpointError"]

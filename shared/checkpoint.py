@@ -2,17 +2,23 @@
 
 ``save(path, obj)`` writes ``obj`` (a dict of tensors and plain Python values, e.g. ``LatePhase.state_dict()``) to
 ``path + ".tmp"``, flushes it to disk and renames it over ``path`` (os.replace), so a crash never leaves a truncated
-checkpoint. ``load(path)`` reads it back with ``torch.load(weights_only=True)``: no arbitrary pickled objects.
+checkpoint. ``load(path)`` reads it back with ``torch.load(weights_only=True)``: no arbitrary pickled objects; a file
+that cannot be read as a checkpoint raises :class:`CheckpointError`.
 """
 from __future__ import annotations
 
 import os
+import pickle
 import random
 
 import numpy as np
 import torch
 
 from .errors import LatePhaseError
+
+
+class CheckpointError(LatePhaseError):
+    """A file exists but cannot be read as a checkpoint (damaged, truncated, or not a checkpoint)."""
 
 
 def save(path, obj) -> None:
@@ -46,7 +52,12 @@ def load(path, map_location="cpu"):
     path = os.fspath(path)
     if not os.path.exists(path):
         raise LatePhaseError(f"no checkpoint at {path!r}; check the path (or start from scratch)")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, TypeError, KeyError, IndexError,
+            AttributeError) as e:  # what torch.load raises for truncated, damaged or foreign files
+        raise CheckpointError(f"{path} cannot be read as a checkpoint ({type(e).__name__}): the file is damaged "
+                              f"or not a checkpoint") from e
 
 
 def rng_state() -> dict:

@@ -61,6 +61,14 @@ def test_fashion_mnist_prefers_root_over_system_dir(tmp_path):
     write_fashion(tmp_path / "system", compressed=True)
     data = load_dataset("fashion_mnist", tmp_path, "train", system_dir=tmp_path / "system")
     assert torch.equal(data.images[:, 0], torch.from_numpy(mine["train"][0]))
+    assert data.source == ""  # read under root: nothing to report
+
+
+def test_fashion_mnist_fallback_records_its_folder(tmp_path):
+    """The fallback to system_dir is recorded in `source` (the trainer prints a note naming it)."""
+    write_fashion(tmp_path / "system", compressed=True)
+    data = load_dataset("fashion_mnist", tmp_path / "elsewhere", "test", system_dir=tmp_path / "system")
+    assert data.source == str(tmp_path / "system")
 
 
 @pytest.mark.parametrize("name, expected", [
@@ -428,6 +436,8 @@ def test_loader_rejects_bad_arguments():
         GPULoader(data, 4, device="cpu", mean=(0.5,))
     with pytest.raises(DataError, match="seed >= 0"):
         GPULoader(data, 4, device="cpu", seed=-1)
+    with pytest.raises(DataError, match="cutout 9 exceeds the 8×8 images"):
+        GPULoader(data, 4, device="cpu", cutout=9)
 
 
 @pytest.mark.cuda

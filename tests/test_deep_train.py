@@ -96,7 +96,27 @@ def test_cli_train_table_and_errors(data_root, tmp_path, capsys):
     assert main(["table", str(out)]) == 0
     table = capsys.readouterr().out
     assert "fmnist_bn" in table and "| averaged |" in table
-    for bad, msg in ([["train", "--config", "cifar11"], "unknown config"],
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    damaged = {"empty": b"", "garbage": b"garbage \x00\x01"}
+    for name, content in damaged.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "checkpoint.pt").write_bytes(content)
+    fmnist = ["train", "--config", "fmnist_bn", "--data-dir", str(data_root), "--arch", "wrn-10-1", "--batch_size", "4"]
+    for bad, msg in ([["train", "--config", "cifar10_bn", "--device", "bogus"],
+                      "--device bogus: not a torch device (use cpu, cuda or cuda:N)"],
+                     [["train", "--config", "cifar10_bn", "--device", "cuda:99"], "--device cuda:99: "],
+                     [["train", "--config", "cifar10_bn", "--out", str(a_file)], "is a file, not a folder"],
+                     [["train", "--config", "cifar10_bn", "--out", str(a_file / "run")], "cannot create the run"],
+                     [fmnist + ["--out", str(tmp_path / "empty"), "--resume"], "cannot be read as a checkpoint"],
+                     [fmnist + ["--out", str(tmp_path / "garbage"), "--resume"], "delete it to start afresh"],
+                     [["train", "--config", "cifar10_bn", "--eval_batch_size", "0"], "eval_batch_size must be >= 1"],
+                     [["train", "--config", "cifar10_bn", "--ood", "svhn", "foo"], "unknown OOD set(s) foo"],
+                     [["train", "--config", "cifar10_bn", "--lr", "nan"], "lr must be a finite number"],
+                     [["train", "--config", "cifar10_bn", "--grad_clip", "-1"], "grad_clip must be >= 0"],
+                     [["train", "--config", "cifar10_bn", "--cutout", "-1"], "cutout must be >= 0"],
+                     [["table", str(a_file)], "cannot read results file"],
+                     [["train", "--config", "cifar11"], "unknown config"],
                      [["train", "--config", "cifar10_bn", "--epochz", "3"], "unrecognized arguments"],
                      [["train", "--config", "cifar10_bn", "--K", "0"], "K must be"],
                      [["train", "--config", "cifar10_bn", "--data-dir", str(tmp_path / "none")], "CIFAR-10 not found"],
@@ -108,6 +128,21 @@ def test_cli_train_table_and_errors(data_root, tmp_path, capsys):
         assert main(bad) == 2, bad
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and msg in err[0], err
+
+
+def test_fashion_mnist_fallback_is_reported(data_root, tmp_path, monkeypatch, capsys):
+    """Fashion-MNIST missing under --data-dir is read from the system folder, with one note saying so."""
+    import deep.train
+    from deep.data import load_dataset
+    system = data_root / "FashionMNIST" / "raw"
+    monkeypatch.setattr(deep.train, "load_dataset",
+                        lambda name, root, split, download, **kw: load_dataset(name, root, split, download,
+                                                                               system_dir=system, **kw))
+    Run(tiny("fmnist_bn"), data_dir=str(tmp_path / "none"), out=str(tmp_path / "run"), progress=False)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"note: fashion_mnist not found under --data-dir {tmp_path / 'none'}; reading it from {system}"]
+    Run(tiny("fmnist_bn"), data_dir=str(data_root), out=str(tmp_path / "run2"), progress=False)
+    assert capsys.readouterr().err == ""
 
 
 def test_torchrun_two_processes(tmp_path):

@@ -91,6 +91,50 @@ def test_config_errors():
         get_config("cifar10_bn", phi=("rank1",))
 
 
+@pytest.mark.parametrize("override, msg", [
+    (dict(weight_decay=-1e-4), "weight_decay must be >= 0"),
+    (dict(lr=1e300), "lr must be a finite number"),
+    (dict(lr=math.inf), "lr must be a finite number"),
+    (dict(lr=math.nan), "lr must be a finite number"),
+    (dict(lr_phi=math.nan), "lr_phi must be a finite number"),
+    (dict(weight_decay_phi=math.inf), "weight_decay_phi must be a finite number"),
+    (dict(grad_clip=-1.0), "grad_clip must be >= 0"),
+    (dict(grad_clip=math.nan), "grad_clip must be a finite number"),
+    (dict(anneal_end_lr=-0.001), "anneal_end_lr must be >= 0"),
+    (dict(anneal_end_lr=math.nan), "anneal_end_lr must be a finite number"),
+    (dict(gamma_theta=math.inf), "gamma_theta must be a finite number"),
+    (dict(swa_lr=-0.05), "swa_lr must be >= 0"),
+    (dict(cutout=33), "cutout must be <= the image side (32 pixels for cifar10)"),
+    (dict(cutout=-1), "cutout must be >= 0"),
+    (dict(train_subset=-1), "train_subset must be >= 0"),
+    (dict(test_subset=-1), "test_subset must be >= 0"),
+    (dict(workers=-1), "workers must be >= 0"),
+    (dict(eval_batch_size=0), "eval_batch_size must be >= 1"),
+    (dict(ood=("svhn", "foo")), "unknown OOD set(s) foo in --ood; known: svhn, cifar10, cifar100"),
+])
+def test_config_rejects_values_that_would_crash_or_mislead(override, msg):
+    with pytest.raises(ConfigError) as e:
+        get_config("cifar10_bn", **override)
+    assert msg in str(e.value) and "\n" not in str(e.value)
+
+
+def test_config_limits_match_the_data_layer():
+    from deep import config
+    from deep.data import OOD_SETS
+    assert set(config.OOD_NAMES) == {n for names in OOD_SETS.values() for n in names}
+    assert get_config("fmnist_bn", cutout=28).cutout == 28
+    with pytest.raises(ConfigError, match="28 pixels for fashion_mnist"):
+        get_config("fmnist_bn", cutout=29)
+
+
+def test_train_help_shows_plain_type_names(capsys):
+    from deep.cli import main
+    assert main(["train", "-h"]) == 0
+    out = capsys.readouterr().out
+    assert "<class" not in out and "tuple[str, ...]" in out
+    assert " ".join(out.split()).count("--lr LR float") == 1
+
+
 def _result(name, seed, acc, ens=None):
     return {"config": {"name": name}, "seed": seed,
             "models": {"averaged": {"accuracy": acc, "nll": 0.2, "ece": 1.0, "ood": {"svhn": {
@@ -114,6 +158,106 @@ def test_table_aggregates_seeds(tmp_path):
         load_results([str(tmp_path / "bad.json")])
     with pytest.raises(TableError, match="no results"):
         load_results([])
+
+
+@pytest.mark.parametrize("content, msg", [
+    ({"config": {}, "models": {}}, "'config' must be an object with a string 'name'"),
+    ({"config": "fmnist_bn", "models": {}}, "'config' must be an object"),
+    ({"config": {"name": "x"}, "models": []}, "'models' must be an object"),
+    ({"config": {"name": "x"}, "models": {"averaged": 3}}, "models.averaged must be an object"),
+    ({"config": {"name": "x"}, "models": {"averaged": {"accuracy": "high"}}}, "models.averaged.accuracy must be"),
+    ({"config": {"name": "x"}, "models": {"members": [{"accuracy": [1]}]}}, "models.members.accuracy must be"),
+    ({"config": {"name": "x"}, "models": {"averaged": {"ood": {"svhn": 3}}}}, "models.averaged.ood must map"),
+    ({"config": {"name": "x"}, "seed": "one", "models": {}}, "'seed' must be an integer"),
+])
+def test_table_rejects_malformed_results(tmp_path, content, msg):
+    f = tmp_path / "results.json"
+    f.write_text(json.dumps(content))
+    with pytest.raises(TableError) as e:
+        load_results([str(f)])
+    assert str(f) in str(e.value) and msg in str(e.value)
+
+
+def test_table_binary_file_duplicates_and_missing_seed(tmp_path, capsys):
+    binary = tmp_path / "binary.json"
+    binary.write_bytes(bytes(range(128, 256)))
+    with pytest.raises(TableError, match="cannot read results file .*binary.json"):
+        load_results([str(binary)])
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps(_result("cifar10_bn", 1, 96.0)))
+    no_seed = _result("cifar10_bn", None, 95.0)
+    del no_seed["seed"]
+    (tmp_path / "other.json").write_text(json.dumps(no_seed))
+    results = load_results([str(run), str(run / "results.json"), str(tmp_path / "other.json")])
+    assert len(results) == 2
+    assert "given more than once; counted once" in capsys.readouterr().err
+    md = render(results)
+    assert "Seeds: cifar10_bn: [1, None]" in md and "95.50 ± 0.71 (n=2)" in md
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--device", "bogus"], "--device bogus: not a torch device (use cpu, cuda or cuda:N)"),
+    (["--device", "cuda:99"], "--device cuda:99: "),
+    (["--device", "meta"], "not supported"),
+    (["--arch", "bogus"], "--arch bogus: expected WRN DEPTH-WIDTH"),
+    (["--arch", "15-4"], "depth must be 6n + 4"),
+    (["--arch", "wrn-15-4"], "depth must be 6n + 4"),
+    (["--arch", "16-0"], "width must be >= 1"),
+    (["--K", "-1"], "--K must be >= 1"),
+    (["--batch", "0"], "--batch must be >= 1"),
+    (["--batch", "-2"], "--batch must be >= 1"),
+    (["--rounds", "0"], "--rounds must be >= 1"),
+    (["--warmup", "-1"], "--warmup must be >= 0"),
+    (["--threads", "0"], "--threads must be >= 1"),
+    (["--threads", "-1"], "--threads must be >= 1"),
+    (["--image-size", "2"], "--image-size must be >= 8"),
+    (["--classes", "0"], "--classes must be >= 1"),
+])
+def test_bench_rejects_bad_arguments(args, msg, capsys):
+    from deep.cli import main
+    assert main(["bench"] + args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and msg in err[0], err
+
+
+def test_cli_reports_os_errors_in_one_line(monkeypatch, capsys):
+    """Last resort: an OSError about a path the user gave is one line naming the path and the reason, exit 2."""
+    import deep.table
+    from deep.cli import main
+
+    def refuse(paths):
+        raise PermissionError(13, "Permission denied", paths[0])
+    monkeypatch.setattr(deep.table, "load_results", refuse)
+    assert main(["table", "/some/results"]) == 2
+    assert capsys.readouterr().err == "error: /some/results: Permission denied\n"
+
+
+def test_bench_accepts_the_wrn_prefix(capsys):
+    from deep.cli import main
+    args = ["bench", "--device", "cpu", "--arch", "wrn-10-1", "--K", "2", "--batch", "2", "--rounds", "1",
+            "--warmup", "0", "--image-size", "8", "--threads", "1", "--system-malloc"]
+    threads = torch.get_num_threads()
+    try:
+        assert main(args) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "WRN-10-1" in out and "K=2, B=2 per member" in out
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage \x00\x01 not a checkpoint", "truncated"])
+def test_damaged_checkpoint_is_a_one_line_error(tmp_path, content):
+    import shared
+    path = tmp_path / "checkpoint.pt"
+    if content == "truncated":
+        shared.save(path, {"w": torch.zeros(100)})
+        content = path.read_bytes()[:200]
+    path.write_bytes(content)
+    with pytest.raises(shared.CheckpointError) as e:
+        shared.load(path)
+    assert isinstance(e.value, ValueError) and "cannot be read as a checkpoint" in str(e.value)
+    assert "\n" not in str(e.value)
 
 
 def test_checkpoint_bookkeeping_refuses_foreign_checkpoints(tmp_path):

@@ -241,6 +241,17 @@ def test_finetune_cli_errors(image_root, tmp_path, monkeypatch, capsys):
         raise OSError("no network")
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     from deep.models.torchvision_models import cached_weights_path
+    a_file, empty, damaged = tmp_path / "a_file", tmp_path / "empty.pth", tmp_path / "damaged"
+    a_file.write_text("not a folder")
+    empty.write_bytes(b"")
+    damaged.mkdir()
+    (damaged / "checkpoint.pt").write_bytes(b"garbage")
+    for split, n in (("train", 8), ("val", 1)):  # .png files that are not images
+        (tmp_path / "bad" / split / WNIDS[0]).mkdir(parents=True)
+        for i in range(n):
+            (tmp_path / "bad" / split / WNIDS[0] / f"{i}.png").write_text("not a png")
+    bad_images = ["finetune", "--data-dir", str(tmp_path / "bad"), "--out", str(tmp_path / "bad_run")] + FT + [
+        "--weights", "none"]
     cases = [
         (["finetune", "--data-dir", str(tmp_path / "nowhere"), "--weights", "none"], "not a folder"),
         (run, "cannot obtain resnet18 weights IMAGENET1K_V1 (download failed"),
@@ -250,6 +261,19 @@ def test_finetune_cli_errors(image_root, tmp_path, monkeypatch, capsys):
         (run + ["--weights", "IMAGENET9K"], "neither an existing file"),
         (run + ["--weights", "none", "--arch", "squeezenet1_0"], "no BatchNorm layer"),
         (run + ["--weights", "none", "--resume"], "no checkpoint"),
+        (run + ["--weights", "none", "--device", "bogus"], "--device bogus: not a torch device"),
+        (run + ["--weights", "none", "--device", "cuda:99"], "--device cuda:99: "),
+        (run + ["--weights", "none", "--out", str(a_file)], "is a file, not a folder"),
+        (run + ["--weights", "none", "--lr-drop", "inf"], "--lr-drop must be a finite number"),
+        (run + ["--weights", "none", "--lr-drop", "2"], "--lr-drop must be in (0, 1]"),
+        (run + ["--weights", "none", "--lr", "nan"], "--lr must be a finite number"),
+        (run + ["--weights", "none", "--bn-images", "-1"], "--bn-images must be >= 0"),
+        (run + ["--weights", "none", "--train-subset", "-1"], "--train-subset must be >= 0"),
+        (run + ["--weights", "none", "--val-subset", "-1"], "--val-subset must be >= 0"),
+        (run + ["--weights", str(empty)], f"cannot read weights file {empty}: EOFError (the file is empty"),
+        (run + ["--weights", "none", "--out", str(damaged), "--resume"], "cannot be read as a checkpoint"),
+        (bad_images + ["--workers", "0"], "not an image PIL can identify; remove or replace the file"),
+        (bad_images + ["--workers", "1"], "not an image PIL can identify; remove or replace the file"),
     ]
     for args, msg in cases:
         assert main(args) == 2, args

@@ -45,6 +45,17 @@ def val_transform(resize: int = 256, crop: int = 224) -> Callable:
                                transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
+def load_image(path: str):
+    """The RGB PIL image at `path` (torchvision's default loader); a file that is not a readable image raises
+    DataError naming it."""
+    from PIL import UnidentifiedImageError
+    try:
+        return datasets.folder.default_loader(path)
+    except OSError as e:  # not an image, a truncated one, no permission
+        why = "not an image PIL can identify" if isinstance(e, UnidentifiedImageError) else (e.strerror or str(e))
+        raise DataError(f"cannot read image {path}: {why or type(e).__name__}; remove or replace the file") from None
+
+
 def _uses_torchvision_layout(root: Path) -> bool:
     """True when torchvision.datasets.ImageNet can serve both splits from `root` without downloading anything."""
     has_meta = (root / META).is_file() or (root / DEVKIT).is_file()
@@ -83,13 +94,13 @@ def imagenet_datasets(root: str | Path, train_tf: Callable | None = None,
         for split, archive in ARCHIVES.items():
             if not (root / split).is_dir():
                 log.warning("unpacking %s into %s (once; slow for the training archive)", archive, root / split)
-        return (datasets.ImageNet(str(root), split="train", transform=train_tf),
-                datasets.ImageNet(str(root), split="val", transform=val_tf))
+        return (datasets.ImageNet(str(root), split="train", transform=train_tf, loader=load_image),
+                datasets.ImageNet(str(root), split="val", transform=val_tf, loader=load_image))
     for split in ARCHIVES:
         _check_folder(root, split)
     try:
-        train = datasets.ImageFolder(str(root / "train"), transform=train_tf)
-        val = datasets.ImageFolder(str(root / "val"), transform=val_tf)
+        train = datasets.ImageFolder(str(root / "train"), transform=train_tf, loader=load_image)
+        val = datasets.ImageFolder(str(root / "val"), transform=val_tf, loader=load_image)
     except FileNotFoundError as error:
         raise DataError(f"{' '.join(str(error).split())}; expected {LAYOUT}") from None
     if train.classes != val.classes:

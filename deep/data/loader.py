@@ -99,6 +99,8 @@ class GPULoader:
             raise DataError(f"batch_size must be >= 1 and seed >= 0, got batch_size {batch_size}, seed {seed}")
         if pad < 0 or cutout < 0:
             raise DataError(f"pad and cutout must be >= 0, got pad {pad}, cutout {cutout}")
+        if cutout > min(h, w):
+            raise DataError(f"cutout {cutout} exceeds the {h}×{w} images; use a cutout square of at most {min(h, w)}")
         if pad_mode not in PAD_MODES:
             raise DataError(f"pad_mode must be one of {', '.join(PAD_MODES)}, got {pad_mode!r}")
         if pad_mode == "reflect" and pad >= min(h, w):

@@ -53,7 +53,8 @@ class ImageData:
     """One split of an image dataset held in memory.
 
     images: uint8 (N, C, H, W); labels: int64 (N,) in [0, num_classes); mean, std: per-channel normalisation
-    statistics in pixel/255 units (length C); name: dataset key (e.g. "cifar10"); split: "train", "test", ...
+    statistics in pixel/255 units (length C); name: dataset key (e.g. "cifar10"); split: "train", "test", ...;
+    source: the folder the files were read from, where a loader falls back to one outside its root ("" otherwise).
     """
 
     name: str
@@ -63,6 +64,7 @@ class ImageData:
     num_classes: int
     mean: tuple
     std: tuple
+    source: str = ""
 
     def __post_init__(self):
         im, lab = self.images, self.labels
@@ -211,7 +213,8 @@ def load_fashion_mnist(root, split="train", download=False, system_dir=DEBIAN_FA
                         f"a dataset of 28×28 images with one label each; the files are mismatched or corrupt")
     if len(labels) and labels.max() >= 10:
         raise DataError(f"{paths[1]}: Fashion-MNIST labels outside [0, 10) (max {labels.max()})")
-    return _make("fashion_mnist", split, images[:, None], labels.astype(np.int64), 10)
+    data = _make("fashion_mnist", split, images[:, None], labels.astype(np.int64), 10)
+    return data if paths[0].parent == raw else dataclasses.replace(data, source=str(paths[0].parent))
 
 
 def load_synthetic(split="train", size=None, shape=(3, 32, 32), num_classes=10, seed=0):

@@ -84,7 +84,10 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise ModelError(f"cannot read weights file {path}: {error}") from error
+        why = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if isinstance(error, EOFError):
+            why += " (the file is empty or truncated)"
+        raise ModelError(f"cannot read weights file {path}: {why}") from error
     for key in ("state_dict", "model"):
         if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
             loaded = loaded[key]

@@ -50,6 +50,7 @@ class Trainer:
 
     def _begin(self, resume: bool) -> None:
         """Load the checkpoint (resume) or record the run's settings in config.json (new run)."""
+        make_run_folder(self)
         if resume:
             self._resume()
         elif self.rank == 0:
@@ -66,7 +67,8 @@ def setup(run, name: str, seed: int, out: str | None, device: str | None, resume
           error: type) -> None:
     """Set-up common to the trainers: join the torchrun process group if there is one (``run.distributed``,
     ``run.rank``, ``run.world``), pick the device (this rank's GPU, else the CPU), the output folder (default
-    runs/<name>_seed<seed>) and ``run.ckpt_path``, which must exist exactly when `resume` is set (else `error`)."""
+    runs/<name>_seed<seed>) and ``run.ckpt_path``, which must exist exactly when `resume` is set (else `error`).
+    The folder itself is made by :meth:`Trainer._begin`."""
     run.command = command or " ".join(["python -m deep"] + sys.argv[1:])
     run.distributed = dist_utils.init_from_env()
     run.rank = torch.distributed.get_rank() if run.distributed else 0
@@ -82,12 +84,23 @@ def setup(run, name: str, seed: int, out: str | None, device: str | None, resume
         raise error(f"{run.ckpt_path} exists: pass --resume to continue that run, or choose another --out")
     if resume and not os.path.exists(run.ckpt_path):
         raise error(f"--resume: no checkpoint at {run.ckpt_path}; start the run without --resume")
+    parent = os.path.dirname(os.path.abspath(run.out))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise error(f"--out {run.out}: cannot create the run folder in {parent} (not a writable folder); "
+                    f"choose another --out")
+    run._out_error = error
+
+
+def make_run_folder(run) -> None:
+    """Create the run folder (rank 0), once data and model are ready, so that a failed start leaves nothing behind."""
     if run.rank == 0:
         try:
             os.makedirs(run.out, exist_ok=True)
         except OSError as e:
-            raise error(f"--out {run.out}: cannot create the run folder ({e.strerror or type(e).__name__}); "
-                        f"choose another --out") from None
+            raise run._out_error(f"--out {run.out}: cannot create the run folder ({e.strerror or type(e).__name__}); "
+                                 f"choose another --out") from None
 
 
 def pick_device(device: str, error: type) -> torch.device:

@@ -52,7 +52,7 @@ def test_load_explicit_sizes_raw_zip_and_folder(tmp_path):
 
 def test_size_check_and_missing_file_messages(tmp_path):
     (tmp_path / "enwik8").write_bytes(_text(500))
-    with pytest.raises(DataError, match=r"500 bytes, not the 100,000,000.*split='proportional'"):
+    with pytest.raises(DataError, match=r"500 bytes, not the 100,000,000.*--text_split N_TRAIN N_VALID N_TEST"):
         load_enwik8(tmp_path / "enwik8")
     with pytest.raises(DataError, match="enwik8.zip") as missing:
         load_enwik8(tmp_path / "nowhere")

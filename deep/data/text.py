@@ -94,8 +94,8 @@ def split_sizes(total: int, split: str | Sequence[int] = "enwik8") -> tuple[int,
         if split == "enwik8":
             if total != ENWIK8_BYTES:
                 raise DataError(f"the text has {total:,} bytes, not the {ENWIK8_BYTES:,} of enwik8 (truncated or wrong "
-                                f"file? re-download {ENWIK8_URL}); for another text pass split='proportional' or "
-                                f"explicit sizes (n_train, n_valid, n_test)")
+                                f"file? re-download {ENWIK8_URL}); for another text give its split in bytes, "
+                                f"--text_split N_TRAIN N_VALID N_TEST")
             sizes = ENWIK8_SPLIT
         elif split == "proportional":
             held_out = total * 5 // 100

@@ -420,10 +420,7 @@ class FineTune(Trainer):
         loader = self._loader(self.train_data, K * self.micro, shuffle=True, seed=self.seed, epoch=self.epoch,
                               drop_last=True)
         n = self.steps_per_epoch
-        bar = None
-        if self.progress and self.rank == 0:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=n, desc=f"{cfg.name} epoch {self.epoch + 1}/{cfg.epochs}", leave=False, unit="step")
+        bar = self._progress(n)
         lp.model.train()
         total = torch.zeros((), device=self.device)
         lr_theta = lp.optimizers[0].param_groups[0]["lr"]
@@ -438,12 +435,10 @@ class FineTune(Trainer):
             if (step + 1) % check_every == 0 and not bool(torch.isfinite(total)):
                 raise FinetuneError(f"non-finite loss in epoch {self.epoch + 1}, outer step {step + 1} of "
                                     f"{cfg.name}; lower --lr or check the data")
-            if bar is not None:
-                bar.update(1)
+            bar.update(1)
         sync(self.device)
         seconds = time.perf_counter() - t_start
-        if bar is not None:
-            bar.close()
+        bar.close()
         if not bool(torch.isfinite(total)):
             raise FinetuneError(f"non-finite loss in epoch {self.epoch + 1} of {cfg.name}; lower --lr or check the "
                                 f"data")

@@ -310,10 +310,7 @@ class LMRun(Trainer):
         state["epoch"] = self.epoch
         batcher.load_state_dict(state)
         n = len(batcher)
-        bar = None
-        if self.progress and self.rank == 0:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=n, desc=f"{cfg.name} epoch {self.epoch + 1}/{cfg.epochs}", leave=False, unit="window")
+        bar = self._progress(n, unit="window")
         model = self.model
         model.train()
         model.reset(K * cfg.batch_size // self.world)
@@ -331,21 +328,13 @@ class LMRun(Trainer):
             nats += losses.double().mean() * y.shape[1]
             chars += y.shape[1]
             self.steps += 1
-            if bar is not None:
-                bar.update(1)
+            bar.update(1)
         sync(self.device)
         seconds = time.perf_counter() - t_start
-        if bar is not None:
-            bar.close()
+        bar.close()
         if not torch.isfinite(nats):
             raise TrainError(f"non-finite loss in epoch {self.epoch + 1} of {cfg.name}; lower the learning rate")
-        if self.lp is not None:
-            self.lp.check_finite()
-            lr = self.lp.optimizers[0].param_groups[0]["lr"]
-            self.lp.step_schedulers()
-        else:
-            lr = self.opt.param_groups[0]["lr"]
-            self.sched.step()
+        lr = self._step_schedules()
         if self.swa is not None:
             self.swa.update_parameters(self.model)
         entry = {"epoch": self.epoch + 1, "t": self.lp.t if self.lp is not None else self.steps,

@@ -49,12 +49,32 @@ class Trainer:
     epoch loop (:meth:`train`). A subclass defines ``run_epoch()``, ``evaluate()`` and ``_resume()``."""
 
     def _begin(self, resume: bool) -> None:
-        """Load the checkpoint (resume) or record the run's settings in config.json (new run)."""
-        make_run_folder(self)
+        """Create the run folder (rank 0; only now, once data and model are ready, so a failed start leaves nothing
+        behind), then load the checkpoint (resume) or record the run's settings in config.json (new run)."""
+        if self.rank == 0:
+            os.makedirs(self.out, exist_ok=True)  # setup() checked that it can be made
         if resume:
             self._resume()
         elif self.rank == 0:
             write_json_atomic(os.path.join(self.out, "config.json"), {"config": self.cfg.to_dict(), "seed": self.seed})
+
+    def _progress(self, n: int, unit: str = "step"):
+        """A tqdm bar over this epoch's `n` outer steps; shown on rank 0 when progress is on, a silent no-op else."""
+        from tqdm.auto import tqdm
+        return tqdm(total=n, desc=f"{self.cfg.name} epoch {self.epoch + 1}/{self.cfg.epochs}", leave=False, unit=unit,
+                    disable=not (self.progress and self.rank == 0))
+
+    def _step_schedules(self) -> float:
+        """End of an epoch: check that the members stayed finite (after the release), step the learning-rate schedules
+        and return the learning rate the epoch used (theta's)."""
+        if self.lp is not None:
+            self.lp.check_finite()
+            lr = self.lp.optimizers[0].param_groups[0]["lr"]
+            self.lp.step_schedulers()
+        else:
+            lr = self.opt.param_groups[0]["lr"]
+            self.sched.step()
+        return lr
 
     def train(self) -> dict:
         """Run the remaining epochs, then evaluate; returns the results dict (also in results.json)."""
@@ -90,17 +110,6 @@ def setup(run, name: str, seed: int, out: str | None, device: str | None, resume
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
         raise error(f"--out {run.out}: cannot create the run folder in {parent} (not a writable folder); "
                     f"choose another --out")
-    run._out_error = error
-
-
-def make_run_folder(run) -> None:
-    """Create the run folder (rank 0), once data and model are ready, so that a failed start leaves nothing behind."""
-    if run.rank == 0:
-        try:
-            os.makedirs(run.out, exist_ok=True)
-        except OSError as e:
-            raise run._out_error(f"--out {run.out}: cannot create the run folder ({e.strerror or type(e).__name__}); "
-                                 f"choose another --out") from None
 
 
 def pick_device(device: str, error: type) -> torch.device:

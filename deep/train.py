@@ -226,10 +226,7 @@ class Run(Trainer):
         loader = self.late_loader if self.lp is not None else self.pre_loader
         K = loader.batch_size // cfg.batch_size
         n = len(loader)
-        bar = None
-        if self.progress and self.rank == 0:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=n, desc=f"{cfg.name} epoch {self.epoch + 1}/{cfg.epochs}", leave=False, unit="step")
+        bar = self._progress(n)
         self.model.train()
         total = torch.zeros((), device=self.device)
         sync(self.device)
@@ -240,24 +237,16 @@ class Run(Trainer):
                 x, y = dist_utils.shard(x, K), dist_utils.shard(y, K)
             loss = self._late_step(x, y) if self.lp is not None else self._plain_step(x, y)
             total += loss
-            if bar is not None:
-                bar.update(1)
+            bar.update(1)
         sync(self.device)
         seconds = time.perf_counter() - t_start
-        if bar is not None:
-            bar.close()
+        bar.close()
         if not torch.isfinite(total):  # one check per epoch: no host synchronisation per step
             raise TrainError(f"non-finite loss in epoch {self.epoch + 1} of {cfg.name}; lower the learning rate or "
                              f"check the data")
         if self.distributed and self.lp is None:
             dist_utils.broadcast_module(self.model, buffers_only=True)  # BatchNorm statistics follow rank 0
-        if self.lp is not None:
-            self.lp.check_finite()
-            lr = self.lp.optimizers[0].param_groups[0]["lr"]
-            self.lp.step_schedulers()
-        else:
-            lr = self.opt.param_groups[0]["lr"]
-            self.sched.step()
+        lr = self._step_schedules()
         if self.swa is not None:
             self.swa.update() if self.lp is not None else self.swa.update_parameters(self.model)
         images = n * loader.batch_size

@@ -39,7 +39,6 @@ averaged over ranks; the validation set is sharded and the metric sums are reduc
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
@@ -345,11 +344,6 @@ class FineTune(Trainer):
     def _prepare(self, x, y):
         x = x.to(self.device, non_blocking=True).to(memory_format=self.memory_format)
         return x, y.to(self.device, non_blocking=True)
-
-    def _autocast(self):
-        if self.amp is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp)
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()

@@ -212,6 +212,8 @@ def bpc(nats: torch.Tensor | float, count: int) -> float:
 class LMRun(Trainer):
     """One enwik8 run: data, model, optimisers and the epoch loop, with checkpoints and resume (see module doc)."""
 
+    loss_fn = staticmethod(sequence_loss)
+
     def __init__(self, cfg: Config, seed: int = 0, data_dir: str = "data", out: str | None = None,
                  download: bool = False, device: str | None = None, progress: bool = True, resume: bool = False,
                  command: str | None = None):
@@ -282,21 +284,6 @@ class LMRun(Trainer):
             inherit_optimizer_state=self.opt if self.steps > 0 else None,
             generator=torch.Generator().manual_seed(self.seed + 12345), autocast=self.amp)
         self.opt = self.sched = None
-
-    def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp) if self.amp else contextlib.nullcontext()
-
-    def _plain_step(self, x, y):
-        self.opt.zero_grad(set_to_none=True)
-        with self._autocast():
-            loss = sequence_loss(self.model(x), y)
-        loss.backward()
-        if self.distributed:
-            dist_utils.allreduce_grads(self.model.parameters())
-        if self.cfg.grad_clip:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.opt.step()
-        return loss.detach().reshape(1)
 
     def run_epoch(self) -> dict:
         cfg = self.cfg

@@ -2,12 +2,15 @@
 checks, provenance."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import sys
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 import shared
 from shared import distributed as dist_utils
@@ -46,7 +49,28 @@ def settings_change(saved: dict, saved_seed, mine: dict, seed) -> str | None:
 
 class Trainer:
     """What the three trainers share besides :func:`setup`: the start or resumption of a run (:meth:`_begin`) and the
-    epoch loop (:meth:`train`). A subclass defines ``run_epoch()``, ``evaluate()`` and ``_resume()``."""
+    epoch loop (:meth:`train`), and the plain (pre-release) SGD step. A subclass defines ``run_epoch()``,
+    ``evaluate()`` and ``_resume()``, and sets ``loss_fn(outputs, targets)`` where it is not cross-entropy."""
+
+    loss_fn = staticmethod(F.cross_entropy)
+
+    def _autocast(self):
+        """bf16 autocast where ``self.amp`` is set (CUDA), else nothing."""
+        return torch.autocast(self.device.type, dtype=self.amp) if self.amp else contextlib.nullcontext()
+
+    def _plain_step(self, x, y) -> torch.Tensor:
+        """One SGD step of the plain model (before the release): gradients averaged over ranks, optional clipping
+        (``cfg.grad_clip``); returns the detached minibatch loss."""
+        self.opt.zero_grad(set_to_none=True)
+        with self._autocast():
+            loss = self.loss_fn(self.model(x), y)
+        loss.backward()
+        if self.distributed:
+            dist_utils.allreduce_grads(self.model.parameters())
+        if self.cfg.grad_clip:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.opt.step()
+        return loss.detach()
 
     def _begin(self, resume: bool) -> None:
         """Create the run folder (rank 0; only now, once data and model are ready, so a failed start leaves nothing

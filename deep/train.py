@@ -13,7 +13,6 @@ atomically at the end of every epoch; `resume=True` continues bit-for-bit on the
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import time
@@ -193,21 +192,6 @@ class Run(Trainer):
             self.swa = AveragedModel(self.model)
 
     # ------------------------------------------------------------------ epochs
-    def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp) if self.amp else contextlib.nullcontext()
-
-    def _plain_step(self, x, y):
-        self.opt.zero_grad(set_to_none=True)
-        with self._autocast():
-            loss = F.cross_entropy(self.model(x), y)
-        loss.backward()
-        if self.distributed:
-            dist_utils.allreduce_grads(self.model.parameters())
-        if self.cfg.grad_clip:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.opt.step()
-        return loss.detach()
-
     def _late_step(self, x, y):
         lp = self.lp
         if self.cfg.grad_clip:

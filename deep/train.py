@@ -58,9 +58,8 @@ def phi_parameters(model: nn.Module, fams: list) -> list:
     for fam in fams:
         if isinstance(fam, shared.Rank1):
             continue  # rank-1 factors do not exist before the release
-        for _, module, names in fam.select(model):
-            params = [module.get_parameter(n) for n in names] if names else list(module.parameters(recurse=False))
-            for p in params:
+        for sel in fam.select(model):
+            for p in (sel.module.get_parameter(n) for n in sel.params):
                 if id(p) not in seen:
                     seen.add(id(p))
                     out.append(p)

@@ -15,14 +15,14 @@ These functions take any model carrying member-aware layers (``LatePhase.model``
 from __future__ import annotations
 
 import copy
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn as nn
 from torch.optim.swa_utils import update_bn
 
 from .errors import LatePhaseError
-from .modules import LateBatchNorm, late_modules, set_member
+from .modules import LateBatchNorm, late_modules, member_mode
 
 
 def _late(model: nn.Module):
@@ -40,13 +40,18 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 def collapse(model: nn.Module, loader: Iterable | None = None, bn: str = "data",
              members: Sequence[int] | None = None, device=None) -> nn.Module:
     """A plain copy of ``model`` with every member-aware layer replaced by its original class holding
-    phi_bar = (1/|S|) sum_{k in S} phi_k over the members S (default: all K).
+    phi_bar = (1/|S|) sum_{k in S} phi_k over the members S (default: all K), returned in eval mode (ready to
+    evaluate; call ``.train()`` to train it further).
 
     BatchNorm: gamma_bar, beta_bar; running statistics re-estimated by one pass over ``loader`` (bn="data",
     torch.optim.swa_utils.update_bn: cumulative average over the loader's batches) or the members' mean running
     mean and mean running variance (bn="mean"). Head: W_bar, b_bar. Rank-1: W o (r_bar s_bar^T) folded into the
     original Linear/Conv. Custom: the original module with phi_bar. ``model`` itself is not changed.
     With a single member (``members=[k]``) and bn="mean" the result is exactly member k's network.
+
+    Example::
+
+        final = shared.collapse(lp.model, train_loader)     # = lp.collapse(train_loader)
     """
     mods = _late(model)
     K = mods[0][1].K
@@ -66,8 +71,7 @@ def collapse(model: nn.Module, loader: Iterable | None = None, bn: str = "data",
                                  "(e.g. the training loader), or use bn='mean'")
         with torch.no_grad():
             update_bn(loader, plain, device)
-    plain.train(model.training)
-    return plain
+    return plain.eval()
 
 
 def _stacked_copies(x: torch.Tensor, K: int) -> torch.Tensor:
@@ -75,29 +79,44 @@ def _stacked_copies(x: torch.Tensor, K: int) -> torch.Tensor:
     return torch.cat([x] * K)
 
 
+def _per_member(out, K: int, N: int):
+    """(K N, ...) -> (K, N, ...) for every tensor of a (possibly structured) output whose dim 0 is K N."""
+    if isinstance(out, torch.Tensor):
+        return out.reshape(K, N, *out.shape[1:]) if out.dim() and out.shape[0] == K * N else out
+    if isinstance(out, (tuple, list)):
+        return type(out)(_per_member(o, K, N) for o in out)
+    if isinstance(out, dict):
+        return {k: _per_member(v, K, N) for k, v in out.items()}
+    return out
+
+
 @torch.no_grad()
-def ensemble_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def ensemble_logits(model: nn.Module, x: torch.Tensor):
     """Per-member outputs f_k(x), shape (K, N, ...), computed in eval mode by one forward in stacked mode of K copies
-    of ``x``. The model's training flag and modes are restored afterwards."""
-    mods = [m for _, m in _late(model)]
-    K = mods[0].K
-    was_training, modes = model.training, [m.member for m in mods]
+    of ``x``; a structured output (tuple, list or dict of tensors) keeps its structure with every batch tensor
+    reshaped to (K, N, ...). The model's training flag and modes are restored afterwards."""
+    K = _late(model)[0][1].K
+    was_training = model.training
     model.eval()
-    set_member(mods, None)
     try:
-        out = model(_stacked_copies(x, K))
+        with member_mode(model, None, rows=K * x.shape[0]):
+            out = model(_stacked_copies(x, K))
     finally:
         model.train(was_training)
-        for m, mode in zip(mods, modes):
-            m.member = mode
-    return out.reshape(K, x.shape[0], *out.shape[1:])
+    return _per_member(out, K, x.shape[0])
 
 
 @torch.no_grad()
-def ensemble_probs(model: nn.Module, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+def ensemble_probs(model: nn.Module, x: torch.Tensor, dim: int = -1, output: Callable | None = None) -> torch.Tensor:
     """The ensemble's predictive distribution p(y|x) = (1/K) sum_k softmax(f_k(x)) along ``dim`` (float32 or
-    wider), shape (N, ...)."""
+    wider), shape (N, ...). ``output`` picks the logits from a structured output (applied to the (K, N, ...) outputs
+    of :func:`ensemble_logits`), e.g. ``output=lambda o: o["logits"]``."""
     logits = ensemble_logits(model, x)
+    if output is not None:
+        logits = output(logits)
+    if not isinstance(logits, torch.Tensor):
+        raise LatePhaseError(f"the model returns a {type(logits).__name__}, not a tensor of logits; pass output=... "
+                             f"to pick them, e.g. output=lambda o: o['logits']")
     if logits.dtype not in (torch.float32, torch.float64):
         logits = logits.float()
     return torch.softmax(logits, dim=dim).mean(0)
@@ -115,21 +134,19 @@ def update_bn_members(loader: Iterable, model: nn.Module, device=None) -> None:
         return
     K = mods[0].K
     momenta = [m.momentum for m in bns]
-    was_training, modes = model.training, [m.member for m in mods]
+    was_training = model.training
     for m in bns:
         m.reset_running_stats()
         m.momentum = None
     model.train()
-    set_member(mods, None)
     try:
         for batch in loader:
             x = batch[0] if isinstance(batch, (list, tuple)) else batch
             if device is not None:
                 x = x.to(device)
-            model(_stacked_copies(x, K))
+            with member_mode(model, None, rows=K * x.shape[0]):
+                model(_stacked_copies(x, K))
     finally:
         for m, mom in zip(bns, momenta):
             m.momentum = mom
         model.train(was_training)
-        for m, mode in zip(mods, modes):
-            m.member = mode

@@ -1,6 +1,12 @@
 """Late-phase weight families: which layers of a model get K per-member copies phi_1..phi_K.
 
-A family selects modules of a model (``select``) and replaces each by a member-aware module (``wrap``):
+The contract is two methods. ``select(model)`` returns a :class:`Selection` per module to make late-phase: its name
+in the model, the module, and the names of its parameters that become phi (the module's other parameters stay theta).
+``wrap(selection, K)`` returns the member-aware replacement (a :class:`shared.modules.LateModule`); the default wraps
+any module without buffers generically (:class:`shared.modules.LateCustom`: each member runs the original module with
+its own phi through torch.func.functional_call, vectorized over members with torch.vmap), so a new family is usually
+just a ``select``. :class:`shared.LatePhase` reads the selected original parameters before it calls ``wrap``, so their
+pre-T0 optimizer state and hyperparameters reach every member whatever ``wrap`` does to the module.
 
 * :class:`BatchNorm` -- every nn.BatchNorm1d/2d/3d: gamma, beta and the running statistics become per member.
 * :class:`Head` -- the classifier head (the last nn.Linear, or a named one): W and b become per member.
@@ -9,16 +15,35 @@ A family selects modules of a model (``select``) and replaces each by a member-a
 
 Families combine (``[BatchNorm(), Head()]`` is the reference CIFAR setting); a module selected twice is an error.
 Module and parameter names are matched with shell-style patterns (fnmatch: ``*`` matches any characters, dots included).
+
+Example, a family for LayerNorm scale and shift (vectorized = sequential and collapse to nn.LayerNorm are tested)::
+
+    class LayerNorm(shared.Family):
+        def select(self, model):
+            return [shared.Selection(name, m, ("weight", "bias"))
+                    for name, m in model.named_modules() if isinstance(m, nn.LayerNorm)]
 """
 from __future__ import annotations
 
+import abc
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Sequence
 
 import torch.nn as nn
 
 from .errors import LatePhaseError
-from .modules import BATCHNORM_TYPES, CONV_TYPES, LateBatchNorm, LateCustom, LateLinear, Rank1 as Rank1Module
+from .modules import BATCHNORM_TYPES, CONV_TYPES, LateBatchNorm, LateCustom, LateLinear, LateModule, LateRank1
+
+
+@dataclass(frozen=True)
+class Selection:
+    """One module that a family makes late-phase: ``name`` (its path in the model, as in ``named_modules``), the
+    ``module`` itself, and ``params``, the names (relative to the module, e.g. ``"weight"``) of its parameters that
+    become per-member phi. Empty ``params``: the replacement creates new phi tensors (e.g. rank-1 factors)."""
+    name: str
+    module: nn.Module
+    params: tuple[str, ...] = ()
 
 
 def _patterns(value) -> tuple[str, ...]:
@@ -33,16 +58,17 @@ def _matches(name: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
     return any(fnmatchcase(name, p) for p in include) and not any(fnmatchcase(name, p) for p in exclude)
 
 
-class Family:
-    """Base class. ``select(model)`` returns [(module name, module, phi names or None)]; ``wrap(module, K, names)``
-    returns (member-aware module, {phi name: original Parameter}) -- the originals let a pre-T0 optimizer state be
-    handed to every member."""
+class Family(abc.ABC):
+    """Base class of the late-phase families: define :meth:`select`; override :meth:`wrap` for a layer type that
+    needs its own member-aware module (buffers such as BatchNorm statistics, or a faster stacked forward)."""
 
-    def select(self, model: nn.Module) -> list:
-        return []
+    @abc.abstractmethod
+    def select(self, model: nn.Module) -> list[Selection]:
+        """The modules of ``model`` to make late-phase; raise :class:`shared.LatePhaseError` if there are none."""
 
-    def wrap(self, module: nn.Module, K: int, names=None):
-        return module, {}
+    def wrap(self, selection: Selection, K: int) -> LateModule:
+        """The member-aware replacement of ``selection.module`` with K copies of ``selection.params``."""
+        return LateCustom(selection.module, selection.params, K)
 
     def __repr__(self) -> str:
         def show(v):
@@ -69,15 +95,14 @@ class BatchNorm(Family):
                 if type(m) not in BATCHNORM_TYPES:
                     raise LatePhaseError(f"module {name!r} is a {type(m).__name__}; late-phase BatchNorm supports "
                                          f"nn.BatchNorm1d/2d/3d (convert it, or exclude it with exclude=[{name!r}])")
-                out.append((name, m, None))
+                out.append(Selection(name, m, ("weight", "bias") if m.affine else ()))
         if not out:
             raise LatePhaseError(f"{self!r} selected no module: the model has no matching nn.BatchNorm1d/2d/3d "
                                  f"layer; choose another family (e.g. Head() or Rank1())")
         return out
 
-    def wrap(self, module, K, names=None):
-        origins = {"weight": module.weight, "bias": module.bias} if module.affine else {}
-        return LateBatchNorm(module, K, late=True), origins
+    def wrap(self, selection, K):
+        return LateBatchNorm(selection.module, K, late=True)
 
 
 class Head(Family):
@@ -97,19 +122,17 @@ class Head(Family):
             if not isinstance(m, nn.Linear):
                 raise LatePhaseError(f"Head({self.name!r}) is a {type(m).__name__}, not an nn.Linear; "
                                      f"use Custom(...) for other head types")
-            return [(self.name, m, None)]
-        linears = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
-        if not linears:
-            raise LatePhaseError("Head() found no nn.Linear in the model; name the head with Head('name') or use "
-                                 "Custom(...)")
-        name, m = linears[-1]
-        return [(name, m, None)]
+            name = self.name
+        else:
+            linears = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
+            if not linears:
+                raise LatePhaseError("Head() found no nn.Linear in the model; name the head with Head('name') or use "
+                                     "Custom(...)")
+            name, m = linears[-1]
+        return [Selection(name, m, ("weight", "bias") if m.bias is not None else ("weight",))]
 
-    def wrap(self, module, K, names=None):
-        origins = {"weight": module.weight}
-        if module.bias is not None:
-            origins["bias"] = module.bias
-        return LateLinear(module, K), origins
+    def wrap(self, selection, K):
+        return LateLinear(selection.module, K)
 
 
 class Rank1(Family):
@@ -124,15 +147,15 @@ class Rank1(Family):
         self.types = tuple(types)
 
     def select(self, model):
-        out = [(n, m, None) for n, m in model.named_modules()
+        out = [Selection(n, m) for n, m in model.named_modules()
                if type(m) in self.types and _matches(n, self.include, self.exclude)]
         if not out:
             raise LatePhaseError(f"{self!r} selected no module; check the name patterns against "
                                  f"[n for n, _ in model.named_modules()]")
         return out
 
-    def wrap(self, module, K, names=None):
-        return Rank1Module(module, K), {}
+    def wrap(self, selection, K):
+        return LateRank1(selection.module, K)
 
 
 class Custom(Family):
@@ -169,8 +192,4 @@ class Custom(Family):
         if "" in chosen:
             raise LatePhaseError(f"{self!r} selects parameters {chosen[''][:3]} owned by the model itself; move them "
                                  f"into a submodule (the owning module is what gets replicated)")
-        return [(name, model.get_submodule(name), names) for name, names in chosen.items()]
-
-    def wrap(self, module, K, names=None):
-        origins = {n: module.get_parameter(n) for n in names}
-        return LateCustom(module, names, K), origins
+        return [Selection(name, model.get_submodule(name), tuple(names)) for name, names in chosen.items()]

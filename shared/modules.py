@@ -6,6 +6,8 @@ Every member-aware module (a :class:`LateModule`) has ``K`` members and an attri
 * ``member = None`` ("stacked" mode): the input holds K equal slices along dim 0 (N = K B; slice k is member k's
   minibatch); slice k uses phi_k, and batch statistics are computed per slice.
 
+:func:`member_mode` switches a whole model between the modes (and restores the previous ones afterwards).
+
 A forward in stacked mode therefore computes, slice by slice, exactly what K forwards in member mode compute (tested),
 which is what makes the vectorized path of Algorithm 1 exact. Wrapped layers keep their theta tensors as the same
 Parameter objects; each member's phi tensors are separate Parameters (one ``nn.ParameterList`` entry per member), so
@@ -13,6 +15,7 @@ each member can have its own optimizer over its own tensors.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Sequence
 
@@ -28,8 +31,20 @@ CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _EXACT = (torch.float32, torch.float64)
 
 
-def split_size(n: int, K: int, where: str) -> int:
-    """Per-member minibatch size B of a stacked batch of n = K B samples (raises if K does not divide n)."""
+def stacked_rows(x: torch.Tensor, K: int, rows: int | None, where: str) -> int:
+    """Per-member minibatch size B of a stacked-mode input x whose dim 0 holds K B rows (member k: rows k B..(k+1) B-1).
+
+    ``rows`` is the size of the stacked batch the model was called with (set by :func:`member_mode`; None when
+    unknown). A late-phase layer must see that batch in dim 0: a 3-D or larger input whose dim 0 is not ``rows`` holds
+    e.g. time-major activations (T, N, ...), whose member slices are not along dim 0, so it is refused rather than
+    split along time. A 2-D input may hold a multiple of ``rows`` (a batch-major flattening (N T, H) keeps the member
+    slices contiguous); a time-major flattening (T N, H) cannot be told apart and must be avoided by the model."""
+    n = x.shape[0]
+    if rows is not None and n != rows and not (x.dim() == 2 and n % rows == 0):
+        raise LatePhaseError(f"{where}: dim 0 of its input has {n} entries but the stacked batch has {rows} (K={K} "
+                             f"member minibatches); the vectorized path needs the batch in dim 0 of every late-phase "
+                             f"layer's input -- for time-major activations use batch-first layers (e.g. "
+                             f"nn.LSTM(batch_first=True)) or path='sequential'")
     if n % K:
         raise LatePhaseError(f"{where}: a stacked batch of {n} samples does not split into K={K} equal member "
                              f"minibatches; give K*B samples along dim 0")
@@ -53,8 +68,18 @@ def _mean(plist: nn.ParameterList, members: Sequence[int]) -> torch.Tensor:
 class LateModule(nn.Module):
     """Base of the member-aware modules: K members, the mode attribute ``member`` and the phi tensors.
 
-    Subclasses list the attribute names of their per-member ``ParameterList``s in ``_phi_attrs`` and implement
-    ``to_plain(members)``, which returns the layer of the original class with phi_bar = mean over ``members``.
+    The contract a member-aware layer fulfils (all that :class:`shared.LatePhase` relies on):
+
+    * ``K`` and ``member`` (set by :func:`member_mode`): k runs member k on its own minibatch; None runs the stacked
+      batch, slice k with phi_k, and must compute slice by slice exactly what member mode computes (use
+      :meth:`stacked_rows` to get the per-member size B; it also refuses inputs whose dim 0 is not the batch);
+    * :meth:`phi_lists`: (name, ``nn.ParameterList`` of K Parameters) per late-phase tensor; a name equal to the name of
+      a parameter the family selected ties the copies to that original (its pre-T0 optimizer state and hyperparameters
+      are inherited); other names are new tensors (e.g. rank-1 factors);
+    * ``to_plain(members)``: the layer of the original class with phi_bar = mean over ``members``.
+
+    Subclasses list the attribute names of their per-member ``ParameterList``s in ``_phi_attrs`` (or override
+    :meth:`phi_lists`).
     """
 
     _phi_attrs: tuple = ()
@@ -63,6 +88,7 @@ class LateModule(nn.Module):
         super().__init__()
         self.K = int(K)
         self.member: int | None = None
+        self.rows: int | None = None  # size of the stacked batch of the current forward (set by member_mode)
 
     def phi_lists(self) -> list[tuple[str, nn.ParameterList]]:
         """(name, ParameterList over members) for every late-phase tensor of this layer, in a fixed order."""
@@ -71,6 +97,10 @@ class LateModule(nn.Module):
     def phi(self, k: int) -> list[nn.Parameter]:
         """Member k's late-phase Parameters phi_k (in the order of :meth:`phi_lists`)."""
         return [plist[k] for _, plist in self.phi_lists()]
+
+    def stacked_rows(self, x: torch.Tensor) -> int:
+        """B for a stacked-mode input x of K B rows (see :func:`stacked_rows`)."""
+        return stacked_rows(x, self.K, self.rows, type(self).__name__)
 
     def extra_repr(self) -> str:
         return f"K={self.K}, member={'stacked' if self.member is None else self.member}"
@@ -249,7 +279,7 @@ class LateBatchNorm(LateModule):
 
     def _stacked_forward(self, x):
         K, C = self.K, self.num_features
-        B = split_size(x.shape[0], K, f"{self.kind.__name__}({C})")
+        B = self.stacked_rows(x)
         weight, bias = self._affine_stacked()
         rm, rv = self.running_mean, self.running_var
         if self.training or (rm is None and rv is None):
@@ -336,7 +366,7 @@ class LateLinear(LateModule):
             k = self.member
             return F.linear(x, self.weight[k], None if self.bias is None else self.bias[k])
         K = self.K
-        split_size(x.shape[0], K, f"Linear({self.in_features}, {self.out_features})")
+        self.stacked_rows(x)
         x3 = x.reshape(K, -1, self.in_features)
         w = _stack(self.weight).transpose(1, 2)
         y = torch.bmm(x3, w) if self.bias is None else torch.baddbmm(_stack(self.bias).unsqueeze(1), x3, w)
@@ -357,7 +387,7 @@ class LateLinear(LateModule):
 
 # ----------------------------------------------------------------------------- rank-1 factors
 
-class Rank1(LateModule):
+class LateRank1(LateModule):
     """Rank-1 multiplicative late-phase factors on a Linear or ConvNd layer (BatchEnsemble style).
 
     Member k uses W_k = W o (r_k s_k^T): for Linear y = ((x o s_k) W^T) o r_k + b; for ConvNd the input channels are
@@ -390,7 +420,7 @@ class Rank1(LateModule):
             K, s, r = 1, self.s[self.member].unsqueeze(0), self.r[self.member].unsqueeze(0)
         else:
             K, s, r = self.K, _stack(self.s), _stack(self.r)
-            split_size(x.shape[0], K, f"rank-1 {type(base).__name__}")
+            self.stacked_rows(x)
         bias = base.bias
         if x.dtype not in _EXACT:  # under autocast keep the activations in their low precision
             s, r = s.to(x.dtype), r.to(x.dtype)
@@ -457,7 +487,7 @@ class LateCustom(LateModule):
             return torch.func.functional_call(self.inner, params, args, kwargs)
         K = self.K
         x = args[0]
-        B = split_size(x.shape[0], K, f"custom late-phase {type(self.inner).__name__}")
+        B = self.stacked_rows(x)
         stacked = {name: _stack(plist) for name, plist in self.phi_lists()}
         rest = args[1:]
 
@@ -495,10 +525,34 @@ def late_modules(model: nn.Module) -> list[tuple[str, LateModule]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LateModule)]
 
 
-def set_member(model_or_modules, member: int | None) -> None:
-    """Put every member-aware module in member mode (``member = k``) or stacked mode (``None``)."""
-    mods = model_or_modules
-    if isinstance(mods, nn.Module):
-        mods = [m for _, m in late_modules(mods)]
-    for m in mods:
-        m.member = member
+def set_member(modules, member: int | None, rows: int | None = None) -> None:
+    """Put the member-aware ``modules`` (a model, or a list of LateModules) in member mode (``member = k``) or stacked
+    mode (``None``; ``rows``: the size of the stacked batch, checked by the layers)."""
+    if isinstance(modules, nn.Module):
+        modules = [m for _, m in late_modules(modules)]
+    for m in modules:
+        m.member, m.rows = member, rows
+
+
+@contextlib.contextmanager
+def member_mode(model: nn.Module, member: int | None, rows: int | None = None):
+    """Run ``model`` as member k (``member_mode(model, k)``) or in stacked mode (``member_mode(model, None)``) inside
+    the ``with`` block; every member-aware layer's previous mode is restored afterwards.
+
+    Example::
+
+        with shared.member_mode(lp.model, 2):
+            logits = lp.model(x)          # member 2's network on x
+
+    ``rows`` (stacked mode): the size of the stacked batch the block feeds, so that the layers can refuse inputs whose
+    dim 0 is not that batch (see :func:`stacked_rows`)."""
+    mods = [m for _, m in late_modules(model)]
+    if member is not None and mods and not 0 <= member < mods[0].K:
+        raise LatePhaseError(f"member must be in 0..{mods[0].K - 1} or None (stacked), got {member}")
+    prev = [(m.member, m.rows) for m in mods]
+    set_member(mods, member, rows)
+    try:
+        yield model
+    finally:
+        for m, (k, r) in zip(mods, prev):
+            m.member, m.rows = k, r

@@ -109,7 +109,7 @@ def simulate(curvature, noise, optimum, *, K: int, lr_theta: float, lr_phi: floa
 
     lp = LatePhase(model, K, families(), gamma_theta=gamma_theta, theta_optimizer=opt(lr_theta),
                    phi_optimizer=opt(lr_phi), path=path)
-    members = lp.late[0].phi_lists()[0][1]
+    members = model.phi.phi_lists()[0][1]  # the K copies of phi (the Custom family replaced model.phi)
     gen = torch.Generator().manual_seed(seed)
     acc_mean = torch.zeros(runs, dtype=torch.float64)
     acc_mem = torch.zeros(runs, dtype=torch.float64)

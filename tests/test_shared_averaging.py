@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import update_bn
 
 import shared
+from shared.modules import late_modules
 from shared import SWA, BatchNorm, Head, LatePhase, LatePhaseError, Rank1
 from shared.modules import LateModule
 
@@ -74,7 +75,7 @@ def test_ensemble_members_are_the_member_networks():
     lp.model.train()
     logits = lp.ensemble_logits(x)
     assert logits.shape == (K, 5, 3)
-    assert lp.model.training and all(m.member is None for m in lp.late)
+    assert lp.model.training and all(m.member is None for _, m in late_modules(lp.model))
     for k in range(K):
         member = lp.member_model(k).eval()
         torch.testing.assert_close(logits[k], member(x), **TOL)
@@ -95,7 +96,7 @@ def test_update_bn_members_equals_update_bn_per_member():
         got = lp.member_model(k)
         for (n, a), (_, b) in zip(got.named_buffers(), expected[k].named_buffers()):
             torch.testing.assert_close(a, b, **TOL)
-    assert lp.late[0].momentum == 0.1
+    assert late_modules(lp.model)[0][1].momentum == 0.1
 
 
 def test_swa_averages_theta_and_every_member_with_constant_lr():

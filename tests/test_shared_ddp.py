@@ -43,7 +43,7 @@ WORKER = SETUP + textwrap.dedent("""
     out = {}
     for path in ("vectorized", "sequential"):
         lp = build(path)
-        assert lp.distributed and (lp._ddp is not None) == (path == "vectorized")
+        assert lp._distributed and (lp._ddp is not None) == (path == "vectorized")
         for step in range(STEPS):
             x, y = batch(step)
             lp.step(shard(x, K), shard(y, K), F.cross_entropy)

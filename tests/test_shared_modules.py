@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared import LatePhaseError
-from shared.modules import LateBatchNorm, LateCustom, LateLinear, Rank1, set_member
+from shared.modules import LateBatchNorm, LateCustom, LateLinear, LateRank1 as Rank1, set_member
 
 TOL = dict(rtol=1e-10, atol=1e-12)
 

@@ -20,9 +20,9 @@ columns. :class:`StatefulLM` keeps that state inside the model, so the vectorize
 on rows k*B..(k+1)*B-1) and the sequential path (member k's rows alone) carry it the same way; they are equal in
 float64 (tested).
 
-Gradient clipping after the release acts on the *mean member's* gradient: its norm is
-sqrt(|theta.grad / K|^2 + (1/K) sum_k |phi_k.grad|^2) (theta.grad holds sum_k grad_theta L(M_k)), and all gradients
-are scaled by min(1, grad_clip / (norm + 1e-6)), as torch.nn.utils.clip_grad_norm_ does. For K = 1 this is
+Gradient clipping after the release acts on the *mean member's* gradient (:meth:`shared.LatePhase.clip_grad_norm_`):
+its norm is sqrt(|theta.grad / K|^2 + (1/K) sum_k |phi_k.grad|^2) (theta.grad holds sum_k grad_theta L(M_k)), and all
+gradients are scaled by min(1, grad_clip / (norm + 1e-6)), as torch.nn.utils.clip_grad_norm_ does. For K = 1 this is
 clip_grad_norm_ over all parameters; for identical members it is the base model's clip of one member's gradient.
 
 SWA (``_swa`` presets): from ``swa_start`` the learning rate is constant (``swa_lr``) and all weights -- theta and
@@ -60,7 +60,7 @@ from torch.optim.swa_utils import AveragedModel
 
 import shared
 from shared import distributed as dist_utils
-from shared.modules import late_modules, set_member
+from shared.modules import late_modules, member_mode
 
 from .config import Config, ConfigError
 from .data.errors import DataError
@@ -124,32 +124,13 @@ def sequence_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
 
 
-@torch.no_grad()
-def clip_member_mean(lp: shared.LatePhase, max_norm: float) -> torch.Tensor:
-    """Clip the mean member's gradient (see the module doc) to ``max_norm``; returns the norm before clipping."""
-    K = lp.K
-    theta = [p.grad for p in lp.theta_params if p.grad is not None]
-    phis = [[p.grad for p in ps if p.grad is not None] for ps in lp.phi_params]
-
-    def sq(grads):
-        if not grads:
-            return torch.zeros((), device=lp.phi_params[0][0].device)
-        return torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64) for g in grads]).pow(2).sum()
-
-    norm = (sq(theta) / K ** 2 + sum(sq(g) for g in phis) / K).sqrt()
-    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-    grads = theta + [g for gs in phis for g in gs]
-    torch._foreach_mul_(grads, scale.to(grads[0].dtype))
-    return norm
-
-
 def late_step(lp: shared.LatePhase, x: torch.Tensor, y: torch.Tensor, grad_clip: float = 0.0,
               path: str | None = None) -> torch.Tensor:
     """One outer step on one window (K member row blocks stacked along dim 0): gradients, clipping, update.
     Returns the K member losses (nats, detached)."""
     losses = lp.forward_backward(x, y, sequence_loss, path)
     if grad_clip:
-        clip_member_mean(lp, grad_clip)
+        lp.clip_grad_norm_(grad_clip)
     lp.update()
     return losses
 
@@ -171,31 +152,27 @@ def stream_nats(model: StatefulLM, data: torch.Tensor, rows: int, bptt: int, mem
     K = max(members, 1)
     was, saved = model.training, model.carry
     model.eval()
-    late = [m for _, m in late_modules(model)]
-    modes = [m.member for m in late]
-    set_member(late, None)
     model.reset(K * mine.numel())
     sums = torch.zeros(K, dtype=torch.float64, device=device)
     ens = torch.zeros(1, dtype=torch.float64, device=device)
     count = 0
     try:
-        for x, y in batcher:
-            x, y = x[mine], y[mine]
-            count += y.numel()
-            if not y.numel():
-                continue
-            with (torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext()):
-                logits = model(torch.cat([x] * K) if members else x)
-            logp = torch.log_softmax(logits.float(), -1).reshape(K, *y.shape, -1)
-            target = logp.gather(-1, y.expand(K, *y.shape).unsqueeze(-1)).squeeze(-1)  # (K, r, T)
-            sums -= target.double().sum((1, 2))
-            if members:
-                ens -= (torch.logsumexp(target.double(), 0) - math.log(K)).sum()
+        with member_mode(model, None):
+            for x, y in batcher:
+                x, y = x[mine], y[mine]
+                count += y.numel()
+                if not y.numel():
+                    continue
+                with (torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext()):
+                    logits = model(torch.cat([x] * K) if members else x)
+                logp = torch.log_softmax(logits.float(), -1).reshape(K, *y.shape, -1)
+                target = logp.gather(-1, y.expand(K, *y.shape).unsqueeze(-1)).squeeze(-1)  # (K, r, T)
+                sums -= target.double().sum((1, 2))
+                if members:
+                    ens -= (torch.logsumexp(target.double(), 0) - math.log(K)).sum()
     finally:
         model.carry = saved
         model.train(was)
-        for m, mode in zip(late, modes):
-            m.member = mode
     total = torch.tensor([count], dtype=torch.float64, device=device)
     if world > 1:
         for t in (sums, ens, total):

@@ -195,7 +195,7 @@ class Run(Trainer):
         lp = self.lp
         if self.cfg.grad_clip:
             losses = lp.forward_backward(x, y, F.cross_entropy)
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            lp.clip_grad_norm_(self.cfg.grad_clip)  # the mean member's gradient norm
             lp.update()
             return losses.mean()
         return lp.step(x, y, F.cross_entropy)

@@ -18,7 +18,7 @@ from deep import metrics
 from deep.cli import main
 from deep.config import PRESETS, get_config
 from deep.finetune import FineTune, FinetuneConfig, MetricSums, accumulated_step
-from deep.lm import LMRun, StatefulLM, clip_member_mean, late_step, stream_nats
+from deep.lm import LMRun, StatefulLM, late_step, stream_nats
 from deep.table import render
 
 TOL = dict(rtol=1e-9, atol=1e-12)
@@ -449,14 +449,14 @@ def test_rank1_lstm_vectorized_equals_sequential_float64():
         torch.testing.assert_close(a, b, **TOL)
 
 
-def test_clip_member_mean():
+def test_lstm_clip_is_the_mean_members_norm():
     """K = 1: the same as clip_grad_norm_ over all parameters; K members: the mean member's gradient is clipped."""
     lp = _lstm_lp("vectorized", K=1)
     ref = copy.deepcopy(lp)
     x = torch.randint(0, 11, (2, 4), generator=torch.Generator().manual_seed(0))
     for m in (lp, ref):
         m.forward_backward(x, x, lambda o, t: F.cross_entropy(o.reshape(-1, 11), t.reshape(-1)))
-    norm = clip_member_mean(lp, 0.01)
+    norm = lp.clip_grad_norm_(0.01)
     ref_norm = nn.utils.clip_grad_norm_(list(ref.model.parameters()), 0.01)
     torch.testing.assert_close(norm, ref_norm.double(), **TOL)
     for p, q in zip(lp.model.parameters(), ref.model.parameters()):
@@ -467,7 +467,7 @@ def test_clip_member_mean():
     n_theta = sum(p.numel() for p in lp.theta_params)
     n_phi = sum(p.numel() for p in lp.phi_params[0])
     expected = math.sqrt(n_theta / 4 + n_phi)
-    assert float(clip_member_mean(lp, 1e9)) == pytest.approx(expected)
+    assert float(lp.clip_grad_norm_(1e9)) == pytest.approx(expected)
 
 
 def test_lm_cli_errors(text_root, tmp_path, monkeypatch, capsys):

@@ -9,7 +9,7 @@ See :mod:`shared.core` for Algorithm 1, :mod:`shared.families` for the late-phas
 one), :mod:`shared.modules` for the member-aware layers and :func:`member_mode`, :mod:`shared.averaging` for weight
 averaging and ensembles, :mod:`shared.swa`, :mod:`shared.checkpoint` and :mod:`shared.distributed`.
 """
-from .averaging import collapse, ensemble_logits, ensemble_probs, update_bn_members
+from .averaging import collapse, ensemble_logits, ensemble_probs, update_bn
 from .batching import stack_batches
 from .checkpoint import CheckpointError, load, save
 from .core import LatePhase, sgd
@@ -20,4 +20,4 @@ from .swa import SWA
 
 __all__ = ["LatePhase", "LatePhaseError", "sgd", "BatchNorm", "Head", "Rank1", "Custom", "Family", "Selection",
            "LateModule", "member_mode", "stack_batches", "collapse", "ensemble_logits", "ensemble_probs",
-           "update_bn_members", "SWA", "save", "load", "CheckpointError"]
+           "update_bn", "SWA", "save", "load", "CheckpointError"]

@@ -9,8 +9,8 @@ These functions take any model carrying member-aware layers (``LatePhase.model``
 * :func:`ensemble_logits` / :func:`ensemble_probs` -- the K members as an ensemble: per-member outputs (K, N, ...)
   from one stacked forward in eval mode, and the average of their predicted probabilities
   p(y|x) = (1/K) sum_k softmax(f_k(x)).
-* :func:`update_bn_members` -- recompute every member's BatchNorm statistics from data (e.g. after SWA), vectorized
-  by feeding K stacked copies of each batch.
+* :func:`update_bn` -- recompute BatchNorm statistics from data: of a plain model, or of every member of a
+  late-phase model (e.g. after SWA), vectorized by feeding K stacked copies of each batch.
 """
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn as nn
-from torch.optim.swa_utils import update_bn
 
 from .errors import LatePhaseError
 from .modules import LateBatchNorm, late_modules, member_mode
@@ -44,7 +43,7 @@ def collapse(model: nn.Module, loader: Iterable | None = None, bn: str = "data",
     evaluate; call ``.train()`` to train it further).
 
     BatchNorm: gamma_bar, beta_bar; running statistics re-estimated by one pass over ``loader`` (bn="data",
-    torch.optim.swa_utils.update_bn: cumulative average over the loader's batches) or the members' mean running
+    :func:`update_bn`: cumulative average over the loader's batches) or the members' mean running
     mean and mean running variance (bn="mean"). Head: W_bar, b_bar. Rank-1: W o (r_bar s_bar^T) folded into the
     original Linear/Conv. Custom: the original module with phi_bar. ``model`` itself is not changed.
     With a single member (``members=[k]``) and bn="mean" the result is exactly member k's network.
@@ -123,16 +122,24 @@ def ensemble_probs(model: nn.Module, x: torch.Tensor, dim: int = -1, output: Cal
 
 
 @torch.no_grad()
-def update_bn_members(loader: Iterable, model: nn.Module, device=None) -> None:
-    """Recompute the BatchNorm running statistics of every member from data, as torch.optim.swa_utils.update_bn does
-    for one network: reset, then a cumulative average (momentum None) over one pass of ``loader``; every batch x is
-    fed as K stacked copies so member k's statistics come from its own phi_k. Batches are tensors or lists/tuples whose
-    first element is the input."""
-    mods = [m for _, m in _late(model)]
-    bns = [m for m in mods if isinstance(m, LateBatchNorm) and m.running_mean is not None]
+def update_bn(loader: Iterable, model: nn.Module, device=None, limit: int | None = None) -> None:
+    """Recompute the BatchNorm running statistics of ``model`` from data, as torch.optim.swa_utils.update_bn does:
+    reset, then a cumulative average (momentum None) over one pass of ``loader`` (at most ``limit`` batches). A plain
+    model is fed each batch x as it is; a model with late-phase layers (e.g. ``lp.model`` or an SWA average of it) is
+    fed K stacked copies of x, so member k's statistics come from its own phi_k (every member sees the same data).
+    Batches are tensors or lists/tuples whose first element is the input. Under torch.distributed the statistics
+    are then averaged over the ranks (each rank having fed its own share of the data).
+
+    Example::
+
+        shared.update_bn(train_loader, swa_model)     # every member's BatchNorm statistics of an SWA average
+    """
+    bns = [m for m in model.modules() if isinstance(m, (nn.modules.batchnorm._BatchNorm, LateBatchNorm))
+           and m.running_mean is not None]
     if not bns:
         return
-    K = mods[0].K
+    mods = [m for _, m in late_modules(model)]
+    K = mods[0].K if mods else 1
     momenta = [m.momentum for m in bns]
     was_training = model.training
     for m in bns:
@@ -140,13 +147,24 @@ def update_bn_members(loader: Iterable, model: nn.Module, device=None) -> None:
         m.momentum = None
     model.train()
     try:
-        for batch in loader:
+        for i, batch in enumerate(loader):
+            if limit is not None and i >= limit:
+                break
             x = batch[0] if isinstance(batch, (list, tuple)) else batch
             if device is not None:
                 x = x.to(device)
-            with member_mode(model, None, rows=K * x.shape[0]):
-                model(_stacked_copies(x, K))
+            if mods:
+                with member_mode(model, None, rows=K * x.shape[0]):
+                    model(_stacked_copies(x, K))
+            else:
+                model(x)
     finally:
         for m, mom in zip(bns, momenta):
             m.momentum = mom
         model.train(was_training)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        world = torch.distributed.get_world_size()
+        for m in bns:
+            for t in (m.running_mean, m.running_var):
+                torch.distributed.all_reduce(t)
+                t.div_(world)

@@ -1,8 +1,8 @@
 """Atomic checkpoints and RNG states.
 
-``save(path, obj)`` writes ``obj`` (a dict of tensors and plain Python values, e.g. ``LatePhase.state_dict()``) to
-``path + ".tmp"``, flushes it to disk and renames it over ``path`` (os.replace), so a crash never leaves a truncated
-checkpoint. ``load(path)`` reads it back with ``torch.load(weights_only=True)``: no arbitrary pickled objects; a file
+``save(path, obj)`` writes ``obj`` (a dict of tensors and plain Python values, e.g. ``LatePhase.state_dict()``) through
+:func:`atomic_write`: a temporary file in the same folder, flushed to disk and renamed over ``path`` (os.replace), so
+a crash never leaves a truncated checkpoint. ``load(path)`` reads it back with ``torch.load(weights_only=True)``: no arbitrary pickled objects; a file
 that cannot be read as a checkpoint raises :class:`CheckpointError`.
 """
 from __future__ import annotations
@@ -21,13 +21,19 @@ class CheckpointError(LatePhaseError):
     """A file exists but cannot be read as a checkpoint (damaged, truncated, or not a checkpoint)."""
 
 
-def save(path, obj) -> None:
-    """Write ``obj`` to ``path`` atomically (temporary file in the same directory, fsync, os.replace)."""
+def atomic_write(path, write) -> None:
+    """Write a file atomically: ``write(f)`` fills a temporary file (binary mode) in the same folder, which is
+    flushed, fsynced and renamed over ``path`` (os.replace), and the folder entry is fsynced; on any failure the
+    temporary file is removed and ``path`` keeps its previous content. ``write`` may also be bytes or a str."""
     path = os.fspath(path)
-    tmp = path + ".tmp"
+    tmp = f"{path}.tmp{os.getpid()}"
+    data = write.encode() if isinstance(write, str) else write
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            if isinstance(data, (bytes, bytearray)):
+                f.write(data)
+            else:
+                data(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -45,6 +51,11 @@ def save(path, obj) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def save(path, obj) -> None:
+    """Write ``obj`` to ``path`` atomically with torch.save (see :func:`atomic_write`)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load(path, map_location="cpu"):

@@ -83,7 +83,7 @@ def test_ensemble_members_are_the_member_networks():
     assert not torch.allclose(logits[0], logits[1])
 
 
-def test_update_bn_members_equals_update_bn_per_member():
+def test_update_bn_of_members_equals_torch_update_bn_per_member():
     lp = trained([BatchNorm(), Head()])
     loader = [(x, y) for x, y in batches(2, seed=3)]
     expected = []
@@ -91,7 +91,7 @@ def test_update_bn_members_equals_update_bn_per_member():
         member = lp.member_model(k)
         update_bn(loader, member)
         expected.append(member)
-    shared.update_bn_members(loader, lp.model)
+    shared.update_bn(loader, lp.model)
     for k in range(K):
         got = lp.member_model(k)
         for (n, a), (_, b) in zip(got.named_buffers(), expected[k].named_buffers()):
@@ -117,7 +117,7 @@ def test_swa_averages_theta_and_every_member_with_constant_lr():
     loader = [x for x, _ in batches(2, seed=8)]
     model = swa.finalize(loader)
     reference = copy.deepcopy(model)
-    shared.update_bn_members(loader, reference)
+    shared.update_bn(loader, reference)
     for a, b in zip(model.buffers(), reference.buffers()):
         torch.testing.assert_close(a, b, **TOL)
     assert not torch.allclose(model[4].running_mean[0], model[4].running_mean[1])
@@ -129,3 +129,28 @@ def test_swa_averages_theta_and_every_member_with_constant_lr():
     assert other.n_averaged == 3
     with pytest.raises(LatePhaseError, match="update"):
         SWA(lp, swa_lr=0.05).finalize(loader)
+
+
+def test_swa_and_update_bn_of_a_plain_model_are_torchs():
+    """A plain model: SWA averages its weights (and BatchNorm statistics); update_bn equals torch's, also when
+    limited to the first batches."""
+    torch.manual_seed(0)
+    model = convnet()
+    swa = SWA(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    snapshots = []
+    for x, y in batches(3, seed=3):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        swa.update()
+        snapshots.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    for n, p in swa.model.named_parameters():
+        torch.testing.assert_close(p, sum(s[n] for s in snapshots) / 3, **TOL)
+    loader = [x for x, _ in batches(3, seed=8)]
+    ours, theirs = copy.deepcopy(swa.model), copy.deepcopy(swa.model)
+    shared.update_bn(loader, ours, limit=2)
+    update_bn(loader[:2], theirs)
+    for a, b in zip(ours.buffers(), theirs.buffers()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert swa.schedulers == []

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import datetime
-import platform
 import statistics
 import time
 
@@ -25,43 +24,10 @@ import torch.nn.functional as F
 from shared import BatchNorm, Head, LatePhase, sgd
 
 from .models import wrn
-from .runs import pick_device
+from .errors import DeepError
+from .system import cpu_name, keep_freed_memory, pick_device, sync
 
 MIN_IMAGE_SIZE = 8  # the WRN halves the resolution twice; BatchNorm needs more than one value per channel
-
-
-class BenchError(ValueError):
-    """Invalid benchmark arguments (one actionable line)."""
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def keep_freed_memory() -> str:
-    """Ask glibc malloc to keep freed memory instead of returning it to the OS (mallopt M_MMAP_THRESHOLD and
-    M_TRIM_THRESHOLD at 2 GiB). With the defaults, every step of a large stacked batch maps and page-faults its
-    activations afresh (blocks above 32 MiB are mmap'ed and unmapped each time), which on the CPU costs the
-    vectorized path ~40 %; jemalloc or tcmalloc have the same effect. Returns a line for the provenance."""
-    try:
-        import ctypes
-        libc = ctypes.CDLL("libc.so.6")
-        ok = libc.mallopt(-3, 2 ** 31 - 1) == 1 and libc.mallopt(-1, 2 ** 31 - 1) == 1
-    except (OSError, AttributeError):
-        ok = False
-    return "glibc malloc keeps freed memory (mallopt)" if ok else "system malloc (mallopt unavailable)"
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def forward_macs(model, x) -> int:
@@ -105,31 +71,30 @@ def parse_arch(arch: str) -> tuple[int, int]:
     """(depth, width) of a WRN named DEPTH-WIDTH or wrn-DEPTH-WIDTH, with DEPTH = 6n + 4 >= 10 and WIDTH >= 1."""
     parts = arch.lower().removeprefix("wrn-").split("-")
     if len(parts) != 2 or not all(p.isdigit() for p in parts):
-        raise BenchError(f"--arch {arch}: expected WRN DEPTH-WIDTH such as 16-4 or wrn-16-4")
+        raise DeepError(f"--arch {arch}: expected WRN DEPTH-WIDTH such as 16-4 or wrn-16-4")
     depth, width = int(parts[0]), int(parts[1])
     if depth < 10 or (depth - 4) % 6:
-        raise BenchError(f"--arch {arch}: the WRN depth must be 6n + 4 >= 10 (e.g. 16, 28), got {depth}")
+        raise DeepError(f"--arch {arch}: the WRN depth must be 6n + 4 >= 10 (e.g. 16, 28), got {depth}")
     if width < 1:
-        raise BenchError(f"--arch {arch}: the WRN width must be >= 1")
+        raise DeepError(f"--arch {arch}: the WRN width must be >= 1")
     return depth, width
 
 
 def check_arguments(args) -> None:
-    """Raise BenchError for the first argument out of range (--K, --batch, --rounds, ...)."""
+    """Raise DeepError for the first argument out of range (--K, --batch, --rounds, ...)."""
     rules = [("--K", args.K, 1), ("--batch", args.batch, 1), ("--rounds", args.rounds, 1),
              ("--warmup", args.warmup, 0), ("--threads", args.threads, 1),
              ("--image-size", args.image_size, MIN_IMAGE_SIZE), ("--classes", args.classes, 1)]
     for flag, value, least in rules:
         if value is not None and value < least:
             why = " (the WRN downsamples by 4)" if flag == "--image-size" else ""
-            raise BenchError(f"{flag} must be >= {least}{why}, got {value}")
+            raise DeepError(f"{flag} must be >= {least}{why}, got {value}")
 
 
 def main(args) -> int:
     """Run the benchmark for parsed arguments (see add_arguments); prints a markdown table."""
     check_arguments(args)
-    device = pick_device(args.device, BenchError) if args.device else torch.device(
-        "cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(args.device)
     args.arch = args.arch or ("28-10" if device.type == "cuda" else "16-4")
     depth, width = parse_arch(args.arch)
     malloc = "system malloc defaults"

@@ -1,18 +1,29 @@
 """Command line: python -m deep {train,finetune,table,bench,configs}.
 
-User mistakes (unknown config or key, missing data or weights, a bad resume) exit with status 2 and one line.
+User mistakes (an unknown config, flag or key, missing data or weights, a bad resume) exit with status 2 and one line;
+flags are never abbreviated (``--T 3`` is an error, not ``--T0 3``).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import sys
 
-from .config import ConfigError, add_config_flags, describe, get_config, overrides_from_args
+from .config import (CONFIG_CLASSES, PRESETS, FinetuneConfig, ImageConfig, add_config_flags, describe, flag_name,
+                     get_config, overrides_from_args, with_overrides)
+from .errors import ConfigError, DeepError
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message):
+        if "unrecognized arguments" in message and "_" in message:
+            message += " (flags are spelled with dashes, e.g. --batch-size)"
         raise SystemExit(_fail(f"{message} (see {self.prog} --help)"))
 
 
@@ -24,49 +35,117 @@ def _fail(msg: str) -> int:
 def _user_errors():
     """Exception types that are the user's to fix (printed in one line, exit 2)."""
     from shared import LatePhaseError
+    return (DeepError, LatePhaseError)
 
-    from .bench import BenchError
-    from .data import DataError
-    from .finetune import FinetuneError
-    from .table import TableError
-    from .train import TrainError
-    errs = [BenchError, ConfigError, DataError, FinetuneError, LatePhaseError, TableError, TrainError]
+
+def _run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, default=None, help="random seed (default 0; --resume: the run's)")
+    p.add_argument("--data-dir", default="data", help="folder holding the datasets (default: data)")
+    p.add_argument("--out", default=None, help="run folder (default: runs/CONFIG_seedSEED)")
+    p.add_argument("--download", action="store_true", help="download missing datasets or weights (needs internet)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its checkpoint, with its stored config (flags given must "
+                        "agree with it)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _stored_run(out: str) -> dict:
+    path = os.path.join(out, "config.json")
     try:
-        from .models.torchvision_models import ModelError
-        errs.append(ModelError)
-    except ImportError:
-        pass
-    return tuple(errs)
+        with open(path) as f:
+            stored = json.load(f)
+        CONFIG_CLASSES[stored["kind"]]
+        stored["config"], stored["seed"]
+    except FileNotFoundError:
+        raise DeepError(f"--resume: no run in {out} (no config.json); start the run without --resume") from None
+    except (OSError, ValueError, KeyError, TypeError):
+        raise DeepError(f"--resume: {path} is not a run's config.json; choose the run's folder with --out") from None
+    return stored
 
 
-def cmd_train(a) -> int:
-    cfg = get_config(a.config, **overrides_from_args(a))
-    kw = dict(seed=a.seed, data_dir=a.data_dir, out=a.out, download=a.download, device=a.device,
-              progress=not a.no_progress and sys.stderr.isatty(), resume=a.resume)
-    if cfg.dataset == "enwik8":
-        from .lm import train as train_lm
-        result = train_lm(cfg, **kw)
-    else:
-        from .train import train
-        result = train(cfg, **kw)
-    models = result["models"]
-    summary = {name: {k: v for k, v in m.items() if k != "ood"} for name, m in models.items() if isinstance(m, dict)}
-    print(json.dumps({"config": cfg.name, "seed": a.seed, "models": summary}, indent=1))
+def _config_class(argv: list) -> type:
+    """The config class whose fields are the flags of ``train``: the preset's (--config), or the stored run's
+    (--resume --out). Anything wrong here is reported later by the full parse."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config")
+    pre.add_argument("--out")
+    pre.add_argument("--resume", action="store_true")
+    a, _ = pre.parse_known_args(argv[1:])
+    if a.config in PRESETS:
+        return type(PRESETS[a.config])
+    if a.resume and a.out:
+        try:
+            return CONFIG_CLASSES[_stored_run(a.out)["kind"]]
+        except DeepError:
+            pass
+    return ImageConfig
+
+
+def resolve(a: argparse.Namespace, cls: type, base=None):
+    """(config, seed) of a train/finetune command: a preset (or ``base``) with the flags given applied, or for
+    --resume the stored config, refusing only flags that contradict it."""
+    given = overrides_from_args(a, cls)
+    if a.resume:
+        if a.out is None:
+            if a.config is None and base is None:
+                raise DeepError("--resume needs --out (the run folder) or the --config and --seed it was started with")
+            name = base.name if base is not None else a.config
+            a.out = os.path.join("runs", f"{name}_seed{a.seed or 0}")
+        stored = _stored_run(a.out)
+        cfg = CONFIG_CLASSES[stored["kind"]].from_dict(stored["config"])
+        seed = stored["seed"]
+        wanted = base.name if base is not None else a.config
+        clash = [f"config: {cfg.name} -> {wanted}"] if wanted not in (None, cfg.name) else []
+        clash += [f"seed: {seed} -> {a.seed}"] if a.seed not in (None, seed) else []
+        clash += [f"{k}: {getattr(cfg, k)!r} -> {v!r}" for k, v in given.items() if getattr(cfg, k) != v]
+        if clash:
+            raise DeepError(f"--resume with different settings ({', '.join(clash[:4])}); drop those flags to "
+                            f"continue the run, or start a new one in another --out")
+        return cfg.validate(), seed
+    if base is None:
+        if a.config is None:
+            raise ConfigError("train needs --config NAME (python -m deep configs lists them) or --resume --out RUN")
+        return get_config(a.config, **given), a.seed or 0
+    return with_overrides(base, given), a.seed or 0
+
+
+def _run(a: argparse.Namespace, cfg, seed: int) -> int:
+    from .finetune import FineTune
+    from .images import ImageRun
+    from .lm import LMRun
+    run_cls = {"image": ImageRun, "text": LMRun, "finetune": FineTune}[cfg.KIND]
+    run = run_cls(cfg, seed=seed, data_dir=a.data_dir, out=a.out, device=a.device, resume=a.resume,
+                  progress=not a.no_progress and sys.stderr.isatty(), download=a.download)
+    result = run.train()
+    if run.rank == 0:
+        summary = {name: {rule: ([{k: v for k, v in m.items() if k != "ood"} for m in ms] if isinstance(ms, list)
+                                 else {k: v for k, v in ms.items() if k != "ood"}) for rule, ms in by_rule.items()}
+                   for name, by_rule in result["models"].items()}
+        print(json.dumps({"config": cfg.name, "seed": seed, "models": summary}, indent=1))
     return 0
 
 
-def cmd_finetune(a) -> int:
-    from .finetune import main as finetune_main
-    return finetune_main(a)
+def cmd_train(a, cls) -> int:
+    return _run(a, *resolve(a, cls))
 
 
-def cmd_table(a) -> int:
+def cmd_finetune(a, cls) -> int:
+    arch = a.cfg_arch or "resnet50"
+    suffix = "_base" if a.baseline else ""
+    preset = PRESETS[f"imagenet_resnet50{suffix}"]
+    base = dataclasses.replace(preset, arch=arch, name=f"imagenet_{arch}{suffix}")
+    a.config = None
+    return _run(a, *resolve(a, cls, base))
+
+
+def cmd_table(a, cls) -> int:
     from .table import load_results, render
-    print(render(load_results(a.results)))
+    print(render(load_results(a.results), a.bn_rule))
     return 0
 
 
-def cmd_configs(a) -> int:
+def cmd_configs(a, cls) -> int:
     if a.name:
         print(json.dumps(get_config(a.name).to_dict(), indent=1))
     else:
@@ -74,50 +153,52 @@ def cmd_configs(a) -> int:
     return 0
 
 
-def cmd_bench(a) -> int:
+def cmd_bench(a, cls) -> int:
     from .bench import main as bench_main
     return bench_main(a)
 
 
-def make_parser() -> argparse.ArgumentParser:
+def make_parser(train_cls: type = ImageConfig) -> argparse.ArgumentParser:
     p = _Parser(prog="python -m deep", description="Deep benchmarks of late-phase weights.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     t = sub.add_parser("train", help="train and evaluate one config (results.json in --out)")
-    t.add_argument("--config", required=True, help="preset name (python -m deep configs lists them)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--data-dir", default="data", help="folder holding the datasets (default: data)")
-    t.add_argument("--out", default=None, help="run folder (default: runs/CONFIG_seedSEED)")
-    t.add_argument("--download", action="store_true", help="download missing datasets (needs internet)")
-    t.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    t.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
-    t.add_argument("--no-progress", action="store_true", help="no progress bars")
-    add_config_flags(t)
-    t.set_defaults(func=cmd_train)
+    t.add_argument("--config", default=None, help="preset name (python -m deep configs lists them)")
+    _run_arguments(t)
+    add_config_flags(t, train_cls)
+    t.set_defaults(func=cmd_train, cls=train_cls)
 
-    from .finetune import add_arguments as finetune_args
-    f = sub.add_parser("finetune", help="ImageNet late-phase BatchNorm fine-tuning of a pretrained torchvision model")
-    finetune_args(f)
-    f.set_defaults(func=cmd_finetune)
+    f = sub.add_parser("finetune", help="ImageNet late-phase BatchNorm fine-tuning of a pretrained torchvision model "
+                                        "(the imagenet_ARCH presets)")
+    f.add_argument("--baseline", action="store_true",
+                   help="no late-phase weights: fine-tune with one member (the paper's base column)")
+    _run_arguments(f)
+    add_config_flags(f, FinetuneConfig)
+    f.set_defaults(func=cmd_finetune, cls=FinetuneConfig)
 
     tb = sub.add_parser("table", help="aggregate results.json files over seeds into markdown tables")
     tb.add_argument("results", nargs="+", help="results.json files or run folders")
-    tb.set_defaults(func=cmd_table)
+    tb.add_argument("--bn-rule", choices=("stored", "reestimated", "reference"), default=None,
+                    help="BatchNorm rule of the numbers shown (default: the reference protocol's for each config: "
+                         "reestimated for SWA configs, stored otherwise)")
+    tb.set_defaults(func=cmd_table, cls=None)
 
     c = sub.add_parser("configs", help="list the presets, or print one as JSON")
     c.add_argument("name", nargs="?")
-    c.set_defaults(func=cmd_configs)
+    c.set_defaults(func=cmd_configs, cls=None)
 
     from .bench import add_arguments as bench_args
     b = sub.add_parser("bench", help="images/s of plain SGD vs late-phase (vectorized, sequential), side by side")
     bench_args(b)
-    b.set_defaults(func=cmd_bench)
+    b.set_defaults(func=cmd_bench, cls=None)
     return p
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        a = make_parser().parse_args(argv)
-        return a.func(a)
+        cls = _config_class(argv) if argv[:1] == ["train"] else ImageConfig
+        a = make_parser(cls).parse_args(argv)
+        return a.func(a, a.cls)
     except SystemExit as e:
         return int(e.code or 0)
     except KeyboardInterrupt:
@@ -135,3 +216,6 @@ def _one_line(e: BaseException) -> str:
     if len(lines) > 1 and lines[0].startswith("Caught ") and "worker" in lines[0]:
         return lines[-1].split(": ", 1)[-1]
     return lines[0] if lines else type(e).__name__
+
+
+__all__ = ["main", "make_parser", "resolve", "flag_name"]

@@ -1,21 +1,27 @@
-"""Training configurations: one typed dataclass, named presets, and flag overrides.
+"""Run configurations: typed frozen dataclasses, named presets, and the command-line flags generated from them.
+
+One mechanism for every trainer. :class:`RunConfig` holds what all runs share (optimisation, Algorithm 1, SWA,
+evaluation, execution); :class:`ImageConfig` (CIFAR, Fashion-MNIST, synthetic), :class:`TextConfig` (the enwik8
+character LSTM) and :class:`FinetuneConfig` (ImageNet fine-tuning) add their own fields. Every field is a flag of the
+same name with dashes (``batch_size`` -> ``--batch-size``; ``T0`` -> ``--T0``), typed by the field, validated in one
+place (:meth:`RunConfig.validate`); unknown and abbreviated flags are errors.
+
+Time: epochs count passes over the training set; before the release (epoch T0) a step uses one minibatch of
+``batch_size``, after it an outer step uses K of them (each member sees 1/K of the data per epoch). Epochs are
+numbered 1..epochs where a field names one (``swa_start``); ``T0`` counts the plain epochs before the release.
 
 Presets are named as in the reference README (cifar10_bn, cifar10_bn_swa, cifar10_wrn14_bn_swa, cifar100_bn,
-cifar100_bn_swa, cifar100_wrn14_bn_swa) with the reference hyperparameters; each has a baseline twin that
-differs only by having no late-phase weights (`_bn` -> `_base`). Time: epochs count passes over the training
-set; before T0 a step uses one minibatch of `batch_size`, after T0 an outer step uses K of them (each member sees
-1/K of the data per epoch).
+cifar100_bn_swa, cifar100_wrn14_bn_swa) with the reference hyperparameters; each has a baseline twin (`_bn` ->
+`_base`) that differs only by having no late-phase weights (``phi = ()``).
 """
 from __future__ import annotations
 
 import argparse
+import math
 import typing
 from dataclasses import dataclass, fields, replace
 
-
-class ConfigError(ValueError):
-    """A configuration value or name is invalid."""
-
+from .errors import ConfigError
 
 FAMILIES = ("bn", "head", "rank1")
 FLOAT32_MAX = 3.4028234663852886e38  # float values must fit the float32 parameters and optimizer arguments
@@ -23,62 +29,55 @@ OOD_NAMES = ("svhn", "cifar10", "cifar100")  # every OOD set of deep.data.OOD_SE
 IMAGE_SIDE = {"cifar10": 32, "cifar100": 32, "fashion_mnist": 28, "synthetic": 32}  # image height = width (pixels)
 
 
+def _need(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
 @dataclass(frozen=True)
-class Config:
+class RunConfig:
+    """What every run shares. ``lr_phi`` / ``weight_decay_phi`` < 0 mean: the same as ``lr`` / ``weight_decay``;
+    they apply to the member copies after the release only (before it every parameter is in one optimizer)."""
     name: str = "custom"
-    # --- data
-    dataset: str = "cifar10"          # cifar10 | cifar100 | fashion_mnist | synthetic | enwik8
-    ood: tuple[str, ...] = ()         # OOD test sets: svhn, cifar10, cifar100 (missing ones are skipped with a note)
-    augment: bool = True              # pad-4 random crop + horizontal flip (images)
-    cutout: int = 0                   # cutout square side in pixels (0: off), applied after normalisation
-    train_subset: int = 0             # use only the first N training examples/characters (0: all)
-    test_subset: int = 0              # evaluate on the first N test examples (enwik8: of valid and test)
-    synthetic_size: int = 4096        # examples in the synthetic data set
-    # --- model
-    arch: str = "wrn-28-10"           # wrn-DEPTH-WIDTH | lstm
+    dataset: str = "cifar10"
+    arch: str = "wrn-28-10"
     # --- optimisation (t counts minibatches of batch_size)
     epochs: int = 200
     batch_size: int = 128             # per-member minibatch
     lr: float = 0.1                   # theta's learning rate (and phi's unless lr_phi is set)
-    lr_phi: float = -1.0              # phi's learning rate; < 0 means: same as lr
+    lr_phi: float = -1.0              # the members' learning rate after the release; < 0: same as lr
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
-    weight_decay_phi: float = -1.0    # phi's weight decay; < 0 means: same as weight_decay
-    grad_clip: float = 0.0            # global gradient-norm clip (0: off)
-    # "annealing" schedule, stepped per epoch: lr until anneal_start, linear to anneal_end_lr at anneal_end, constant after
-    anneal_start: int = 100
-    anneal_end: int = 180
-    anneal_end_lr: float = 0.001
+    weight_decay_phi: float = -1.0    # the members' weight decay after the release; < 0: same as weight_decay
+    grad_clip: float = 0.0            # clip by the norm of the (mean member's) gradient; 0: off
     # --- late-phase weights (Algorithm 1)
     K: int = 10
-    phi: tuple[str, ...] = ("bn", "head")   # late-phase families: bn, head, rank1; empty: no late-phase weights
+    phi: tuple[str, ...] = ("bn", "head")   # late-phase families: bn, head, rank1; none: no late-phase weights
     rank1_layers: tuple[str, ...] = ()      # module-name patterns that get rank-1 factors (family rank1)
-    T0: int = 120                     # epoch at which the late-phase weights are released
-    gamma_theta: float = 1.0          # theta <- U_theta(theta, gamma_theta * sum_k grad_theta L(M_k))
-    sigma0: float = 0.0               # relative noise on the member copies at T0
+    T0: int = 120                     # plain epochs before the release of the late-phase weights
+    gamma_theta: float = 1.0          # theta <- U_theta(theta, gamma_theta * sum_k grad_theta L(M_k)); < 0: 1/K
+    sigma0: float = 0.0               # relative noise on the member copies at the release
     path: str = "vectorized"          # vectorized | sequential
     # --- SWA
-    swa_start: int = -1               # epoch from which all weights are averaged once per epoch (< 0: off)
-    swa_lr: float = 0.05              # constant learning rate during SWA
+    swa_start: int = 0                # first epoch (1..epochs) whose weights are averaged, once per epoch; 0: off
+    swa_lr: float = 0.05              # constant learning rate from swa_start on
     # --- evaluation
-    bn_update: str = "data"           # BatchNorm statistics of the averaged model: data (re-estimated) | mean
-    eval_batch_size: int = 1000       # enwik8: rows (columns of the stream) evaluated side by side
-    # --- enwik8 (character LSTM)
-    text_split: tuple[int, ...] = ()  # (train, valid, test) bytes of the text file; empty: enwik8's 90M/5M/5M
-    bptt: int = 100                   # truncated-BPTT window (characters)
-    hidden_size: int = 500
-    embedding_dim: int = 190
+    train_subset: int = 0             # use only the first N training examples (0: all)
+    test_subset: int = 0              # evaluate on the first N test examples (0: all)
+    eval_batch_size: int = 1000
+    bn_images: int = 0                # training examples for BatchNorm re-estimation (0: one pass over all)
     # --- execution
-    bf16: bool = True                 # bf16 autocast on CUDA (fp32 on the CPU)
+    bf16: bool = True                 # bf16 autocast on CUDA (the reference is fp32: --bf16 false to match it)
     channels_last: bool = True        # channels_last memory format on CUDA
-    compile: bool = False             # torch.compile the model
-    workers: int = 0                  # unused by the GPU-resident pipeline; kept for ImageFolder data
+    compile: bool = False             # torch.compile the model (see the README for what it speeds up)
+
+    KIND = "run"
 
     # ------------------------------------------------------------------ derived
     @property
     def late_phase(self) -> bool:
-        return bool(self.phi) and self.K >= 1 and self.T0 < self.epochs
+        return bool(self.phi)
 
     @property
     def phi_lr(self) -> float:
@@ -90,57 +89,208 @@ class Config:
 
     @property
     def swa(self) -> bool:
-        return self.swa_start >= 0
+        return self.swa_start > 0
 
-    def validate(self) -> "Config":
-        def need(ok, msg):
-            if not ok:
-                raise ConfigError(msg)
-        need(self.dataset in ("cifar10", "cifar100", "fashion_mnist", "synthetic", "enwik8"),
-             f"unknown dataset {self.dataset!r}; choose cifar10, cifar100, fashion_mnist, synthetic or enwik8")
+    @property
+    def theta_scale(self) -> float:
+        """gamma_theta, with a negative value standing for 1/K (theta steps along the members' mean gradient)."""
+        return 1.0 / self.K if self.gamma_theta < 0 else self.gamma_theta
+
+    @property
+    def members(self) -> int:
+        """Members after the release (1 for a run without late-phase weights)."""
+        return self.K if self.late_phase else 1
+
+    def lr_factor(self, epoch: int, part: str = "theta") -> float:
+        """Multiplier of ``part``'s ("theta" or "phi") base learning rate in (0-based) epoch ``epoch``."""
+        return 1.0
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> "RunConfig":
+        """Check every field's range once (raises ConfigError with one line naming the field and the fix)."""
         for f in fields(self):
             v = getattr(self, f.name)
-            need(not isinstance(v, float) or abs(v) <= FLOAT32_MAX,
-                 f"{f.name} must be a finite number (float32: |x| <= 3.4e38), got {v}")
-        need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
-        need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
-        need(self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
-        need(self.lr > 0, f"lr must be > 0, got {self.lr}")
-        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
-        need(self.grad_clip >= 0, f"grad_clip must be >= 0 (0: off), got {self.grad_clip}")
-        need(self.anneal_end_lr >= 0, f"anneal_end_lr must be >= 0, got {self.anneal_end_lr}")
-        need(self.swa_lr >= 0, f"swa_lr must be >= 0, got {self.swa_lr}")
-        need(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
-        need(not (self.nesterov and self.momentum == 0), "nesterov needs momentum > 0")
-        need(self.K >= 1, f"K must be >= 1, got {self.K}")
-        need(all(f in FAMILIES for f in self.phi), f"phi families must be among {FAMILIES}, got {self.phi}")
-        need("rank1" not in self.phi or self.rank1_layers, "phi family rank1 needs --rank1_layers (module names)")
-        need(0 <= self.T0, f"T0 must be >= 0, got {self.T0}")
-        need(self.gamma_theta >= 0, f"gamma_theta must be >= 0, got {self.gamma_theta}")
-        need(self.sigma0 >= 0, f"sigma0 must be >= 0, got {self.sigma0}")
-        need(self.path in ("vectorized", "sequential"), f"path must be vectorized or sequential, got {self.path!r}")
-        need(self.bn_update in ("data", "mean"), f"bn_update must be data or mean, got {self.bn_update!r}")
-        need(self.anneal_start <= self.anneal_end, "anneal_start must be <= anneal_end")
-        need(not self.swa or self.swa_start < self.epochs, f"swa_start ({self.swa_start}) must be < epochs")
-        for key in ("cutout", "train_subset", "test_subset", "workers"):
-            need(getattr(self, key) >= 0, f"{key} must be >= 0, got {getattr(self, key)}")
-        side = IMAGE_SIDE.get(self.dataset)
-        need(side is None or self.cutout <= side,
-             f"cutout must be <= the image side ({side} pixels for {self.dataset}), got {self.cutout}")
-        unknown = [o for o in self.ood if o not in OOD_NAMES]
-        need(not unknown, f"unknown OOD set(s) {', '.join(unknown)} in --ood; known: {', '.join(OOD_NAMES)}")
-        need(len(self.text_split) in (0, 3) and all(isinstance(n, int) and n >= 2 for n in self.text_split),
-             f"text_split must be three byte counts >= 2 (train valid test) or empty, got {self.text_split}")
-        if self.arch != "lstm":
-            parts = self.arch.split("-")
-            need(len(parts) == 3 and parts[0] == "wrn" and parts[1].isdigit() and parts[2].isdigit()
-                 and (int(parts[1]) - 4) % 6 == 0 and int(parts[1]) >= 10,
-                 f"arch must be wrn-DEPTH-WIDTH with DEPTH = 6n + 4 (e.g. wrn-28-10) or lstm, got {self.arch!r}")
-        need((self.arch == "lstm") == (self.dataset == "enwik8"), "the lstm arch goes with the enwik8 dataset")
+            _need(not isinstance(v, float) or (math.isfinite(v) and abs(v) <= FLOAT32_MAX),
+                  f"{f.name} must be a finite number (float32: |x| <= 3.4e38), got {v}")
+        for key in ("epochs", "batch_size", "eval_batch_size", "K"):
+            _need(getattr(self, key) >= 1, f"{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("weight_decay", "grad_clip", "sigma0", "swa_lr", "T0", "train_subset",
+                    "test_subset", "bn_images"):
+            _need(getattr(self, key) >= 0, f"{key} must be >= 0, got {getattr(self, key)}")
+        _need(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _need(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
+        _need(not (self.nesterov and self.momentum == 0), "nesterov needs momentum > 0 (or --nesterov false)")
+        _need(all(f in FAMILIES for f in self.phi), f"phi families must be among {', '.join(FAMILIES)} (or none), "
+                                                    f"got {' '.join(self.phi)}")
+        _need("rank1" not in self.phi or self.rank1_layers, "phi family rank1 needs --rank1-layers (module names)")
+        _need(self.path in ("vectorized", "sequential"), f"path must be vectorized or sequential, got {self.path!r}")
+        _need(not self.late_phase or self.T0 < self.epochs,
+              f"T0 ({self.T0}) must be < epochs ({self.epochs}) for a late-phase run: the members would never train; "
+              f"lower --T0, raise --epochs, or pass --phi none for a run without late-phase weights")
+        _need(0 <= self.swa_start <= self.epochs, f"swa_start ({self.swa_start}) must be an epoch in 1..{self.epochs} "
+                                                  f"(0: no SWA)")
+        _need(not (self.swa and self.late_phase) or self.swa_start > self.T0,
+              f"swa_start ({self.swa_start}) must come after the release at T0: the first late-phase epoch is "
+              f"{self.T0 + 1}; use --swa-start {self.T0 + 1} or later")
         return self
 
+    # ------------------------------------------------------------------ conversions
     def to_dict(self) -> dict:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        """The config stored by :meth:`to_dict` (lists back to tuples); unknown keys are an error."""
+        known = {f.name for f in fields(cls)}
+        bad = sorted(set(d) - known)
+        _need(not bad, f"unknown config key(s) {', '.join(bad)} for {cls.KIND} runs")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+@dataclass(frozen=True)
+class _Annealing:
+    # "annealing" schedule, stepped per epoch: lr until anneal_start, linear to anneal_end_lr at anneal_end, constant
+    # after; from swa_start on, the constant swa_lr.
+    anneal_start: int = 100
+    anneal_end: int = 180
+    anneal_end_lr: float = 0.001
+
+
+def annealing_lr(epoch: int, base_lr: float, start: int, end: int, end_lr_ratio: float) -> float:
+    """The reference code's "annealing" schedule at `epoch` (0-based):
+
+        lr(e) = base_lr                                          for e < start
+              = base_lr (1 - (1 - r) (e - start) / (end - start)) for start <= e < end
+              = base_lr r                                        for e >= end,
+    with r = end_lr_ratio (the end learning rate as a fraction of the base learning rate)."""
+    if epoch < start:
+        return base_lr
+    if epoch >= end or end == start:
+        return base_lr * end_lr_ratio
+    frac = (epoch - start) / (end - start)
+    return base_lr * (1.0 - (1.0 - end_lr_ratio) * frac)
+
+
+def _annealing_factor(cfg, epoch: int) -> float:
+    """The annealing schedule (anneal_end_lr given for the base lr ``lr``) as a multiplier of every base learning
+    rate, then the constant swa_lr / lr from epoch swa_start (1-based; 0-based epoch swa_start - 1) on."""
+    if cfg.swa and epoch >= cfg.swa_start - 1:
+        return cfg.swa_lr / cfg.lr
+    return annealing_lr(epoch, 1.0, cfg.anneal_start, cfg.anneal_end, cfg.anneal_end_lr / cfg.lr)
+
+
+def _validate_annealing(cfg) -> None:
+    _need(cfg.anneal_end_lr >= 0, f"anneal_end_lr must be >= 0, got {cfg.anneal_end_lr}")
+    _need(0 <= cfg.anneal_start <= cfg.anneal_end, f"anneal_start ({cfg.anneal_start}) must be in 0..anneal_end "
+                                                   f"({cfg.anneal_end})")
+
+
+@dataclass(frozen=True)
+class ImageConfig(_Annealing, RunConfig):
+    """Image classification (CIFAR-10/100, Fashion-MNIST, synthetic) with a WRN."""
+    ood: tuple[str, ...] = ()         # OOD test sets: svhn, cifar10, cifar100 (missing ones are skipped with a note)
+    augment: bool = True              # pad-4 random crop + horizontal flip
+    cutout: int = 0                   # cutout square side in pixels (0: off), applied after normalisation
+    synthetic_size: int = 4096        # examples in the synthetic data set
+
+    KIND = "image"
+    DATASETS = ("cifar10", "cifar100", "fashion_mnist", "synthetic")
+
+    def lr_factor(self, epoch: int, part: str = "theta") -> float:
+        return _annealing_factor(self, epoch)
+
+    def validate(self) -> "ImageConfig":
+        _need(self.dataset in self.DATASETS, f"unknown dataset {self.dataset!r}; choose one of "
+                                             f"{', '.join(self.DATASETS)}")
+        super().validate()
+        _validate_annealing(self)
+        _need(self.cutout >= 0, f"cutout must be >= 0, got {self.cutout}")
+        _need(self.synthetic_size >= 1, f"synthetic_size must be >= 1, got {self.synthetic_size}")
+        side = IMAGE_SIDE[self.dataset]
+        _need(self.cutout <= side, f"cutout must be <= the image side ({side} pixels for {self.dataset}), got "
+                                   f"{self.cutout}")
+        unknown = [o for o in self.ood if o not in OOD_NAMES]
+        _need(not unknown, f"unknown OOD set(s) {', '.join(unknown)} in --ood; known: {', '.join(OOD_NAMES)}")
+        parts = self.arch.split("-")
+        _need(len(parts) == 3 and parts[0] == "wrn" and parts[1].isdigit() and parts[2].isdigit()
+              and (int(parts[1]) - 4) % 6 == 0 and int(parts[1]) >= 10 and int(parts[2]) >= 1,
+              f"arch must be wrn-DEPTH-WIDTH with DEPTH = 6n + 4 >= 10 and WIDTH >= 1 (e.g. wrn-28-10), got "
+              f"{self.arch!r}")
+        return self
+
+
+@dataclass(frozen=True)
+class TextConfig(_Annealing, RunConfig):
+    """The enwik8 character LSTM (500 units, ~1.56 M parameters, no regularisation) with rank-1 late-phase
+    weights; truncated BPTT."""
+    text_split: tuple[int, ...] = ()  # (train, valid, test) bytes of the text file; empty: enwik8's 90M/5M/5M
+    bptt: int = 100                   # truncated-BPTT window (characters)
+    hidden_size: int = 500
+    embedding_dim: int = 190
+
+    KIND = "text"
+
+    def lr_factor(self, epoch: int, part: str = "theta") -> float:
+        return _annealing_factor(self, epoch)
+
+    def validate(self) -> "TextConfig":
+        _need(self.dataset == "enwik8", f"text runs read enwik8 (or a text with --text-split), got {self.dataset!r}")
+        _need(self.arch == "lstm", f"text runs train the character LSTM (arch lstm), got {self.arch!r}")
+        super().validate()
+        _validate_annealing(self)
+        _need(set(self.phi) <= {"rank1"}, f"the enwik8 LSTM has rank-1 late-phase weights only (phi rank1 or none), "
+                                          f"got {' '.join(self.phi)}")
+        _need(not self.compile, "compile is not supported for the enwik8 LSTM (its state changes shape at T0)")
+        _need(len(self.text_split) in (0, 3) and all(n >= 2 for n in self.text_split),
+              f"text_split must be three byte counts >= 2 (train valid test) or empty, got {self.text_split}")
+        for key in ("bptt", "hidden_size", "embedding_dim"):
+            _need(getattr(self, key) >= 1, f"{key} must be >= 1, got {getattr(self, key)}")
+        return self
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(RunConfig):
+    """ImageNet "super-late-phase" fine-tuning of a pretrained torchvision classifier: late-phase BatchNorm from
+    step 0 (T0 = 0), theta's learning rate times lr_drop from epoch lr_drop_epoch (0-based) on, phi's constant."""
+    weights: str = "paper"            # paper (IMAGENET1K_V1) | default | another torchvision name | a file | none
+    accum: int = 1                    # micro-batches per member minibatch (gradient accumulation)
+    lr_drop_epoch: int = 10
+    lr_drop: float = 0.1
+    crop: int = 224
+    resize: int = 256
+    workers: int = 8                  # data-loading processes per rank
+
+    KIND = "finetune"
+
+    @property
+    def members(self) -> int:
+        return self.K
+
+    def lr_factor(self, epoch: int, part: str = "theta") -> float:
+        return self.lr_drop if part == "theta" and epoch >= self.lr_drop_epoch else 1.0
+
+    def validate(self, world: int = 1) -> "FinetuneConfig":
+        _need(self.dataset == "imagenet", f"fine-tuning reads ImageNet, got {self.dataset!r}")
+        super().validate()
+        _need(self.phi == ("bn",) and self.T0 == 0, "fine-tuning releases late-phase BatchNorm at step 0 (phi bn, "
+                                                    "T0 0)")
+        _need(not self.swa, "SWA is not part of the fine-tuning protocol (swa_start 0)")
+        _need(not self.name.endswith("_base") or self.K == 1,
+              f"{self.name} is the baseline (one member); --K {self.K} would make it a late-phase run: drop "
+              f"--baseline to fine-tune with {self.K} members")
+        _need(self.accum >= 1, f"accum must be >= 1, got {self.accum}")
+        _need(self.batch_size % (self.accum * world) == 0,
+              f"batch_size {self.batch_size} (one member minibatch, all ranks together) must split into accum "
+              f"{self.accum} micro-batches on each of {world} rank(s): use a multiple of {self.accum * world}")
+        _need(0 < self.lr_drop <= 1, f"lr_drop must be in (0, 1] (theta's lr is multiplied by it), got {self.lr_drop}")
+        _need(self.lr_drop_epoch >= 0, f"lr_drop_epoch must be >= 0, got {self.lr_drop_epoch}")
+        _need(self.crop >= 1 and self.resize >= self.crop, f"resize ({self.resize}) must be >= crop ({self.crop}) "
+                                                           f">= 1")
+        _need(self.workers >= 0, f"workers must be >= 0, got {self.workers}")
+        return self
+
+
+CONFIG_CLASSES = {cls.KIND: cls for cls in (ImageConfig, TextConfig, FinetuneConfig)}
 
 
 # ----------------------------------------------------------------------------- presets
@@ -152,7 +302,7 @@ _SWA = dict(T0=100, anneal_start=80, anneal_end=144, anneal_end_lr=0.05, swa_sta
 _WRN14 = dict(arch="wrn-28-14", epochs=300, T0=120, anneal_start=80, anneal_end=240, anneal_end_lr=0.05,
               swa_start=241, swa_lr=0.05, cutout=16)
 
-_LATE = {
+_IMAGES = {
     "cifar10_bn": dict(_CIFAR, **_SGD, dataset="cifar10", ood=("svhn", "cifar100")),
     "cifar10_bn_swa": dict(_CIFAR, **_SWA, dataset="cifar10", ood=("svhn", "cifar100")),
     "cifar10_wrn14_bn_swa": dict(_CIFAR, **_WRN14, dataset="cifar10", ood=("svhn", "cifar100")),
@@ -163,58 +313,66 @@ _LATE = {
     "fmnist_bn": dict(_CIFAR, dataset="fashion_mnist", arch="wrn-16-4", epochs=15, T0=9, anneal_start=6,
                       anneal_end=13, anneal_end_lr=0.001),
 }
-# enwik8 character LSTM (500 units, ~1.56 M parameters, no regularisation); rank-1 factors on both weight
-# matrices of the LSTM cell; truncated BPTT.
+# enwik8 character LSTM; rank-1 factors on both weight matrices of the LSTM cell; truncated BPTT. These
+# hyperparameters are this project's choices (the paper gives the model and the results only).
 _LSTM = dict(dataset="enwik8", arch="lstm", epochs=20, batch_size=32, bptt=100, lr=1.0, momentum=0.0,
              nesterov=False, weight_decay=0.0, grad_clip=1.0, anneal_start=10, anneal_end=20, anneal_end_lr=0.1,
-             augment=False, K=10, gamma_theta=1.0, rank1_layers=("cell.input_proj", "cell.hidden_proj"),
-             channels_last=False, bf16=False, eval_batch_size=100)
-_LATE.update({
-    # base: no rank-1 factors; rank1: factors from the start, one member (no ensembling); late-phase: K members from T0
+             K=10, gamma_theta=1.0, rank1_layers=("cell.input_proj", "cell.hidden_proj"), channels_last=False,
+             bf16=False, eval_batch_size=100)
+_TEXT = {
+    # base: no rank-1 factors; rank1: factors from the start, one member (no ensembling); lp: K members from T0
     "enwik8_lstm_base": dict(_LSTM, phi=(), K=1, T0=0),
     "enwik8_lstm_rank1": dict(_LSTM, phi=("rank1",), K=1, T0=0),
     "enwik8_lstm_lp": dict(_LSTM, phi=("rank1",), K=10, T0=10),
     "enwik8_lstm_base_swa": dict(_LSTM, phi=(), K=1, T0=0, swa_start=15, swa_lr=0.1),
     "enwik8_lstm_rank1_swa": dict(_LSTM, phi=("rank1",), K=1, T0=0, swa_start=15, swa_lr=0.1),
     "enwik8_lstm_lp_swa": dict(_LSTM, phi=("rank1",), K=10, T0=10, swa_start=15, swa_lr=0.1),
-})
+}
+# ImageNet fine-tuning (the reference ImageNet script): late-phase BatchNorm at step 0, K = 10, 20 epochs, SGD with
+# momentum 0.9 (no Nesterov), weight decay 1e-4, lr 0.001, theta along the mean member gradient (gamma_theta = 1/K),
+# theta's lr x0.1 from epoch 10; the _base twin is the same fine-tuning with one member.
+PAPER_ARCHS = ("resnet50", "resnet152", "densenet161")
+_FINETUNE = dict(dataset="imagenet", epochs=20, batch_size=256, lr=0.001, momentum=0.9, nesterov=False,
+                 weight_decay=1e-4, K=10, phi=("bn",), T0=0, gamma_theta=-1.0, eval_batch_size=128, bn_images=51200)
 
 
 def _baseline_name(name: str) -> str:
     return name.replace("_bn", "_base")
 
 
-PRESETS: dict[str, Config] = {}
-for _name, _kw in _LATE.items():
-    PRESETS[_name] = Config(name=_name, **_kw)
-    if "_bn" in _name:
-        base = _baseline_name(_name)
-        PRESETS[base] = Config(name=base, **{**_kw, "phi": (), "K": 1, "weight_decay_phi": -1.0})
-PRESETS["synthetic_bench"] = Config(name="synthetic_bench", dataset="synthetic", arch="wrn-28-10", epochs=1,
-                                    T0=0, synthetic_size=4096)
+PRESETS: dict[str, RunConfig] = {}
+for _name, _kw in _IMAGES.items():
+    PRESETS[_name] = ImageConfig(name=_name, **_kw)
+    PRESETS[_baseline_name(_name)] = ImageConfig(name=_baseline_name(_name), **{**_kw, "phi": ()})
+PRESETS["synthetic_bench"] = ImageConfig(name="synthetic_bench", dataset="synthetic", arch="wrn-28-10", epochs=1,
+                                         phi=(), T0=0, synthetic_size=4096)
+for _name, _kw in _TEXT.items():
+    PRESETS[_name] = TextConfig(name=_name, **_kw)
+for _arch in PAPER_ARCHS:
+    PRESETS[f"imagenet_{_arch}"] = FinetuneConfig(name=f"imagenet_{_arch}", arch=_arch, **_FINETUNE)
+    PRESETS[f"imagenet_{_arch}_base"] = FinetuneConfig(name=f"imagenet_{_arch}_base", arch=_arch,
+                                                       **{**_FINETUNE, "K": 1})
 
 
-def get_config(name: str, **overrides) -> Config:
+def get_config(name: str, **overrides) -> RunConfig:
     """A preset with `overrides` applied and validated; unknown names or keys raise ConfigError."""
-    if name not in PRESETS:
-        raise ConfigError(f"unknown config {name!r}; choose one of: {', '.join(sorted(PRESETS))}")
-    known = {f.name for f in fields(Config)}
+    _need(name in PRESETS, f"unknown config {name!r}; choose one of: {', '.join(sorted(PRESETS))}")
+    return with_overrides(PRESETS[name], overrides)
+
+
+def with_overrides(cfg: RunConfig, overrides: dict) -> RunConfig:
+    """``cfg`` with ``overrides`` (field -> value) applied and validated."""
+    known = {f.name for f in fields(cfg)}
     bad = sorted(set(overrides) - known)
-    if bad:
-        raise ConfigError(f"unknown config key(s) {', '.join(bad)}; known keys: {', '.join(sorted(known))}")
-    return replace(PRESETS[name], **overrides).validate()
+    _need(not bad, f"unknown config key(s) {', '.join(bad)} for {cfg.KIND} runs; known keys: {', '.join(sorted(known))}")
+    return replace(cfg, **overrides).validate()
 
 
 # ----------------------------------------------------------------------------- flags
 
-def _flag_type(tp):
-    origin = typing.get_origin(tp)
-    if origin is tuple:
-        args = typing.get_args(tp)
-        return (args[0] if args and args[0] in (int, float) else str), "*"
-    if tp is bool:
-        return _parse_bool, None
-    return tp, None
+def flag_name(field: str) -> str:
+    """The command-line flag of a config field: ``batch_size`` -> ``--batch-size``."""
+    return "--" + field.replace("_", "-")
 
 
 def _parse_bool(text: str) -> bool:
@@ -226,28 +384,37 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One optional flag per Config field (e.g. --epochs 10, --phi bn head, --nesterov false)."""
-    hints = typing.get_type_hints(Config)
-    group = parser.add_argument_group("config overrides (any Config field)")
-    for f in fields(Config):
-        if f.name == "name":
+def _type_name(hint) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple = ("name",)) -> None:
+    """One optional flag per field of config class ``cls`` (e.g. --epochs 10, --phi bn head, --phi none,
+    --nesterov false); unset flags are None (the preset's or the stored config's value applies)."""
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(f"config overrides (any field of {cls.KIND} configs)")
+    for f in fields(cls):
+        if f.name in skip:
             continue
-        tp, nargs = _flag_type(hints[f.name])
         hint = hints[f.name]
-        kw = dict(type=tp, default=None, metavar=f.name.upper(),
-                  help=hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", ""))
-        if nargs:
-            kw["nargs"] = nargs
-        group.add_argument(f"--{f.name}", dest=f"cfg_{f.name}", **kw)
+        kw = dict(default=None, metavar=f.name.upper(), dest=f"cfg_{f.name}", help=_type_name(hint))
+        if typing.get_origin(hint) is tuple:
+            item = typing.get_args(hint)[0]
+            kw.update(nargs="*", type=item if item in (int, float) else str)
+        else:
+            kw["type"] = _parse_bool if hint is bool else hint
+        group.add_argument(flag_name(f.name), **kw)
 
 
-def overrides_from_args(args: argparse.Namespace) -> dict:
+def overrides_from_args(args: argparse.Namespace, cls: type) -> dict:
+    """The config fields given on the command line (``--phi none`` is the empty tuple)."""
     out = {}
-    for f in fields(Config):
+    for f in fields(cls):
         v = getattr(args, f"cfg_{f.name}", None)
         if v is not None:
-            out[f.name] = tuple(v) if isinstance(v, list) else v
+            if isinstance(v, list):
+                v = () if v == ["none"] else tuple(v)
+            out[f.name] = v
     return out
 
 
@@ -256,8 +423,9 @@ def describe() -> str:
     lines = []
     for name in sorted(PRESETS):
         c = PRESETS[name]
-        lp = f"K={c.K} phi={'+'.join(c.phi)} T0={c.T0} gamma_theta={c.gamma_theta:g}" if c.late_phase else "no late-phase"
-        swa = f", SWA from {c.swa_start}" if c.swa else ""
-        lines.append(f"{name:26s} {c.dataset:13s} {c.arch:10s} {c.epochs:4d} epochs, {lp}{swa}")
+        gamma = "1/K" if c.gamma_theta < 0 else f"{c.gamma_theta:g}"
+        lp = (f"K={c.K} phi={'+'.join(c.phi)} T0={c.T0} gamma_theta={gamma}" if c.late_phase
+              else "no late-phase")
+        swa = f", SWA from epoch {c.swa_start}" if c.swa else ""
+        lines.append(f"{name:26s} {c.dataset:13s} {c.arch:11s} {c.epochs:4d} epochs, {lp}{swa}")
     return "\n".join(lines)
-

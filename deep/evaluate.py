@@ -1,19 +1,35 @@
-"""Evaluation of trained classifiers: the averaged model, the true ensemble of the K members, and every member.
+"""Evaluation of trained classifiers under explicit BatchNorm rules: the averaged model, the true ensemble of the K
+members and every member, each scored by :class:`deep.metrics.Scores` (accuracy, top-5, NLL, ECE, OOD AUROC).
 
-For each model: accuracy (%), mean NLL (nats), ECE (%, 15 bins), and OOD AUROC (%) with predictive-entropy and
-max-softmax scores for every OOD set (see :mod:`deep.metrics`). The ensemble's prediction is the average of the
-members' softmax probabilities; members are evaluated from the same stacked forward passes.
+BatchNorm rules (every model of a run is evaluated under the same rule, so base and late-phase compare fairly):
+
+* ``stored``: the statistics the run ended with -- the base model its running statistics; the averaged late-phase
+  model the mean of the members' running statistics; each member (and so the ensemble) its own; an SWA model the
+  SWA average of the running statistics.
+* ``reestimated``: statistics recomputed from training data (:func:`shared.update_bn`) for the evaluated weights
+  themselves -- the base (or SWA) model, the averaged weights, each member.
+* ``reference`` (averaged late-phase model only): the reference code's averaged model, whose BatchNorm layers output
+  the mean of the K members' BatchNorm outputs, each member with its own statistics. In eval mode member k's layer is
+  the affine map x -> a_k x + c_k (a_k = gamma_k / sqrt(var_k + eps), c_k = beta_k - a_k mean_k), so the mean output is
+  one affine map (mean_k a_k) x + mean_k c_k, built here as a plain BatchNorm with those folded parameters.
+
+Batches are given as zero-argument callables returning an iterator of (inputs, labels) on the device.
 """
 from __future__ import annotations
 
 import contextlib
+from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
 
 import shared
+from shared.modules import LateBatchNorm, late_modules
 
-from . import metrics
+from .metrics import Scores
+
+Batches = Callable[[], Iterator]
+RULES = ("stored", "reestimated", "reference")
 
 
 def _autocast(device: torch.device, dtype):
@@ -22,46 +38,71 @@ def _autocast(device: torch.device, dtype):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def _probs(logits: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(logits.float(), -1)
+
+
 @torch.no_grad()
-def probs_of(model: nn.Module, loader, autocast=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax probabilities (N, C) float32 on the CPU and labels (N,) of a plain model over an eval loader."""
+def score_plain(model: nn.Module, test: Batches, ood: dict, autocast=None) -> dict:
+    """Metrics of one plain network on the test set, with OOD AUROCs against every OOD set (name -> Batches)."""
     was = model.training
     model.eval()
-    out, labels = [], []
     try:
-        for x, y in loader:
-            with _autocast(x.device, autocast):
-                logits = model(x)
-            out.append(torch.softmax(logits.float(), -1).cpu())
-            labels.append(y.cpu())
+        sets = {"test": Scores(), **{name: Scores() for name in ood}}
+        for name, batches in {"test": test, **ood}.items():
+            for x, y in batches():
+                with _autocast(x.device, autocast):
+                    p = _probs(model(x))
+                sets[name].add(p, y if name == "test" else None)
     finally:
         model.train(was)
-    return torch.cat(out), torch.cat(labels)
+    for s in sets.values():
+        s.reduce()
+    return sets["test"].summary({name: sets[name] for name in ood})
 
 
 @torch.no_grad()
-def member_probs_of(late_model: nn.Module, loader, autocast=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-member softmax probabilities (K, N, C) of a late-phase model (one stacked eval forward per batch)."""
-    out, labels = [], []
-    for x, y in loader:
-        with _autocast(x.device, autocast):
-            logits = shared.ensemble_logits(late_model, x)
-        out.append(torch.softmax(logits.float(), -1).cpu())
-        labels.append(y.cpu())
-    return torch.cat(out, dim=1), torch.cat(labels)
+def score_members(late_model: nn.Module, test: Batches, ood: dict, autocast=None) -> tuple[dict, list]:
+    """(ensemble metrics, [member metrics]) of a late-phase model from one stacked eval forward per batch; the
+    ensemble predicts p = (1/K) sum_k softmax(f_k)."""
+    K = late_modules(late_model)[0][1].K
+    ens = {"test": Scores(), **{name: Scores() for name in ood}}
+    each = [{"test": Scores(), **{name: Scores() for name in ood}} for _ in range(K)]
+    for name, batches in {"test": test, **ood}.items():
+        labelled = name == "test"
+        for x, y in batches():
+            with _autocast(x.device, autocast):
+                pk = _probs(shared.ensemble_logits(late_model, x))
+            ens[name].add(pk.mean(0), y if labelled else None)
+            for k in range(K):
+                each[k][name].add(pk[k], y if labelled else None)
+    for sets in [ens] + each:
+        for s in sets.values():
+            s.reduce()
+    summarize = (lambda sets: sets["test"].summary({name: sets[name] for name in ood}))  # noqa: E731
+    return summarize(ens), [summarize(sets) for sets in each]
 
 
-def evaluate_plain(model: nn.Module, test_loader, ood_loaders: dict, autocast=None) -> dict:
-    """Metrics of one plain network on the test set and OOD AUROCs against every OOD loader."""
-    p, y = probs_of(model, test_loader, autocast)
-    ood = {name: probs_of(model, ld, autocast)[0] for name, ld in ood_loaders.items()}
-    return metrics.summary(p, y, ood)
-
-
-def evaluate_members(late_model: nn.Module, test_loader, ood_loaders: dict, autocast=None) -> tuple[dict, list]:
-    """(ensemble metrics, [member metrics]) of a late-phase model: ensemble p = (1/K) sum_k softmax(f_k)."""
-    pk, y = member_probs_of(late_model, test_loader, autocast)
-    ood_k = {name: member_probs_of(late_model, ld, autocast)[0] for name, ld in ood_loaders.items()}
-    ensemble = metrics.summary(pk.mean(0), y, {n: v.mean(0) for n, v in ood_k.items()})
-    members = [metrics.summary(pk[k], y, {n: v[k] for n, v in ood_k.items()}) for k in range(pk.shape[0])]
-    return ensemble, members
+@torch.no_grad()
+def reference_averaged(late_model: nn.Module) -> nn.Module:
+    """The reference code's averaged model (see the module doc): a plain model, eval mode, with the members' mean
+    weights, whose late-phase BatchNorm layers compute the mean of the members' eval-mode outputs."""
+    plain = shared.collapse(late_model, bn="mean")
+    for name, m in late_modules(late_model):
+        if not (isinstance(m, LateBatchNorm) and m.late and m.running_mean is not None):
+            continue
+        a = torch.rsqrt(m.running_var + m.eps)
+        if m.affine:
+            a = a * torch.stack(list(m.weight))
+        c = -a * m.running_mean
+        if m.affine:
+            c = c + torch.stack(list(m.bias))
+        old = plain.get_submodule(name)
+        bn = type(old)(old.num_features, eps=old.eps, momentum=old.momentum, affine=True,
+                       device=a.device, dtype=a.dtype).eval()
+        bn.running_var.fill_(1.0 - bn.eps)  # running mean 0: (x - 0) / sqrt(1 - eps + eps) = x
+        bn.weight.copy_(a.mean(0))
+        bn.bias.copy_(c.mean(0))
+        parent, _, leaf = name.rpartition(".")
+        setattr(plain.get_submodule(parent), leaf, bn)
+    return plain

@@ -40,38 +40,31 @@ The hyperparameters of the presets (lr 1.0, clip 1.0, batch 32 per member, bptt 
 model size and the results only.
 
 Outputs as for the image runs: config.json, log.jsonl, checkpoint.pt (atomic, after every epoch; resume is
-bit-identical on the CPU), results.json (schema late-phase-results/1; models.{averaged, ensemble, members} hold
-bpc_valid and bpc_test). Under torchrun each member's rows are split over the ranks (each rank carries the state of
+bit-identical on the CPU), results.json (models.{averaged, ensemble, members}.stored hold bpc_valid and bpc_test;
+the model has no BatchNorm, so there is one rule). Under torchrun each member's rows are split over the ranks (each rank carries the state of
 its rows); the evaluation columns are split over the ranks and the sums reduced.
 """
 from __future__ import annotations
 
 import contextlib
 import math
-import os
-import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.optim.swa_utils import AveragedModel
 
 import shared
 from shared import distributed as dist_utils
 from shared.modules import late_modules, member_mode
 
-from .config import Config, ConfigError
-from .data.errors import DataError
+from .config import TextConfig
+from .errors import DataError, DeepError
 from .data.text import VOCAB_SIZE, BPTTBatcher, download_enwik8, load_enwik8
 from .models.lstm import CharLSTM
-from .schedule import lr_factor
-from .runs import (SCHEMA, Trainer, hardware, load_checkpoint, median, restore,
-                   save_checkpoint, setup, sync, write_json_atomic)
-from .train import TrainError, families
+from .trainer import Trainer
 
-FORMAT = "deep-lm/1"
 LN2 = math.log(2.0)
 
 
@@ -122,17 +115,6 @@ class StatefulLM(CharLSTM):
 def sequence_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-byte cross-entropy (nats) over all positions of a (N, T, V) window."""
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
-
-
-def late_step(lp: shared.LatePhase, x: torch.Tensor, y: torch.Tensor, grad_clip: float = 0.0,
-              path: str | None = None) -> torch.Tensor:
-    """One outer step on one window (K member row blocks stacked along dim 0): gradients, clipping, update.
-    Returns the K member losses (nats, detached)."""
-    losses = lp.forward_backward(x, y, sequence_loss, path)
-    if grad_clip:
-        lp.clip_grad_norm_(grad_clip)
-    lp.update()
-    return losses
 
 
 @torch.no_grad()
@@ -187,49 +169,21 @@ def bpc(nats: torch.Tensor | float, count: int) -> float:
 # ----------------------------------------------------------------------------- the run
 
 class LMRun(Trainer):
-    """One enwik8 run: data, model, optimisers and the epoch loop, with checkpoints and resume (see module doc)."""
+    """One enwik8 run on the trainer of :mod:`deep.trainer` (see the module doc)."""
 
+    UNIT = "chars"
     loss_fn = staticmethod(sequence_loss)
 
-    def __init__(self, cfg: Config, seed: int = 0, data_dir: str = "data", out: str | None = None,
-                 download: bool = False, device: str | None = None, progress: bool = True, resume: bool = False,
-                 command: str | None = None):
-        if cfg.dataset != "enwik8":
-            raise ConfigError(f"deep.lm trains the enwik8 LSTM; {cfg.name} is a {cfg.dataset} config")
-        self.cfg, self.seed, self.progress = cfg.validate(), int(seed), progress
-        if cfg.late_phase and "rank1" not in cfg.phi or set(cfg.phi) - {"rank1"}:
-            raise ConfigError(f"the enwik8 LSTM has rank-1 late-phase weights only (phi rank1), got {cfg.phi}")
-        if cfg.late_phase and cfg.swa and cfg.swa_start < cfg.T0:
-            raise ConfigError(f"swa_start ({cfg.swa_start}) must be >= T0 ({cfg.T0}): average after the release")
-        if cfg.compile:
-            raise ConfigError("compile is not supported for the enwik8 LSTM (its state changes shape at T0)")
-        setup(self, cfg.name, self.seed, out, device, resume, command, TrainError)
+    def __init__(self, cfg: TextConfig, *args, **kwargs):
+        super().__init__(cfg, *args, **kwargs)
         if cfg.batch_size % self.world:
-            raise ConfigError(f"batch_size {cfg.batch_size} (rows per member) must be divisible by the "
-                              f"{self.world} ranks")
-        self.amp = torch.bfloat16 if (self.device.type == "cuda" and cfg.bf16) else None
+            raise DeepError(f"batch_size {cfg.batch_size} (rows per member) must be divisible by the {self.world} "
+                            f"ranks")
 
-        self._load_data(data_dir, download)
-        torch.manual_seed(self.seed)
-        self.model = StatefulLM(VOCAB_SIZE, cfg.embedding_dim, cfg.hidden_size).to(self.device)
-        if self.distributed:
-            dist_utils.broadcast_module(self.model)
-        self.fams = families(cfg) if cfg.late_phase else []
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                                   weight_decay=cfg.weight_decay)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda e: lr_factor(cfg, e))
-        self.lp = None
-        self.swa = None
-        self.log: list = []
-        self.epoch = 0
-        self.steps = 0  # windows (outer steps) trained
-        self._begin(resume)
-
-    # ------------------------------------------------------------------ data
-    def _load_data(self, data_dir, download):
+    def load_data(self) -> None:
         cfg = self.cfg
-        path = Path(data_dir).expanduser()
-        if download and not path.is_file():
+        path = Path(self.data_dir).expanduser()
+        if self.download and not path.is_file():
             download_enwik8(path)
         split = tuple(cfg.text_split) if cfg.text_split else "enwik8"
         train, valid, test = load_enwik8(path, split)
@@ -238,9 +192,12 @@ class LMRun(Trainer):
         if cfg.test_subset:
             valid, test = valid[:cfg.test_subset], test[:cfg.test_subset]
         self.train_data, self.valid_data, self.test_data = train, valid, test
-        rows = cfg.batch_size * (cfg.K if cfg.late_phase else 1)
+        rows = cfg.batch_size * cfg.members
         if (train.numel() - 1) // rows < 1:
             raise DataError(f"the training text ({train.numel()} bytes) is too short for {rows} rows")
+
+    def build_model(self) -> nn.Module:
+        return StatefulLM(VOCAB_SIZE, self.cfg.embedding_dim, self.cfg.hidden_size).to(self.device)
 
     def _batcher(self, members: int) -> BPTTBatcher:
         """Training windows of members * batch_size rows (member k: its own block of rows)."""
@@ -248,147 +205,75 @@ class LMRun(Trainer):
         return BPTTBatcher(self.train_data, cfg.batch_size * members, cfg.bptt, device=self.device, seed=self.seed,
                            members=members, rotate_members=members > 1)
 
-    # ------------------------------------------------------------------ phases
-    def release(self):
-        """T0: rank-1 factors (ones) on the cell's weight matrices, K members, Algorithm 1 from here on."""
-        cfg = self.cfg
-        t0 = cfg.T0
-        sched = (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda e: lr_factor(cfg, e + t0)))
-        opt = shared.sgd(cfg.lr, cfg.momentum, cfg.nesterov, cfg.weight_decay)
-        self.lp = shared.LatePhase(
-            self.model, cfg.K, self.fams, gamma_theta=cfg.gamma_theta, sigma0=cfg.sigma0, theta_optimizer=opt,
-            phi_optimizer=opt, theta_scheduler=sched, phi_scheduler=sched, path=cfg.path, T0=self.steps,
-            inherit_optimizer_state=self.opt if self.steps > 0 else None,
-            generator=torch.Generator().manual_seed(self.seed + 12345), autocast=self.amp)
-        self.opt = self.sched = None
+    def steps_per_epoch(self, members: int) -> int:
+        return len(self._batcher(members))
 
-    def run_epoch(self) -> dict:
-        cfg = self.cfg
-        if cfg.late_phase and self.lp is None and self.epoch >= cfg.T0:
-            self.release()
-        if cfg.swa and self.swa is None and self.epoch >= cfg.swa_start:
-            self._start_swa()
-        K = self.lp.K if self.lp is not None else 1
-        batcher = self._batcher(K)
+    def epoch_batches(self, epoch: int, members: int):
+        batcher = self._batcher(members)
         state = batcher.state_dict()
-        state["epoch"] = self.epoch
+        state["epoch"] = epoch
         batcher.load_state_dict(state)
-        n = len(batcher)
-        bar = self._progress(n, unit="window")
-        model = self.model
-        model.train()
-        model.reset(K * cfg.batch_size // self.world)
-        nats = torch.zeros((), dtype=torch.float64, device=self.device)
-        chars = 0
-        sync(self.device)
-        t_start = time.perf_counter()
+        self.model.reset(members * self.cfg.batch_size // self.world)  # the carried state starts at zero each epoch
         for x, y in batcher:
             if self.distributed:
-                x, y = dist_utils.shard(x, K), dist_utils.shard(y, K)
-            if self.lp is not None:
-                losses = late_step(self.lp, x, y, cfg.grad_clip)
-            else:
-                losses = self._plain_step(x, y)
-            nats += losses.double().mean() * y.shape[1]
-            chars += y.shape[1]
-            self.steps += 1
-            bar.update(1)
-        sync(self.device)
-        seconds = time.perf_counter() - t_start
-        bar.close()
-        if not torch.isfinite(nats):
-            raise TrainError(f"non-finite loss in epoch {self.epoch + 1} of {cfg.name}; lower the learning rate")
-        lr = self._step_schedules()
-        if self.swa is not None:
-            self.swa.update_parameters(self.model)
-        entry = {"epoch": self.epoch + 1, "t": self.lp.t if self.lp is not None else self.steps,
-                 "phase": "late" if self.lp is not None else "pre", "lr": lr,
-                 "bpc_train": float(nats) / chars / LN2,
-                 "chars_per_s": chars * K * cfg.batch_size / seconds, "seconds": seconds}
-        late = self._late_model()
-        entry["bpc_valid"] = self._bpc(self._averaged(late), self.valid_data)
-        if late is not None and late.K > 1:
-            entry["bpc_valid_ensemble"] = self._bpc_members(late, self.valid_data)[0]
-        self.epoch += 1
-        self.log.append(entry)
-        if self.rank == 0:
-            self._checkpoint()
-        return entry
+                x, y = dist_utils.shard(x, members), dist_utils.shard(y, members)
+            yield x, y
+
+    def examples(self, batch) -> int:
+        return batch[1].numel() * self.world
 
     # ------------------------------------------------------------------ evaluation
-    def _late_model(self):
+    def _late(self):
         """The late-phase model to evaluate (the SWA average when SWA runs), or None before the release."""
         if self.lp is None:
             return None
-        return _LateView(self.swa.module if self.swa is not None else self.model, self.lp.K)
+        return self.swa.model if self.swa is not None else self.lp.model
 
-    def _averaged(self, late) -> StatefulLM:
-        if late is None:
-            return self.swa.module if self.swa is not None else self.model
-        return shared.collapse(late.model, None, "mean")
+    def _plain(self) -> StatefulLM:
+        late = self._late()
+        if late is not None:
+            return shared.collapse(late, None, "mean")
+        return self.swa.model if self.swa is not None else self.model
 
     def _bpc(self, model: StatefulLM, data: torch.Tensor) -> float:
         nats, _, count = stream_nats(model, data, self.cfg.eval_batch_size, self.cfg.bptt, autocast=self.amp)
         return bpc(nats[0], count)
 
     def _bpc_members(self, late, data) -> tuple[float, list]:
-        nats, ens, count = stream_nats(late.model, data, self.cfg.eval_batch_size, self.cfg.bptt, members=late.K,
+        K = late_modules(late)[0][1].K
+        nats, ens, count = stream_nats(late, data, self.cfg.eval_batch_size, self.cfg.bptt, members=K,
                                        autocast=self.amp)
         return bpc(ens[0], count), [bpc(v, count) for v in nats]
 
-    def evaluate(self) -> dict:
-        cfg = self.cfg
-        t_start = time.perf_counter()
-        late = self._late_model()
-        averaged = self._averaged(late)
-        models = {"averaged": {"bpc_valid": self._bpc(averaged, self.valid_data),
-                               "bpc_test": self._bpc(averaged, self.test_data)}}
-        if late is not None and late.K > 1:
+    def epoch_metrics(self) -> dict:
+        out = {"bpc_valid": self._bpc(self._plain(), self.valid_data)}
+        late = self._late()
+        if late is not None and self.cfg.K > 1:
+            out["bpc_valid_ensemble"] = self._bpc_members(late, self.valid_data)[0]
+        return out
+
+    def evaluate_models(self) -> dict:
+        plain = self._plain()
+        models = {"averaged": {"stored": {"bpc_valid": self._bpc(plain, self.valid_data),
+                                          "bpc_test": self._bpc(plain, self.test_data)}}}
+        late = self._late()
+        if late is not None and self.cfg.K > 1:
             ev, mv = self._bpc_members(late, self.valid_data)
             et, mt = self._bpc_members(late, self.test_data)
-            models["ensemble"] = {"bpc_valid": ev, "bpc_test": et}
-            models["members"] = [{"bpc_valid": v, "bpc_test": t} for v, t in zip(mv, mt)]
-        for name, m in models.items():
-            for v in (m if isinstance(m, list) else [m]):
-                if not all(math.isfinite(x) for x in v.values()):
-                    raise TrainError(f"the {name} model's bits per character are not finite; the run diverged")
-        late_log = [e for e in self.log if e["phase"] == "late"]
-        result = {
-            "schema": SCHEMA, "config": cfg.to_dict(), "seed": self.seed, "command": self.command,
-            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "hardware": hardware(self.device),
-            "world_size": self.world, "models": models,
-            "train_seconds": sum(e["seconds"] for e in self.log), "eval_seconds": time.perf_counter() - t_start,
-            "chars_per_s": {"pre": median([e["chars_per_s"] for e in self.log if e["phase"] == "pre"]),
-                            "late": median([e["chars_per_s"] for e in late_log])},
-            "parameters": sum(p.numel() for p in averaged.parameters()),
-            "train_chars": self.train_data.numel(), "valid_chars": self.valid_data.numel(),
-            "test_chars": self.test_data.numel(),
-        }
-        if self.rank == 0:
-            write_json_atomic(os.path.join(self.out, "results.json"), result)
-        return result
+            models["ensemble"] = {"stored": {"bpc_valid": ev, "bpc_test": et}}
+            models["members"] = {"stored": [{"bpc_valid": v, "bpc_test": t} for v, t in zip(mv, mt)]}
+        for name, by_rule in models.items():
+            for m in by_rule["stored"] if isinstance(by_rule["stored"], list) else [by_rule["stored"]]:
+                if not all(math.isfinite(x) for x in m.values()):
+                    raise DeepError(f"the {name} model's bits per character are not finite; the run diverged")
+        return models
 
-    # ------------------------------------------------------------------ checkpoints
-    def _checkpoint(self):
-        save_checkpoint(self, FORMAT, steps=self.steps, world_size=self.world)
-
-    def _resume(self):
-        state = load_checkpoint(self, FORMAT, "an enwik8 training", TrainError, world=self.world)
-        self.steps = state["steps"]
-        restore(self, state, release=self.release, start_swa=self._start_swa)
-
-    def _start_swa(self):
-        self.swa = AveragedModel(self.model)
-
-    # ------------------------------------------------------------------ the whole run
-
-class _LateView:
-    """A late-phase model (LatePhase.model or its SWA average) with its number of members."""
-
-    def __init__(self, model: nn.Module, K: int):
-        self.model, self.K = model, K
+    def result_extra(self) -> dict:
+        return {"parameters": sum(p.numel() for p in self._plain().parameters()),
+                "train_chars": self.train_data.numel(), "valid_chars": self.valid_data.numel(),
+                "test_chars": self.test_data.numel()}
 
 
-def train(cfg: Config, **kwargs) -> dict:
+def train(cfg: TextConfig, **kwargs) -> dict:
     """Train and evaluate one enwik8 run (see :class:`LMRun`); returns the results dict (also in results.json)."""
     return LMRun(cfg, **kwargs).train()

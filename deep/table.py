@@ -1,5 +1,9 @@
 """`python -m deep table RESULTS...`: aggregate results JSON files over seeds into markdown tables laid out like
-the paper's, with the paper's numbers beside ours."""
+the paper's, with the paper's numbers beside ours.
+
+Every number is shown under one BatchNorm rule (:mod:`deep.evaluate`), named in the table: by default the reference
+protocol's for each config (SWA configs: statistics re-estimated from training data; the others: the stored
+statistics), or the rule given with ``--bn-rule``. Runs without BatchNorm have one rule (stored)."""
 from __future__ import annotations
 
 import json
@@ -8,8 +12,10 @@ import os
 import sys
 from collections import defaultdict
 
-# (row label, metric, baseline config, late-phase config, paper baseline, paper late-phase); metrics: accuracy (%),
-# top1 (%), bpc (bits per character, lower is better). Paper numbers: mean ± std over 5 seeds where given.
+from .errors import DeepError
+
+# (row label, metric, baseline config, late-phase config, paper baseline, paper late-phase); metrics: accuracy (%,
+# top-1), bpc (bits per character, lower is better). Paper numbers: mean ± std over 5 seeds where given.
 PAPER_ROWS = [
     ("CIFAR-10, WRN-28-10, SGD", "accuracy", "cifar10_base", "cifar10_bn", (96.16, 0.12), (96.46, 0.15)),
     ("CIFAR-10, WRN-28-10, SWA", "accuracy", "cifar10_base_swa", "cifar10_bn_swa", (96.48, 0.04), (96.81, 0.07)),
@@ -18,21 +24,17 @@ PAPER_ROWS = [
     ("CIFAR-100, WRN-28-10, SWA", "accuracy", "cifar100_base_swa", "cifar100_bn_swa", (82.46, 0.09), (83.06, 0.08)),
     ("CIFAR-100, WRN-28-14, SWA", "accuracy", "cifar100_wrn14_base_swa", "cifar100_wrn14_bn_swa", None, (85.00, 0.25)),
     ("Fashion-MNIST, WRN-16-4, SGD", "accuracy", "fmnist_base", "fmnist_bn", None, None),
-    ("ImageNet fine-tune, ResNet-50", "top1", "imagenet_resnet50_base", "imagenet_resnet50", (76.62, None),
+    ("ImageNet fine-tune, ResNet-50", "accuracy", "imagenet_resnet50_base", "imagenet_resnet50", (76.62, None),
      (76.87, None)),
-    ("ImageNet fine-tune, ResNet-152", "top1", "imagenet_resnet152_base", "imagenet_resnet152", (78.37, None),
+    ("ImageNet fine-tune, ResNet-152", "accuracy", "imagenet_resnet152_base", "imagenet_resnet152", (78.37, None),
      (78.77, None)),
-    ("ImageNet fine-tune, DenseNet-161", "top1", "imagenet_densenet161_base", "imagenet_densenet161", (78.17, None),
+    ("ImageNet fine-tune, DenseNet-161", "accuracy", "imagenet_densenet161_base", "imagenet_densenet161", (78.17, None),
      (78.31, None)),
     ("enwik8, LSTM-500, SGD (bits/char)", "bpc_test", "enwik8_lstm_base", "enwik8_lstm_lp", (1.695, None),
      (1.633, None)),
     ("enwik8, LSTM-500, SWA (bits/char)", "bpc_test", "enwik8_lstm_base_swa", "enwik8_lstm_lp_swa", (1.626, None),
      (1.615, None)),
 ]
-
-
-class TableError(ValueError):
-    """Unreadable or incompatible results files."""
 
 
 def load_results(paths) -> list[dict]:
@@ -51,19 +53,19 @@ def load_results(paths) -> list[dict]:
                 with open(f) as fh:
                     d = json.load(fh)
             except (OSError, ValueError) as e:  # ValueError: invalid JSON or not UTF-8 text
-                raise TableError(f"cannot read results file {f}: {e}") from None
+                raise DeepError(f"cannot read results file {f}: {e}") from None
             if not isinstance(d, dict) or "models" not in d or "config" not in d:
                 if os.path.isdir(p):
                     continue  # other JSON files in a run folder
-                raise TableError(f"{f} is not a results file (no 'config'/'models'); pass results.json files")
+                raise DeepError(f"{f} is not a results file (no 'config'/'models'); pass results.json files")
             problem = check_result(d)
             if problem:
-                raise TableError(f"{f} is not a valid results file: {problem}; pass results.json files written by "
+                raise DeepError(f"{f} is not a valid results file: {problem}; pass results.json files written by "
                                  f"python -m deep")
             d["_file"] = f
             out.append(d)
     if not out:
-        raise TableError("no results files found; pass results.json files or run folders")
+        raise DeepError("no results files found; pass results.json files or run folders")
     return out
 
 
@@ -73,28 +75,50 @@ def _is_number(v) -> bool:
 
 def check_result(d: dict) -> str | None:
     """What is wrong with results dict `d` for the table (None if nothing): config.name a string, seed an integer
-    (or absent), models an object of model -> metrics object (or a list of them, one per member), metric values
-    numbers or null, and ood an object of OOD set -> object of numbers."""
+    (or absent), models an object of model -> {BatchNorm rule -> metrics object (or a list of them, one per
+    member)}, metric values numbers or null, and ood an object of OOD set -> object of numbers."""
     if not isinstance(d["config"], dict) or not isinstance(d["config"].get("name"), str):
         return "'config' must be an object with a string 'name'"
     if d.get("seed") is not None and not (isinstance(d["seed"], int) and not isinstance(d["seed"], bool)):
         return f"'seed' must be an integer, got {d['seed']!r}"
     if not isinstance(d["models"], dict):
         return f"'models' must be an object (model name -> metrics), got {type(d['models']).__name__}"
-    for model, m in d["models"].items():
-        for entry in (m if isinstance(m, list) else [m]):
-            if not isinstance(entry, dict):
-                return f"models.{model} must be an object of metrics (or a list of them)"
-            for k, v in entry.items():
-                if k == "ood":
-                    ok = isinstance(v, dict) and all(isinstance(o, dict) and all(_is_number(x) or x is None
-                                                                                   for x in o.values())
-                                                     for o in v.values())
-                    if not ok:
-                        return f"models.{model}.ood must map OOD sets to objects of numbers"
-                elif not (_is_number(v) or v is None):
-                    return f"models.{model}.{k} must be a number, got {v!r}"
+    for model, by_rule in d["models"].items():
+        if not isinstance(by_rule, dict) or not by_rule:
+            return f"models.{model} must be an object of BatchNorm rule -> metrics"
+        for rule, m in by_rule.items():
+            for entry in (m if isinstance(m, list) else [m]):
+                if not isinstance(entry, dict):
+                    return f"models.{model}.{rule} must be an object of metrics (or a list of them)"
+                for k, v in entry.items():
+                    if k == "ood":
+                        ok = isinstance(v, dict) and all(isinstance(o, dict) and all(
+                            _is_number(x) or x is None for x in o.values()) for o in v.values())
+                        if not ok:
+                            return f"models.{model}.{rule}.ood must map OOD sets to objects of numbers"
+                    elif not (_is_number(v) or v is None):
+                        return f"models.{model}.{rule}.{k} must be a number, got {v!r}"
     return None
+
+
+def default_rule(config: dict) -> str:
+    """The BatchNorm rule of the reference protocol for a config: re-estimated statistics for SWA configs, the stored
+    ones otherwise."""
+    return "reestimated" if (config.get("swa_start") or 0) > 0 else "stored"
+
+
+def entries(r: dict, model: str, rule: str | None):
+    """The metrics of ``model`` in result ``r`` under ``rule`` (None: the config's default rule): a dict, a list
+    (members), or None. A model without the rule (no BatchNorm) falls back to its stored metrics."""
+    by_rule = r["models"].get(model)
+    if not isinstance(by_rule, dict):
+        return None
+    rule = rule or default_rule(r["config"])
+    if rule not in by_rule and rule == "reference":
+        rule = "stored"  # the reference rule exists for the averaged late-phase model only: the others are stored
+    if rule not in by_rule and list(by_rule) == ["stored"]:
+        rule = "stored"
+    return by_rule.get(rule)
 
 
 def _stat(vals):
@@ -130,11 +154,9 @@ def group(results) -> dict:
     return by
 
 
-def metric_of(r, model: str, metric: str):
-    m = r["models"].get(model)
-    if not isinstance(m, dict):
-        return None
-    return m.get(metric)
+def metric_of(r, model: str, metric: str, rule: str | None = None):
+    m = entries(r, model, rule)
+    return m.get(metric) if isinstance(m, dict) else None
 
 
 def _auroc(rows, score: str) -> str:
@@ -144,37 +166,44 @@ def _auroc(rows, score: str) -> str:
     return "; ".join(f"{o}: {_fmt(_stat(v), 1)}" for o, v in per_set.items()) or "—"
 
 
-def render(results) -> str:
+def _rule_label(rule: str | None, configs) -> str:
+    if rule:
+        return rule
+    rules = sorted({default_rule(c) for c in configs})
+    return " / ".join(rules) + " (the reference protocol's per config)"
+
+
+def render(results, rule: str | None = None) -> str:
     by = group(results)
-    lines = ["| setting | paper: base | ours: base | paper: late-phase | ours: late-phase (averaged) | "
+    lines = [f"BatchNorm statistics: {_rule_label(rule, [r['config'] for r in results])}", "",
+             "| setting | paper: base | ours: base | paper: late-phase | ours: late-phase (averaged) | "
              "ours: late-phase ensemble |", "|---|---:|---:|---:|---:|---:|"]
-    used = set()
     for label, metric, base, late, p_base, p_late in PAPER_ROWS:
         if base not in by and late not in by:
             continue
-        used |= {base, late}
         digits = 3 if metric.startswith("bpc") else 2
-        ours_b = _stat([metric_of(r, "averaged", metric) for r in by.get(base, [])])
-        ours_l = _stat([metric_of(r, "averaged", metric) for r in by.get(late, [])])
-        ours_e = _stat([metric_of(r, "ensemble", metric) for r in by.get(late, [])])
+        ours_b = _stat([metric_of(r, "averaged", metric, rule) for r in by.get(base, [])])
+        ours_l = _stat([metric_of(r, "averaged", metric, rule) for r in by.get(late, [])])
+        ours_e = _stat([metric_of(r, "ensemble", metric, rule) for r in by.get(late, [])])
         lines.append(f"| {label} | {_paper(p_base, digits)} | {_fmt(ours_b, digits)} | {_paper(p_late, digits)} | "
                      f"{_fmt(ours_l, digits)} | {_fmt(ours_e, digits)} |")
     # Every metric of every config, averaged model / ensemble / mean member.
-    lines += ["", "| config | model | accuracy (%) | NLL | ECE (%) | OOD AUROC entropy (%) | OOD AUROC max-softmax (%) |",
-              "|---|---|---:|---:|---:|---:|---:|"]
+    lines += ["", "| config | rule | model | accuracy (%) | NLL | ECE (%) | OOD AUROC entropy (%) | "
+                  "OOD AUROC max-softmax (%) |", "|---|---|---|---:|---:|---:|---:|---:|"]
     for name in sorted(by):
         runs = by[name]
+        shown = rule or default_rule(runs[0]["config"])
         for model in ("averaged", "ensemble", "members"):
             rows = []
             for r in runs:
-                m = r["models"].get(model)
+                m = entries(r, model, rule)
                 if m is None:
                     continue
                 rows.extend(m if isinstance(m, list) else [m])
             if not rows or "accuracy" not in rows[0]:
                 continue
             label = "members (each)" if model == "members" else model
-            lines.append(f"| {name} | {label} | {_fmt(_stat([m.get('accuracy') for m in rows]))} | "
+            lines.append(f"| {name} | {shown} | {label} | {_fmt(_stat([m.get('accuracy') for m in rows]))} | "
                          f"{_fmt(_stat([m.get('nll') for m in rows]), 3)} | "
                          f"{_fmt(_stat([m.get('ece') for m in rows]))} | "
                          f"{_auroc(rows, 'auroc_entropy')} | {_auroc(rows, 'auroc_max_softmax')} |")

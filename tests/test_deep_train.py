@@ -1,4 +1,5 @@
-"""python -m deep train: every image config end to end on tiny generated data, resume, results, table, errors."""
+"""python -m deep train: every image config end to end on tiny generated data, the fair evaluation under both
+BatchNorm rules, the reference-fidelity fixes, resume, the flags, errors and torchrun."""
 import json
 import os
 import subprocess
@@ -9,7 +10,7 @@ import torch
 
 from deep.cli import main
 from deep.config import PRESETS, get_config
-from deep.train import Run
+from deep.images import ImageRun
 
 from data_files import write_cifar10, write_cifar100, write_fashion, write_svhn
 
@@ -31,100 +32,211 @@ def tiny(name, **extra):
     cfg = PRESETS[name]
     over = dict(TINY, **extra)
     if cfg.late_phase:
-        over["T0"] = 1
+        over.setdefault("T0", 1)
     if cfg.swa:
-        over["swa_start"] = 2
+        over.setdefault("swa_start", 3)
     return get_config(name, **over)
+
+
+def run(cfg, data_root, out, **kw):
+    return ImageRun(cfg, data_dir=str(data_root), out=str(out), device="cpu", progress=False, **kw)
 
 
 @pytest.mark.parametrize("name", IMAGE_CONFIGS)
 def test_every_image_config_runs_end_to_end(name, data_root, tmp_path):
     cfg = tiny(name)
-    r = Run(cfg, seed=1, data_dir=str(data_root), out=str(tmp_path / "run"), progress=False).train()
+    r = run(cfg, data_root, tmp_path / "run", seed=1).train()
     models = r["models"]
     assert set(models) == ({"averaged", "ensemble", "members"} if cfg.late_phase else {"averaged"})
-    for m in [models["averaged"]] + ([models["ensemble"]] + models["members"] if cfg.late_phase else []):
-        assert 0 <= m["accuracy"] <= 100 and m["nll"] > 0 and 0 <= m["ece"] <= 100
-        for ood in cfg.ood:
-            assert 0 <= m["ood"][ood]["auroc_entropy"] <= 100 and 0 <= m["ood"][ood]["auroc_max_softmax"] <= 100
+    for model, by_rule in models.items():
+        rules = {"stored", "reestimated"} | ({"reference"} if model == "averaged" and cfg.late_phase else set())
+        assert set(by_rule) == rules, model
+        for m in [x for ms in by_rule.values() for x in (ms if isinstance(ms, list) else [ms])]:
+            assert 0 <= m["accuracy"] <= 100 and m["nll"] > 0 and 0 <= m["ece"] <= 100 and "top5" in m
+            for ood in cfg.ood:
+                assert 0 <= m["ood"][ood]["auroc_entropy"] <= 100
     if cfg.late_phase:
-        assert len(models["members"]) == cfg.K
+        assert len(models["members"]["stored"]) == cfg.K == len(models["members"]["reestimated"])
     log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
     assert [e["epoch"] for e in log] == [1, 2, 3]
     assert [e["phase"] for e in log] == (["pre", "late", "late"] if cfg.late_phase else ["pre"] * 3)
     saved = json.load(open(tmp_path / "run" / "results.json"))
-    assert saved["config"]["name"] == name and saved["schema"] == "late-phase-results/1"
+    assert saved["config"]["name"] == name and saved["schema"] == "late-phase-results/2"
+    assert saved["hardware"]["precision"] == "float32" and saved["hardware"]["memory_format"] == "contiguous"
 
 
-def _params(run):
-    return {k: v.clone() for k, v in run.model.state_dict().items()}
+def test_base_and_late_phase_are_evaluated_under_both_batchnorm_rules(data_root, tmp_path):
+    """The fair comparison: the base model, the averaged model, the ensemble and every member each come with the
+    stored statistics and with statistics re-estimated from training data; re-estimating changes the base model too
+    (the confound the unfair protocol had), and the reference's averaged-outputs model is there for comparison."""
+    base = run(tiny("fmnist_base", epochs=2), data_root, tmp_path / "base", seed=0)
+    late = run(tiny("fmnist_bn", epochs=2, K=2, sigma0=0.3), data_root, tmp_path / "late", seed=0)
+    rb, rl = base.train()["models"], late.train()["models"]
+    assert set(rb["averaged"]) == {"stored", "reestimated"}
+    assert rb["averaged"]["stored"] != rb["averaged"]["reestimated"]
+    assert set(rl["averaged"]) == {"stored", "reestimated", "reference"}
+    assert set(rl["ensemble"]) == set(rl["members"]) == {"stored", "reestimated"}
+    # with sigma0 > 0 the members differ, and averaging their BatchNorm outputs is not one network's statistics
+    assert rl["averaged"]["reference"]["nll"] != rl["averaged"]["stored"]["nll"]
 
 
-@pytest.mark.parametrize("stop_after", [1, 2])
+def test_the_reference_averaged_model_averages_the_members_batchnorm_outputs():
+    import torch.nn as nn
+
+    import shared
+    from deep.evaluate import reference_averaged
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.BatchNorm2d(3))
+    lp = shared.LatePhase(model, 3, [shared.BatchNorm("1")], sigma0=0.5)
+    for _ in range(2):
+        lp.step(torch.randn(12, 2, 6, 6), torch.zeros(12), lambda o, t: o.pow(2).mean())
+    x = torch.randn(5, 2, 6, 6)
+    ref = reference_averaged(lp.model)
+    members = [lp.member_model(k) for k in range(3)]
+    inner = torch.stack([m[1](m[0](x)) for m in members]).mean(0)  # mean of the members' BatchNorm outputs
+    torch.testing.assert_close(ref[1](ref[0](x)), inner, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ref(x), members[0][3](torch.relu(inner)), rtol=1e-5, atol=1e-6)
+
+
+def test_cifar100_bn_weight_decay_before_and_after_the_release(data_root, tmp_path):
+    """Before the release every parameter (BatchNorm and head included) is in one optimizer at 5e-4, as in the
+    reference; the 5e-3 of cifar100_bn applies to the member copies only. The _base twin differs only by phi."""
+    cfg = tiny("cifar100_bn", K=2)
+    r = run(cfg, data_root, tmp_path / "run", seed=0)
+    assert len(r.opt.param_groups) == 1 and r.opt.param_groups[0]["weight_decay"] == 5e-4
+    assert len(r.opt.param_groups[0]["params"]) == len(list(r.model.parameters()))
+    r.run_epoch()
+    r.run_epoch()
+    assert r.lp is not None
+    assert all(g["weight_decay"] == 5e-4 for g in r.lp.theta_optimizer.param_groups)
+    assert all(g["weight_decay"] == 5e-3 for o in r.lp.phi_optimizers for g in o.param_groups)
+    base = PRESETS["cifar100_base"].to_dict()
+    diff = {k for k, v in PRESETS["cifar100_bn"].to_dict().items() if base[k] != v}
+    assert diff == {"name", "phi"}
+
+
+def test_swa_averages_epochs_swa_start_to_the_end_at_a_constant_lr(data_root, tmp_path):
+    """SWA from epoch s (1-based) averages the snapshots of epochs s..E: 40 for the reference's 161..200; here 4 of
+    6. The learning rate of every epoch follows the annealing schedule and is the constant swa_lr from epoch s on."""
+    assert PRESETS["cifar10_bn_swa"].epochs - PRESETS["cifar10_bn_swa"].swa_start + 1 == 40
+    cfg = tiny("cifar10_bn_swa", K=2, epochs=6, T0=1, anneal_start=1, anneal_end=3, anneal_end_lr=0.02,
+               swa_start=3, swa_lr=0.03)
+    r = run(cfg, data_root, tmp_path / "run", seed=0)
+    for _ in range(6):
+        r.run_epoch()
+    assert r.swa.n_averaged == 4
+    lrs = [e["lr"] for e in r.log]
+    assert lrs == pytest.approx([0.1, 0.1, 0.03, 0.03, 0.03, 0.03])  # epoch 2 (0-based 1): annealing starts at 0.1
+    assert [e["lr_phi"] for e in r.log] == pytest.approx(lrs)
+    cfg2 = tiny("cifar10_bn_swa", K=2, epochs=6, T0=1, anneal_start=1, anneal_end=5, anneal_end_lr=0.02,
+                swa_start=5, swa_lr=0.03)
+    r2 = run(cfg2, data_root, tmp_path / "run2", seed=0)
+    for _ in range(6):
+        r2.run_epoch()
+    assert [e["lr"] for e in r2.log] == pytest.approx([0.1, 0.1, 0.08, 0.06, 0.03, 0.03])
+    assert r2.swa.n_averaged == 2
+
+
+@pytest.mark.parametrize("stop_after", [1, 3])
 def test_resume_is_bit_identical(stop_after, data_root, tmp_path):
-    """Interrupt after `stop_after` epochs (before / after the release at T0 = 1, with SWA from epoch 2), resume in a
-    fresh Run, and compare with an uninterrupted run: identical weights, optimizer-driven losses and results."""
-    cfg = tiny("cifar10_bn_swa", K=2, sigma0=0.1)
-    full = Run(cfg, seed=3, data_dir=str(data_root), out=str(tmp_path / "a"), progress=False)
+    """Interrupt after `stop_after` epochs (before the release at T0 = 1 / after SWA started at epoch 3), resume in a
+    fresh run, and compare with an uninterrupted run: identical weights, losses and results."""
+    cfg = tiny("cifar10_bn_swa", K=2, sigma0=0.1, epochs=4)
+    full = run(cfg, data_root, tmp_path / "a", seed=3)
     r_full = full.train()
-    part = Run(cfg, seed=3, data_dir=str(data_root), out=str(tmp_path / "b"), progress=False)
+    part = run(cfg, data_root, tmp_path / "b", seed=3)
     for _ in range(stop_after):
         part.run_epoch()
     del part
-    resumed = Run(cfg, seed=3, data_dir=str(data_root), out=str(tmp_path / "b"), progress=False, resume=True)
+    resumed = run(cfg, data_root, tmp_path / "b", seed=3, resume=True)
     assert resumed.epoch == stop_after
     r_res = resumed.train()
-    a, b = _params(full), _params(resumed)
+    a, b = full.model.state_dict(), resumed.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [e["loss"] for e in full.log] == [e["loss"] for e in resumed.log]
     assert r_full["models"] == r_res["models"]
 
 
-def test_cli_train_table_and_errors(data_root, tmp_path, capsys):
+def test_cli_train_resume_without_retyping_table_and_errors(data_root, tmp_path, capsys):
     out = tmp_path / "cli"
     args = ["train", "--config", "fmnist_bn", "--data-dir", str(data_root), "--out", str(out), "--no-progress",
-            "--arch", "wrn-10-1", "--epochs", "2", "--T0", "1", "--batch_size", "4", "--K", "3"]
+            "--arch", "wrn-10-1", "--epochs", "2", "--T0", "1", "--batch-size", "4", "--K", "3", "--device", "cpu"]
     assert main(args) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["config"] == "fmnist_bn" and "ensemble" in printed["models"]
-    # A second start into the same folder must not overwrite the run.
-    assert main(args) == 2
+    assert main(args) == 2  # a second start into the same folder must not overwrite the run
     assert "--resume" in capsys.readouterr().err
-    # --resume of a finished run evaluates again without training.
-    assert main(args + ["--resume"]) == 0
-    capsys.readouterr()
+    # --resume reads the stored config: no retyping; flags that agree with it are fine
+    for again in (["train", "--resume", "--out", str(out), "--data-dir", str(data_root)], args + ["--resume"]):
+        assert main(again) == 0, again
+        assert json.loads(capsys.readouterr().out)["models"] == printed["models"]
+    assert main(["train", "--resume", "--out", str(out), "--lr", "0.2"]) == 2
+    err = capsys.readouterr().err
+    assert "different settings (lr: 0.1 -> 0.2)" in err and err.count("\n") == 1
     assert main(["table", str(out)]) == 0
     table = capsys.readouterr().out
-    assert "fmnist_bn" in table and "| averaged |" in table
+    assert "fmnist_bn" in table and "| averaged |" in table and "BatchNorm statistics: stored" in table
+
+
+@pytest.mark.parametrize("bad, msg", [
+    (["--T", "3"], "unrecognized arguments: --T 3"),  # no prefix matching: --T is not --T0
+    (["--epoch", "3"], "unrecognized arguments: --epoch 3"),
+    (["--batch_size", "4"], "flags are spelled with dashes, e.g. --batch-size"),
+    (["--epochs", "2"], "T0 (120) must be < epochs (2)"),  # a late-phase preset that would never release
+    (["--phi", "none", "--epochs", "2", "--K", "0"], "K must be >= 1"),
+    (["--swa-start", "50"], "swa_start (50) must come after the release at T0"),
+    (["--swa-start", "500"], "swa_start (500) must be an epoch in 1..200"),
+    (["--device", "bogus"], "--device bogus: not a torch device (use cpu, cuda or cuda:N)"),
+    (["--device", "cuda:99"], "--device cuda:99: "),
+    (["--eval-batch-size", "0"], "eval_batch_size must be >= 1"),
+    (["--ood", "svhn", "foo"], "unknown OOD set(s) foo"),
+    (["--lr", "nan"], "lr must be a finite number"),
+    (["--grad-clip", "-1"], "grad_clip must be >= 0"),
+    (["--cutout", "-1"], "cutout must be >= 0"),
+    (["--K", "0"], "K must be"),
+    (["--bptt", "20"], "unrecognized arguments: --bptt 20"),  # not a field of image configs
+])
+def test_train_flag_errors(bad, msg, capsys):
+    assert main(["train", "--config", "cifar10_bn"] + bad) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and msg in err[0], err
+
+
+def test_phi_none_makes_a_baseline_under_any_name(data_root, tmp_path, capsys):
+    cfg = get_config("fmnist_bn", phi=(), epochs=2, **{k: v for k, v in TINY.items() if k != "epochs"})
+    assert not cfg.late_phase
+    assert main(["train", "--config", "fmnist_bn", "--phi", "none", "--epochs", "1", "--arch", "wrn-10-1",
+                 "--batch-size", "4", "--data-dir", str(data_root), "--out", str(tmp_path / "r"), "--device",
+                 "cpu", "--no-progress"]) == 0
+    assert set(json.loads(capsys.readouterr().out)["models"]) == {"averaged"}
+
+
+def test_run_folder_and_data_errors(data_root, tmp_path, capsys):
     a_file = tmp_path / "a_file"
     a_file.write_text("not a folder")
     damaged = {"empty": b"", "garbage": b"garbage \x00\x01"}
+    small = ["--arch", "wrn-10-1", "--batch-size", "4", "--epochs", "2", "--T0", "1"]
     for name, content in damaged.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / "checkpoint.pt").write_bytes(content)
-    fmnist = ["train", "--config", "fmnist_bn", "--data-dir", str(data_root), "--arch", "wrn-10-1", "--batch_size", "4"]
-    for bad, msg in ([["train", "--config", "cifar10_bn", "--device", "bogus"],
-                      "--device bogus: not a torch device (use cpu, cuda or cuda:N)"],
-                     [["train", "--config", "cifar10_bn", "--device", "cuda:99"], "--device cuda:99: "],
-                     [["train", "--config", "cifar10_bn", "--out", str(a_file)], "is a file, not a folder"],
-                     [["train", "--config", "cifar10_bn", "--out", str(a_file / "run")], "cannot create the run"],
-                     [fmnist + ["--out", str(tmp_path / "empty"), "--resume"], "cannot be read as a checkpoint"],
-                     [fmnist + ["--out", str(tmp_path / "garbage"), "--resume"], "delete it to start afresh"],
-                     [["train", "--config", "cifar10_bn", "--eval_batch_size", "0"], "eval_batch_size must be >= 1"],
-                     [["train", "--config", "cifar10_bn", "--ood", "svhn", "foo"], "unknown OOD set(s) foo"],
-                     [["train", "--config", "cifar10_bn", "--lr", "nan"], "lr must be a finite number"],
-                     [["train", "--config", "cifar10_bn", "--grad_clip", "-1"], "grad_clip must be >= 0"],
-                     [["train", "--config", "cifar10_bn", "--cutout", "-1"], "cutout must be >= 0"],
-                     [["table", str(a_file)], "cannot read results file"],
-                     [["train", "--config", "cifar11"], "unknown config"],
-                     [["train", "--config", "cifar10_bn", "--epochz", "3"], "unrecognized arguments"],
-                     [["train", "--config", "cifar10_bn", "--K", "0"], "K must be"],
-                     [["train", "--config", "cifar10_bn", "--data-dir", str(tmp_path / "none")], "CIFAR-10 not found"],
-                     [["train", "--config", "cifar10_bn", "--out", str(tmp_path / "x"), "--resume"], "no checkpoint"],
-                     [["train", "--config", "fmnist_bn", "--data-dir", str(data_root), "--out", str(out), "--resume",
-                       "--arch", "wrn-10-1", "--epochs", "2", "--T0", "1", "--batch_size", "4", "--K", "3",
-                       "--lr", "0.2"], "different settings"],
-                     [["table", str(tmp_path / "nothing.json")], "cannot read"]):
+        (tmp_path / name / "config.json").write_text(json.dumps(
+            {"kind": "image", "config": tiny("fmnist_bn").to_dict(), "seed": 0}))
+    cases = [
+        (["train", "--config", "cifar10_bn", "--out", str(a_file)], "is a file, not a folder"),
+        (["train", "--config", "cifar10_bn", "--out", str(a_file / "run")], "cannot create the run"),
+        (["train", "--resume", "--out", str(tmp_path / "empty"), "--data-dir", str(data_root)],
+         "cannot be read as a checkpoint"),
+        (["train", "--resume", "--out", str(tmp_path / "garbage"), "--data-dir", str(data_root)],
+         "delete it to start afresh"),
+        (["train", "--resume", "--out", str(tmp_path / "nothing")], "no run in"),
+        (["train", "--resume"], "--resume needs --out"),
+        (["train"], "train needs --config NAME"),
+        (["train", "--config", "cifar11"], "unknown config"),
+        (["train", "--config", "cifar10_bn", "--data-dir", str(tmp_path / "none")] + small, "CIFAR-10 not found"),
+        (["table", str(a_file)], "cannot read results file"),
+        (["table", str(tmp_path / "nothing.json")], "cannot read"),
+    ]
+    for bad, msg in cases:
         assert main(bad) == 2, bad
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and msg in err[0], err
@@ -132,28 +244,28 @@ def test_cli_train_table_and_errors(data_root, tmp_path, capsys):
 
 def test_fashion_mnist_fallback_is_reported(data_root, tmp_path, monkeypatch, capsys):
     """Fashion-MNIST missing under --data-dir is read from the system folder, with one note saying so."""
-    import deep.train
+    import deep.images
     from deep.data import load_dataset
     system = data_root / "FashionMNIST" / "raw"
-    monkeypatch.setattr(deep.train, "load_dataset",
+    monkeypatch.setattr(deep.images, "load_dataset",
                         lambda name, root, split, download, **kw: load_dataset(name, root, split, download,
                                                                                system_dir=system, **kw))
-    Run(tiny("fmnist_bn"), data_dir=str(tmp_path / "none"), out=str(tmp_path / "run"), progress=False)
+    ImageRun(tiny("fmnist_bn"), data_dir=str(tmp_path / "none"), out=str(tmp_path / "run"), progress=False)
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"note: fashion_mnist not found under --data-dir {tmp_path / 'none'}; reading it from {system}"]
-    Run(tiny("fmnist_bn"), data_dir=str(data_root), out=str(tmp_path / "run2"), progress=False)
+    ImageRun(tiny("fmnist_bn"), data_dir=str(data_root), out=str(tmp_path / "run2"), progress=False)
     assert capsys.readouterr().err == ""
 
 
 def test_torchrun_two_processes(tmp_path):
     """`torchrun --nproc_per_node 2 -m deep train` on the CPU (gloo): each member's minibatch is sharded over the two
     ranks; the run finishes and rank 0 writes the results."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "deep",
            "train", "--config", "synthetic_bench", "--out", str(tmp_path / "ddp"), "--no-progress",
-           "--arch", "wrn-10-1", "--epochs", "2", "--T0", "1", "--K", "2", "--batch_size", "8",
-           "--synthetic_size", "64", "--eval_batch_size", "32"]
+           "--arch", "wrn-10-1", "--epochs", "2", "--T0", "1", "--K", "2", "--batch-size", "8", "--phi", "bn", "head",
+           "--synthetic-size", "64", "--eval-batch-size", "32", "--device", "cpu"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.load(open(tmp_path / "ddp" / "results.json"))
-    assert res["world_size"] == 2 and len(res["models"]["members"]) == 2
+    assert res["world_size"] == 2 and len(res["models"]["members"]["stored"]) == 2

@@ -1,8 +1,4 @@
-"""The data layer's single error type."""
+"""The data layer's error type (:class:`deep.errors.DataError`, a :class:`deep.errors.DeepError`)."""
+from ..errors import DataError
 
-
-class DataError(ValueError):
-    """A dataset is missing or corrupt, or was asked for with bad arguments.
-
-    The message is one line that names the dataset, the files or folder involved, and what to do about it.
-    """
+__all__ = ["DataError"]

@@ -22,6 +22,8 @@ import torch
 import torchvision
 from torch import nn
 
+from ..errors import DeepError
+
 PAPER_ARCHS = ("resnet50", "resnet152", "densenet161")
 PAPER_WEIGHTS = "IMAGENET1K_V1"
 _SPECIAL_NAMES = ("default", "paper")
@@ -32,7 +34,7 @@ _PRETRAINED_KWARGS = {name: {"transform_input": True, "aux_logits": True, "init_
                       for name in ("googlenet", "inception_v3")}
 
 
-class ModelError(ValueError):
+class ModelError(DeepError):
     """A model or its weights cannot be built or loaded (one actionable line)."""
 
 

@@ -1,0 +1,120 @@
+"""The image benchmarks (CIFAR-10/100, Fashion-MNIST, synthetic) on the trainer of :mod:`deep.trainer`.
+
+Data stay on the device (:class:`deep.data.GPULoader`: pad-4 random crop, flip, cutout and normalisation as batched
+tensor ops); an outer step after the release is one batch of K * batch_size images (member k owns slice k). Under
+torchrun every rank takes its shard of each member's minibatch (:func:`shared.distributed.shard`). Evaluation: the
+models of :class:`deep.trainer.ClassifierRun` on the test set, with OOD AUROC against the config's OOD sets.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+
+import torch
+import torch.nn as nn
+
+import shared
+from shared import distributed as dist_utils
+
+from .config import ImageConfig
+from .data import GPULoader, load_dataset, load_ood_sets
+from .evaluate import score_plain
+from .models import wrn
+from .trainer import ClassifierRun
+
+
+def _subset(data, n):
+    n = min(n, len(data))
+    return dataclasses.replace(data, images=data.images[:n], labels=data.labels[:n])
+
+
+class ImageRun(ClassifierRun):
+    """One image-classification run (see the module doc)."""
+
+    def load_data(self) -> None:
+        cfg: ImageConfig = self.cfg
+        opts = {"size": cfg.synthetic_size} if cfg.dataset == "synthetic" else {}
+        train = load_dataset(cfg.dataset, self.data_dir, "train", self.download, **opts)
+        test = load_dataset(cfg.dataset, self.data_dir, "test", self.download,
+                            **({"size": max(cfg.synthetic_size // 4, 1)} if cfg.dataset == "synthetic" else {}))
+        if cfg.train_subset:
+            train = _subset(train, cfg.train_subset)
+        if cfg.test_subset:
+            test = _subset(test, cfg.test_subset)
+        self.train_data, self.test_data = train, test
+        if train.source and self.rank == 0:
+            print(f"note: {cfg.dataset} not found under --data-dir {self.data_dir}; reading it from {train.source}",
+                  file=sys.stderr)
+        self.ood, self.ood_missing = {}, {}
+        if cfg.ood:
+            found, missing = load_ood_sets(train, self.data_dir, download=self.download)
+            self.ood = {k: (_subset(v, cfg.test_subset) if cfg.test_subset else v) for k, v in found.items()
+                        if k in cfg.ood}
+            self.ood_missing = {k: v for k, v in missing.items() if k in cfg.ood}
+            for k in cfg.ood:
+                if k not in self.ood and k not in self.ood_missing:
+                    self.ood_missing[k] = f"{k} is not an OOD set of {cfg.dataset}"
+            if self.rank == 0:
+                for k, why in self.ood_missing.items():
+                    print(f"note: OOD set {k} skipped: {why}", file=sys.stderr)
+        kw = dict(train=True, device=self.device, seed=self.seed, mean=train.mean, std=train.std,
+                  pad=4 if cfg.augment else 0, flip=cfg.augment, cutout=cfg.cutout, channels_last=self.channels_last)
+        self.loaders = {m: GPULoader(train, m * cfg.batch_size, **kw) for m in {1, cfg.members}}
+        # BatchNorm re-estimation: the augmented training data in minibatches of batch_size (as update_bn on the
+        # training loader), at most bn_images of them.
+        self.bn_loader = GPULoader(train, cfg.batch_size, **{**kw, "seed": self.seed + 1})
+        ev = dict(device=self.device, mean=train.mean, std=train.std, channels_last=self.channels_last)
+        self.test_loader = GPULoader(test, cfg.eval_batch_size, **ev)
+        self.ood_loaders = {k: GPULoader(v, cfg.eval_batch_size, **ev) for k, v in self.ood.items()}
+
+    def build_model(self) -> nn.Module:
+        _, depth, width = self.cfg.arch.split("-")
+        model = wrn(int(depth), int(width), self.train_data.num_classes, self.train_data.images.shape[1])
+        model = model.to(self.device)
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+    # ------------------------------------------------------------------ training batches
+    def steps_per_epoch(self, members: int) -> int:
+        return len(self.loaders[members])
+
+    def epoch_batches(self, epoch: int, members: int):
+        loader = self.loaders[members]
+        for step in range(len(loader)):
+            x, y = loader.batch(epoch, step)
+            if self.distributed:
+                x, y = dist_utils.shard(x, members), dist_utils.shard(y, members)
+            yield x, y
+
+    # ------------------------------------------------------------------ evaluation
+    def _eval_shard(self, loader):
+        """This rank's share of an eval loader's batches (every world-th image)."""
+        for x, y in loader:
+            yield (x[self.rank::self.world], y[self.rank::self.world]) if self.distributed else (x, y)
+
+    def test_batches(self):
+        return self._eval_shard(self.test_loader)
+
+    def ood_batches(self) -> dict:
+        return {k: (lambda ld=ld: self._eval_shard(ld)) for k, ld in self.ood_loaders.items()}
+
+    def bn_batches(self):
+        cfg = self.cfg
+        n = math.ceil(cfg.bn_images / cfg.batch_size) if cfg.bn_images else len(self.bn_loader)
+        for step in range(min(n, len(self.bn_loader))):
+            x, _ = self.bn_loader.batch(0, step)
+            yield dist_utils.shard(x, 1) if self.distributed else x
+
+    def epoch_metrics(self) -> dict:
+        """Test accuracy (%) of the current weight-averaged model (the members' mean BatchNorm statistics)."""
+        model = shared.collapse(self.lp.model, bn="mean") if self.lp is not None else self.model
+        return {"test_accuracy": score_plain(model, self.test_batches, {}, self.amp)["accuracy"]}
+
+    def result_extra(self) -> dict:
+        return {"ood_missing": self.ood_missing, "train_images": len(self.train_data),
+                "test_images": len(self.test_data)}
+
+
+def train(cfg: ImageConfig, **kwargs) -> dict:
+    """Train and evaluate one run (see :class:`ImageRun`); returns the results (also written to results.json)."""
+    return ImageRun(cfg, **kwargs).train()

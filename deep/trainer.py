@@ -1,0 +1,420 @@
+"""The one trainer design of the deep benchmarks: a run of the paper's protocol with checkpoints, resume and results.
+
+Protocol. Epochs count passes over the training set. Until epoch T0 the whole network trains with SGD on minibatches
+of ``batch_size``, every parameter in one optimizer (lr, momentum, Nesterov, weight decay). At T0 the late-phase
+weights are released (:class:`shared.LatePhase`: K members, each with its own optimizer at ``lr_phi`` and
+``weight_decay_phi``; the pre-T0 momentum carried over) and every outer step of Algorithm 1 consumes K minibatches,
+stacked into one batch (member k owns slice k), so each member sees 1/K of the data per epoch. Learning rates follow
+the config's schedule per epoch (:meth:`deep.config.RunConfig.lr_factor`); from epoch ``swa_start`` (1-based) all
+weights -- theta and every phi_k, or the plain model's -- are averaged once per epoch (:class:`shared.SWA`) while the
+schedule holds the constant swa_lr. Gradient clipping is :meth:`shared.LatePhase.clip_grad_norm_` (the mean member's
+gradient norm; before the release, and for K = 1, torch's clip over all parameters). Non-finite losses stop the run
+with one line naming the epoch: the losses are summed on the device and checked every step on the CPU, every 50 steps
+on accelerators (no host synchronisation in between), and always before a checkpoint.
+
+Everything a wrong flag would break later is built and checked before the first step (:meth:`Trainer.preflight`:
+the late-phase surgery on a copy of the model).
+
+A subclass provides the data, the model and the metrics: :meth:`load_data`, :meth:`build_model`,
+:meth:`epoch_batches`, :meth:`steps_per_epoch`, :meth:`epoch_metrics`, :meth:`evaluate_models` (and ``loss_fn``,
+``UNIT``, :meth:`examples`). :class:`deep.images.ImageRun`, :class:`deep.lm.LMRun` and
+:class:`deep.finetune.FineTune` are the three.
+
+Outputs in the run folder: config.json (the config, seed and kind: ``--resume`` reads it), log.jsonl (one line per
+epoch), checkpoint.pt (complete state, written atomically at the end of every epoch; resuming continues bit-for-bit on
+the CPU) and results.json.
+"""
+from __future__ import annotations
+
+import abc
+import contextlib
+import copy
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import shared
+from shared import distributed as dist_utils
+from shared.checkpoint import atomic_write
+
+from .errors import DeepError
+from .system import hardware, keep_freed_memory, pick_device, sync
+
+SCHEMA = "late-phase-results/2"
+FORMAT = "deep-run/2"
+
+
+def write_json(path: str, obj) -> None:
+    """Write ``obj`` as JSON atomically (shared.checkpoint.atomic_write)."""
+    atomic_write(path, json.dumps(obj, indent=1))
+
+
+def median(xs):
+    xs = sorted(x for x in xs if x is not None)
+    return xs[len(xs) // 2] if xs else None
+
+
+def _families(cfg) -> list:
+    """The late-phase weight families named by cfg.phi."""
+    out = []
+    for name in cfg.phi:
+        if name == "bn":
+            out.append(shared.BatchNorm())
+        elif name == "head":
+            out.append(shared.Head())
+        else:
+            out.append(shared.Rank1(*cfg.rank1_layers))
+    return out
+
+
+class Trainer(abc.ABC):
+    """One run (see the module doc). ``cfg`` is a validated config; ``out`` the run folder (default
+    runs/<name>_seed<seed>); ``resume`` continues the run in ``out`` from its checkpoint; ``download`` lets the data
+    (or weights) be fetched where they are missing."""
+
+    UNIT = "images"                       # what examples() counts, for the throughput in the log
+    loss_fn = staticmethod(F.cross_entropy)
+
+    def __init__(self, cfg, seed: int = 0, data_dir: str = "data", out: str | None = None, device: str | None = None,
+                 resume: bool = False, progress: bool = True, command: str | None = None, download: bool = False):
+        self.cfg, self.seed, self.data_dir, self.progress, self.download = cfg, int(seed), data_dir, progress, download
+        self.command = command or " ".join(["python -m deep"] + sys.argv[1:])
+        self.distributed = dist_utils.init_from_env()
+        self.rank = torch.distributed.get_rank() if self.distributed else 0
+        self.world = torch.distributed.get_world_size() if self.distributed else 1
+        self.device = pick_device(device)
+        self.out = out or os.path.join("runs", f"{cfg.name}_seed{self.seed}")
+        self.ckpt_path = os.path.join(self.out, "checkpoint.pt")
+        self._check_out(resume)
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
+        self.amp = torch.bfloat16 if (cuda and cfg.bf16) else None
+        self.channels_last = cuda and cfg.channels_last
+        self.malloc = keep_freed_memory() if self.device.type == "cpu" else None
+
+        torch.manual_seed(self.seed)
+        self.load_data()
+        self.model = self.build_model()
+        if self.distributed:
+            dist_utils.broadcast_module(self.model)
+        self.fams = _families(cfg) if cfg.late_phase else []
+        self.preflight()
+        if cfg.compile:
+            self.model.compile()  # in place: parameter names and state_dict keys stay the same
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                   weight_decay=cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda e: cfg.lr_factor(e, "theta"))
+        self.lp = self.swa = None
+        self.epoch, self.steps, self.log = 0, 0, []
+        self.check_every = 1 if self.device.type == "cpu" else 50
+        if self.rank == 0:
+            os.makedirs(self.out, exist_ok=True)  # only now: a failed start leaves no folder behind
+        if resume:
+            self._resume()
+        elif self.rank == 0:
+            write_json(os.path.join(self.out, "config.json"),
+                       {"kind": cfg.KIND, "config": cfg.to_dict(), "seed": self.seed})
+
+    # ------------------------------------------------------------------ hooks for the subclasses
+    @abc.abstractmethod
+    def load_data(self) -> None:
+        """Read the data sets (and make the loaders)."""
+
+    @abc.abstractmethod
+    def build_model(self) -> nn.Module:
+        """The network, on ``self.device``."""
+
+    @abc.abstractmethod
+    def steps_per_epoch(self, members: int) -> int:
+        """Outer steps of one epoch with ``members`` member minibatches per step."""
+
+    @abc.abstractmethod
+    def epoch_batches(self, epoch: int, members: int):
+        """This rank's batches of epoch ``epoch`` (0-based), one per outer step, each holding ``members`` member
+        minibatches stacked along dim 0."""
+
+    def examples(self, batch) -> int:
+        """How many examples (``UNIT``) one step's batch holds on all ranks together."""
+        return batch[0].shape[0] * self.world
+
+    def epoch_metrics(self) -> dict:
+        """Quick metrics for this epoch's log line (e.g. the averaged model's test accuracy)."""
+        return {}
+
+    def evaluate_models(self) -> dict:
+        """The final models' metrics: {model: {BatchNorm rule: metrics}} (see deep.evaluate)."""
+        return {}
+
+    def result_extra(self) -> dict:
+        """Entries of results.json beyond the common ones (data sizes, ...)."""
+        return {}
+
+    # ------------------------------------------------------------------ set-up
+    def _check_out(self, resume: bool) -> None:
+        if os.path.exists(self.out) and not os.path.isdir(self.out):
+            raise DeepError(f"--out {self.out} is a file, not a folder; choose another --out")
+        if os.path.exists(self.ckpt_path) and not resume:
+            raise DeepError(f"{self.ckpt_path} exists: pass --resume to continue that run, or choose another --out")
+        if resume and not os.path.exists(self.ckpt_path):
+            raise DeepError(f"--resume: no checkpoint at {self.ckpt_path}; start the run without --resume")
+        parent = os.path.dirname(os.path.abspath(self.out))
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+            raise DeepError(f"--out {self.out}: cannot create the run folder in {parent} (not a writable folder); "
+                            f"choose another --out")
+
+    def preflight(self) -> None:
+        """Build now what the release would build, on a copy of the model: a family that selects nothing or a
+        rank-1 pattern that matches no layer fails in seconds, not after T0 epochs."""
+        if self.cfg.late_phase:
+            shared.LatePhase(copy.deepcopy(self.model), self.cfg.K, _families(self.cfg), path=self.cfg.path,
+                             check_finite_every=0, distributed=False)
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp) if self.amp else contextlib.nullcontext()
+
+    @property
+    def t(self) -> int:
+        """Minibatches (of batch_size, all members) consumed so far."""
+        return self.lp.t if self.lp is not None else self.steps
+
+    # ------------------------------------------------------------------ phases
+    def release(self) -> None:
+        """T0: K members of the late-phase weights; Algorithm 1 from here on."""
+        cfg = self.cfg
+
+        def schedule(part):
+            return lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda e: cfg.lr_factor(e + cfg.T0, part))
+
+        self.lp = shared.LatePhase(
+            self.model, cfg.K, self.fams, gamma_theta=cfg.theta_scale, sigma0=cfg.sigma0,
+            theta_optimizer=shared.sgd(cfg.lr, cfg.momentum, cfg.nesterov, cfg.weight_decay),
+            phi_optimizer=shared.sgd(cfg.phi_lr, cfg.momentum, cfg.nesterov, cfg.phi_weight_decay),
+            theta_scheduler=schedule("theta"), phi_scheduler=schedule("phi"), path=cfg.path, T0=self.steps,
+            inherit_optimizer_state=self.opt if self.steps > 0 else None,
+            generator=torch.Generator().manual_seed(self.seed + 12345), check_finite_every=0, autocast=self.amp)
+        if cfg.compile:
+            self.lp.model.compile()  # recompile after the surgery (late-phase layers replaced the originals)
+        self.opt = self.sched = None
+
+    def start_swa(self) -> None:
+        """From swa_start on: an equal-weight average of all weights, updated once per epoch."""
+        self.swa = shared.SWA(self.lp if self.lp is not None else self.model)
+
+    # ------------------------------------------------------------------ steps
+    def plain_step(self, batch) -> torch.Tensor:
+        """One SGD step of the plain model (before the release); returns the detached minibatch loss."""
+        x, y = batch
+        self.opt.zero_grad(set_to_none=True)
+        with self._autocast():
+            loss = self.loss_fn(self.model(x), y)
+        loss.backward()
+        if self.distributed:
+            dist_utils.allreduce_grads(self.model.parameters())
+        if self.cfg.grad_clip:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.opt.step()
+        self.steps += 1
+        return loss.detach()
+
+    def late_step(self, batch) -> torch.Tensor:
+        """One outer step of Algorithm 1 (K minibatches); returns the mean member loss (detached)."""
+        x, y = batch
+        losses = self.lp.forward_backward(x, y, self.loss_fn)
+        if self.cfg.grad_clip:
+            self.lp.clip_grad_norm_(self.cfg.grad_clip)
+        self.lp.update()
+        self.steps += self.lp.K
+        return losses.mean()
+
+    def _check_finite(self, total: torch.Tensor, step: int) -> None:
+        if not bool(torch.isfinite(total)):
+            raise DeepError(f"non-finite loss in epoch {self.epoch + 1} of {self.cfg.name} (by outer step {step}, "
+                            f"minibatch t={self.t}); lower --lr or check the data")
+
+    # ------------------------------------------------------------------ epochs
+    def run_epoch(self) -> dict:
+        """One epoch: the release and the SWA start where they are due, the steps, the schedules, the average,
+        the log line and the checkpoint."""
+        cfg = self.cfg
+        if cfg.late_phase and self.lp is None and self.epoch >= cfg.T0:
+            self.release()
+        if cfg.swa and self.swa is None and self.epoch >= cfg.swa_start - 1:
+            self.start_swa()
+        members = self.lp.K if self.lp is not None else 1
+        n = self.steps_per_epoch(members)
+        optimizers = self.lp.optimizers if self.lp is not None else [self.opt]
+        lrs = [opt.param_groups[0]["lr"] for opt in optimizers]
+        from tqdm.auto import tqdm
+        bar = tqdm(total=n, desc=f"{cfg.name} epoch {self.epoch + 1}/{cfg.epochs}", leave=False,
+                   disable=not (self.progress and self.rank == 0))
+        self.model.train()
+        total = torch.zeros((), device=self.device)
+        examples = 0
+        sync(self.device)
+        start = time.perf_counter()
+        for i, batch in enumerate(self.epoch_batches(self.epoch, members)):
+            total += self.late_step(batch) if self.lp is not None else self.plain_step(batch)
+            examples += self.examples(batch)
+            if (i + 1) % self.check_every == 0:
+                self._check_finite(total, i + 1)
+            bar.update(1)
+        sync(self.device)
+        seconds = time.perf_counter() - start
+        bar.close()
+        self._check_finite(total, n)
+        if self.distributed:
+            torch.distributed.all_reduce(total)
+            total /= self.world
+        if self.lp is not None:
+            self.lp.step_schedulers()
+        else:
+            self.sched.step()
+        if self.swa is not None:
+            self.swa.update()
+        entry = {"epoch": self.epoch + 1, "t": self.t, "phase": "late" if self.lp is not None else "pre",
+                 "K": members, "lr": lrs[0], "lr_phi": lrs[-1], "loss": float(total) / max(n, 1),
+                 f"{self.UNIT}_per_s": examples / seconds if seconds > 0 else None, "seconds": seconds}
+        self.epoch += 1
+        entry.update(self.epoch_metrics())
+        self.log.append(entry)
+        if self.rank == 0:
+            self.save()
+        return entry
+
+    def train(self) -> dict:
+        """Run the remaining epochs, then evaluate; returns the results (also in results.json)."""
+        while self.epoch < self.cfg.epochs:
+            self.run_epoch()
+        return self.evaluate()
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self) -> None:
+        """The complete state, atomically (checkpoint.pt), and the log (log.jsonl)."""
+        state = {"format": FORMAT, "kind": self.cfg.KIND, "config": self.cfg.to_dict(), "seed": self.seed,
+                 "epoch": self.epoch, "steps": self.steps, "log": self.log, "world_size": self.world}
+        if self.lp is not None:
+            state.update(phase="late", latephase=self.lp.state_dict())
+        else:
+            state.update(phase="pre", model=self.model.state_dict(), optimizer=self.opt.state_dict(),
+                         scheduler=self.sched.state_dict(), rng=shared.checkpoint.rng_state())
+        if self.swa is not None:
+            state["swa"] = self.swa.state_dict()
+        shared.save(self.ckpt_path, state)
+        atomic_write(os.path.join(self.out, "log.jsonl"), "".join(json.dumps(e) + "\n" for e in self.log))
+
+    def _resume(self) -> None:
+        try:
+            state = shared.load(self.ckpt_path)
+        except shared.CheckpointError as e:
+            raise DeepError(f"--resume: {e}; delete it to start afresh, or choose another --out") from None
+        if not isinstance(state, dict) or state.get("format") != FORMAT or state.get("kind") != self.cfg.KIND:
+            raise DeepError(f"{self.ckpt_path} is not a checkpoint of a {self.cfg.KIND} run of this version; "
+                            f"choose another --out")
+        mine = self.cfg.to_dict()
+        diff = [k for k in mine if state["config"].get(k) != mine[k]]
+        if diff or state["seed"] != self.seed:
+            what = ", ".join(f"{k}: {state['config'].get(k)!r} -> {mine[k]!r}" for k in diff[:4]) or \
+                f"seed {state['seed']} -> {self.seed}"
+            raise DeepError(f"--resume with different settings ({what}); resume with the run's own settings")
+        if state.get("world_size") != self.world:
+            raise DeepError(f"the run used {state.get('world_size')} process(es), this one has {self.world}; resume "
+                            f"with the same number (each rank's data shard depends on it)")
+        self.epoch, self.steps, self.log = state["epoch"], state["steps"], state["log"]
+        if state["phase"] == "late":
+            steps, self.steps = self.steps, state["latephase"]["T0"]
+            self.release()  # rebuild the members on the fresh model; every state is loaded below
+            self.steps = steps
+            if "swa" in state:
+                self.start_swa()
+            self.lp.load_state_dict(state["latephase"])
+        else:
+            self.model.load_state_dict(state["model"])
+            self.opt.load_state_dict(state["optimizer"])
+            self.sched.load_state_dict(state["scheduler"])
+            if "swa" in state:
+                self.start_swa()
+            shared.checkpoint.set_rng_state(state["rng"])
+        if "swa" in state:
+            self.swa.load_state_dict(state["swa"])
+
+    # ------------------------------------------------------------------ results
+    def header(self) -> dict:
+        """What every results.json starts with: schema, config, seed, command, date, hardware and provenance."""
+        return {"schema": SCHEMA, "kind": self.cfg.KIND, "config": self.cfg.to_dict(), "seed": self.seed,
+                "command": self.command, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "hardware": hardware(self.device, self.amp, self.channels_last), "world_size": self.world,
+                "malloc": self.malloc}
+
+    def evaluate(self) -> dict:
+        """Evaluate the final models (see :meth:`evaluate_models`) and write results.json."""
+        start = time.perf_counter()
+        models = self.evaluate_models()
+        rate = f"{self.UNIT}_per_s"
+        result = {**self.header(), "models": models,
+                  "train_seconds": sum(e["seconds"] for e in self.log if "seconds" in e),
+                  "eval_seconds": time.perf_counter() - start,
+                  rate: {"pre": median([e.get(rate) for e in self.log if e.get("phase") == "pre"]),
+                         "late": median([e.get(rate) for e in self.log if e.get("phase") == "late"])},
+                  **self.result_extra()}
+        if self.rank == 0:
+            write_json(os.path.join(self.out, "results.json"), result)
+        return result
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    from shared.modules import LateBatchNorm
+    return any(isinstance(m, (nn.modules.batchnorm._BatchNorm, LateBatchNorm)) for m in model.modules())
+
+
+class ClassifierRun(Trainer):
+    """A classification run: evaluates the base model, or the averaged model, the ensemble and every member, each
+    under the BatchNorm rules of :mod:`deep.evaluate` (``stored`` and ``reestimated``; ``reference`` for the averaged
+    late-phase model). A subclass adds :meth:`test_batches`, :meth:`ood_batches` and :meth:`bn_batches`."""
+
+    @abc.abstractmethod
+    def test_batches(self):
+        """An iterator of (inputs, labels) over this rank's share of the test set, on the device."""
+
+    def ood_batches(self) -> dict:
+        """name -> a zero-argument callable giving an iterator of (inputs, labels) of an OOD set."""
+        return {}
+
+    @abc.abstractmethod
+    def bn_batches(self):
+        """An iterator of training inputs for BatchNorm re-estimation (training transform, cfg.bn_images examples
+        on all ranks together; all of one pass when 0)."""
+
+    def _score(self, model):
+        from .evaluate import score_plain
+        return score_plain(model, self.test_batches, self.ood_batches(), self.amp)
+
+    def evaluate_models(self) -> dict:
+        from .evaluate import reference_averaged, score_members
+        if self.lp is None:
+            net = self.swa.model if self.swa is not None else self.model
+            models = {"averaged": {"stored": self._score(net)}}
+            if has_batchnorm(net):
+                again = copy.deepcopy(net)
+                shared.update_bn(self.bn_batches(), again)
+                models["averaged"]["reestimated"] = self._score(again)
+            return models
+        late = self.swa.model if self.swa is not None else self.lp.model
+        ens, members = score_members(late, self.test_batches, self.ood_batches(), self.amp)
+        models = {"averaged": {"stored": self._score(shared.collapse(late, bn="mean"))},
+                  "ensemble": {"stored": ens}, "members": {"stored": members}}
+        if has_batchnorm(late):
+            models["averaged"]["reference"] = self._score(reference_averaged(late))
+            models["averaged"]["reestimated"] = self._score(shared.collapse(late, self.bn_batches(), "data"))
+            again = copy.deepcopy(late)
+            shared.update_bn(self.bn_batches(), again)
+            models["ensemble"]["reestimated"], models["members"]["reestimated"] = score_members(
+                again, self.test_batches, self.ood_batches(), self.amp)
+        return models

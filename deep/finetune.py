@@ -46,12 +46,12 @@ from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 
 import shared
 
 from .config import FinetuneConfig
-from .data.imagenet import EpochSampler, imagenet_datasets, train_transform, val_transform
+from .data.imagenet import imagenet_datasets, imagenet_loader, loader_seed, train_transform, val_transform
 from .errors import DataError, DeepError
 from .evaluate import score_members, score_plain
 from .models.torchvision_models import PAPER_ARCHS, build_pretrained
@@ -142,10 +142,6 @@ def build_model(cfg: FinetuneConfig, num_classes: int, allow_download: bool = Tr
     return model
 
 
-def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    return (seed * 1_000_003 + epoch * 10_007 + rank * 101 + 17) % (2 ** 63)
-
-
 # ----------------------------------------------------------------------------- the run
 
 class FineTune(ClassifierRun):
@@ -177,16 +173,9 @@ class FineTune(ClassifierRun):
         return model
 
     # ------------------------------------------------------------------ data
-    def _loader(self, dataset, batch_size: int, shuffle: bool, seed: int = 0, epoch: int = 0,
-                drop_last: bool = False) -> DataLoader:
-        """Batches of this rank's shard: shuffled by (seed, epoch) and padded like DistributedSampler for training,
-        order[rank::world] (every image once) otherwise; worker seeds from (seed, epoch, rank)."""
-        sampler = EpochSampler(len(dataset), shuffle=shuffle, seed=seed, num_replicas=self.world, rank=self.rank,
-                               pad=shuffle)
-        sampler.set_epoch(epoch)
-        generator = torch.Generator().manual_seed(_epoch_seed(seed, epoch, self.rank))
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=self.cfg.workers,
-                          pin_memory=self.device.type == "cuda", drop_last=drop_last, generator=generator)
+    def _loader(self, dataset, batch_size: int, train: bool, seed: int = 0, epoch: int = 0):
+        return imagenet_loader(dataset, batch_size, train, seed, epoch, self.rank, self.world, self.cfg.workers,
+                               self.device.type == "cuda")
 
     def _prepare(self, x, y):
         x = x.to(self.device, non_blocking=True).to(memory_format=self.memory_format)
@@ -197,9 +186,8 @@ class FineTune(ClassifierRun):
         return per_rank // (members * self.micro) // self.cfg.accum
 
     def epoch_batches(self, epoch: int, members: int):
-        torch.manual_seed(_epoch_seed(self.seed, epoch, self.rank))  # augmentation draws in this process
-        batches = iter(self._loader(self.train_data, members * self.micro, shuffle=True, seed=self.seed,
-                                    epoch=epoch, drop_last=True))
+        torch.manual_seed(loader_seed(self.seed, epoch, self.rank))  # augmentation draws in this process
+        batches = iter(self._loader(self.train_data, members * self.micro, True, self.seed, epoch))
         for _ in range(self.steps_per_epoch(members)):
             yield batches  # one outer step consumes cfg.accum micro-batches from the shared iterator
 
@@ -213,14 +201,14 @@ class FineTune(ClassifierRun):
 
     # ------------------------------------------------------------------ evaluation
     def test_batches(self):
-        for x, y in self._loader(self.val_data, self.cfg.eval_batch_size, shuffle=False):
+        for x, y in self._loader(self.val_data, self.cfg.eval_batch_size, False):
             yield self._prepare(x, y)
 
     def bn_batches(self):
         """cfg.bn_images training images (training transform) on all ranks together, in eval-sized batches."""
         torch.manual_seed(self.seed + 7919)  # the augmentation draws of the re-estimation pass
         batch = self.cfg.eval_batch_size
-        loader = self._loader(self.train_data, batch, shuffle=True, seed=self.seed + 7919)
+        loader = self._loader(self.train_data, batch, True, self.seed + 7919)
         limit = math.ceil(self.cfg.bn_images / (batch * self.world)) if self.cfg.bn_images else len(loader)
         for i, (x, y) in enumerate(loader):
             if i >= limit:

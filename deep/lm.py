@@ -61,12 +61,9 @@ from shared.modules import late_modules, member_mode
 
 from .config import TextConfig
 from .errors import DataError, DeepError
-from .data.text import VOCAB_SIZE, BPTTBatcher, download_enwik8, load_enwik8
+from .data.text import VOCAB_SIZE, BPTTBatcher, bits_per_character, download_enwik8, load_enwik8
 from .models.lstm import CharLSTM
 from .trainer import Trainer
-
-LN2 = math.log(2.0)
-
 
 # ----------------------------------------------------------------------------- the stateful model
 
@@ -163,7 +160,8 @@ def stream_nats(model: StatefulLM, data: torch.Tensor, rows: int, bptt: int, mem
 
 
 def bpc(nats: torch.Tensor | float, count: int) -> float:
-    return float(nats) / count / LN2
+    """Bits per character of a sum of ``nats`` over ``count`` predicted characters."""
+    return float(bits_per_character(float(nats) / count))
 
 
 # ----------------------------------------------------------------------------- the run

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import shared
 from deep import metrics
 from deep.cli import main
-from deep.config import PRESETS, FinetuneConfig, get_config
+from deep.config import PRESETS, get_config
 from deep.finetune import FineTune, accumulated_step
 from deep.lm import LMRun, StatefulLM, sequence_loss, stream_nats
 from deep.table import render

@@ -232,13 +232,14 @@ def test_imagefolder_datasets_and_loader_batch(tmp_path):
     assert len(train) == len(val) == 6 and train.classes == val.classes == ["n01440764", "n01443537"]
     image, label = val[5]
     assert image.shape == (3, 224, 224) and label == 1
-    loader = imagenet_loader(train, batch_size=4, train=True, workers=0, seed=5)
-    loader.sampler.set_epoch(0)
+    loader = imagenet_loader(train, batch_size=4, train=True, seed=5, workers=0)
     images, labels = next(iter(loader))
     assert images.shape == (4, 3, 224, 224) and images.dtype == torch.float32 and labels.shape == (4,)
     assert len(loader) == 1  # 6 samples, batch 4, last incomplete batch dropped for training
     evaluation = imagenet_loader(val, batch_size=4, train=False, workers=0)
     assert sum(len(labels) for _, labels in evaluation) == 6
+    halves = [imagenet_loader(val, batch_size=4, train=False, rank=r, world=2, workers=0) for r in (0, 1)]
+    assert sorted(int(y) for ld in halves for _, ys in ld for y in ys) == sorted(int(y) for _, y in val)
 
 
 def test_torchvision_imagenet_layout_is_preferred(tmp_path):

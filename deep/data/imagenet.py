@@ -154,29 +154,18 @@ class EpochSampler(Sampler[int]):
         return max(len(self.indices()) - self.skip, 0)
 
 
-def imagenet_loader(dataset: Dataset, batch_size: int, train: bool, workers: int = 8, seed: int = 0,
-                    distributed: bool = False, num_replicas: int | None = None, rank: int | None = None,
-                    pin_memory: bool | None = None) -> DataLoader:
-    """DataLoader of (images (B, 3, H, W) float, labels (B,) int64) over `dataset` with an `EpochSampler`.
+def loader_seed(seed: int, epoch: int, rank: int) -> int:
+    """The seed of the data-loading randomness of (seed, epoch, rank): worker seeds and augmentation draws."""
+    return (seed * 1_000_003 + epoch * 10_007 + rank * 101 + 17) % (2 ** 63)
 
-    train=True: shuffled with seed + epoch, incomplete last batch dropped, shards padded like DistributedSampler;
-    train=False: fixed order, every sample exactly once (per rank: order[rank::R]). Call
-    `loader.sampler.set_epoch(epoch, skip=batches_done * batch_size)` before each epoch (skip > 0 to resume).
-    distributed=True shards over torch.distributed's world (or the given num_replicas / rank). pin_memory defaults
-    to CUDA availability; workers > 0 keeps its worker processes alive across epochs. The sample order is restored
-    on resume; the random augmentation draws are not.
-    """
-    if distributed:
-        if num_replicas is None or rank is None:
-            if not torch.distributed.is_available() or not torch.distributed.is_initialized():
-                raise ValueError("distributed=True needs an initialised torch.distributed or num_replicas and rank")
-            num_replicas = torch.distributed.get_world_size() if num_replicas is None else num_replicas
-            rank = torch.distributed.get_rank() if rank is None else rank
-    else:
-        num_replicas, rank = 1, 0
-    sampler = EpochSampler(len(dataset), shuffle=train, seed=seed, num_replicas=num_replicas, rank=rank,
-                           pad=train, drop_last=False)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
-                      drop_last=train, persistent_workers=workers > 0,
-                      generator=torch.Generator().manual_seed(seed))
+
+def imagenet_loader(dataset: Dataset, batch_size: int, train: bool, seed: int = 0, epoch: int = 0, rank: int = 0,
+                    world: int = 1, workers: int = 8, pin_memory: bool = False) -> DataLoader:
+    """DataLoader of (images (B, 3, H, W) float, labels (B,) int64) over this rank's shard of `dataset`, a pure
+    function of (seed, epoch, rank): train=True shuffles with seed + epoch, pads the shards like DistributedSampler
+    and drops the incomplete last batch; train=False keeps the order and gives every sample exactly once (rank r:
+    order[r::world]). Worker seeds come from :func:`loader_seed`, so a resumed run draws what it would have drawn."""
+    sampler = EpochSampler(len(dataset), shuffle=train, seed=seed, num_replicas=world, rank=rank, pad=train)
+    sampler.set_epoch(epoch)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin_memory,
+                      drop_last=train, generator=torch.Generator().manual_seed(loader_seed(seed, epoch, rank)))

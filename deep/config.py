@@ -253,7 +253,7 @@ class FinetuneConfig(RunConfig):
     """ImageNet "super-late-phase" fine-tuning of a pretrained torchvision classifier: late-phase BatchNorm from
     step 0 (T0 = 0), theta's learning rate times lr_drop from epoch lr_drop_epoch (0-based) on, phi's constant."""
     weights: str = "paper"            # paper (IMAGENET1K_V1) | default | another torchvision name | a file | none
-    accum: int = 1                    # micro-batches per member minibatch (gradient accumulation)
+    accum: int = 2                    # micro-batches per member minibatch (the reference: 2 passes of 128)
     lr_drop_epoch: int = 10
     lr_drop: float = 0.1
     crop: int = 224

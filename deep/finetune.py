@@ -21,9 +21,11 @@ Protocol (the reference ImageNet script's settings, without its accidents):
 * Gradient accumulation (``--accum A``): each member minibatch is split into A micro-batches; a micro-step runs the
   K members' micro-batches (stacked on the vectorized path, one after the other on the sequential path) and the
   losses are scaled by 1/A, so after A micro-steps every member's gradient is the mean over its whole minibatch and
-  theta's is their sum; only then do the optimizers step (once). As with data parallelism, BatchNorm's batch
-  statistics are then those of the micro-batch (per rank). Memory per forward: K * 256 / (A * ranks) images on the
-  vectorized path, 256 / (A * ranks) on the sequential one.
+  theta's is their sum; only then do the optimizers step (once). BatchNorm's batch statistics are then those of
+  the member's micro-batch (256 / A images, synchronised over the ranks). The default A = 2 reproduces the
+  reference script's BatchNorm batches: it runs each member minibatch of 256 as two forward passes of 128
+  (``--batch_split 2``). Memory per forward: K * 256 / (A * ranks) images on the vectorized path, 256 / (A * ranks)
+  on the sequential one.
 * Evaluation on the validation set (never used for any choice: the last epoch is reported). Each epoch: top-1/top-5
   of the averaged model (phi_bar = mean_k phi_k, BatchNorm statistics = the members' mean running statistics; cheap)
   and of the ensemble (mean of the members' softmax probabilities, each member with its own statistics), and each
@@ -69,7 +71,7 @@ def accumulated_step(lp: shared.LatePhase, micro_batches: Iterable, loss_fn: Cal
     time, so only one micro-batch is in memory. Each micro-step's losses are scaled by 1/accum and its gradients added
     up, so afterwards phi_k.grad = grad_phi_k of the mean loss over member k's whole minibatch and theta.grad = the
     sum over members of those means -- exactly what one step on the whole minibatches gives when the per-sample
-    losses do not interact (BatchNorm's batch statistics are the micro-batch's, as under data parallelism). Then the
+    losses do not interact (BatchNorm's batch statistics are the micro-batch's, over all ranks). Then the
     gradients are clipped (``grad_clip``, :meth:`shared.LatePhase.clip_grad_norm_`) and the optimizers step once
     (:meth:`shared.LatePhase.update`). ``prepare(x, y)`` moves a micro-batch to the device.
     """

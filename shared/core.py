@@ -260,7 +260,8 @@ class LatePhase:
         final = lp.collapse(train_loader)         # plain model, eval mode
 
     Args:
-        model: the network (after its first T0 minibatches of ordinary training).
+        model: the network (after its first T0 minibatches of ordinary training); its SyncedBatchNorm layers (from
+            :func:`shared.distributed.sync_batchnorm`) become nn.BatchNorm again, with the same tensors.
         K: number of members (>= 1).
         families: late-phase weight families, e.g. ``[BatchNorm(), Head()]`` (default ``[BatchNorm()]``).
         gamma_theta: theta <- U_theta(theta, gamma_theta * sum_k grad_theta L(M_k)); 1 sums the member gradients (the
@@ -286,7 +287,9 @@ class LatePhase:
         autocast: run the forward passes and losses under torch.autocast with this dtype (e.g. torch.bfloat16);
             backward passes and optimizer steps run outside it.
         distributed: use torch.distributed (default: when a process group with > 1 rank is initialised); a dict
-            also gives keyword arguments for DistributedDataParallel (vectorized path).
+            also gives keyword arguments for DistributedDataParallel (vectorized path). Every BatchNorm layer then
+            takes its training-mode statistics over each member's whole minibatch on all ranks during the steps, as
+            in one process (see :mod:`shared.distributed`).
     """
 
     def __init__(self, model: nn.Module, K: int, families: Sequence[Family] | Family | None = None, *,
@@ -297,6 +300,7 @@ class LatePhase:
                  generator: torch.Generator | None = None, check_finite_every: int | None = None,
                  autocast: torch.dtype | None = None, distributed: bool | dict | None = None):
         families = _check_arguments(model, K, families, gamma_theta, sigma0, path, T0, check_finite_every, autocast)
+        model = ddp_utils.plain_batchnorm(model)  # SyncedBatchNorm layers (pre-release DDP) become nn.BatchNorm again
         blocker = _vectorization_blocker(model)
         if path == "vectorized" and blocker:
             raise LatePhaseError(f"path='vectorized' is not exact for this model: {blocker}; use path='sequential'")
@@ -334,7 +338,9 @@ class LatePhase:
                           else contextlib.nullcontext)
         self._distributed = ddp_utils.is_distributed() if distributed is None else bool(distributed)
         self._ddp = None
+        self._synced_bns = [m for m in late if isinstance(m, LateBatchNorm)] if self._distributed else []
         if self._distributed:
+            ddp_utils._opaque_to_compile()
             if not ddp_utils.is_distributed():
                 raise LatePhaseError("distributed=True needs an initialised torch.distributed process group with more "
                                      "than one rank (see shared.distributed.init_from_env)")
@@ -392,6 +398,27 @@ class LatePhase:
         path = self.path if path is None else self._check_path(path)
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
+        with self._synced_statistics() if self._synced_bns else contextlib.nullcontext():
+            losses = self._gradients(x, y, loss_fn, path, K, n, B)
+        losses = losses.detach()
+        self._guard.observe(losses, self)
+        return losses
+
+    @contextlib.contextmanager
+    def _synced_statistics(self):
+        """Under torch.distributed: the BatchNorm layers take their training-mode batch statistics over each member's
+        whole minibatch on all ranks (the single-process protocol) during this block (the forward and backward passes
+        of a step). Outside steps, e.g. BatchNorm re-estimation on one rank, they stay per process."""
+        for m in self._synced_bns:
+            m.sync = True
+        try:
+            yield
+        finally:
+            for m in self._synced_bns:
+                m.sync = False
+
+    def _gradients(self, x, y, loss_fn, path: str, K: int, n: int, B: int) -> torch.Tensor:
+        """The forward/backward passes of one outer step on ``path``; returns the K member losses."""
         if path == "vectorized":  # one pass: member k's phi on slice k of the stacked batch
             with member_mode(self.model, None, rows=n), self._autocast():
                 out = (self._ddp or self.model)(x)
@@ -410,8 +437,6 @@ class LatePhase:
             losses = torch.stack(losses)
             if self._distributed:
                 ddp_utils.allreduce_grads(self.model.parameters())
-        losses = losses.detach()
-        self._guard.observe(losses, self)
         return losses
 
     def update(self) -> None:

@@ -32,6 +32,7 @@ from typing import Sequence
 
 import torch.nn as nn
 
+from .distributed import SyncedBatchNorm
 from .errors import LatePhaseError
 from .modules import BATCHNORM_TYPES, CONV_TYPES, LateBatchNorm, LateCustom, LateLinear, LateModule, LateRank1
 
@@ -82,7 +83,8 @@ class Family(abc.ABC):
 
 class BatchNorm(Family):
     """Late-phase BatchNorm: gamma, beta (if affine) and running statistics of every nn.BatchNorm1d/2d/3d whose module
-    name matches one of ``include`` (default: all) and none of ``exclude``."""
+    name matches one of ``include`` (default: all) and none of ``exclude``. A layer converted by
+    :func:`shared.distributed.sync_batchnorm` counts as its BatchNorm class (LatePhase converts it back first)."""
 
     def __init__(self, *include: str, exclude: Sequence[str] | str = ()):
         self.include = include or ("*",)
@@ -92,7 +94,7 @@ class BatchNorm(Family):
         out = []
         for name, m in model.named_modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and _matches(name, self.include, self.exclude):
-                if type(m) not in BATCHNORM_TYPES:
+                if type(m) not in BATCHNORM_TYPES and not isinstance(m, SyncedBatchNorm):
                     raise LatePhaseError(f"module {name!r} is a {type(m).__name__}; late-phase BatchNorm supports "
                                          f"nn.BatchNorm1d/2d/3d (convert it, or exclude it with exclude=[{name!r}])")
                 out.append(Selection(name, m, ("weight", "bias") if m.affine else ()))

@@ -24,9 +24,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from .distributed import BATCHNORM_TYPES, _dense_format, batch_norm_over_ranks
 from .errors import LatePhaseError
 
-BATCHNORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _EXACT = (torch.float32, torch.float64)
 
@@ -107,15 +107,6 @@ class LateModule(nn.Module):
 
 
 # ----------------------------------------------------------------------------- BatchNorm
-
-def _dense_format(x: torch.Tensor):
-    """The memory format x is dense in (channels_last for NHWC/NDHWC tensors, else contiguous)."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
-    return torch.contiguous_format
-
 
 def _into(result: torch.Tensor, out: torch.Tensor) -> None:
     """Make sure an out= kernel's result landed in ``out`` (a kernel may reallocate an out tensor)."""
@@ -204,6 +195,11 @@ class LateBatchNorm(LateModule):
     shared running statistics receive the K member updates in the order k = 1..K, as K sequential passes do.
     Stacked mode in training uses nn.BatchNorm's kernels on each slice (see _SliceBatchNorm); eval mode applies the
     running statistics as one scale/shift per member.
+
+    ``sync`` (set by :class:`shared.LatePhase` during its steps under torch.distributed): in training mode the batch
+    statistics of each member (each slice in stacked mode) are taken over its whole minibatch on all ranks
+    (:func:`shared.distributed.batch_norm_over_ranks`), the single-process protocol; the updates above then use
+    those statistics and n is the member's count over all ranks.
     """
 
     def __init__(self, bn: nn.Module, K: int, late: bool = True):
@@ -214,6 +210,7 @@ class LateBatchNorm(LateModule):
         self.kind = type(bn)
         self.num_features, self.eps, self.momentum = bn.num_features, bn.eps, bn.momentum
         self.affine, self.track_running_stats, self.late = bn.affine, bn.track_running_stats, late
+        self.sync = False
         if late:
             self._phi_attrs = ("weight", "bias") if bn.affine else ()
             self.weight = _members_of(bn.weight, K) if bn.affine else None
@@ -236,6 +233,10 @@ class LateBatchNorm(LateModule):
             eaf = 1.0 / float(nbt) if self.momentum is None else self.momentum
         bn_training = self.training or (rm is None and rv is None)
         track = not self.training or self.track_running_stats
+        if self.sync and self.training:
+            one = (lambda t: None if t is None else t.unsqueeze(0))
+            return batch_norm_over_ranks(x, one(weight), one(bias), 1, self.eps,
+                                         [(rm if track else None, rv if track else None, eaf)])
         return F.batch_norm(x, rm if track else None, rv if track else None, weight, bias, bn_training, eaf,
                             self.eps)
 
@@ -283,11 +284,13 @@ class LateBatchNorm(LateModule):
         weight, bias = self._affine_stacked()
         rm, rv = self.running_mean, self.running_var
         if self.training or (rm is None and rv is None):
+            update = self.training and self.track_running_stats and rm is not None
+            if self.sync and self.training:
+                return batch_norm_over_ranks(x, weight, bias, K, self.eps, self._slice_stats(update))
             n = x[:B].numel() // C
             if self.training and n <= 1:
                 raise LatePhaseError(f"BatchNorm needs more than 1 value per channel in each member's minibatch when "
                                      f"training (got {n}); use a per-member batch of at least 2")
-            update = self.training and self.track_running_stats and rm is not None
             return _SliceBatchNorm.apply(x, weight, bias, K, self.eps, self._slice_stats(update))
         x5 = x.reshape(K, B, C, -1)
         invstd = torch.rsqrt(rv + self.eps)

@@ -1,5 +1,5 @@
 """GPU code paths (skipped without CUDA): exact path equality on the GPU, bf16 autocast with channels_last, CUDA RNG
-states in checkpoints, the deferred NaN check."""
+states in checkpoints, the deferred NaN check, the synchronised BatchNorm on NCCL."""
 import copy
 
 import pytest
@@ -79,3 +79,49 @@ def test_cuda_nan_check_is_deferred():
     lp.step(x, y, F.cross_entropy)
     with pytest.raises(LatePhaseError, match="outer step 0"):
         lp.check_finite()
+
+
+@pytest.fixture
+def nccl_one_rank(tmp_path):
+    """A one-rank NCCL process group: the synchronised BatchNorm's collectives run on the GPU, over one rank."""
+    import datetime
+    import torch.distributed as dist
+    if not dist.is_nccl_available() or dist.is_initialized():
+        pytest.skip("needs NCCL and no process group in this process")
+    dist.init_process_group("nccl", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=60))
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cuda_batch_norm_over_ranks(nccl_one_rank, channels_last):
+    """On the GPU (NCCL, one rank): float64 equals F.batch_norm slice by slice (output, gradients, running
+    statistics); bf16 keeps its dtype and memory format and stays close to float32."""
+    from shared.distributed import batch_norm_over_ranks
+    torch.manual_seed(0)
+    x = (3 * torch.randn(K * B, 4, 5, 5, dtype=torch.float64) + 2).cuda()
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    w = (torch.rand(K, 4, dtype=torch.float64) + 0.5).cuda().requires_grad_()
+    beta = torch.randn(K, 4, dtype=torch.float64).cuda().requires_grad_()
+    rm, rv = torch.zeros(K, 4, dtype=torch.float64).cuda(), torch.ones(K, 4, dtype=torch.float64).cuda()
+    rm2, rv2 = rm.clone(), rv.clone()
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya = batch_norm_over_ranks(xa, w, beta, K, 1e-5, [(rm[k], rv[k], 0.1) for k in range(K)])
+    yb = torch.cat([F.batch_norm(xb[k * B:(k + 1) * B], rm2[k], rv2[k], w[k], beta[k], True, 0.1, 1e-5)
+                    for k in range(K)])
+    g = torch.randn_like(ya)
+    ga = torch.autograd.grad((ya * g).sum(), (xa, w, beta))
+    gb = torch.autograd.grad((yb * g).sum(), (xb, w, beta))
+    for u, v in [(ya, yb), *zip(ga, gb), (rm, rm2), (rv, rv2)]:
+        torch.testing.assert_close(u, v, rtol=1e-9, atol=1e-11)
+    assert ya.is_contiguous(memory_format=torch.channels_last) == channels_last
+    xh = x.float().to(torch.bfloat16).requires_grad_()
+    yh = batch_norm_over_ranks(xh, w.detach().float(), beta.detach().float(), K)
+    assert yh.dtype == torch.bfloat16 and yh.is_contiguous(memory_format=torch.channels_last) == channels_last
+    want = torch.cat([F.batch_norm(xh.detach().float()[k * B:(k + 1) * B], None, None, w[k].detach().float(),
+                                   beta[k].detach().float(), True) for k in range(K)])
+    torch.testing.assert_close(yh.float(), want, atol=0.05, rtol=0.05)
+    yh.float().sum().backward()
+    assert xh.grad.dtype == torch.bfloat16 and torch.isfinite(xh.grad.float()).all()

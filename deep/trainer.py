@@ -23,6 +23,9 @@ A subclass provides the data, the model and the metrics: :meth:`load_data`, :met
 Outputs in the run folder: config.json (the config, seed and kind: ``--resume`` reads it), log.jsonl (one line per
 epoch), checkpoint.pt (complete state, written atomically at the end of every epoch; resuming continues bit-for-bit on
 the CPU) and results.json.
+
+Under torchrun every rank takes its share of each member's minibatch, and BatchNorm takes its statistics over the
+member's whole minibatch on all ranks (:mod:`shared.distributed`), so W processes follow the one-process protocol.
 """
 from __future__ import annotations
 
@@ -84,10 +87,10 @@ class Trainer(abc.ABC):
                  resume: bool = False, progress: bool = True, command: str | None = None, download: bool = False):
         self.cfg, self.seed, self.data_dir, self.progress, self.download = cfg, int(seed), data_dir, progress, download
         self.command = command or " ".join(["python -m deep"] + sys.argv[1:])
-        self.distributed = dist_utils.init_from_env()
+        self.device = pick_device(device)
+        self.distributed = dist_utils.init_from_env("gloo" if self.device.type == "cpu" else "nccl")
         self.rank = torch.distributed.get_rank() if self.distributed else 0
         self.world = torch.distributed.get_world_size() if self.distributed else 1
-        self.device = pick_device(device)
         self.out = out or os.path.join("runs", f"{cfg.name}_seed{self.seed}")
         self.ckpt_path = os.path.join(self.out, "checkpoint.pt")
         self._check_out(resume)
@@ -103,6 +106,8 @@ class Trainer(abc.ABC):
         self.model = self.build_model()
         if self.distributed:
             dist_utils.broadcast_module(self.model)
+            # BatchNorm over each whole minibatch on all ranks, as in one process (LatePhase keeps doing so)
+            self.model = dist_utils.sync_batchnorm(self.model)
         self.fams = _families(cfg) if cfg.late_phase else []
         self.preflight()
         if cfg.compile:

@@ -257,15 +257,29 @@ def test_fashion_mnist_fallback_is_reported(data_root, tmp_path, monkeypatch, ca
     assert capsys.readouterr().err == ""
 
 
-def test_torchrun_two_processes(tmp_path):
+def test_torchrun_two_processes_equal_one(tmp_path):
     """`torchrun --nproc_per_node 2 -m deep train` on the CPU (gloo): each member's minibatch is sharded over the two
-    ranks; the run finishes and rank 0 writes the results."""
+    ranks and BatchNorm statistics are synchronised, so the weights, every BatchNorm buffer (members' and shared)
+    and the results equal a one-process run up to float32 summation order."""
+    flags = ["--config", "synthetic_bench", "--no-progress", "--arch", "wrn-10-1", "--epochs", "2", "--T0", "1",
+             "--K", "2", "--batch-size", "8", "--phi", "bn", "head", "--synthetic-size", "64", "--eval-batch-size",
+             "32", "--device", "cpu", "--augment", "false"]
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "deep",
-           "train", "--config", "synthetic_bench", "--out", str(tmp_path / "ddp"), "--no-progress",
-           "--arch", "wrn-10-1", "--epochs", "2", "--T0", "1", "--K", "2", "--batch-size", "8", "--phi", "bn", "head",
-           "--synthetic-size", "64", "--eval-batch-size", "32", "--device", "cpu"]
+           "train", "--out", str(tmp_path / "ddp")] + flags
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
-    res = json.load(open(tmp_path / "ddp" / "results.json"))
-    assert res["world_size"] == 2 and len(res["models"]["members"]["stored"]) == 2
+    one = subprocess.run([sys.executable, "-m", "deep", "train", "--out", str(tmp_path / "one")] + flags,
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two, ref = (json.load(open(tmp_path / d / "results.json")) for d in ("ddp", "one"))
+    assert two["world_size"] == 2 and len(two["models"]["members"]["stored"]) == 2
+    for model in ("averaged", "ensemble"):
+        for rule in ("stored", "reestimated"):
+            for key in ("nll", "accuracy"):
+                assert two["models"][model][rule][key] == pytest.approx(ref["models"][model][rule][key], rel=1e-3)
+    import shared
+    a, b = (shared.load(tmp_path / d / "checkpoint.pt")["latephase"]["model"] for d in ("ddp", "one"))
+    assert any("running_mean" in k for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k].double(), b[k].double(), rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")

@@ -48,6 +48,20 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
                    help="continue the run in --out from its checkpoint, with its stored config (flags given must "
                         "agree with it)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no console lines (the log and results files are written)")
+    p.add_argument("--json", action="store_true",
+                   help="print the final models' metrics as JSON on stdout (console lines go to stderr)")
+    p.add_argument("--export", choices=("all", "averaged", "none"), default="all",
+                   help="final networks written to RUN/export/ as plain state_dicts: the averaged model and every "
+                        "member (all, default), the averaged model only, or none")
+
+
+def _summary(result: dict) -> dict:
+    """The final metrics without the OOD details: {model: {rule: metrics or [metrics]}}."""
+    def strip(m):
+        return [strip(x) for x in m] if isinstance(m, list) else {k: v for k, v in m.items() if k not in
+                                                                  ("ood", "reliability")}
+    return {name: {rule: strip(m) for rule, m in by_rule.items()} for name, by_rule in result["models"].items()}
 
 
 def _stored_run(out: str) -> dict:
@@ -116,13 +130,11 @@ def _run(a: argparse.Namespace, cfg, seed: int) -> int:
     from .lm import LMRun
     run_cls = {"image": ImageRun, "text": LMRun, "finetune": FineTune}[cfg.KIND]
     run = run_cls(cfg, seed=seed, data_dir=a.data_dir, out=a.out, device=a.device, resume=a.resume,
-                  progress=not a.no_progress and sys.stderr.isatty(), download=a.download)
+                  progress=not (a.no_progress or a.quiet) and sys.stderr.isatty(), download=a.download,
+                  quiet=a.quiet, stream=sys.stderr if a.json else sys.stdout, export=a.export)
     result = run.train()
-    if run.rank == 0:
-        summary = {name: {rule: ([{k: v for k, v in m.items() if k != "ood"} for m in ms] if isinstance(ms, list)
-                                 else {k: v for k, v in ms.items() if k != "ood"}) for rule, ms in by_rule.items()}
-                   for name, by_rule in result["models"].items()}
-        print(json.dumps({"config": cfg.name, "seed": seed, "models": summary}, indent=1))
+    if run.rank == 0 and a.json:
+        print(json.dumps({"config": cfg.name, "seed": seed, "models": _summary(result)}, indent=1))
     return 0
 
 
@@ -137,6 +149,35 @@ def cmd_finetune(a, cls) -> int:
     base = dataclasses.replace(preset, arch=arch, name=f"imagenet_{arch}{suffix}")
     a.config = None
     return _run(a, *resolve(a, cls, base))
+
+
+def cmd_evaluate(a, cls) -> int:
+    """Re-evaluate a finished or interrupted run from its folder alone (its stored config and checkpoint)."""
+    from .finetune import FineTune
+    from .images import ImageRun
+    from .lm import LMRun
+    stored = _stored_run(a.run)
+    cfg = CONFIG_CLASSES[stored["kind"]].from_dict(stored["config"]).validate()
+    run_cls = {"image": ImageRun, "text": LMRun, "finetune": FineTune}[cfg.KIND]
+    if a.ood is not None:
+        if cfg.KIND != "image":
+            raise DeepError(f"--ood applies to image runs; {cfg.name} is a {cfg.KIND} run")
+        cfg = with_overrides(cfg, {"ood": tuple(a.ood)})
+    run = run_cls(cfg, seed=stored["seed"], data_dir=a.data_dir, out=a.run, device=a.device, resume=True,
+                  progress=False, quiet=a.quiet, stream=sys.stderr if a.json else sys.stdout, evaluate_only=True)
+    name = a.name or "results_" + "_".join(a.bn_rule or ("all",)) + (f"_ood-{'-'.join(a.ood)}" if a.ood else "") + \
+        ".json"
+    result = run.evaluate(a.bn_rule, filename=os.path.basename(name))
+    if run.rank == 0 and a.json:
+        print(json.dumps({"config": cfg.name, "seed": stored["seed"], "models": _summary(result)}, indent=1))
+    return 0
+
+
+def cmd_plot(a, cls) -> int:
+    from .plots import plot_runs
+    plot_runs(a.runs, a.out)
+    print(a.out)
+    return 0
 
 
 def cmd_table(a, cls) -> int:
@@ -174,6 +215,25 @@ def make_parser(train_cls: type = ImageConfig) -> argparse.ArgumentParser:
     _run_arguments(f)
     add_config_flags(f, FinetuneConfig)
     f.set_defaults(func=cmd_finetune, cls=FinetuneConfig)
+
+    ev = sub.add_parser("evaluate", help="re-evaluate a finished or interrupted run from its folder (no retyping); "
+                                         "writes a results file beside the original")
+    ev.add_argument("run", help="the run folder (holding config.json and checkpoint.pt)")
+    ev.add_argument("--bn-rule", nargs="+", choices=("stored", "reestimated", "reference"), default=None,
+                    help="BatchNorm rules to evaluate (default: all)")
+    ev.add_argument("--ood", nargs="*", default=None, help="OOD sets instead of the run's (image runs)")
+    ev.add_argument("--data-dir", default="data", help="folder holding the datasets (default: data)")
+    ev.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    ev.add_argument("--name", default=None, help="results file name in the run folder (default: "
+                                                 "results_RULES[_ood-SETS].json)")
+    ev.add_argument("--quiet", action="store_true", help="no console lines")
+    ev.add_argument("--json", action="store_true", help="print the metrics as JSON on stdout")
+    ev.set_defaults(func=cmd_evaluate, cls=None)
+
+    pl = sub.add_parser("plot", help="learning curves and reliability diagrams of one or more runs (PNG)")
+    pl.add_argument("runs", nargs="+", help="run folders (holding log.jsonl and results.json)")
+    pl.add_argument("--out", required=True, help="the PNG file to write")
+    pl.set_defaults(func=cmd_plot, cls=None)
 
     tb = sub.add_parser("table", help="aggregate results.json files over seeds into markdown tables")
     tb.add_argument("results", nargs="+", help="results.json files or run folders")

@@ -428,4 +428,8 @@ def describe() -> str:
               else "no late-phase")
         swa = f", SWA from epoch {c.swa_start}" if c.swa else ""
         lines.append(f"{name:26s} {c.dataset:13s} {c.arch:11s} {c.epochs:4d} epochs, {lp}{swa}")
+    lines += ["", "gamma_theta = 1 (the reference CIFAR setting) steps theta along the sum of the K member gradients: in "
+                  "the noisy-quadratic theory the mean model's step becomes (lr_phi + K lr) instead of lr (docs/theory.md "
+                  "section 3.1), so test accuracy dips right after the release before it recovers; gamma_theta = 1/K "
+                  "(--gamma-theta -1) keeps the step at 2 lr."]
     return "\n".join(lines)

@@ -149,6 +149,8 @@ def build_model(cfg: FinetuneConfig, num_classes: int, allow_download: bool = Tr
 class FineTune(ClassifierRun):
     """One fine-tuning run on the trainer of :mod:`deep.trainer` (see the module doc)."""
 
+    METRIC = ("test_accuracy", "top-1 {:.2f}%")
+
     def __init__(self, cfg: FinetuneConfig, *args, **kwargs):
         super().__init__(cfg, *args, **kwargs)
         if not kwargs.get("resume"):
@@ -230,6 +232,10 @@ class FineTune(ClassifierRun):
 
     def epoch_metrics(self) -> dict:
         return self._quick(shared.collapse(self.lp.model, bn="mean"), self.lp.model)
+
+    def build_spec(self) -> dict:
+        return {"builder": "torchvision.models.get_model", "name": self.cfg.arch,
+                "kwargs": {"num_classes": self.num_classes}}
 
     def result_extra(self) -> dict:
         return {"pretrained": {k: v for k, v in self.log[0].items() if k.startswith("test_")},

@@ -110,6 +110,11 @@ class ImageRun(ClassifierRun):
         model = shared.collapse(self.lp.model, bn="mean") if self.lp is not None else self.model
         return {"test_accuracy": score_plain(model, self.test_batches, {}, self.amp)["accuracy"]}
 
+    def build_spec(self) -> dict:
+        _, depth, width = self.cfg.arch.split("-")
+        return {"builder": "deep.models.wrn", "kwargs": {"depth": int(depth), "width": int(width),
+                "num_classes": self.train_data.num_classes, "in_channels": self.train_data.images.shape[1]}}
+
     def result_extra(self) -> dict:
         return {"ood_missing": self.ood_missing, "train_images": len(self.train_data),
                 "test_images": len(self.test_data)}

@@ -170,6 +170,7 @@ class LMRun(Trainer):
     """One enwik8 run on the trainer of :mod:`deep.trainer` (see the module doc)."""
 
     UNIT = "chars"
+    METRIC = ("bpc_valid", "valid {:.3f} bpc")
     loss_fn = staticmethod(sequence_loss)
 
     def __init__(self, cfg: TextConfig, *args, **kwargs):
@@ -250,7 +251,9 @@ class LMRun(Trainer):
             out["bpc_valid_ensemble"] = self._bpc_members(late, self.valid_data)[0]
         return out
 
-    def evaluate_models(self) -> dict:
+    def evaluate_models(self, rules=("stored",)) -> dict:
+        """Bits per character (valid, test) of the averaged model, the ensemble and every member; the model has no
+        BatchNorm, so the only rule is "stored"."""
         plain = self._plain()
         models = {"averaged": {"stored": {"bpc_valid": self._bpc(plain, self.valid_data),
                                           "bpc_test": self._bpc(plain, self.test_data)}}}
@@ -265,6 +268,17 @@ class LMRun(Trainer):
                 if not all(math.isfinite(x) for x in m.values()):
                     raise DeepError(f"the {name} model's bits per character are not finite; the run diverged")
         return models
+
+    def final_models(self) -> dict:
+        out = {"averaged": self._plain().eval(), "bn_rule": None}
+        late = self._late()
+        if late is not None and self.cfg.K > 1:
+            out["members"] = [shared.collapse(late, None, "mean", [k]) for k in range(self.cfg.K)]
+        return out
+
+    def build_spec(self) -> dict:
+        return {"builder": "deep.models.lstm.CharLSTM", "kwargs": {"vocab_size": VOCAB_SIZE,
+                "embedding_dim": self.cfg.embedding_dim, "hidden_size": self.cfg.hidden_size}}
 
     def result_extra(self) -> dict:
         return {"parameters": sum(p.numel() for p in self._plain().parameters()),

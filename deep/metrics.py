@@ -65,7 +65,8 @@ class Scores:
     """Streamed metrics of one model on one data set.
 
     ``add(probs, labels)`` per batch (labels may be None for an OOD set: only its OOD scores are kept). ``summary()``
-    gives accuracy (%), top5 (%, only with more than 5 classes), nll (nats), ece (%, ``bins`` bins) and, with ``ood``
+    gives accuracy (%), top5 (%, only with more than 5 classes), nll (nats), ece (%, ``bins`` bins), the
+    reliability diagram (per bin: fraction of examples, mean confidence, accuracy) and, with ``ood``
     (name -> the Scores of an OOD set), the AUROC (%) of predictive entropy and of max-softmax (negated: a lower
     confidence means OOD) for each set, OOD as positive. ``reduce()`` sums the statistics over torch.distributed
     ranks and gathers their OOD scores."""
@@ -126,6 +127,11 @@ class Scores:
         if self.classes > 5:
             out["top5"] = 100 * float(s[2]) / total
         out.update(nll=float(s[3]) / total, ece=100 * ece_)
+        # the reliability diagram: per confidence bin (lo, hi] the fraction of examples, their mean confidence and
+        # their accuracy (None for an empty bin)
+        out["reliability"] = {"fraction": (counts / total).tolist(),
+                              "confidence": [float(c / n_) if n_ else None for c, n_ in zip(conf, counts)],
+                              "accuracy": [float(h / n_) if n_ else None for h, n_ in zip(hits, counts)]}
         if ood:
             mine = self._score_array().numpy()
             out["ood"] = {}

@@ -1,6 +1,12 @@
 """`python -m deep table RESULTS...`: aggregate results JSON files over seeds into markdown tables laid out like
 the paper's, with the paper's numbers beside ours.
 
+Runs are grouped by their full effective config, not by name: runs of one preset with different overrides are
+different rows, labelled with the overridden fields. Only runs that follow a paper preset's protocol exactly (no
+overridden field except the execution ones, trained to the last epoch) appear beside the paper's numbers; the others
+are listed with their overrides below. Repeated seeds within a group are reported on stderr, and so are results
+whose metrics are not finite (they are left out of the means).
+
 Every number is shown under one BatchNorm rule (:mod:`deep.evaluate`), named in the table: by default the reference
 protocol's for each config (SWA configs: statistics re-estimated from training data; the others: the stored
 statistics), or the rule given with ``--bn-rule``. Runs without BatchNorm have one rule (stored)."""
@@ -38,11 +44,15 @@ PAPER_ROWS = [
 
 
 def load_results(paths) -> list[dict]:
-    """The results files among `paths` (results JSON files, or run folders whose results JSON files are taken), each
-    read once (by real path) and checked (:func:`check_result`); raises TableError naming a bad file."""
+    """The results files among `paths` (results JSON files, or folders searched recursively for results.json), each
+    read once (by real path) and checked (:func:`check_result`); raises DeepError naming a bad file."""
     out, seen = [], set()
     for p in paths:
-        files = [os.path.join(p, f) for f in sorted(os.listdir(p)) if f.endswith(".json")] if os.path.isdir(p) else [p]
+        if os.path.isdir(p):
+            files = sorted(os.path.join(root, "results.json") for root, _, names in os.walk(p)
+                           if "results.json" in names)
+        else:
+            files = [p]
         for f in files:
             real = os.path.realpath(f)
             if real in seen:
@@ -91,6 +101,8 @@ def check_result(d: dict) -> str | None:
                 if not isinstance(entry, dict):
                     return f"models.{model}.{rule} must be an object of metrics (or a list of them)"
                 for k, v in entry.items():
+                    if k == "reliability":
+                        continue
                     if k == "ood":
                         ok = isinstance(v, dict) and all(isinstance(o, dict) and all(
                             _is_number(x) or x is None for x in o.values()) for o in v.values())
@@ -121,6 +133,11 @@ def entries(r: dict, model: str, rule: str | None):
     return by_rule.get(rule)
 
 
+# fields that change how a run executes, not what it computes (kept out of the grouping and the protocol check)
+EXECUTION_FIELDS = ("bf16", "channels_last", "compile", "path", "eval_batch_size", "workers")
+LATE_FIELDS = ("K", "T0", "gamma_theta", "sigma0", "lr_phi", "weight_decay_phi", "rank1_layers")
+
+
 def _stat(vals):
     vals = [v for v in vals if v is not None and math.isfinite(v)]
     if not vals:
@@ -147,16 +164,80 @@ def _paper(p, digits=2):
     return f"{m:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "")
 
 
+def _preset_of(config: dict):
+    """The preset a config derives from: its name's, or for a fine-tuning of another torchvision model
+    (imagenet_ARCH[_base]) the ResNet-50 preset of the same kind (None if there is none)."""
+    from .config import PRESETS
+    name = config.get("name", "")
+    if name in PRESETS:
+        return PRESETS[name]
+    if name.startswith("imagenet_"):
+        return PRESETS["imagenet_resnet50" + ("_base" if name.endswith("_base") else "")]
+    return None
+
+
+def _effective(config: dict) -> dict:
+    """The fields that determine what a run computes: without the execution fields and, for a run without late-phase
+    weights, without the late-phase settings."""
+    return {k: v for k, v in config.items() if k != "name" and k not in EXECUTION_FIELDS
+            and (config.get("phi") or k not in LATE_FIELDS)}
+
+
+def overrides(config: dict) -> dict:
+    """The effective fields of ``config`` that differ from its preset (see :func:`_preset_of`; {} when there is no
+    preset to compare with)."""
+    preset = _preset_of(config)
+    if preset is None:
+        return {}
+    base = preset.to_dict()
+    return {k: v for k, v in _effective(config).items() if base.get(k) != v}
+
+
+def _complete(r: dict) -> bool:
+    trained = r.get("epochs_trained")
+    return trained is None or trained >= r["config"].get("epochs", 0)
+
+
+def follows_paper(r: dict) -> bool:
+    """Whether a result follows its preset's protocol exactly: a preset name, no overrides, trained to the end."""
+    from .config import PRESETS
+    return r["config"].get("name") in PRESETS and not overrides(r["config"]) and _complete(r)
+
+
+def _label(name: str, config: str, complete: bool) -> str:
+    """The config name with its overridden fields, e.g. fmnist_bn (K=4, arch=wrn-10-2)."""
+    fields = overrides({"name": name, **json.loads(config)})
+    text = name + (" (" + ", ".join(f"{k}={v}" for k, v in sorted(fields.items())) + ")" if fields else "")
+    return text + ("" if complete else " [interrupted]")
+
+
 def group(results) -> dict:
+    """(name, effective config as JSON, complete) -> the results of one effective config; repeated seeds are noted on
+    stderr."""
     by = defaultdict(list)
     for r in results:
-        by[r["config"]["name"]].append(r)
+        by[(r["config"]["name"], json.dumps(_effective(r["config"]), sort_keys=True), _complete(r))].append(r)
+    for key, runs in by.items():
+        seeds = [r.get("seed") for r in runs]
+        repeated = sorted({s for s in seeds if seeds.count(s) > 1}, key=lambda s: (s is None, s or 0))
+        if repeated:
+            files = ", ".join(r["_file"] for r in runs if r.get("seed") in repeated)
+            print(f"note: {_label(*key)}: seed(s) {repeated} appear more than once ({files}); every run counts, so "
+                  f"check that these are different runs", file=sys.stderr)
     return by
 
 
 def metric_of(r, model: str, metric: str, rule: str | None = None):
     m = entries(r, model, rule)
     return m.get(metric) if isinstance(m, dict) else None
+
+
+def _mean(values, what: str, digits: int = 2) -> str:
+    """The mean ± std (n) cell of ``values``; non-finite values are noted on stderr and left out."""
+    bad = [v for v in values if v is not None and not math.isfinite(v)]
+    if bad:
+        print(f"note: {what}: {len(bad)} non-finite value(s) left out of the mean", file=sys.stderr)
+    return _fmt(_stat(values), digits)
 
 
 def _auroc(rows, score: str) -> str:
@@ -173,41 +254,71 @@ def _rule_label(rule: str | None, configs) -> str:
     return " / ".join(rules) + " (the reference protocol's per config)"
 
 
+def _kind(runs) -> str | None:
+    for r in runs:
+        m = entries(r, "averaged", None)
+        if isinstance(m, dict):
+            return "accuracy" if "accuracy" in m else "bpc" if "bpc_test" in m else None
+    return None
+
+
+def _rows(runs, rule):
+    """(model label, [metrics of every run (every member)]) for the averaged model, the ensemble and the members."""
+    out = []
+    for model in ("averaged", "ensemble", "members"):
+        rows = []
+        for r in runs:
+            m = entries(r, model, rule)
+            if m is not None:
+                rows.extend(m if isinstance(m, list) else [m])
+        if rows:
+            out.append(("members (each)" if model == "members" else model, rows))
+    return out
+
+
 def render(results, rule: str | None = None) -> str:
     by = group(results)
+    paper = {key[0]: runs for key, runs in by.items() if all(follows_paper(r) for r in runs)}
     lines = [f"BatchNorm statistics: {_rule_label(rule, [r['config'] for r in results])}", "",
              "| setting | paper: base | ours: base | paper: late-phase | ours: late-phase (averaged) | "
              "ours: late-phase ensemble |", "|---|---:|---:|---:|---:|---:|"]
     for label, metric, base, late, p_base, p_late in PAPER_ROWS:
-        if base not in by and late not in by:
+        if base not in paper and late not in paper:
             continue
         digits = 3 if metric.startswith("bpc") else 2
-        ours_b = _stat([metric_of(r, "averaged", metric, rule) for r in by.get(base, [])])
-        ours_l = _stat([metric_of(r, "averaged", metric, rule) for r in by.get(late, [])])
-        ours_e = _stat([metric_of(r, "ensemble", metric, rule) for r in by.get(late, [])])
-        lines.append(f"| {label} | {_paper(p_base, digits)} | {_fmt(ours_b, digits)} | {_paper(p_late, digits)} | "
-                     f"{_fmt(ours_l, digits)} | {_fmt(ours_e, digits)} |")
-    # Every metric of every config, averaged model / ensemble / mean member.
-    lines += ["", "| config | rule | model | accuracy (%) | NLL | ECE (%) | OOD AUROC entropy (%) | "
-                  "OOD AUROC max-softmax (%) |", "|---|---|---|---:|---:|---:|---:|---:|"]
-    for name in sorted(by):
-        runs = by[name]
-        shown = rule or default_rule(runs[0]["config"])
-        for model in ("averaged", "ensemble", "members"):
-            rows = []
-            for r in runs:
-                m = entries(r, model, rule)
-                if m is None:
-                    continue
-                rows.extend(m if isinstance(m, list) else [m])
-            if not rows or "accuracy" not in rows[0]:
-                continue
-            label = "members (each)" if model == "members" else model
-            lines.append(f"| {name} | {shown} | {label} | {_fmt(_stat([m.get('accuracy') for m in rows]))} | "
-                         f"{_fmt(_stat([m.get('nll') for m in rows]), 3)} | "
-                         f"{_fmt(_stat([m.get('ece') for m in rows]))} | "
-                         f"{_auroc(rows, 'auroc_entropy')} | {_auroc(rows, 'auroc_max_softmax')} |")
-    seeds = {name: sorted({r.get("seed") for r in runs}, key=lambda s: (s is None, s or 0))
-             for name, runs in by.items()}
+
+        def cell(name, model):
+            return _mean([metric_of(r, model, metric, rule) for r in paper.get(name, [])], f"{name} {model}",
+                         digits)
+        lines.append(f"| {label} | {_paper(p_base, digits)} | {cell(base, 'averaged')} | {_paper(p_late, digits)} | "
+                     f"{cell(late, 'averaged')} | {cell(late, 'ensemble')} |")
+    if len(lines) == 4:
+        lines[2:] = ["No run follows a paper preset's protocol exactly, so none is shown beside the paper's numbers."]
+    lines += ["", "Beside the paper's numbers: only runs that follow a preset's protocol exactly. Below: every run, "
+                  "grouped by its effective config (overridden fields in parentheses)."]
+    groups = sorted(by.items())
+    classification = [(k, v) for k, v in groups if _kind(v) == "accuracy"]
+    if classification:
+        lines += ["", "| config | rule | model | accuracy (%) | NLL | ECE (%) | OOD AUROC entropy (%) | "
+                      "OOD AUROC max-softmax (%) |", "|---|---|---|---:|---:|---:|---:|---:|"]
+        for key, runs in classification:
+            shown = rule or default_rule(runs[0]["config"])
+            for model, rows in _rows(runs, rule):
+                what = f"{_label(*key)} {model}"
+                lines.append(f"| {_label(*key)} | {shown} | {model} | "
+                             f"{_mean([m.get('accuracy') for m in rows], what)} | "
+                             f"{_mean([m.get('nll') for m in rows], what, 3)} | "
+                             f"{_mean([m.get('ece') for m in rows], what)} | "
+                             f"{_auroc(rows, 'auroc_entropy')} | {_auroc(rows, 'auroc_max_softmax')} |")
+    text = [(k, v) for k, v in groups if _kind(v) == "bpc"]
+    if text:
+        lines += ["", "| config | model | bits/char valid | bits/char test |", "|---|---|---:|---:|"]
+        for key, runs in text:
+            for model, rows in _rows(runs, rule):
+                what = f"{_label(*key)} {model}"
+                lines.append(f"| {_label(*key)} | {model} | {_mean([m.get('bpc_valid') for m in rows], what, 3)} | "
+                             f"{_mean([m.get('bpc_test') for m in rows], what, 3)} |")
+    seeds = {_label(*key): sorted({r.get("seed") for r in runs}, key=lambda s: (s is None, s or 0))
+             for key, runs in by.items()}
     lines += ["", "Seeds: " + "; ".join(f"{k}: {v}" for k, v in sorted(seeds.items()))]
     return "\n".join(lines)

@@ -50,6 +50,8 @@ from .system import hardware, keep_freed_memory, pick_device, sync
 
 SCHEMA = "late-phase-results/2"
 FORMAT = "deep-run/2"
+RULES = ("stored", "reestimated", "reference")  # the BatchNorm rules of deep.evaluate
+EVAL_FIELDS = ("ood", "eval_batch_size", "test_subset", "bn_images")  # config fields that do not change training
 
 
 def write_json(path: str, obj) -> None:
@@ -83,9 +85,13 @@ class Trainer(abc.ABC):
     UNIT = "images"                       # what examples() counts, for the throughput in the log
     loss_fn = staticmethod(F.cross_entropy)
 
+    METRIC = ("test_accuracy", "test {:.2f}%")  # the log entry shown on the console line, and its format
+
     def __init__(self, cfg, seed: int = 0, data_dir: str = "data", out: str | None = None, device: str | None = None,
-                 resume: bool = False, progress: bool = True, command: str | None = None, download: bool = False):
+                 resume: bool = False, progress: bool = True, command: str | None = None, download: bool = False,
+                 quiet: bool = False, stream=None, export: str = "all", evaluate_only: bool = False):
         self.cfg, self.seed, self.data_dir, self.progress, self.download = cfg, int(seed), data_dir, progress, download
+        self.quiet, self.stream, self.export_what, self.evaluate_only = quiet, stream, export, evaluate_only
         self.command = command or " ".join(["python -m deep"] + sys.argv[1:])
         self.device = pick_device(device)
         self.distributed = dist_utils.init_from_env("gloo" if self.device.type == "cpu" else "nccl")
@@ -152,13 +158,60 @@ class Trainer(abc.ABC):
         """Quick metrics for this epoch's log line (e.g. the averaged model's test accuracy)."""
         return {}
 
-    def evaluate_models(self) -> dict:
-        """The final models' metrics: {model: {BatchNorm rule: metrics}} (see deep.evaluate)."""
+    def evaluate_models(self, rules: tuple = RULES) -> dict:
+        """The final models' metrics: {model: {BatchNorm rule: metrics}} for ``rules`` (see deep.evaluate)."""
         return {}
 
     def result_extra(self) -> dict:
         """Entries of results.json beyond the common ones (data sizes, ...)."""
         return {}
+
+    # ------------------------------------------------------------------ console
+    def say(self, text: str) -> None:
+        """One console line ``[name] text`` (rank 0, unless quiet), flushed: readable without a TTY (nohup, SLURM)."""
+        if self.rank == 0 and not self.quiet:
+            print(f"[{self.cfg.name}] {text}", file=self.stream or sys.stdout, flush=True)
+
+    def _eta(self) -> float:
+        """Seconds the remaining epochs should take: each at the mean wall time of the logged epochs of its phase
+        (of all epochs where its phase has not run yet)."""
+        cfg = self.cfg
+        walls = {p: [e["wall_seconds"] for e in self.log if e.get("phase") == p and "wall_seconds" in e]
+                 for p in ("pre", "late")}
+        every = walls["pre"] + walls["late"]
+        if not every:
+            return 0.0
+        mean = {p: (sum(w) / len(w) if w else sum(every) / len(every)) for p, w in walls.items()}
+        return sum(mean["late" if cfg.late_phase and e >= cfg.T0 else "pre"] for e in range(self.epoch, cfg.epochs))
+
+    def _epoch_line(self, entry: dict) -> str:
+        cfg = self.cfg
+        key, fmt = self.METRIC
+        metric = fmt.format(entry[key]) if entry.get(key) is not None else ""
+        rate = entry.get(f"{self.UNIT}_per_s")
+        unit = {"images": "img/s", "chars": "char/s"}.get(self.UNIT, f"{self.UNIT}/s")
+        elapsed = sum(e.get("wall_seconds", 0.0) for e in self.log)
+        phase = f"late K={entry['K']}" if entry["phase"] == "late" else "pre"
+        width = len(str(cfg.epochs))
+        return (f"epoch {entry['epoch']:{width}d}/{cfg.epochs}  {phase:9s} loss {entry['loss']:.4f}  "
+                f"lr {entry['lr']:.4g}  {metric}  {rate or 0:,.0f} {unit}  elapsed {_clock(elapsed)}  "
+                f"ETA {_clock(self._eta())}")
+
+    def _release_line(self) -> str:
+        cfg = self.cfg
+        families = "+".join(cfg.phi) + (f" ({', '.join(cfg.rank1_layers)})" if "rank1" in cfg.phi else "")
+        gamma = cfg.theta_scale
+        line = (f"release at epoch {self.epoch + 1} (t = {self.t} minibatches): K={cfg.K} members of {families}, "
+                f"gamma_theta={gamma:g}; each outer step now takes {cfg.K} minibatches")
+        if cfg.K > 1:
+            # docs/theory.md §3.1: the additive NQP mean model steps with lr_phi + K gamma_theta lr (SGD: lr)
+            ratio = (cfg.phi_lr + cfg.K * gamma * cfg.lr) / cfg.lr
+            line += (f"; theta steps along {'the sum' if gamma == 1 else 'a multiple'} of the member gradients: the "
+                     f"mean model's effective step is {ratio:.3g}x the plain one (noisy-quadratic theory, "
+                     f"docs/theory.md section 3.1)")
+            if ratio > 2.5:
+                line += ", so expect a dip in test accuracy right after the release"
+        return line
 
     # ------------------------------------------------------------------ set-up
     def _check_out(self, resume: bool) -> None:
@@ -249,9 +302,13 @@ class Trainer(abc.ABC):
         """One epoch: the release and the SWA start where they are due, the steps, the schedules, the average,
         the log line and the checkpoint."""
         cfg = self.cfg
+        wall = time.perf_counter()
         if cfg.late_phase and self.lp is None and self.epoch >= cfg.T0:
+            self.say(self._release_line())
             self.release()
         if cfg.swa and self.swa is None and self.epoch >= cfg.swa_start - 1:
+            self.say(f"SWA from epoch {self.epoch + 1}: the weights of epochs {self.epoch + 1}..{cfg.epochs} are "
+                     f"averaged, once per epoch, at the constant lr {cfg.swa_lr:g}")
             self.start_swa()
         members = self.lp.K if self.lp is not None else 1
         n = self.steps_per_epoch(members)
@@ -259,7 +316,7 @@ class Trainer(abc.ABC):
         lrs = [opt.param_groups[0]["lr"] for opt in optimizers]
         from tqdm.auto import tqdm
         bar = tqdm(total=n, desc=f"{cfg.name} epoch {self.epoch + 1}/{cfg.epochs}", leave=False,
-                   disable=not (self.progress and self.rank == 0))
+                   disable=not (self.progress and not self.quiet and self.rank == 0))
         self.model.train()
         total = torch.zeros((), device=self.device)
         examples = 0
@@ -289,16 +346,22 @@ class Trainer(abc.ABC):
                  f"{self.UNIT}_per_s": examples / seconds if seconds > 0 else None, "seconds": seconds}
         self.epoch += 1
         entry.update(self.epoch_metrics())
+        entry["wall_seconds"] = time.perf_counter() - wall
         self.log.append(entry)
         if self.rank == 0:
             self.save()
+        self.say(self._epoch_line(entry))
         return entry
 
     def train(self) -> dict:
-        """Run the remaining epochs, then evaluate; returns the results (also in results.json)."""
+        """Run the remaining epochs, evaluate, export the final models; returns the results (also in
+        results.json)."""
         while self.epoch < self.cfg.epochs:
             self.run_epoch()
-        return self.evaluate()
+        result = self.evaluate()
+        if self.rank == 0 and self.export_what != "none":
+            self.export()
+        return result
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> None:
@@ -324,7 +387,8 @@ class Trainer(abc.ABC):
             raise DeepError(f"{self.ckpt_path} is not a checkpoint of a {self.cfg.KIND} run of this version; "
                             f"choose another --out")
         mine = self.cfg.to_dict()
-        diff = [k for k in mine if state["config"].get(k) != mine[k]]
+        free = EVAL_FIELDS if self.evaluate_only else ()  # re-evaluating may change what is evaluated, not the weights
+        diff = [k for k in mine if state["config"].get(k) != mine[k] and k not in free]
         if diff or state["seed"] != self.seed:
             what = ", ".join(f"{k}: {state['config'].get(k)!r} -> {mine[k]!r}" for k in diff[:4]) or \
                 f"seed {state['seed']} -> {self.seed}"
@@ -356,12 +420,14 @@ class Trainer(abc.ABC):
         return {"schema": SCHEMA, "kind": self.cfg.KIND, "config": self.cfg.to_dict(), "seed": self.seed,
                 "command": self.command, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "hardware": hardware(self.device, self.amp, self.channels_last), "world_size": self.world,
-                "malloc": self.malloc}
+                "malloc": self.malloc, "epochs_trained": self.epoch}
 
-    def evaluate(self) -> dict:
-        """Evaluate the final models (see :meth:`evaluate_models`) and write results.json."""
+    def evaluate(self, rules=None, filename: str = "results.json") -> dict:
+        """Evaluate the final models (see :meth:`evaluate_models`; ``rules``: the BatchNorm rules, default all) and
+        write ``filename`` in the run folder."""
         start = time.perf_counter()
-        models = self.evaluate_models()
+        self.say(f"evaluating the final models ({self.cfg.name}, epoch {self.epoch}/{self.cfg.epochs})")
+        models = self.evaluate_models(tuple(rules) if rules else RULES)
         rate = f"{self.UNIT}_per_s"
         result = {**self.header(), "models": models,
                   "train_seconds": sum(e["seconds"] for e in self.log if "seconds" in e),
@@ -370,8 +436,46 @@ class Trainer(abc.ABC):
                          "late": median([e.get(rate) for e in self.log if e.get("phase") == "late"])},
                   **self.result_extra()}
         if self.rank == 0:
-            write_json(os.path.join(self.out, "results.json"), result)
+            write_json(os.path.join(self.out, filename), result)
+        self.say(f"evaluated in {_clock(result['eval_seconds'])}: {os.path.join(self.out, filename)}")
         return result
+
+    # ------------------------------------------------------------------ exported models
+    def final_models(self) -> dict:
+        """The final networks to export, plain modules of the original architecture: {"averaged": model,
+        "members": [model, ...]} (members only after a release with K > 1), and the BatchNorm rule of their
+        statistics (the reference protocol's for this config)."""
+        return {}
+
+    def build_spec(self) -> dict:
+        """How to build the architecture an exported state_dict loads into (see deep.models.load_exported)."""
+        return {}
+
+    def export(self) -> None:
+        """Write the final networks as plain state_dicts into RUN/export/ (averaged.pt and member_K.pt, with
+        ``export="all"``; only averaged.pt with ``"averaged"``) and their description export/models.json."""
+        nets = self.final_models()
+        if not nets:
+            return
+        folder = os.path.join(self.out, "export")
+        os.makedirs(folder, exist_ok=True)
+        files = {"averaged": "averaged.pt"}
+        members = nets.get("members", []) if self.export_what == "all" else []
+        files.update({f"member_{k}": f"member_{k}.pt" for k in range(len(members))})
+        for name, net in zip(files, [nets["averaged"]] + members):  # plain torch.save files: torch.load reads them
+            atomic_write(os.path.join(folder, files[name]), lambda f, sd=net.state_dict(): torch.save(sd, f))
+        write_json(os.path.join(folder, "models.json"),
+                   {"kind": self.cfg.KIND, "config": self.cfg.name, "seed": self.seed, "epoch": self.epoch,
+                    "bn_rule": nets.get("bn_rule"), "build": self.build_spec(), "files": files})
+        self.say(f"exported {len(files)} model(s) to {folder}")
+
+
+def _clock(seconds: float) -> str:
+    """1h02m, 3m05s or 12s."""
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, sec = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{sec:02d}s" if m else f"{sec}s"
 
 
 def has_batchnorm(model: nn.Module) -> bool:
@@ -401,25 +505,63 @@ class ClassifierRun(Trainer):
         from .evaluate import score_plain
         return score_plain(model, self.test_batches, self.ood_batches(), self.amp)
 
-    def evaluate_models(self) -> dict:
-        from .evaluate import reference_averaged, score_members
-        if self.lp is None:
+    def _scored(self, what: str, fn):
+        """fn() with a console line saying what is evaluated and how long it took."""
+        start = time.perf_counter()
+        out = fn()
+        self.say(f"  {what}: {_clock(time.perf_counter() - start)}")
+        return out
+
+    def _networks(self, rule: str) -> dict:
+        """The final networks under a BatchNorm rule: {"averaged": plain model, "late": late-phase model or None};
+        computed once per rule (re-estimation costs a pass over the training data)."""
+        from .evaluate import reference_averaged
+        cache = self.__dict__.setdefault("_final", {})
+        if rule in cache:
+            return cache[rule]
+        late = None if self.lp is None else (self.swa.model if self.swa is not None else self.lp.model)
+        if late is None:
             net = self.swa.model if self.swa is not None else self.model
-            models = {"averaged": {"stored": self._score(net)}}
-            if has_batchnorm(net):
-                again = copy.deepcopy(net)
-                shared.update_bn(self.bn_batches(), again)
-                models["averaged"]["reestimated"] = self._score(again)
-            return models
-        late = self.swa.model if self.swa is not None else self.lp.model
-        ens, members = score_members(late, self.test_batches, self.ood_batches(), self.amp)
-        models = {"averaged": {"stored": self._score(shared.collapse(late, bn="mean"))},
-                  "ensemble": {"stored": ens}, "members": {"stored": members}}
-        if has_batchnorm(late):
-            models["averaged"]["reference"] = self._score(reference_averaged(late))
-            models["averaged"]["reestimated"] = self._score(shared.collapse(late, self.bn_batches(), "data"))
+            if rule == "reestimated":
+                net = copy.deepcopy(net)
+                shared.update_bn(self.bn_batches(), net)
+            cache[rule] = {"averaged": net.eval(), "late": None}
+        elif rule == "stored":
+            cache[rule] = {"averaged": shared.collapse(late, bn="mean"), "late": late}
+        elif rule == "reference":
+            cache[rule] = {"averaged": reference_averaged(late), "late": None}
+        else:
             again = copy.deepcopy(late)
             shared.update_bn(self.bn_batches(), again)
-            models["ensemble"]["reestimated"], models["members"]["reestimated"] = score_members(
-                again, self.test_batches, self.ood_batches(), self.amp)
+            cache[rule] = {"averaged": shared.collapse(late, self.bn_batches(), "data"), "late": again}
+        return cache[rule]
+
+    def evaluate_models(self, rules: tuple = RULES) -> dict:
+        from .evaluate import score_members
+        late = None if self.lp is None else (self.swa.model if self.swa is not None else self.lp.model)
+        bn = has_batchnorm(late if late is not None else self.model)
+        rules = [r for r in rules if bn or r == "stored"]
+        models: dict = {}
+        for rule in rules:
+            if rule == "reference" and late is None:
+                continue  # the reference rule is the averaged late-phase model's; a base model has its stored one
+            nets = self._networks(rule)
+            models.setdefault("averaged", {})[rule] = self._scored(f"averaged ({rule})",
+                                                                   lambda: self._score(nets["averaged"]))
+            if nets["late"] is not None:
+                ens, members = self._scored(f"ensemble and {self.cfg.K} members ({rule})", lambda: score_members(
+                    nets["late"], self.test_batches, self.ood_batches(), self.amp))
+                models.setdefault("ensemble", {})[rule] = ens
+                models.setdefault("members", {})[rule] = members
         return models
+
+    def final_models(self) -> dict:
+        from .table import default_rule
+        rule = default_rule(self.cfg.to_dict())
+        if rule == "reestimated" and not has_batchnorm(self.model):
+            rule = "stored"
+        nets = self._networks(rule)
+        out = {"averaged": nets["averaged"], "bn_rule": rule}
+        if nets["late"] is not None and self.cfg.K > 1:
+            out["members"] = [shared.collapse(nets["late"], bn="mean", members=[k]) for k in range(self.cfg.K)]
+        return out

@@ -160,14 +160,16 @@ def test_resume_is_bit_identical(stop_after, data_root, tmp_path):
 def test_cli_train_resume_without_retyping_table_and_errors(data_root, tmp_path, capsys):
     out = tmp_path / "cli"
     args = ["train", "--config", "fmnist_bn", "--data-dir", str(data_root), "--out", str(out), "--no-progress",
-            "--arch", "wrn-10-1", "--epochs", "2", "--T0", "1", "--batch-size", "4", "--K", "3", "--device", "cpu"]
+            "--arch", "wrn-10-1", "--epochs", "2", "--T0", "1", "--batch-size", "4", "--K", "3", "--device", "cpu",
+            "--json"]
     assert main(args) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["config"] == "fmnist_bn" and "ensemble" in printed["models"]
     assert main(args) == 2  # a second start into the same folder must not overwrite the run
     assert "--resume" in capsys.readouterr().err
     # --resume reads the stored config: no retyping; flags that agree with it are fine
-    for again in (["train", "--resume", "--out", str(out), "--data-dir", str(data_root)], args + ["--resume"]):
+    for again in (["train", "--resume", "--out", str(out), "--data-dir", str(data_root), "--json"],
+                  args + ["--resume"]):
         assert main(again) == 0, again
         assert json.loads(capsys.readouterr().out)["models"] == printed["models"]
     assert main(["train", "--resume", "--out", str(out), "--lr", "0.2"]) == 2
@@ -207,7 +209,7 @@ def test_phi_none_makes_a_baseline_under_any_name(data_root, tmp_path, capsys):
     assert not cfg.late_phase
     assert main(["train", "--config", "fmnist_bn", "--phi", "none", "--epochs", "1", "--arch", "wrn-10-1",
                  "--batch-size", "4", "--data-dir", str(data_root), "--out", str(tmp_path / "r"), "--device",
-                 "cpu", "--no-progress"]) == 0
+                 "cpu", "--no-progress", "--json"]) == 0
     assert set(json.loads(capsys.readouterr().out)["models"]) == {"averaged"}
 
 

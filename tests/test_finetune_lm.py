@@ -71,7 +71,7 @@ def text_root(tmp_path_factory):
 
 FT = ["--arch", "resnet18", "--epochs", "2", "--K", "2", "--batch-size", "4", "--accum", "2", "--crop", "32",
       "--resize", "36", "--workers", "0", "--lr", "0.05", "--lr-drop-epoch", "1", "--bn-images", "8",
-      "--eval-batch-size", "8", "--no-progress", "--device", "cpu"]
+      "--eval-batch-size", "8", "--no-progress", "--device", "cpu", "--json"]
 
 
 def ft_config(**kw):
@@ -122,8 +122,9 @@ def test_finetune_late_phase_and_baseline_end_to_end(image_root, tmp_path, capsy
     assert "is the baseline (one member)" in capsys.readouterr().err
     assert main(["table", str(out), str(base)]) == 0
     table = capsys.readouterr().out
-    assert "| imagenet_resnet18 | stored | ensemble |" in table
-    assert "| imagenet_resnet18_base | stored | averaged |" in table
+    rows = table.splitlines()
+    assert any(r.startswith("| imagenet_resnet18 (K=2, arch=resnet18,") and "| stored | ensemble |" in r for r in rows)
+    assert any(r.startswith("| imagenet_resnet18_base (arch=resnet18,") and "| stored | averaged |" in r for r in rows)
 
 
 def test_table_has_the_paper_imagenet_and_enwik8_rows():
@@ -513,7 +514,7 @@ def test_lm_cli_errors(text_root, tmp_path, monkeypatch, capsys):
         assert len(err) == 1 and err[0].startswith("error: ") and msg in err[0], (msg, err)
     args = ["train", "--config", "enwik8_lstm_rank1", "--data-dir", str(text_root), "--out", str(tmp_path / "ok"),
             "--text-split", *map(str, TEXT_SPLIT), "--batch-size", "2", "--bptt", "20", "--eval-batch-size", "4"]
-    assert main(args + small) == 0
+    assert main(args + small + ["--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["config"] == "enwik8_lstm_rank1" and set(printed["models"]) == {"averaged"}
     assert np.isfinite(printed["models"]["averaged"]["stored"]["bpc_test"])

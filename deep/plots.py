@@ -1,0 +1,128 @@
+"""`python -m deep plot RUN... --out fig.png`: learning curves and reliability diagrams of one or more runs.
+
+Top row, per epoch: the training loss, the run's quick metric (test accuracy of the averaged model, or validation bits
+per character) and theta's learning rate, every run overlaid, with the release (T0) and the SWA start marked. Bottom
+row (classification runs with results): reliability diagrams -- accuracy against confidence per confidence bin -- of
+the averaged model, the ensemble and the members, under the BatchNorm rule the table shows for each run.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from .errors import DeepError
+
+METRICS = (("test_accuracy", "test accuracy of the averaged model (%)"),
+           ("bpc_valid", "validation bits per character (averaged model)"))
+
+
+def _read_run(folder: str) -> dict:
+    try:
+        with open(os.path.join(folder, "log.jsonl")) as f:
+            log = [json.loads(line) for line in f if line.strip()]
+        with open(os.path.join(folder, "config.json")) as f:
+            stored = json.load(f)
+    except (OSError, ValueError):
+        raise DeepError(f"{folder} is not a run folder with a readable log.jsonl and config.json") from None
+    results = None
+    path = os.path.join(folder, "results.json")
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                results = json.load(f)
+        except (OSError, ValueError):
+            raise DeepError(f"{path} cannot be read as JSON; delete it or re-run `python -m deep evaluate`") from None
+    return {"folder": folder, "log": [e for e in log if e.get("phase") != "pretrained"], "config": stored["config"],
+            "seed": stored["seed"], "results": results}
+
+
+LATE_FIELDS = ("K", "T0", "gamma_theta", "sigma0", "lr_phi", "weight_decay_phi", "rank1_layers", "path")
+
+
+def _effective(cfg: dict) -> dict:
+    """The fields that matter for a run: without late-phase weights, the late-phase settings do not."""
+    out = {k: v for k, v in cfg.items() if k != "name" and (cfg.get("phi") or k not in LATE_FIELDS)}
+    out["phi"] = "+".join(cfg.get("phi") or []) or "none"
+    return out
+
+
+def _label(run: dict, others: list) -> str:
+    """A short legend entry: the config name, the fields that differ between the plotted runs, and the seed."""
+    mine, theirs = _effective(run["config"]), [_effective(o["config"]) for o in others]
+    differ = [k for k in mine if k != "phi" and any(k in t and t[k] != mine[k] for t in theirs)]
+    extra = ", ".join(f"{k}={mine[k]}" for k in differ[:3])
+    return f"{run['config']['name']}" + (f" ({extra})" if extra else "") + f" s{run['seed']}"
+
+
+def plot_runs(folders: list, out: str) -> None:
+    """Write the figure of the module doc for the run folders ``folders`` to the PNG file ``out``."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    from .table import default_rule, entries
+
+    if not out.lower().endswith(".png"):
+        raise DeepError(f"--out {out}: the figure is a PNG file; give a name ending in .png")
+    runs = [_read_run(f) for f in folders]
+    metric, metric_label = next(((k, lbl) for k, lbl in METRICS if any(k in e for r in runs for e in r["log"])),
+                                (None, None))
+    classifiers = [r for r in runs if r["results"] and "accuracy" in (entries(r["results"], "averaged", None) or {})]
+    fig, axes = plt.subplots(2 if classifiers else 1, 3, figsize=(15, 8.5 if classifiers else 4.5), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, run in enumerate(runs):
+        color, label = colors[i % len(colors)], _label(run, runs)
+        epochs = [e["epoch"] for e in run["log"]]
+        cfg = run["config"]
+        panels = [("loss", "training loss"), (metric, metric_label), ("lr", "theta's learning rate")]
+        for ax, (key, title) in zip(axes[0], panels):
+            ys = [e.get(key) for e in run["log"]] if key else []
+            if any(y is not None for y in ys):
+                ax.plot(epochs, ys, "o-", ms=3, color=color, label=label)
+            ax.set_title(title or "")
+            ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            if cfg.get("phi") and cfg.get("T0", 0) > 0:
+                ax.axvline(cfg["T0"] + 0.5, color=color, ls="--", lw=1, alpha=0.7)
+            if cfg.get("swa_start", 0) > 0:
+                ax.axvline(cfg["swa_start"] - 0.5, color=color, ls=":", lw=1, alpha=0.7)
+        axes[0][2].set_yscale("log")
+    axes[0][0].legend(fontsize=8)
+    axes[0][1].text(0.01, 0.01, "dashed: release at T0; dotted: SWA start", transform=axes[0][1].transAxes,
+                    fontsize=8, color="gray")
+    if classifiers:
+        for ax, model in zip(axes[1], ("averaged", "ensemble", "members")):
+            ax.plot([0, 1], [0, 1], color="gray", lw=1)
+            for i, run in enumerate(runs):
+                if run not in classifiers:
+                    continue
+                m = entries(run["results"], model, None)
+                if m is None:
+                    continue
+                rule = default_rule(run["config"])
+                for j, one in enumerate(m if isinstance(m, list) else [m]):
+                    rel = one.get("reliability")
+                    if not rel:
+                        continue
+                    pts = [(c, a, f) for c, a, f in zip(rel["confidence"], rel["accuracy"], rel["fraction"])
+                           if c is not None]
+                    conf, acc, frac = zip(*pts)
+                    color = colors[i % len(colors)]
+                    ax.plot(conf, acc, "-", lw=1 if model == "members" else 1.5,
+                            alpha=0.4 if model == "members" else 1.0, color=color,
+                            label=f"{_label(run, runs)} [{rule}]" if j == 0 else None)
+                    ax.scatter(conf, acc, s=[8 + 300 * f for f in frac], color=color, alpha=0.6, zorder=3)
+            ax.set_title(f"reliability: {model} (marker area: share of examples)")
+            ax.set_xlabel("confidence")
+            ax.set_ylabel("accuracy")
+            ax.set_xlim(0, 1)
+            ax.set_ylim(0, 1)
+        axes[1][0].legend(fontsize=8)
+    fig.tight_layout()
+    try:
+        fig.savefig(out, dpi=110)
+    except OSError as e:
+        raise DeepError(f"--out {out}: cannot write the figure ({e.strerror or e})") from None
+    finally:
+        plt.close(fig)

@@ -180,6 +180,25 @@ def cmd_plot(a, cls) -> int:
     return 0
 
 
+def cmd_study(a, cls) -> int:
+    from .study import STUDIES, load_spec, make_report, run_study
+    if a.list:
+        for name, spec in sorted(STUDIES.items()):
+            arms = ", ".join(f"{arm.name}={arm.config}" + (f"{arm.overrides}" if arm.overrides else "")
+                             for arm in spec.arms)
+            print(f"{name}: seeds {list(spec.seeds)}; baseline {spec.baseline}; arms {arms}. {spec.description}")
+        return 0
+    if a.spec is None or a.out is None:
+        raise ConfigError("study needs SPEC (a named study or a JSON file; --list names them) and --out DIR")
+    spec = load_spec(a.spec)
+    if a.report_only:
+        make_report(spec, a.out)
+    else:
+        run_study(spec, a.out, a.data_dir, a.device, a.quiet)
+    print(os.path.join(a.out, "report.md"))
+    return 0
+
+
 def cmd_table(a, cls) -> int:
     from .table import load_results, render
     print(render(load_results(a.results), a.bn_rule))
@@ -234,6 +253,17 @@ def make_parser(train_cls: type = ImageConfig) -> argparse.ArgumentParser:
     pl.add_argument("runs", nargs="+", help="run folders (holding log.jsonl and results.json)")
     pl.add_argument("--out", required=True, help="the PNG file to write")
     pl.set_defaults(func=cmd_plot, cls=None)
+
+    st = sub.add_parser("study", help="every arm x seed of a study (resumable; shared first epochs where exact) and "
+                                      "its report with paired statistics and plots")
+    st.add_argument("spec", nargs="?", help="a named study (--list) or a JSON spec file")
+    st.add_argument("--out", default=None, help="the study folder (runs in OUT/ARM/seedS, report in OUT)")
+    st.add_argument("--data-dir", default="data", help="folder holding the datasets (default: data)")
+    st.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    st.add_argument("--quiet", action="store_true", help="no console lines")
+    st.add_argument("--report-only", action="store_true", help="only (re)write the report of the finished runs")
+    st.add_argument("--list", action="store_true", help="list the named studies")
+    st.set_defaults(func=cmd_study, cls=None)
 
     tb = sub.add_parser("table", help="aggregate results.json files over seeds into markdown tables")
     tb.add_argument("results", nargs="+", help="results.json files or run folders")

@@ -89,9 +89,11 @@ class Trainer(abc.ABC):
 
     def __init__(self, cfg, seed: int = 0, data_dir: str = "data", out: str | None = None, device: str | None = None,
                  resume: bool = False, progress: bool = True, command: str | None = None, download: bool = False,
-                 quiet: bool = False, stream=None, export: str = "all", evaluate_only: bool = False):
+                 quiet: bool = False, stream=None, export: str = "all", evaluate_only: bool = False,
+                 trunk_epoch: int | None = None, fork: str | None = None):
         self.cfg, self.seed, self.data_dir, self.progress, self.download = cfg, int(seed), data_dir, progress, download
         self.quiet, self.stream, self.export_what, self.evaluate_only = quiet, stream, export, evaluate_only
+        self.trunk_epoch = trunk_epoch
         self.command = command or " ".join(["python -m deep"] + sys.argv[1:])
         self.device = pick_device(device)
         self.distributed = dist_utils.init_from_env("gloo" if self.device.type == "cpu" else "nccl")
@@ -128,9 +130,12 @@ class Trainer(abc.ABC):
             os.makedirs(self.out, exist_ok=True)  # only now: a failed start leaves no folder behind
         if resume:
             self._resume()
-        elif self.rank == 0:
-            write_json(os.path.join(self.out, "config.json"),
-                       {"kind": cfg.KIND, "config": cfg.to_dict(), "seed": self.seed})
+        else:
+            if fork is not None:
+                self._fork(fork)
+            if self.rank == 0:
+                write_json(os.path.join(self.out, "config.json"),
+                           {"kind": cfg.KIND, "config": cfg.to_dict(), "seed": self.seed})
 
     # ------------------------------------------------------------------ hooks for the subclasses
     @abc.abstractmethod
@@ -377,6 +382,30 @@ class Trainer(abc.ABC):
             state["swa"] = self.swa.state_dict()
         shared.save(self.ckpt_path, state)
         atomic_write(os.path.join(self.out, "log.jsonl"), "".join(json.dumps(e) + "\n" for e in self.log))
+        if self.epoch == self.trunk_epoch and self.lp is None and self.swa is None:
+            with open(self.ckpt_path, "rb") as f:  # the state after trunk_epoch plain epochs, for other runs to fork
+                atomic_write(os.path.join(self.out, "trunk.pt"), f.read())
+
+    def _fork(self, path: str) -> None:
+        """Start from the trunk ``path`` (a plain-phase checkpoint after E epochs of a run that :func:`shareable`
+        says trains exactly as this one for those E epochs): the weights, optimizer, schedule, RNG states and the
+        log of those epochs are taken over, so this run continues as if it had trained them itself (tested: a forked
+        run is bit-identical to one trained from scratch)."""
+        try:
+            state = shared.load(path)
+        except shared.CheckpointError as e:
+            raise DeepError(f"fork: {e}; delete the trunk to train the run from scratch") from None
+        if not isinstance(state, dict) or state.get("format") != FORMAT or state.get("phase") != "pre":
+            raise DeepError(f"{path} is not the plain-phase trunk of a run of this version")
+        why = shareable(state["config"], self.cfg.to_dict(), state["epoch"])
+        if why or state["seed"] != self.seed or state.get("world_size") != self.world or state["kind"] != \
+                self.cfg.KIND:
+            raise DeepError(f"cannot fork {path}: {why or 'another seed, kind or number of processes'}")
+        self.epoch, self.steps, self.log = state["epoch"], state["steps"], state["log"]
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        shared.checkpoint.set_rng_state(state["rng"])
 
     def _resume(self) -> None:
         try:
@@ -468,6 +497,28 @@ class Trainer(abc.ABC):
                    {"kind": self.cfg.KIND, "config": self.cfg.name, "seed": self.seed, "epoch": self.epoch,
                     "bn_rule": nets.get("bn_rule"), "build": self.build_spec(), "files": files})
         self.say(f"exported {len(files)} model(s) to {folder}")
+
+
+# Fields that do not affect the plain (pre-release) epochs: two runs that differ only in these, with the same seed,
+# train exactly alike until the first of them releases its late-phase weights or starts SWA.
+LATE_OR_SWA_FIELDS = ("name", "phi", "K", "rank1_layers", "T0", "gamma_theta", "sigma0", "lr_phi", "weight_decay_phi",
+                      "path", "swa_start", "swa_lr")
+
+
+def shareable(trunk: dict, mine: dict, epochs: int) -> str | None:
+    """Why a run with config ``mine`` cannot start from the state after ``epochs`` plain epochs of a run with config
+    ``trunk`` (same seed), or None if it can: every field that shapes the plain epochs must agree (all but
+    LATE_OR_SWA_FIELDS and EVAL_FIELDS), neither run may have released its late-phase weights or started SWA within
+    those epochs, and ``mine`` must not need to release before them."""
+    diff = sorted(k for k in mine if k not in LATE_OR_SWA_FIELDS + EVAL_FIELDS and trunk.get(k) != mine[k])
+    if diff:
+        return f"the configs differ in {', '.join(diff[:4])}"
+    for name, c in (("the trunk's run", trunk), ("this run", mine)):
+        if c.get("phi") and c["T0"] < epochs:
+            return f"{name} releases its late-phase weights at T0 = {c['T0']}, before epoch {epochs}"
+        if c.get("swa_start", 0) and c["swa_start"] <= epochs:
+            return f"{name} starts SWA at epoch {c['swa_start']}, within the first {epochs}"
+    return None
 
 
 def _clock(seconds: float) -> str:

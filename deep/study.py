@@ -1,0 +1,445 @@
+"""`python -m deep study SPEC --out DIR`: multi-seed, multi-arm experiments with paired statistics and plots.
+
+A study is a set of arms (a preset and overrides each), a list of seeds and a baseline arm. Every arm x seed is one
+ordinary run of the trainer in DIR/ARM/seedS/: finished runs are skipped, interrupted ones resumed, so a study can
+span several sittings. Arms whose first epochs are identical -- same seed and every field that shapes the plain
+epochs equal, see :func:`deep.trainer.shareable` (e.g. the base model and late-phase arms released at the same T0,
+with SWA starting later) -- share them: the first such arm of a seed keeps its state after those epochs (trunk.pt) and
+the others start from it. A forked run is bit-identical to the same run trained from scratch (tested), so sharing
+saves time without changing any result.
+
+The report (DIR/report.md, DIR/report.json, DIR/*.png) gives, under one BatchNorm rule for every arm (default
+``reestimated``, valid for SWA arms too; ``stored`` is reported as well):
+
+* per arm, the mean and 95 % confidence interval over seeds (Student t, n - 1 degrees of freedom) of accuracy, NLL,
+  ECE and OOD AUROC of the averaged model, the ensemble and the members (each seed's mean over its members);
+* per arm, the paired difference to the baseline arm on the shared seeds: d_s = metric(arm, s) - metric(base, s),
+  mean, 95 % CI (mean +- t_{0.975, n-1} sd(d) / sqrt(n)) and the sign count (seeds with d_s > 0);
+* learning curves of every arm (mean over seeds of the quick test metric and of the loss per epoch) and reliability
+  diagrams (pooled over seeds).
+
+SPEC is a named study (``python -m deep study --list``) or a JSON file::
+
+    {"name": "my_study", "seeds": [0, 1, 2, 3, 4], "baseline": "base",
+     "arms": {"base": {"config": "fmnist_cpu_base"},
+              "late": {"config": "fmnist_cpu_bn", "overrides": {"gamma_theta": -1}}}}
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+from .config import get_config
+from .errors import ConfigError, DeepError
+from .trainer import shareable, write_json
+
+METRICS = ("accuracy", "nll", "ece")
+MODELS = ("averaged", "ensemble", "members")
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm: a preset and field overrides (see deep.config)."""
+    name: str
+    config: str
+    overrides: dict = field(default_factory=dict)
+
+    def resolved(self):
+        return get_config(self.config, **{k: tuple(v) if isinstance(v, list) else v
+                                          for k, v in self.overrides.items()})
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    name: str
+    arms: tuple
+    seeds: tuple
+    baseline: str
+    rule: str = "reestimated"
+    description: str = ""
+
+    def validate(self) -> "StudySpec":
+        if not self.arms or not self.seeds:
+            raise ConfigError(f"study {self.name}: needs at least one arm and one seed")
+        names = [a.name for a in self.arms]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"study {self.name}: arm names must be unique, got {names}")
+        if self.baseline not in names:
+            raise ConfigError(f"study {self.name}: the baseline {self.baseline!r} is not one of its arms {names}")
+        if len(set(self.seeds)) != len(self.seeds) or any(not isinstance(s, int) or s < 0 for s in self.seeds):
+            raise ConfigError(f"study {self.name}: seeds must be distinct integers >= 0, got {list(self.seeds)}")
+        if self.rule not in ("stored", "reestimated"):
+            raise ConfigError(f"study {self.name}: rule must be stored or reestimated, got {self.rule!r}")
+        kinds = {a.resolved().KIND for a in self.arms}  # validates every arm's config
+        if len(kinds) != 1:
+            raise ConfigError(f"study {self.name}: all arms must be of one kind, got {sorted(kinds)}")
+        return self
+
+
+def _paper_study(name: str, dataset: str) -> StudySpec:
+    """The paper's comparison for one CIFAR data set (WRN-28-10): base vs late-phase, with and without SWA."""
+    return StudySpec(
+        name=name, seeds=(0, 1, 2, 3, 4), baseline="base",
+        description=f"The paper's {dataset} arms (needs the data and a GPU: 200 epochs of WRN-28-10 each).",
+        arms=(Arm("base", f"{dataset}_base"), Arm("late_phase", f"{dataset}_bn"),
+              Arm("swa", f"{dataset}_base_swa"), Arm("late_phase_swa", f"{dataset}_bn_swa")))
+
+
+STUDIES = {
+    "cifar10": _paper_study("cifar10", "cifar10"),
+    "cifar100": _paper_study("cifar100", "cifar100"),
+}
+
+
+def load_spec(spec: str) -> StudySpec:
+    """A named study or a JSON spec file (see the module doc)."""
+    if spec in STUDIES:
+        return STUDIES[spec].validate()
+    if not os.path.isfile(spec):
+        raise ConfigError(f"study {spec!r} is neither a named study ({', '.join(sorted(STUDIES))}) nor a JSON file")
+    try:
+        with open(spec) as f:
+            d = json.load(f)
+        arms = tuple(Arm(name, a["config"], dict(a.get("overrides", {}))) for name, a in d["arms"].items())
+        return StudySpec(d.get("name", os.path.splitext(os.path.basename(spec))[0]), arms, tuple(d["seeds"]),
+                         d["baseline"], d.get("rule", "reestimated"), d.get("description", "")).validate()
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ConfigError(f"{spec}: not a study spec ({type(e).__name__}: {e}); see python -m deep study --help "
+                          f"for the format") from None
+
+
+# ----------------------------------------------------------------------------- running
+
+def _folder(out: str, arm: str, seed: int) -> str:
+    return os.path.join(out, arm, f"seed{seed}")
+
+
+def _trunk_plan(spec: StudySpec) -> dict:
+    """arm -> (E, the arms that share their first E epochs): one family per late-phase arm with its own release epoch
+    E = T0 > 0 (its lead), joined by every arm, late-phase or not, that :func:`deep.trainer.shareable` allows to start
+    from the lead's state after E epochs, and the lead from its."""
+    cfgs = {a.name: a.resolved().to_dict() for a in spec.arms}
+    families: list[tuple[int, str, list]] = []
+    for arm in spec.arms:
+        c = cfgs[arm.name]
+        if c["phi"] and c["T0"] > 0 and not any(e == c["T0"] and _mutual(cfgs[lead], c, e) for e, lead, _ in families):
+            families.append((c["T0"], arm.name, []))
+    for arm in spec.arms:
+        for epochs, lead, members in families:
+            if _mutual(cfgs[lead], cfgs[arm.name], epochs):
+                members.append(arm.name)
+                break
+    return {name: (epochs, members) for epochs, _, members in families if len(members) > 1 for name in members}
+
+
+def _mutual(a: dict, b: dict, epochs: int) -> bool:
+    return shareable(a, b, epochs) is None and shareable(b, a, epochs) is None
+
+
+def run_study(spec: StudySpec, out: str, data_dir: str = "data", device: str | None = None, quiet: bool = False,
+              stream=None, runner=None) -> dict:
+    """Run every arm x seed of ``spec`` that has no results yet (resuming or forking where it can), then write the
+    report; returns the report. ``runner(cfg, seed, folder, resume, fork, trunk_epoch)`` trains one run (default:
+    the trainer of the config's kind)."""
+    import sys
+    runner = runner or _train
+    plan = _trunk_plan(spec)
+    say = (lambda text: None) if quiet else (lambda text: print(f"[study {spec.name}] {text}",
+                                                                file=stream or sys.stdout, flush=True))
+    todo = [(seed, arm) for seed in spec.seeds for arm in spec.arms]
+    start = time.perf_counter()
+    for i, (seed, arm) in enumerate(todo):
+        folder = _folder(out, arm.name, seed)
+        if os.path.exists(os.path.join(folder, "results.json")):
+            continue
+        resume = os.path.exists(os.path.join(folder, "checkpoint.pt"))
+        fork = trunk_epoch = None
+        if not resume and arm.name in plan:
+            epochs, members = plan[arm.name]
+            trunks = [os.path.join(_folder(out, m, seed), "trunk.pt") for m in members if m != arm.name]
+            fork = next((t for t in trunks if os.path.exists(t)), None)
+            if fork is None:
+                trunk_epoch = epochs
+        how = "resuming" if resume else f"forking {os.path.dirname(fork)} at epoch {plan[arm.name][0]}" if fork \
+            else "from scratch"
+        say(f"run {i + 1}/{len(todo)}: {arm.name} seed {seed} ({how}; {time.perf_counter() - start:.0f} s so far)")
+        runner(arm.resolved(), seed, folder, resume, fork, trunk_epoch, data_dir=data_dir, device=device, quiet=quiet,
+               stream=stream)
+    report = make_report(spec, out)
+    say(f"report: {os.path.join(out, 'report.md')}")
+    return report
+
+
+def _train(cfg, seed, folder, resume, fork, trunk_epoch, data_dir="data", device=None, quiet=False, stream=None):
+    from .finetune import FineTune
+    from .images import ImageRun
+    from .lm import LMRun
+    run_cls = {"image": ImageRun, "text": LMRun, "finetune": FineTune}[cfg.KIND]
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    run = run_cls(cfg, seed=seed, data_dir=data_dir, out=folder, device=device, resume=resume, progress=False,
+                  quiet=quiet, stream=stream, export="averaged", trunk_epoch=trunk_epoch, fork=fork,
+                  command=f"python -m deep study (arm {cfg.name}, seed {seed})")
+    run.train()
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def t_quantile(n: int) -> float:
+    """t_{0.975, n - 1}: the two-sided 95 % quantile of Student's t with n - 1 degrees of freedom."""
+    from scipy.stats import t
+    return float(t.ppf(0.975, n - 1))
+
+
+def mean_ci(values: list) -> dict:
+    """{mean, ci95 (half-width), sd, n} of ``values`` (ci95 and sd None for n < 2)."""
+    n = len(values)
+    m = sum(values) / n
+    if n < 2:
+        return {"mean": m, "ci95": None, "sd": None, "n": n}
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
+    return {"mean": m, "ci95": t_quantile(n) * sd / math.sqrt(n), "sd": sd, "n": n}
+
+
+def paired(arm: dict, base: dict) -> dict | None:
+    """Paired differences d_s = arm[s] - base[s] over the seeds both have: mean_ci of d and the sign count."""
+    seeds = sorted(set(arm) & set(base))
+    if not seeds:
+        return None
+    d = [arm[s] - base[s] for s in seeds]
+    return {**mean_ci(d), "positive": sum(x > 0 for x in d), "negative": sum(x < 0 for x in d), "seeds": seeds}
+
+
+def _metric(models: dict, model: str, rule: str, metric: str):
+    """One number of a results dict: members averaged over the members; OOD AUROCs as ``ood:SET:SCORE``; the mean
+    over sets as ``ood:mean:SCORE`` (the reference's headline number)."""
+    m = (models.get(model) or {}).get(rule)
+    if m is None:
+        return None
+    rows = m if isinstance(m, list) else [m]
+    if metric.startswith("ood:"):
+        _, which, score = metric.split(":")
+        vals = []
+        for r in rows:
+            oods = r.get("ood", {})
+            if which == "mean":
+                if not oods:
+                    return None
+                vals.append(sum(o[score] for o in oods.values()) / len(oods))
+            elif which in oods:
+                vals.append(oods[which][score])
+        return sum(vals) / len(vals) if vals else None
+    vals = [r[metric] for r in rows if r.get(metric) is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def collect(spec: StudySpec, out: str) -> dict:
+    """arm -> seed -> results dict, for the finished runs."""
+    found = {}
+    for arm in spec.arms:
+        for seed in spec.seeds:
+            path = os.path.join(_folder(out, arm.name, seed), "results.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    found.setdefault(arm.name, {})[seed] = json.load(f)
+    return found
+
+
+def make_report(spec: StudySpec, out: str) -> dict:
+    """report.json, report.md and the plots of the finished runs of ``spec`` in ``out``."""
+    results = collect(spec, out)
+    if not results:
+        raise DeepError(f"no finished runs of study {spec.name} in {out}")
+    oods = sorted({o for runs in results.values() for r in runs.values()
+                   for o in ((r["models"].get("averaged") or {}).get("stored") or {}).get("ood", {})})
+    metrics = list(METRICS) + [f"ood:{o}:auroc_entropy" for o in oods] + (["ood:mean:auroc_entropy"] if oods else [])
+    report = {"study": spec.name, "description": spec.description, "baseline": spec.baseline, "rule": spec.rule,
+              "seeds": list(spec.seeds), "arms": {}, "paired": {}}
+    for arm in spec.arms:
+        runs = results.get(arm.name, {})
+        cfg = arm.resolved()
+        entry = {"config": arm.config, "overrides": arm.overrides, "seeds": sorted(runs), "metrics": {},
+                 "train_seconds": mean_ci([r["train_seconds"] for r in runs.values()]) if runs else None,
+                 "images_per_s": {p: [r.get("images_per_s", {}).get(p) for r in runs.values()] for p in
+                                  ("pre", "late")},
+                 "late_phase": cfg.late_phase, "K": cfg.K if cfg.late_phase else None,
+                 "gamma_theta": cfg.theta_scale if cfg.late_phase else None}
+        for rule in (spec.rule, "stored"):
+            for model in MODELS:
+                for metric in metrics:
+                    per_seed = {s: v for s, r in runs.items()
+                                if (v := _metric(r["models"], model, rule, metric)) is not None}
+                    if per_seed:
+                        entry["metrics"].setdefault(rule, {}).setdefault(model, {})[metric] = {
+                            **mean_ci(list(per_seed.values())), "per_seed": per_seed}
+        report["arms"][arm.name] = entry
+    base = report["arms"][spec.baseline]["metrics"]
+    for arm in spec.arms:
+        if arm.name == spec.baseline:
+            continue
+        mine = report["arms"][arm.name]["metrics"]
+        for rule in mine:
+            for model in mine[rule]:
+                for metric, stats in mine[rule][model].items():
+                    ref = base.get(rule, {}).get("averaged", {}).get(metric)
+                    if ref is None:
+                        continue
+                    d = paired(stats["per_seed"], ref["per_seed"])
+                    if d:
+                        report["paired"].setdefault(arm.name, {}).setdefault(rule, {}).setdefault(model, {})[
+                            metric] = d
+    write_json(os.path.join(out, "report.json"), _json_safe(report))
+    figures = _plots(spec, out, results)
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write(render_report(report, figures))
+    return report
+
+
+def _json_safe(obj):
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _cell(stats: dict | None, digits: int) -> str:
+    if not stats:
+        return "—"
+    if stats["ci95"] is None:
+        return f"{stats['mean']:.{digits}f} (n={stats['n']})"
+    return f"{stats['mean']:.{digits}f} ± {stats['ci95']:.{digits}f} (n={stats['n']})"
+
+
+def _digits(metric: str) -> int:
+    return 3 if metric == "nll" else 2
+
+
+def render_report(report: dict, figures: list) -> str:
+    rule, base = report["rule"], report["baseline"]
+    arms = report["arms"]
+    lines = [f"# Study {report['study']}", ""]
+    if report["description"]:
+        lines += [report["description"], ""]
+    lines += [f"Seeds {report['seeds']}; baseline arm `{base}`; BatchNorm statistics `{rule}` for every model "
+              f"(deep.evaluate); numbers are mean ± 95 % CI over seeds (Student t); members: each seed's mean over "
+              f"its members. Accuracy and ECE in %, NLL in nats, AUROC (predictive entropy, OOD positive) in %.", ""]
+    for r in dict.fromkeys([rule, "stored"]):
+        metrics = sorted({m for a in arms.values() for mod in a["metrics"].get(r, {}).values() for m in mod},
+                         key=lambda m: (m.startswith("ood"), m))
+        if not metrics:
+            continue
+        lines += [f"## Per arm ({r})", "", "| arm | model | " + " | ".join(_name(m) for m in metrics) + " |",
+                  "|---|---|" + "---:|" * len(metrics)]
+        for name, a in arms.items():
+            for model, ms in a["metrics"].get(r, {}).items():
+                lines.append(f"| {name} | {model} | " + " | ".join(_cell(ms.get(m), _digits(m)) for m in metrics)
+                             + " |")
+        lines += ["", f"## Paired differences to `{base}` (averaged model) ({r})", "",
+                  "d = arm − base per seed: mean ± 95 % CI, and the seeds with d > 0 / d < 0.", "",
+                  "| arm | model | " + " | ".join(_name(m) for m in metrics) + " |",
+                  "|---|---|" + "---:|" * len(metrics)]
+        for name, by_rule in report["paired"].items():
+            for model, ms in by_rule.get(r, {}).items():
+                cells = []
+                for m in metrics:
+                    d = ms.get(m)
+                    cells.append("—" if d is None else f"{_cell(d, _digits(m))}, +{d['positive']}/−{d['negative']}")
+                lines.append(f"| {name} | {model} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["## Cost", "", "| arm | late-phase | train seconds per run | images/s before / after the release |",
+              "|---|---|---:|---|"]
+    for name, a in arms.items():
+        rates = a["images_per_s"]
+        fmt = (lambda xs: ", ".join(f"{x:.0f}" for x in xs if x) or "—")  # noqa: E731
+        lp = f"K={a['K']}, gamma_theta={a['gamma_theta']:g}" if a["late_phase"] else "no"
+        lines.append(f"| {name} | {lp} | {_cell(a['train_seconds'], 0)} | {fmt(rates['pre'])} / "
+                     f"{fmt(rates['late'])} |")
+    lines += [""] + [f"![{os.path.basename(f)}]({os.path.basename(f)})" for f in figures]
+    return "\n".join(lines) + "\n"
+
+
+def _name(metric: str) -> str:
+    if metric.startswith("ood:"):
+        _, which, _score = metric.split(":")
+        return f"AUROC {which}"
+    return metric
+
+
+def _plots(spec: StudySpec, out: str, results: dict) -> list:
+    """Learning curves (mean over seeds per arm) and pooled reliability diagrams; returns the PNG paths."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for i, arm in enumerate(spec.arms):
+        logs = []
+        for seed in results.get(arm.name, {}):
+            with open(os.path.join(_folder(out, arm.name, seed), "log.jsonl")) as f:
+                logs.append([json.loads(line) for line in f if line.strip()])
+        if not logs:
+            continue
+        epochs = [e["epoch"] for e in logs[0] if e.get("phase") != "pretrained"]
+        for ax, key in zip(axes, ("test_accuracy", "loss")):
+            rows = [[e.get(key) for e in log if e.get("phase") != "pretrained"] for log in logs]
+            if not all(len(r) == len(epochs) and None not in r for r in rows):
+                continue
+            mean = [sum(c) / len(c) for c in zip(*rows)]
+            lo = [min(c) for c in zip(*rows)]
+            hi = [max(c) for c in zip(*rows)]
+            ax.plot(epochs, mean, "o-", ms=3, color=colors[i % len(colors)], label=f"{arm.name} (n={len(rows)})")
+            ax.fill_between(epochs, lo, hi, color=colors[i % len(colors)], alpha=0.15)
+        cfg = arm.resolved()
+        for ax in axes:
+            if cfg.late_phase and cfg.T0:
+                ax.axvline(cfg.T0 + 0.5, color=colors[i % len(colors)], ls="--", lw=1, alpha=0.6)
+            if cfg.swa:
+                ax.axvline(cfg.swa_start - 0.5, color=colors[i % len(colors)], ls=":", lw=1, alpha=0.6)
+    axes[0].set_title("test accuracy of the averaged model (%), mean over seeds (band: min-max)")
+    axes[1].set_title("training loss, mean over seeds")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    curves = os.path.join(out, "curves.png")
+    fig.savefig(curves, dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
+    for ax, model in zip(axes, MODELS):
+        ax.plot([0, 1], [0, 1], color="gray", lw=1)
+        for i, arm in enumerate(spec.arms):
+            bins = _pooled_bins(results.get(arm.name, {}), model, spec.rule)
+            if bins:
+                ax.plot([b[0] for b in bins], [b[1] for b in bins], "o-", ms=3, color=colors[i % len(colors)],
+                        label=arm.name)
+        ax.set_title(f"reliability: {model} ({spec.rule}), pooled over seeds")
+        ax.set_xlabel("confidence")
+        ax.set_ylabel("accuracy")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    reliability = os.path.join(out, "reliability.png")
+    fig.savefig(reliability, dpi=110)
+    plt.close(fig)
+    return [curves, reliability]
+
+
+def _pooled_bins(runs: dict, model: str, rule: str) -> list:
+    """(mean confidence, accuracy) per confidence bin, pooled over runs (and members) by example counts."""
+    totals: dict = {}
+    for r in runs.values():
+        m = (r["models"].get(model) or {}).get(rule)
+        for one in (m if isinstance(m, list) else [m] if m else []):
+            rel = one.get("reliability")
+            if not rel:
+                continue
+            for b, (f, c, a) in enumerate(zip(rel["fraction"], rel["confidence"], rel["accuracy"])):
+                if c is not None:
+                    w, sc, sa = totals.get(b, (0.0, 0.0, 0.0))
+                    totals[b] = (w + f, sc + f * c, sa + f * a)
+    return [(sc / w, sa / w) for b, (w, sc, sa) in sorted(totals.items()) if w > 0]

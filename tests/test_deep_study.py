@@ -1,0 +1,162 @@
+"""python -m deep study: shared first epochs are exact (a forked run = the run from scratch), a study runs end to
+end, resumes when half finished, and its statistics match a hand computation; the paper's CIFAR study runs on tiny
+generated data."""
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from deep.cli import main
+from deep.config import get_config
+from deep.images import ImageRun
+from deep.study import STUDIES, Arm, StudySpec, load_spec, make_report, mean_ci, paired, run_study
+from deep.trainer import shareable
+
+from data_files import write_cifar10, write_cifar100, write_fashion, write_svhn
+
+TINY = dict(arch="wrn-10-1", epochs=3, batch_size=4, eval_batch_size=16, anneal_start=1, anneal_end=2)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    write_fashion(root / "FashionMNIST" / "raw", compressed=True, n_train=48, n_test=12)
+    write_cifar10(root, per_batch=8, n_test=8)
+    write_cifar100(root, n_train=16, n_test=8)
+    write_svhn(root, n=8)
+    return root
+
+
+def _run(cfg, data_root, out, **kw):
+    return ImageRun(cfg, data_dir=str(data_root), out=str(out), device="cpu", progress=False, quiet=True,
+                    export="none", **kw)
+
+
+def test_a_forked_run_is_bit_identical_to_the_run_from_scratch(data_root, tmp_path):
+    """The first T0 epochs of a late-phase run with gamma_theta = 1 are those of its gamma_theta = 1/K and base twins:
+    forking its trunk gives exactly the weights, optimizer states, logs and results of training from scratch."""
+    trunk_run = get_config("fmnist_bn", T0=1, K=2, **TINY)
+    _run(trunk_run, data_root, tmp_path / "a", seed=4, trunk_epoch=1).train()
+    trunk = tmp_path / "a" / "trunk.pt"
+    assert trunk.exists()
+    for name, other in (("mean", get_config("fmnist_bn", T0=1, K=2, gamma_theta=-1, swa_start=3, **TINY)),
+                        ("base", get_config("fmnist_base", **TINY))):
+        scratch = _run(other, data_root, tmp_path / f"{name}_scratch", seed=4)
+        r_scratch = scratch.train()
+        forked = _run(other, data_root, tmp_path / f"{name}_fork", seed=4, fork=str(trunk))
+        assert forked.epoch == 1
+        r_fork = forked.train()
+        a, b = scratch.model.state_dict(), forked.model.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+        assert [e["loss"] for e in scratch.log] == [e["loss"] for e in forked.log]
+        assert r_scratch["models"] == r_fork["models"]
+
+
+def test_shareable_names_why_not():
+    base = get_config("fmnist_bn", T0=2, **TINY).to_dict()
+    assert shareable(base, {**base, "gamma_theta": 0.5, "K": 3, "name": "x"}, 2) is None
+    assert "differ in lr" in shareable(base, {**base, "lr": 0.2}, 2)
+    assert "releases its late-phase weights at T0 = 1" in shareable(base, {**base, "T0": 1}, 2)
+    assert "starts SWA at epoch 2" in shareable(base, {**base, "swa_start": 2}, 2)
+    assert shareable(base, {**base, "ood": ["svhn"], "test_subset": 5}, 2) is None  # evaluation-only fields
+
+
+def test_statistics_by_hand():
+    s = mean_ci([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert s["mean"] == 3.0 and s["sd"] == pytest.approx(math.sqrt(2.5))
+    assert s["ci95"] == pytest.approx(2.7764451051977987 * math.sqrt(2.5) / math.sqrt(5))
+    d = paired({0: 91.0, 1: 92.5, 2: 90.0, 3: 93.0}, {0: 90.0, 1: 92.0, 2: 90.5, 4: 99.0})
+    assert d["seeds"] == [0, 1, 2] and (d["positive"], d["negative"]) == (2, 1)
+    diffs = [1.0, 0.5, -0.5]
+    m = sum(diffs) / 3
+    sd = math.sqrt(sum((x - m) ** 2 for x in diffs) / 2)
+    assert d["mean"] == pytest.approx(m) and d["ci95"] == pytest.approx(4.302652729911275 * sd / math.sqrt(3))
+    assert mean_ci([2.0])["ci95"] is None
+
+
+def _spec(**kw):
+    arms = (Arm("base", "fmnist_base", dict(TINY)),
+            Arm("late", "fmnist_bn", dict(TINY, T0=1, K=2)),
+            Arm("late_mean", "fmnist_bn", dict(TINY, T0=1, K=2, gamma_theta=-1)))
+    return StudySpec(name="tiny", arms=arms, seeds=(0, 1), baseline="base", **kw).validate()
+
+
+def test_study_end_to_end_resume_and_report(data_root, tmp_path, capsys):
+    spec = _spec()
+    calls = []
+
+    def interrupted(cfg, seed, folder, resume, fork, trunk_epoch, **kw):
+        calls.append((cfg.name, seed, resume, fork is not None, trunk_epoch))
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the study stops in its third run
+        from deep.study import _train
+        _train(cfg, seed, folder, resume, fork, trunk_epoch, **kw)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_study(spec, str(tmp_path), str(data_root), "cpu", quiet=True, runner=interrupted)
+    # seed 0: base from scratch keeps the trunk at T0 = 1; late forks it
+    assert calls[:2] == [("fmnist_base", 0, False, False, 1), ("fmnist_bn", 0, False, True, None)]
+    report = run_study(spec, str(tmp_path), str(data_root), "cpu", stream=None)
+    out = capsys.readouterr().out
+    assert "late_mean seed 0 (forking" in out and "base seed 0" not in out  # finished runs are skipped
+    assert set(report["arms"]) == {"base", "late", "late_mean"}
+    # the report's numbers are the results files' numbers
+    per_seed = {s: json.load(open(tmp_path / "late" / f"seed{s}" / "results.json"))["models"]["averaged"]
+                ["reestimated"]["accuracy"] for s in (0, 1)}
+    base = {s: json.load(open(tmp_path / "base" / f"seed{s}" / "results.json"))["models"]["averaged"]
+            ["reestimated"]["accuracy"] for s in (0, 1)}
+    stats = report["arms"]["late"]["metrics"]["reestimated"]["averaged"]["accuracy"]
+    assert stats["mean"] == pytest.approx(sum(per_seed.values()) / 2)
+    diffs = [per_seed[s] - base[s] for s in (0, 1)]
+    d = report["paired"]["late"]["reestimated"]["averaged"]["accuracy"]
+    assert d["mean"] == pytest.approx(sum(diffs) / 2) and d["positive"] == sum(x > 0 for x in diffs)
+    members = json.load(open(tmp_path / "late" / "seed0" / "results.json"))["models"]["members"]["reestimated"]
+    member_nll = report["arms"]["late"]["metrics"]["reestimated"]["members"]["nll"]["per_seed"][0]
+    assert member_nll == pytest.approx(sum(m["nll"] for m in members) / len(members))
+    md = (tmp_path / "report.md").read_text()
+    assert "## Paired differences to `base`" in md and "| late | ensemble |" in md and "![curves.png]" in md
+    for png in ("curves.png", "reliability.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+    saved = json.load(open(tmp_path / "report.json"))
+    assert saved["paired"]["late"]["reestimated"]["averaged"]["accuracy"]["seeds"] == [0, 1]
+
+
+def test_spec_files_and_cli(data_root, tmp_path, capsys):
+    spec = {"name": "one", "seeds": [0], "baseline": "base",
+            "arms": {"base": {"config": "fmnist_base", "overrides": dict(TINY, epochs=1)}}}
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    assert load_spec(str(path)).arms[0].overrides["epochs"] == 1
+    assert main(["study", str(path), "--out", str(tmp_path / "s"), "--data-dir", str(data_root), "--device", "cpu",
+                 "--quiet"]) == 0
+    assert (tmp_path / "s" / "report.md").exists()
+    capsys.readouterr()
+    assert main(["study", "--list"]) == 0 and "cifar10:" in capsys.readouterr().out
+    bad = [({**spec, "baseline": "nope"}, "baseline 'nope' is not one of its arms"),
+           ({**spec, "seeds": [0, 0]}, "seeds must be distinct"),
+           ({**spec, "arms": {"base": {"config": "fmnist_base", "overrides": {"K": 0}}}}, "K must be >= 1"),
+           ({"seeds": [0]}, "not a study spec")]
+    for content, msg in bad:
+        path.write_text(json.dumps(content))
+        assert main(["study", str(path), "--out", str(tmp_path / "t")]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and err.count("\n") == 1, err
+    assert main(["study", "nothing", "--out", str(tmp_path / "t")]) == 2
+    assert "neither a named study" in capsys.readouterr().err
+
+
+def test_the_paper_cifar_study_on_tiny_data(data_root, tmp_path):
+    """The named cifar10 study (base, late-phase, SWA, late-phase + SWA), shrunk to tiny runs: the late-phase and
+    the SWA arms share the base arm's first epoch."""
+    named = STUDIES["cifar10"]
+    tiny = dict(TINY, T0=1, K=2, epochs=3)
+    arms = tuple(Arm(a.name, a.config, {**tiny, **({"swa_start": 3} if "swa" in a.name else {}),
+                                        **({"T0": 1} if "swa" in a.name else {})}) for a in named.arms)
+    spec = dataclasses.replace(named, arms=arms, seeds=(0,)).validate()
+    report = run_study(spec, str(tmp_path), str(data_root), "cpu", quiet=True)
+    assert set(report["arms"]) == {"base", "late_phase", "swa", "late_phase_swa"}
+    ood = report["arms"]["late_phase"]["metrics"]["reestimated"]["ensemble"]
+    assert "ood:svhn:auroc_entropy" in ood and "ood:mean:auroc_entropy" in ood
+    make_report(spec, str(tmp_path))  # the report alone, again

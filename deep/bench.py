@@ -26,27 +26,9 @@ from shared import BatchNorm, Head, LatePhase, sgd
 from .models import wrn
 from .errors import DeepError
 from .system import cpu_name, keep_freed_memory, pick_device, sync
+from .trainer import forward_macs
 
 MIN_IMAGE_SIZE = 8  # the WRN halves the resolution twice; BatchNorm needs more than one value per channel
-
-
-def forward_macs(model, x) -> int:
-    """Multiply-accumulates of one forward pass per input image, counted over Conv and Linear layers with hooks:
-    conv: out_elements * in_channels / groups * prod(kernel); linear: out_elements * in_features."""
-    total = [0]
-
-    def hook(m, inp, out):
-        if isinstance(m, torch.nn.Conv2d):
-            total[0] += out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
-        elif isinstance(m, torch.nn.Linear):
-            total[0] += out.numel() * m.in_features
-
-    hs = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
-    with torch.no_grad():
-        model(x[:1])
-    for h in hs:
-        h.remove()
-    return total[0]
 
 
 def add_arguments(ap):
@@ -112,7 +94,7 @@ def main(args) -> int:
     torch.manual_seed(0)
     base = wrn(depth, width, args.classes).to(device, memory_format=fmt)
     n_params = sum(p.numel() for p in base.parameters())
-    macs = forward_macs(base, torch.randn(1, 3, args.image_size, args.image_size, device=device))
+    macs = forward_macs(base, (torch.randn(1, 3, args.image_size, args.image_size, device=device), 1))
     x = torch.randn(K * B, 3, args.image_size, args.image_size, device=device).to(memory_format=fmt)
     y = torch.randint(0, args.classes, (K * B,), device=device)
 

@@ -60,7 +60,7 @@ def _summary(result: dict) -> dict:
     """The final metrics without the OOD details: {model: {rule: metrics or [metrics]}}."""
     def strip(m):
         return [strip(x) for x in m] if isinstance(m, list) else {k: v for k, v in m.items() if k not in
-                                                                  ("ood", "reliability")}
+                                                                  ("ood", "ood_mean", "reliability")}
     return {name: {rule: strip(m) for rule, m in by_rule.items()} for name, by_rule in result["models"].items()}
 
 
@@ -159,13 +159,15 @@ def cmd_evaluate(a, cls) -> int:
     stored = _stored_run(a.run)
     cfg = CONFIG_CLASSES[stored["kind"]].from_dict(stored["config"]).validate()
     run_cls = {"image": ImageRun, "text": LMRun, "finetune": FineTune}[cfg.KIND]
-    if a.ood is not None:
+    if a.ood is not None or a.ood_folders is not None:
         if cfg.KIND != "image":
-            raise DeepError(f"--ood applies to image runs; {cfg.name} is a {cfg.KIND} run")
-        cfg = with_overrides(cfg, {"ood": tuple(a.ood)})
+            raise DeepError(f"--ood and --ood-folders apply to image runs; {cfg.name} is a {cfg.KIND} run")
+        cfg = with_overrides(cfg, {k: tuple(v) for k, v in (("ood", a.ood), ("ood_folders", a.ood_folders))
+                                   if v is not None})
     run = run_cls(cfg, seed=stored["seed"], data_dir=a.data_dir, out=a.run, device=a.device, resume=True,
                   progress=False, quiet=a.quiet, stream=sys.stderr if a.json else sys.stdout, evaluate_only=True)
-    name = a.name or "results_" + "_".join(a.bn_rule or ("all",)) + (f"_ood-{'-'.join(a.ood)}" if a.ood else "") + \
+    sets = list(cfg.ood) + [n for n, _ in cfg.ood_folder_paths()] if a.ood is not None or a.ood_folders else []
+    name = a.name or "results_" + "_".join(a.bn_rule or ("all",)) + (f"_ood-{'-'.join(sets)}" if sets else "") + \
         ".json"
     result = run.evaluate(a.bn_rule, filename=os.path.basename(name))
     if run.rank == 0 and a.json:
@@ -241,6 +243,8 @@ def make_parser(train_cls: type = ImageConfig) -> argparse.ArgumentParser:
     ev.add_argument("--bn-rule", nargs="+", choices=("stored", "reestimated", "reference"), default=None,
                     help="BatchNorm rules to evaluate (default: all)")
     ev.add_argument("--ood", nargs="*", default=None, help="OOD sets instead of the run's (image runs)")
+    ev.add_argument("--ood-folders", nargs="*", default=None,
+                    help="OOD image folders instead of the run's, NAME=PATH or PATH (e.g. LSUN-resize)")
     ev.add_argument("--data-dir", default="data", help="folder holding the datasets (default: data)")
     ev.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     ev.add_argument("--name", default=None, help="results file name in the run folder (default: "

@@ -23,9 +23,9 @@ from dataclasses import dataclass, fields, replace
 
 from .errors import ConfigError
 
-FAMILIES = ("bn", "head", "rank1")
+FAMILIES = ("bn", "head", "rank1", "all")  # all: every weight (a late-phase full ensemble)
 FLOAT32_MAX = 3.4028234663852886e38  # float values must fit the float32 parameters and optimizer arguments
-OOD_NAMES = ("svhn", "cifar10", "cifar100")  # every OOD set of deep.data.OOD_SETS
+OOD_NAMES = ("svhn", "cifar10", "cifar100", "digits")  # every OOD set of deep.data.OOD_SETS
 IMAGE_SIDE = {"cifar10": 32, "cifar100": 32, "fashion_mnist": 28, "synthetic": 32}  # image height = width (pixels)
 
 
@@ -53,7 +53,7 @@ class RunConfig:
     grad_clip: float = 0.0            # clip by the norm of the (mean member's) gradient; 0: off
     # --- late-phase weights (Algorithm 1)
     K: int = 10
-    phi: tuple[str, ...] = ("bn", "head")   # late-phase families: bn, head, rank1; none: no late-phase weights
+    phi: tuple[str, ...] = ("bn", "head")   # late-phase families: bn, head, rank1, all; none: no late-phase weights
     rank1_layers: tuple[str, ...] = ()      # module-name patterns that get rank-1 factors (family rank1)
     T0: int = 120                     # plain epochs before the release of the late-phase weights
     gamma_theta: float = 1.0          # theta <- U_theta(theta, gamma_theta * sum_k grad_theta L(M_k)); < 0: 1/K
@@ -123,6 +123,8 @@ class RunConfig:
         _need(all(f in FAMILIES for f in self.phi), f"phi families must be among {', '.join(FAMILIES)} (or none), "
                                                     f"got {' '.join(self.phi)}")
         _need("rank1" not in self.phi or self.rank1_layers, "phi family rank1 needs --rank1-layers (module names)")
+        _need("all" not in self.phi or len(self.phi) == 1, f"phi all (every weight) combines with no other family, "
+                                                           f"got {' '.join(self.phi)}")
         _need(self.path in ("vectorized", "sequential"), f"path must be vectorized or sequential, got {self.path!r}")
         _need(not self.late_phase or self.T0 < self.epochs,
               f"T0 ({self.T0}) must be < epochs ({self.epochs}) for a late-phase run: the members would never train; "
@@ -188,13 +190,26 @@ def _validate_annealing(cfg) -> None:
 @dataclass(frozen=True)
 class ImageConfig(_Annealing, RunConfig):
     """Image classification (CIFAR-10/100, Fashion-MNIST, synthetic) with a WRN."""
-    ood: tuple[str, ...] = ()         # OOD test sets: svhn, cifar10, cifar100 (missing ones are skipped with a note)
+    ood: tuple[str, ...] = ()         # OOD test sets: svhn, cifar10, cifar100, digits (missing: skipped with a note)
+    ood_folders: tuple[str, ...] = () # OOD image folders, NAME=PATH or PATH (e.g. LSUN-resize, TinyImageNet-resize)
     augment: bool = True              # pad-4 random crop + horizontal flip
     cutout: int = 0                   # cutout square side in pixels (0: off), applied after normalisation
     synthetic_size: int = 4096        # examples in the synthetic data set
+    dropout: float = 0.0              # dropout rate between the two convolutions of every block (WRN) or layer
+    mc_samples: int = 0               # MC dropout at test: this many stochastic passes (0: off; needs dropout > 0)
 
     KIND = "image"
     DATASETS = ("cifar10", "cifar100", "fashion_mnist", "synthetic")
+
+    def ood_folder_paths(self) -> list[tuple[str, str]]:
+        """(name, path) of every OOD image folder: NAME=PATH, or PATH named by its last component."""
+        out = []
+        for entry in self.ood_folders:
+            name, sep, path = entry.partition("=")
+            if not sep:
+                name, path = entry.rstrip("/").rsplit("/", 1)[-1], entry
+            out.append((name, path))
+        return out
 
     def lr_factor(self, epoch: int, part: str = "theta") -> float:
         return _annealing_factor(self, epoch)
@@ -205,12 +220,22 @@ class ImageConfig(_Annealing, RunConfig):
         super().validate()
         _validate_annealing(self)
         _need(self.cutout >= 0, f"cutout must be >= 0, got {self.cutout}")
+        _need(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
+        _need(self.mc_samples >= 0, f"mc_samples must be >= 0, got {self.mc_samples}")
+        _need(not self.mc_samples or self.dropout > 0, f"mc_samples {self.mc_samples} needs dropout > 0 (MC dropout "
+                                                       f"samples the dropout masks at test time)")
         _need(self.synthetic_size >= 1, f"synthetic_size must be >= 1, got {self.synthetic_size}")
         side = IMAGE_SIDE[self.dataset]
         _need(self.cutout <= side, f"cutout must be <= the image side ({side} pixels for {self.dataset}), got "
                                    f"{self.cutout}")
         unknown = [o for o in self.ood if o not in OOD_NAMES]
-        _need(not unknown, f"unknown OOD set(s) {', '.join(unknown)} in --ood; known: {', '.join(OOD_NAMES)}")
+        _need(not unknown, f"unknown OOD set(s) {', '.join(unknown)} in --ood; known: {', '.join(OOD_NAMES)} "
+                           f"(image folders: --ood-folders NAME=PATH)")
+        names = [n for n, _ in self.ood_folder_paths()]
+        _need(len(set(names)) == len(names) and not set(names) & set(self.ood),
+              f"OOD set names must be distinct, got {', '.join(list(self.ood) + names)}")
+        for name, path in self.ood_folder_paths():
+            _need(bool(name) and bool(path), f"--ood-folders entries are NAME=PATH or PATH, got {name}={path}")
         parts = self.arch.split("-")
         _need(len(parts) == 3 and parts[0] == "wrn" and parts[1].isdigit() and parts[2].isdigit()
               and (int(parts[1]) - 4) % 6 == 0 and int(parts[1]) >= 10 and int(parts[2]) >= 1,

@@ -43,22 +43,47 @@ def _probs(logits: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def score_plain(model: nn.Module, test: Batches, ood: dict, autocast=None) -> dict:
-    """Metrics of one plain network on the test set, with OOD AUROCs against every OOD set (name -> Batches)."""
+def predict_plain(model: nn.Module, test: Batches, ood: dict, autocast=None, passes: int = 1) -> dict:
+    """Predicted probabilities of one plain network: {"test": (N, C), "labels": (N,), name: (N_name, C) per OOD set},
+    float32 on the CPU (this rank's share under torch.distributed). ``passes`` > 1: Monte Carlo dropout -- the mean
+    of ``passes`` forward passes with the dropout layers active (BatchNorm stays in eval mode)."""
     was = model.training
     model.eval()
+    dropouts = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)] if passes > 1 else []
+    for m in dropouts:
+        m.train()
+    out: dict = {}
     try:
-        sets = {"test": Scores(), **{name: Scores() for name in ood}}
         for name, batches in {"test": test, **ood}.items():
+            probs, labels = [], []
             for x, y in batches():
                 with _autocast(x.device, autocast):
-                    p = _probs(model(x))
-                sets[name].add(p, y if name == "test" else None)
+                    p = sum(_probs(model(x)) for _ in range(passes)) / passes
+                probs.append(p.cpu())
+                labels.append(y.cpu())
+            out[name] = torch.cat(probs)
+            if name == "test":
+                out["labels"] = torch.cat(labels)
     finally:
         model.train(was)
+    return out
+
+
+def summarize(predictions: dict, ood_names) -> dict:
+    """The metrics (:class:`deep.metrics.Scores`) of predictions from :func:`predict_plain` (OOD sets
+    ``ood_names``), reduced over ranks."""
+    sets = {"test": Scores(), **{name: Scores() for name in ood_names}}
+    sets["test"].add(predictions["test"], predictions["labels"])
+    for name in ood_names:
+        sets[name].add(predictions[name], None)
     for s in sets.values():
         s.reduce()
-    return sets["test"].summary({name: sets[name] for name in ood})
+    return sets["test"].summary({name: sets[name] for name in ood_names})
+
+
+def score_plain(model: nn.Module, test: Batches, ood: dict, autocast=None, passes: int = 1) -> dict:
+    """Metrics of one plain network on the test set, with OOD AUROCs against every OOD set (name -> Batches)."""
+    return summarize(predict_plain(model, test, ood, autocast, passes), list(ood))
 
 
 @torch.no_grad()

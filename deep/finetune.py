@@ -176,6 +176,10 @@ class FineTune(ClassifierRun):
                             f"(e.g. {', '.join(PAPER_ARCHS)})")
         return model
 
+    def example_input(self):
+        return torch.zeros(1, 3, self.cfg.crop, self.cfg.crop, device=self.device).to(
+            memory_format=self.memory_format), 1
+
     # ------------------------------------------------------------------ data
     def _loader(self, dataset, batch_size: int, train: bool, seed: int = 0, epoch: int = 0):
         return imagenet_loader(dataset, batch_size, train, seed, epoch, self.rank, self.world, self.cfg.workers,

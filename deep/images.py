@@ -47,11 +47,13 @@ class ImageRun(ClassifierRun):
             print(f"note: {cfg.dataset} not found under --data-dir {self.data_dir}; reading it from {train.source}",
                   file=sys.stderr)
         self.ood, self.ood_missing = {}, {}
-        if cfg.ood:
-            found, missing = load_ood_sets(train, self.data_dir, download=self.download)
+        if cfg.ood or cfg.ood_folders:
+            folders = dict(cfg.ood_folder_paths())
+            found, missing = load_ood_sets(train, self.data_dir, folders=folders, download=self.download)
+            wanted = set(cfg.ood) | set(folders)
             self.ood = {k: (_subset(v, cfg.test_subset) if cfg.test_subset else v) for k, v in found.items()
-                        if k in cfg.ood}
-            self.ood_missing = {k: v for k, v in missing.items() if k in cfg.ood}
+                        if k in wanted}
+            self.ood_missing = {k: v for k, v in missing.items() if k in wanted}
             for k in cfg.ood:
                 if k not in self.ood and k not in self.ood_missing:
                     self.ood_missing[k] = f"{k} is not an OOD set of {cfg.dataset}"
@@ -70,9 +72,13 @@ class ImageRun(ClassifierRun):
 
     def build_model(self) -> nn.Module:
         _, depth, width = self.cfg.arch.split("-")
-        model = wrn(int(depth), int(width), self.train_data.num_classes, self.train_data.images.shape[1])
+        model = wrn(int(depth), int(width), self.train_data.num_classes, self.train_data.images.shape[1],
+                    self.cfg.dropout)
         model = model.to(self.device)
         return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+    def example_input(self):
+        return torch.zeros(1, *self.train_data.images.shape[1:], device=self.device), 1
 
     # ------------------------------------------------------------------ training batches
     def steps_per_epoch(self, members: int) -> int:
@@ -113,7 +119,8 @@ class ImageRun(ClassifierRun):
     def build_spec(self) -> dict:
         _, depth, width = self.cfg.arch.split("-")
         return {"builder": "deep.models.wrn", "kwargs": {"depth": int(depth), "width": int(width),
-                "num_classes": self.train_data.num_classes, "in_channels": self.train_data.images.shape[1]}}
+                "num_classes": self.train_data.num_classes, "in_channels": self.train_data.images.shape[1],
+                "dropout": self.cfg.dropout}}
 
     def result_extra(self) -> dict:
         return {"ood_missing": self.ood_missing, "train_images": len(self.train_data),

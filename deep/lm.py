@@ -221,6 +221,10 @@ class LMRun(Trainer):
     def examples(self, batch) -> int:
         return batch[1].numel() * self.world
 
+    def example_input(self):
+        self.model.reset(1)
+        return torch.zeros(1, self.cfg.bptt, dtype=torch.long, device=self.device), self.cfg.bptt
+
     # ------------------------------------------------------------------ evaluation
     def _late(self):
         """The late-phase model to evaluate (the SWA average when SWA runs), or None before the release."""

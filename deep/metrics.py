@@ -68,7 +68,8 @@ class Scores:
     gives accuracy (%), top5 (%, only with more than 5 classes), nll (nats), ece (%, ``bins`` bins), the
     reliability diagram (per bin: fraction of examples, mean confidence, accuracy) and, with ``ood``
     (name -> the Scores of an OOD set), the AUROC (%) of predictive entropy and of max-softmax (negated: a lower
-    confidence means OOD) for each set, OOD as positive. ``reduce()`` sums the statistics over torch.distributed
+    confidence means OOD) for each set, OOD as positive, and their mean over the sets (``ood_mean``, the reference's
+    headline number). ``reduce()`` sums the statistics over torch.distributed
     ranks and gathers their OOD scores."""
 
     def __init__(self, bins: int = ECE_BINS):
@@ -139,6 +140,9 @@ class Scores:
                 theirs = other._score_array().numpy()
                 out["ood"][name] = {"auroc_entropy": 100 * auroc(mine[:, 0], theirs[:, 0]),
                                     "auroc_max_softmax": 100 * auroc(mine[:, 1], theirs[:, 1])}
+            # the reference's headline number: the mean AUROC over the OOD sets used
+            out["ood_mean"] = {score: sum(o[score] for o in out["ood"].values()) / len(out["ood"])
+                               for score in ("auroc_entropy", "auroc_max_softmax")}
         for k, v in out.items():
             if isinstance(v, float) and not math.isfinite(v):
                 raise ValueError(f"metric {k} is not finite ({v}); the predictions contain NaN")

@@ -42,10 +42,13 @@ MODELS = ("averaged", "ensemble", "members")
 
 @dataclass(frozen=True)
 class Arm:
-    """One arm: a preset and field overrides (see deep.config)."""
+    """One arm: a preset and field overrides (see deep.config); or, with ``ensemble_of``, a deep ensemble assembled
+    from ``size`` runs of another arm (no training of its own: K x that arm's cost)."""
     name: str
-    config: str
+    config: str = ""
     overrides: dict = field(default_factory=dict)
+    ensemble_of: str | None = None
+    size: int = 0
 
     def resolved(self):
         return get_config(self.config, **{k: tuple(v) if isinstance(v, list) else v
@@ -73,7 +76,14 @@ class StudySpec:
             raise ConfigError(f"study {self.name}: seeds must be distinct integers >= 0, got {list(self.seeds)}")
         if self.rule not in ("stored", "reestimated"):
             raise ConfigError(f"study {self.name}: rule must be stored or reestimated, got {self.rule!r}")
-        kinds = {a.resolved().KIND for a in self.arms}  # validates every arm's config
+        trained = {a.name for a in self.arms if a.ensemble_of is None}
+        for a in self.arms:
+            if a.ensemble_of is not None and (a.ensemble_of not in trained or not 2 <= a.size <= len(self.seeds)):
+                raise ConfigError(f"study {self.name}: the deep ensemble {a.name} needs ensemble_of = a trained arm "
+                                  f"and 2 <= size <= {len(self.seeds)} (the seeds), got {a.ensemble_of!r}, {a.size}")
+        if self.baseline not in trained:
+            raise ConfigError(f"study {self.name}: the baseline must be a trained arm, not {self.baseline!r}")
+        kinds = {a.resolved().KIND for a in self.arms if a.ensemble_of is None}  # validates every arm's config
         if len(kinds) != 1:
             raise ConfigError(f"study {self.name}: all arms must be of one kind, got {sorted(kinds)}")
         return self
@@ -103,7 +113,10 @@ def load_spec(spec: str) -> StudySpec:
     try:
         with open(spec) as f:
             d = json.load(f)
-        arms = tuple(Arm(name, a["config"], dict(a.get("overrides", {}))) for name, a in d["arms"].items())
+        arms = tuple(Arm(name, a.get("config", ""), dict(a.get("overrides", {})), a.get("ensemble_of"),
+                         int(a.get("size", 0))) if "ensemble_of" in a else Arm(name, a["config"],
+                                                                                dict(a.get("overrides", {})))
+                     for name, a in d["arms"].items())
         return StudySpec(d.get("name", os.path.splitext(os.path.basename(spec))[0]), arms, tuple(d["seeds"]),
                          d["baseline"], d.get("rule", "reestimated"), d.get("description", "")).validate()
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
@@ -121,13 +134,14 @@ def _trunk_plan(spec: StudySpec) -> dict:
     """arm -> (E, the arms that share their first E epochs): one family per late-phase arm with its own release epoch
     E = T0 > 0 (its lead), joined by every arm, late-phase or not, that :func:`deep.trainer.shareable` allows to start
     from the lead's state after E epochs, and the lead from its."""
-    cfgs = {a.name: a.resolved().to_dict() for a in spec.arms}
+    trained = [a for a in spec.arms if a.ensemble_of is None]
+    cfgs = {a.name: a.resolved().to_dict() for a in trained}
     families: list[tuple[int, str, list]] = []
-    for arm in spec.arms:
+    for arm in trained:
         c = cfgs[arm.name]
         if c["phi"] and c["T0"] > 0 and not any(e == c["T0"] and _mutual(cfgs[lead], c, e) for e, lead, _ in families):
             families.append((c["T0"], arm.name, []))
-    for arm in spec.arms:
+    for arm in trained:
         for epochs, lead, members in families:
             if _mutual(cfgs[lead], cfgs[arm.name], epochs):
                 members.append(arm.name)
@@ -149,7 +163,7 @@ def run_study(spec: StudySpec, out: str, data_dir: str = "data", device: str | N
     plan = _trunk_plan(spec)
     say = (lambda text: None) if quiet else (lambda text: print(f"[study {spec.name}] {text}",
                                                                 file=stream or sys.stdout, flush=True))
-    todo = [(seed, arm) for seed in spec.seeds for arm in spec.arms]
+    todo = [(seed, arm) for seed in spec.seeds for arm in spec.arms if arm.ensemble_of is None]
     start = time.perf_counter()
     for i, (seed, arm) in enumerate(todo):
         folder = _folder(out, arm.name, seed)
@@ -181,7 +195,7 @@ def _train(cfg, seed, folder, resume, fork, trunk_epoch, data_dir="data", device
     os.makedirs(os.path.dirname(folder), exist_ok=True)
     run = run_cls(cfg, seed=seed, data_dir=data_dir, out=folder, device=device, resume=resume, progress=False,
                   quiet=quiet, stream=stream, export="averaged", trunk_epoch=trunk_epoch, fork=fork,
-                  command=f"python -m deep study (arm {cfg.name}, seed {seed})")
+                  save_predictions=True, command=f"python -m deep study (arm {cfg.name}, seed {seed})")
     run.train()
 
 
@@ -236,15 +250,47 @@ def _metric(models: dict, model: str, rule: str, metric: str):
 
 
 def collect(spec: StudySpec, out: str) -> dict:
-    """arm -> seed -> results dict, for the finished runs."""
+    """arm -> seed -> results dict, for the finished runs; a deep-ensemble arm's "seed" s is the ensemble of the
+    runs of ``size`` consecutive seeds of its arm starting at s (cyclically, so ensembles overlap when size > 1)."""
     found = {}
     for arm in spec.arms:
+        if arm.ensemble_of is not None:
+            continue
         for seed in spec.seeds:
             path = os.path.join(_folder(out, arm.name, seed), "results.json")
             if os.path.exists(path):
                 with open(path) as f:
                     found.setdefault(arm.name, {})[seed] = json.load(f)
+    for arm in spec.arms:
+        if arm.ensemble_of is not None:
+            ensembles = {s: _deep_ensemble(spec, out, arm, i, found.get(arm.ensemble_of, {}))
+                         for i, s in enumerate(spec.seeds)}
+            found[arm.name] = {s: r for s, r in ensembles.items() if r is not None}
     return found
+
+
+def _deep_ensemble(spec: StudySpec, out: str, arm: Arm, start: int, runs: dict) -> dict | None:
+    """The results of a deep ensemble of the runs of seeds start..start+size-1 (cyclically) of arm.ensemble_of:
+    mean of their predicted probabilities (predictions.pt) under every rule, scored like one model; cost: the sum."""
+    import torch
+
+    from .evaluate import summarize
+    seeds = [spec.seeds[(start + j) % len(spec.seeds)] for j in range(arm.size)]
+    paths = [os.path.join(_folder(out, arm.ensemble_of, s), "predictions.pt") for s in seeds]
+    if not all(s in runs for s in seeds) or not all(os.path.exists(p) for p in paths):
+        return None
+    preds = [torch.load(p, weights_only=True) for p in paths]
+    models = {}
+    for rule in preds[0]:
+        keys = [k for k in preds[0][rule] if k != "labels"]
+        mean = {k: sum(p[rule][k].float() for p in preds) / len(preds) for k in keys}
+        mean["labels"] = preds[0][rule]["labels"]
+        models.setdefault("averaged", {})[rule] = summarize(mean, [k for k in keys if k != "test"])
+    costs = [runs[s].get("cost") or {} for s in seeds]
+    return {"models": models, "train_seconds": sum(runs[s]["train_seconds"] for s in seeds),
+            "images_per_s": {}, "ensemble_seeds": seeds,
+            "cost": {"training_flops": sum(c.get("training_flops") or 0 for c in costs) or None,
+                     "parameters": sum(c.get("parameters") or 0 for c in costs) or None}}
 
 
 def make_report(spec: StudySpec, out: str) -> dict:
@@ -257,15 +303,23 @@ def make_report(spec: StudySpec, out: str) -> dict:
     metrics = list(METRICS) + [f"ood:{o}:auroc_entropy" for o in oods] + (["ood:mean:auroc_entropy"] if oods else [])
     report = {"study": spec.name, "description": spec.description, "baseline": spec.baseline, "rule": spec.rule,
               "seeds": list(spec.seeds), "arms": {}, "paired": {}}
+    base_flops = [r.get("cost", {}).get("training_flops") for r in results.get(spec.baseline, {}).values()]
+    base_flops = [f for f in base_flops if f]
     for arm in spec.arms:
         runs = results.get(arm.name, {})
-        cfg = arm.resolved()
-        entry = {"config": arm.config, "overrides": arm.overrides, "seeds": sorted(runs), "metrics": {},
+        cfg = (next(a for a in spec.arms if a.name == arm.ensemble_of) if arm.ensemble_of else arm).resolved()
+        flops = [r.get("cost", {}).get("training_flops") for r in runs.values()]
+        entry = {"config": arm.config or f"deep ensemble of {arm.size} {arm.ensemble_of} runs",
+                 "overrides": arm.overrides, "seeds": sorted(runs), "metrics": {},
                  "train_seconds": mean_ci([r["train_seconds"] for r in runs.values()]) if runs else None,
                  "images_per_s": {p: [r.get("images_per_s", {}).get(p) for r in runs.values()] for p in
                                   ("pre", "late")},
-                 "late_phase": cfg.late_phase, "K": cfg.K if cfg.late_phase else None,
-                 "gamma_theta": cfg.theta_scale if cfg.late_phase else None}
+                 "late_phase": cfg.late_phase and not arm.ensemble_of, "K": cfg.K if cfg.late_phase else None,
+                 "gamma_theta": cfg.theta_scale if cfg.late_phase else None, "ensemble_of": arm.ensemble_of,
+                 "size": arm.size or None,
+                 "parameters": next((r.get("cost", {}).get("parameters") for r in runs.values()), None),
+                 "relative_training_flops": (sum(f for f in flops if f) / max(len([f for f in flops if f]), 1)) /
+                 (sum(base_flops) / len(base_flops)) if base_flops and any(flops) else None}
         for rule in (spec.rule, "stored"):
             for model in MODELS:
                 for metric in metrics:
@@ -349,14 +403,22 @@ def render_report(report: dict, figures: list) -> str:
                     cells.append("—" if d is None else f"{_cell(d, _digits(m))}, +{d['positive']}/−{d['negative']}")
                 lines.append(f"| {name} | {model} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += ["## Cost", "", "| arm | late-phase | train seconds per run | images/s before / after the release |",
-              "|---|---|---:|---|"]
+    lines += ["## Cost", "", "Training FLOPs relative to the baseline arm (3 x 2 x forward multiply-accumulates per "
+              "example x examples trained on; a deep ensemble sums its runs).", "",
+              "| arm | what | parameters | training FLOPs vs base | train seconds per run | images/s before / after "
+              "the release |", "|---|---|---:|---:|---:|---|"]
     for name, a in arms.items():
         rates = a["images_per_s"]
         fmt = (lambda xs: ", ".join(f"{x:.0f}" for x in xs if x) or "—")  # noqa: E731
-        lp = f"K={a['K']}, gamma_theta={a['gamma_theta']:g}" if a["late_phase"] else "no"
-        lines.append(f"| {name} | {lp} | {_cell(a['train_seconds'], 0)} | {fmt(rates['pre'])} / "
-                     f"{fmt(rates['late'])} |")
+        what = (f"deep ensemble of {a['size']} `{a['ensemble_of']}` runs" if a["ensemble_of"] else
+                f"late-phase K={a['K']}, gamma_theta={a['gamma_theta']:g}" if a["late_phase"] else "no late phase")
+        rel = f"{a['relative_training_flops']:.2f}x" if a["relative_training_flops"] else "—"
+        params = f"{a['parameters']:,}" if a["parameters"] else "—"
+        lines.append(f"| {name} | {what} | {params} | {rel} | {_cell(a['train_seconds'], 0)} | "
+                     f"{fmt(rates.get('pre', []))} / {fmt(rates.get('late', []))} |")
+    if any(a["ensemble_of"] for a in arms.values()):
+        lines += ["", "Deep-ensemble arms: seed s is the ensemble of the runs of `size` consecutive seeds from s "
+                      "(cyclically), so their samples overlap and their confidence intervals are optimistic."]
     lines += [""] + [f"![{os.path.basename(f)}]({os.path.basename(f)})" for f in figures]
     return "\n".join(lines) + "\n"
 
@@ -376,6 +438,8 @@ def _plots(spec: StudySpec, out: str, results: dict) -> list:
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     for i, arm in enumerate(spec.arms):
+        if arm.ensemble_of is not None:
+            continue
         logs = []
         for seed in results.get(arm.name, {}):
             with open(os.path.join(_folder(out, arm.name, seed), "log.jsonl")) as f:

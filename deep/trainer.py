@@ -51,7 +51,8 @@ from .system import hardware, keep_freed_memory, pick_device, sync
 SCHEMA = "late-phase-results/2"
 FORMAT = "deep-run/2"
 RULES = ("stored", "reestimated", "reference")  # the BatchNorm rules of deep.evaluate
-EVAL_FIELDS = ("ood", "eval_batch_size", "test_subset", "bn_images")  # config fields that do not change training
+EVAL_FIELDS = ("ood", "ood_folders", "eval_batch_size", "test_subset", "bn_images",
+               "mc_samples")  # config fields that do not change training
 
 
 def write_json(path: str, obj) -> None:
@@ -72,8 +73,10 @@ def _families(cfg) -> list:
             out.append(shared.BatchNorm())
         elif name == "head":
             out.append(shared.Head())
-        else:
+        elif name == "rank1":
             out.append(shared.Rank1(*cfg.rank1_layers))
+        else:  # all: every weight late-phase, a late-phase full ensemble
+            out += [shared.BatchNorm(), shared.Custom(types=(nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))]
     return out
 
 
@@ -90,10 +93,10 @@ class Trainer(abc.ABC):
     def __init__(self, cfg, seed: int = 0, data_dir: str = "data", out: str | None = None, device: str | None = None,
                  resume: bool = False, progress: bool = True, command: str | None = None, download: bool = False,
                  quiet: bool = False, stream=None, export: str = "all", evaluate_only: bool = False,
-                 trunk_epoch: int | None = None, fork: str | None = None):
+                 trunk_epoch: int | None = None, fork: str | None = None, save_predictions: bool = False):
         self.cfg, self.seed, self.data_dir, self.progress, self.download = cfg, int(seed), data_dir, progress, download
         self.quiet, self.stream, self.export_what, self.evaluate_only = quiet, stream, export, evaluate_only
-        self.trunk_epoch = trunk_epoch
+        self.trunk_epoch, self.save_predictions = trunk_epoch, save_predictions
         self.command = command or " ".join(["python -m deep"] + sys.argv[1:])
         self.device = pick_device(device)
         self.distributed = dist_utils.init_from_env("gloo" if self.device.type == "cpu" else "nccl")
@@ -117,6 +120,7 @@ class Trainer(abc.ABC):
             # BatchNorm over each whole minibatch on all ranks, as in one process (LatePhase keeps doing so)
             self.model = dist_utils.sync_batchnorm(self.model)
         self.fams = _families(cfg) if cfg.late_phase else []
+        self.macs = forward_macs(self.model, self.example_input())
         self.preflight()
         if cfg.compile:
             self.model.compile()  # in place: parameter names and state_dict keys stay the same
@@ -158,6 +162,10 @@ class Trainer(abc.ABC):
     def examples(self, batch) -> int:
         """How many examples (``UNIT``) one step's batch holds on all ranks together."""
         return batch[0].shape[0] * self.world
+
+    def example_input(self):
+        """One input of the model's forward holding ``per`` examples, as (input, per): for the FLOP count."""
+        return None, 1
 
     def epoch_metrics(self) -> dict:
         """Quick metrics for this epoch's log line (e.g. the averaged model's test accuracy)."""
@@ -458,7 +466,7 @@ class Trainer(abc.ABC):
         self.say(f"evaluating the final models ({self.cfg.name}, epoch {self.epoch}/{self.cfg.epochs})")
         models = self.evaluate_models(tuple(rules) if rules else RULES)
         rate = f"{self.UNIT}_per_s"
-        result = {**self.header(), "models": models,
+        result = {**self.header(), "models": models, "cost": self.cost(),
                   "train_seconds": sum(e["seconds"] for e in self.log if "seconds" in e),
                   "eval_seconds": time.perf_counter() - start,
                   rate: {"pre": median([e.get(rate) for e in self.log if e.get("phase") == "pre"]),
@@ -468,6 +476,22 @@ class Trainer(abc.ABC):
             write_json(os.path.join(self.out, filename), result)
         self.say(f"evaluated in {_clock(result['eval_seconds'])}: {os.path.join(self.out, filename)}")
         return result
+
+    def cost(self) -> dict:
+        """What the run cost: parameters (all trained ones -- theta and every member's phi -- and those of one
+        network), forward multiply-accumulates per example (Conv/Linear layers of the plain architecture), the
+        examples trained on and the training FLOPs estimated as 3 x 2 x MACs per example (forward and backward)."""
+        late = self.lp.model if self.lp is not None else self.model
+        examples = sum((e.get(f"{self.UNIT}_per_s") or 0) * e.get("seconds", 0) for e in self.log
+                       if e.get("phase") in ("pre", "late"))
+        return {"parameters": sum(p.numel() for p in late.parameters() if p.requires_grad),
+                "network_parameters": sum(p.numel() for p in self._plain_network().parameters()),
+                "members": self.cfg.K if self.lp is not None else 1,
+                "forward_macs_per_example": self.macs, "training_examples": round(examples),
+                "training_flops": 6 * self.macs * round(examples) if self.macs else None}
+
+    def _plain_network(self) -> nn.Module:
+        return shared.collapse(self.lp.model, bn="mean") if self.lp is not None else self.model
 
     # ------------------------------------------------------------------ exported models
     def final_models(self) -> dict:
@@ -521,6 +545,35 @@ def shareable(trunk: dict, mine: dict, epochs: int) -> str | None:
     return None
 
 
+@torch.no_grad()
+def forward_macs(model: nn.Module, example) -> int | None:
+    """Multiply-accumulates of one forward pass per example, counted over the Conv and Linear layers with hooks:
+    conv: out_elements * in_channels / groups * prod(kernel); linear: out_elements * in_features. ``example``:
+    (input, examples it holds), or (None, _) for no count."""
+    x, per = example
+    if x is None:
+        return None
+    total = [0]
+
+    def hook(m, inp, out):
+        if isinstance(m, nn.modules.conv._ConvNd):
+            total[0] += out.numel() * (m.in_channels // m.groups) * int(torch.tensor(m.kernel_size).prod())
+        else:
+            total[0] += out.numel() * m.in_features
+
+    was = model.training
+    model.eval()
+    hooks = [m.register_forward_hook(hook) for m in model.modules()
+             if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+    try:
+        model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    return total[0] // per
+
+
 def _clock(seconds: float) -> str:
     """1h02m, 3m05s or 12s."""
     seconds = int(round(seconds))
@@ -552,9 +605,14 @@ class ClassifierRun(Trainer):
         """An iterator of training inputs for BatchNorm re-estimation (training transform, cfg.bn_images examples
         on all ranks together; all of one pass when 0)."""
 
-    def _score(self, model):
-        from .evaluate import score_plain
-        return score_plain(model, self.test_batches, self.ood_batches(), self.amp)
+    def _score(self, model, rule: str | None = None, passes: int = 1):
+        """Metrics of a plain network; with ``rule``, its predictions are kept for predictions.pt."""
+        from .evaluate import predict_plain, summarize
+        ood = self.ood_batches()
+        predictions = predict_plain(model, self.test_batches, ood, self.amp, passes)
+        if rule is not None and passes == 1:
+            self.__dict__.setdefault("_predictions", {})[rule] = predictions
+        return summarize(predictions, list(ood))
 
     def _scored(self, what: str, fn):
         """fn() with a console line saying what is evaluated and how long it took."""
@@ -598,12 +656,20 @@ class ClassifierRun(Trainer):
                 continue  # the reference rule is the averaged late-phase model's; a base model has its stored one
             nets = self._networks(rule)
             models.setdefault("averaged", {})[rule] = self._scored(f"averaged ({rule})",
-                                                                   lambda: self._score(nets["averaged"]))
+                                                                   lambda: self._score(nets["averaged"], rule))
+            samples = getattr(self.cfg, "mc_samples", 0)
+            if samples and rule != "reference":
+                models.setdefault("mc_dropout", {})[rule] = self._scored(
+                    f"MC dropout, {samples} passes ({rule})", lambda: self._score(nets["averaged"], passes=samples))
             if nets["late"] is not None:
                 ens, members = self._scored(f"ensemble and {self.cfg.K} members ({rule})", lambda: score_members(
                     nets["late"], self.test_batches, self.ood_batches(), self.amp))
                 models.setdefault("ensemble", {})[rule] = ens
                 models.setdefault("members", {})[rule] = members
+        if self.save_predictions and self.rank == 0:
+            kept = {rule: {k: (v.half() if v.is_floating_point() else v) for k, v in p.items()}
+                    for rule, p in self.__dict__.get("_predictions", {}).items()}
+            atomic_write(os.path.join(self.out, "predictions.pt"), lambda f: torch.save(kept, f))
         return models
 
     def final_models(self) -> dict:

@@ -79,7 +79,8 @@ def test_statistics_by_hand():
 def _spec(**kw):
     arms = (Arm("base", "fmnist_base", dict(TINY)),
             Arm("late", "fmnist_bn", dict(TINY, T0=1, K=2)),
-            Arm("late_mean", "fmnist_bn", dict(TINY, T0=1, K=2, gamma_theta=-1)))
+            Arm("late_mean", "fmnist_bn", dict(TINY, T0=1, K=2, gamma_theta=-1)),
+            Arm("deep_ensemble", ensemble_of="base", size=2))
     return StudySpec(name="tiny", arms=arms, seeds=(0, 1), baseline="base", **kw).validate()
 
 
@@ -101,7 +102,7 @@ def test_study_end_to_end_resume_and_report(data_root, tmp_path, capsys):
     report = run_study(spec, str(tmp_path), str(data_root), "cpu", stream=None)
     out = capsys.readouterr().out
     assert "late_mean seed 0 (forking" in out and "base seed 0" not in out  # finished runs are skipped
-    assert set(report["arms"]) == {"base", "late", "late_mean"}
+    assert set(report["arms"]) == {"base", "late", "late_mean", "deep_ensemble"}
     # the report's numbers are the results files' numbers
     per_seed = {s: json.load(open(tmp_path / "late" / f"seed{s}" / "results.json"))["models"]["averaged"]
                 ["reestimated"]["accuracy"] for s in (0, 1)}
@@ -115,6 +116,16 @@ def test_study_end_to_end_resume_and_report(data_root, tmp_path, capsys):
     members = json.load(open(tmp_path / "late" / "seed0" / "results.json"))["models"]["members"]["reestimated"]
     member_nll = report["arms"]["late"]["metrics"]["reestimated"]["members"]["nll"]["per_seed"][0]
     assert member_nll == pytest.approx(sum(m["nll"] for m in members) / len(members))
+    # the deep ensemble of seed s: the mean of the base runs' probabilities of seeds s and s+1 (cyclically)
+    import torch
+    from deep.evaluate import summarize
+    p0, p1 = (torch.load(tmp_path / "base" / f"seed{s}" / "predictions.pt")["reestimated"] for s in (0, 1))
+    mean = {"test": (p0["test"].float() + p1["test"].float()) / 2, "labels": p0["labels"]}
+    ens = report["arms"]["deep_ensemble"]
+    assert ens["metrics"]["reestimated"]["averaged"]["nll"]["per_seed"][1] == pytest.approx(
+        summarize(mean, [])["nll"])
+    assert ens["relative_training_flops"] == pytest.approx(2.0)
+    assert report["arms"]["late"]["relative_training_flops"] == pytest.approx(1.0, rel=0.05)
     md = (tmp_path / "report.md").read_text()
     assert "## Paired differences to `base`" in md and "| late | ensemble |" in md and "![curves.png]" in md
     for png in ("curves.png", "reliability.png"):

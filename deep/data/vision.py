@@ -273,7 +273,27 @@ def load_image_folder(path, name=None, size=32, channels=3):
     return ImageData(name, "test", tensor, torch.from_numpy(labels), len(classes), mean, std)
 
 
-DATASETS = ("cifar10", "cifar100", "svhn", "fashion_mnist", "synthetic")
+def load_digits(split="test", size=28):
+    """scikit-learn's bundled handwritten digits (1,797 8x8 images, 16 grey levels; no download) as uint8 images
+    resized to size x size (bilinear) with one channel: an out-of-distribution set reachable offline for
+    Fashion-MNIST. Needs scikit-learn (``pip install scikit-learn``, or the ``[ood]`` extra)."""
+    _check_split("digits", split)
+    try:
+        from sklearn.datasets import load_digits as sk_digits
+    except ImportError:
+        raise DataError("the digits OOD set needs scikit-learn: pip install scikit-learn (or late-phase[ood])") \
+            from None
+    d = sk_digits()
+    images = torch.from_numpy((d.images * (255.0 / 16.0)).round().astype(np.uint8))[:, None]
+    if size != 8:
+        images = torch.nn.functional.interpolate(images.float(), size=(size, size), mode="bilinear",
+                                                 align_corners=False).round().clamp(0, 255).to(torch.uint8)
+    labels = torch.from_numpy(d.target.astype(np.int64))
+    mean, std = channel_stats(images)
+    return ImageData("digits", split, images.contiguous(), labels, 10, mean, std)
+
+
+DATASETS = ("cifar10", "cifar100", "svhn", "fashion_mnist", "synthetic", "digits")
 
 
 def load_dataset(name, root=".", split="train", download=False, **options):
@@ -290,11 +310,13 @@ def load_dataset(name, root=".", split="train", download=False, **options):
         return load_fashion_mnist(root, split, download, **options)
     if name == "synthetic":
         return load_synthetic(split, **options)
+    if name == "digits":
+        return load_digits(split, **options)
     raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
 
 
 # The OOD test sets the paper pairs with each in-distribution dataset (plus LSUN/TinyImageNet-resize as folders).
-OOD_SETS = {"cifar10": ("svhn", "cifar100"), "cifar100": ("svhn", "cifar10")}
+OOD_SETS = {"cifar10": ("svhn", "cifar100"), "cifar100": ("svhn", "cifar10"), "fashion_mnist": ("digits",)}
 
 
 def load_ood_sets(in_data, root=".", folders=None, download=False):
@@ -310,7 +332,7 @@ def load_ood_sets(in_data, root=".", folders=None, download=False):
     c, h, w = in_data.shape
     for name in OOD_SETS.get(in_data.name, ()):
         try:
-            data = load_dataset(name, root, "test", download)
+            data = load_dataset(name, root, "test", download, **({"size": h} if name == "digits" else {}))
             if data.shape != (c, h, w):
                 raise DataError(f"{name} images are {data.shape}, in-distribution images are {(c, h, w)}")
             found[name] = data

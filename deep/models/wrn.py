@@ -21,6 +21,7 @@ class WRNConfig:
     width: int = 10
     num_classes: int = 10
     in_channels: int = 3
+    dropout: float = 0.0    # between the two convolutions of every block (Zagoruyko & Komodakis); 0: none
 
     def __post_init__(self):
         if self.depth < 10 or (self.depth - 4) % 6:
@@ -30,10 +31,11 @@ class WRNConfig:
 
 
 class Block(nn.Module):
-    """Pre-activation residual block: y = conv2(relu(bn2(conv1(relu(bn1(x)))))) + shortcut."""
+    """Pre-activation residual block: y = conv2(dropout(relu(bn2(conv1(relu(bn1(x))))))) + shortcut."""
 
-    def __init__(self, c_in: int, c_out: int, stride: int):
+    def __init__(self, c_in: int, c_out: int, stride: int, dropout: float = 0.0):
         super().__init__()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
         self.bn1 = nn.BatchNorm2d(c_in)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(c_out)
@@ -44,7 +46,8 @@ class Block(nn.Module):
 
     def forward(self, x):
         o = F.relu(self.bn1(x), inplace=True)
-        y = self.conv2(F.relu(self.bn2(self.conv1(o)), inplace=True))
+        h = F.relu(self.bn2(self.conv1(o)), inplace=True)
+        y = self.conv2(h if self.dropout is None else self.dropout(h))
         return y + (x if self.shortcut is None else self.shortcut(o))
 
 
@@ -58,7 +61,7 @@ class WRN(nn.Module):
         blocks, c_in = [], widths[0]
         for stage, stride in zip(range(1, 4), (1, 2, 2)):
             for i in range(n):
-                blocks.append(Block(c_in, widths[stage], stride if i == 0 else 1))
+                blocks.append(Block(c_in, widths[stage], stride if i == 0 else 1, cfg.dropout))
                 c_in = widths[stage]
         self.blocks = nn.Sequential(*blocks)
         self.bn = nn.BatchNorm2d(c_in)
@@ -78,6 +81,6 @@ class WRN(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-def wrn(depth: int = 28, width: int = 10, num_classes: int = 10, in_channels: int = 3) -> WRN:
+def wrn(depth: int = 28, width: int = 10, num_classes: int = 10, in_channels: int = 3, dropout: float = 0.0) -> WRN:
     """WRN-depth-width, e.g. ``wrn(28, 10)`` (36.48 M parameters) or ``wrn(16, 4)`` for quick runs."""
-    return WRN(WRNConfig(depth, width, num_classes, in_channels))
+    return WRN(WRNConfig(depth, width, num_classes, in_channels, dropout))

@@ -76,7 +76,8 @@ def _check_arguments(model, K, families, gamma_theta, sigma0, path, T0, check_fi
     need(not late_modules(model), "the model already has late-phase layers; build LatePhase on the original model")
     families = [BatchNorm()] if families is None else [families] if isinstance(families, Family) else list(families)
     need(families and all(isinstance(f, Family) for f in families),
-         f"families must be a non-empty list of BatchNorm(), Head(), Rank1(), Custom(...); got {families!r}")
+         f"families must be a non-empty list of BatchNorm(), Head(), Rank1(), Hypernetwork(), Custom(...); "
+         f"got {families!r}")
     return families
 
 

@@ -186,7 +186,15 @@ class Hypernetwork(Family):
     (:func:`shared.modules.template_bank`). Every member's coefficients of layer i start at c_ki = e_i, so
     sum_j T_j c_kij = W_i: the release reproduces the trained network exactly (sigma0 > 0 perturbs the coefficients).
     Biases stay theta. ``generator`` draws the new templates (default: the global CPU generator). Collapse:
-    W_bar = sum_j T_j c_bar_j with c_bar = mean_k c_k, which is the members' mean weight (W is linear in c)."""
+    W_bar = sum_j T_j c_bar_j with c_bar = mean_k c_k, which is the members' mean weight (W is linear in c).
+
+    The reference (``nets/hyper_layers.py``, ``nets/hyper_wrn.py``) builds its WRN from templates from the start:
+    random templates, coefficients orthogonal across the layers of a bank with unit norm, tied across members until
+    the release and copied to every member then. Here the network is an ordinary one until the release, and the bank
+    is formed then in the basis in which its templates are the trained weights, where those orthonormal coefficients
+    are e_1..e_n. Not reproduced: its split of the input channels into pieces with their own coefficients
+    (``template_split_factor``), its bias templates (a bias here is theta) and its per-stage template counts
+    (10 for the first convolution and the head, (2 * blocks - 1) or twice that per stage bank)."""
 
     def __init__(self, *include: str, exclude: Sequence[str] | str = (), templates: int = 10, share: bool = True,
                  types: Sequence[type] = (nn.Linear,) + CONV_TYPES, generator=None):

@@ -1,5 +1,5 @@
-"""Hypernetwork late-phase weights W_k = sum_j T_j c_kj: template banks as in the reference, an exact release, Algorithm 1
-computed by hand, the collapse to the original layers with the mean weights, optimizer inheritance and errors.
+"""Hypernetwork late-phase weights W_k = sum_j T_j c_kj: template banks as in the reference, an exact release,
+Algorithm 1 computed by hand, the collapse to the original layers with the mean weights, optimizer inheritance and errors.
 (Vectorized = sequential: the hyper cases of test_shared_core.CASES.)"""
 import copy
 

@@ -14,10 +14,10 @@ from .batching import stack_batches
 from .checkpoint import CheckpointError, load, save
 from .core import LatePhase, sgd
 from .errors import LatePhaseError
-from .families import BatchNorm, Custom, Family, Head, Rank1, Selection
+from .families import BatchNorm, Custom, Family, Head, Hypernetwork, Rank1, Selection
 from .modules import LateModule, member_mode
 from .swa import SWA
 
-__all__ = ["LatePhase", "LatePhaseError", "sgd", "BatchNorm", "Head", "Rank1", "Custom", "Family", "Selection",
-           "LateModule", "member_mode", "stack_batches", "collapse", "ensemble_logits", "ensemble_probs",
+__all__ = ["LatePhase", "LatePhaseError", "sgd", "BatchNorm", "Head", "Rank1", "Hypernetwork", "Custom", "Family",
+           "Selection", "LateModule", "member_mode", "stack_batches", "collapse", "ensemble_logits", "ensemble_probs",
            "update_bn", "SWA", "save", "load", "CheckpointError"]

@@ -45,7 +45,8 @@ def collapse(model: nn.Module, loader: Iterable | None = None, bn: str = "data",
     BatchNorm: gamma_bar, beta_bar; running statistics re-estimated by one pass over ``loader`` (bn="data",
     :func:`update_bn`: cumulative average over the loader's batches) or the members' mean running
     mean and mean running variance (bn="mean"). Head: W_bar, b_bar. Rank-1: W o (r_bar s_bar^T) folded into the
-    original Linear/Conv. Custom: the original module with phi_bar. ``model`` itself is not changed.
+    original Linear/Conv. Hypernetwork: W_bar = sum_j T_j c_bar_j (the members' mean weight) in the original layer.
+    Custom: the original module with phi_bar. ``model`` itself is not changed.
     With a single member (``members=[k]``) and bn="mean" the result is exactly member k's network.
 
     Example::

@@ -76,7 +76,8 @@ def _check_arguments(model, K, families, gamma_theta, sigma0, path, T0, check_fi
     need(not late_modules(model), "the model already has late-phase layers; build LatePhase on the original model")
     families = [BatchNorm()] if families is None else [families] if isinstance(families, Family) else list(families)
     need(families and all(isinstance(f, Family) for f in families),
-         f"families must be a non-empty list of BatchNorm(), Head(), Rank1(), Custom(...); got {families!r}")
+         f"families must be a non-empty list of BatchNorm(), Head(), Rank1(), Hypernetwork(), Custom(...); "
+         f"got {families!r}")
     return families
 
 
@@ -85,10 +86,12 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent), leaf, new)
 
 
-def _surgery(model: nn.Module, families: list, K: int) -> dict:
+def _surgery(model: nn.Module, families: list, K: int) -> tuple[dict, dict]:
     """Replace every selected module by its member-aware version, in place, and every other nn.BatchNorm by a shared
     one (per-member batch statistics in stacked mode). Returns, per new late module (by id), {phi name: (the original
-    Parameter it replicates or None, the wrapped module's first Parameter or None)}, read before wrapping."""
+    Parameter it replicates or None, the wrapped module's first Parameter or None)}, read before wrapping; and, per
+    new theta tensor that a replacement creates (by id, e.g. a template bank), the first Parameter of the first
+    module it replaces (whose optimizer param group it joins)."""
     chosen = {}
     for fam in families:
         for sel in fam.select(model):
@@ -104,12 +107,17 @@ def _surgery(model: nn.Module, families: list, K: int) -> dict:
         outer = next((p for p in (".".join(parts[:i]) for i in range(1, len(parts))) if p in chosen), None)
         if outer is not None:
             raise LatePhaseError(f"module {name!r} lies inside {outer!r}, which is also selected; select one of them")
-    sources = {}
+    sources, theta_sources = {}, {}
     for name, (fam, sel) in chosen.items():
         originals = {p: sel.module.get_parameter(p) for p in sel.params}
         anchor = next(sel.module.parameters(), None)
+        before = {id(p) for p in sel.module.parameters()}
         late = fam.wrap(sel, K)
         names = {n for n, _ in late.phi_lists()}
+        phi_ids = {id(p) for _, plist in late.phi_lists() for p in plist}
+        for p in late.parameters():
+            if id(p) not in before and id(p) not in phi_ids and anchor is not None:
+                theta_sources.setdefault(id(p), anchor)
         if not set(sel.params) <= names:
             raise LatePhaseError(f"{fam!r}: the replacement of {name!r} has no member copies of "
                                  f"{sorted(set(sel.params) - names)}; this is a bug in the family")
@@ -118,7 +126,7 @@ def _surgery(model: nn.Module, families: list, K: int) -> dict:
     for name, m in list(model.named_modules()):
         if type(m) in BATCHNORM_TYPES and not any(name == c or name.startswith(c + ".") for c in chosen):
             _replace(model, name, LateBatchNorm(m, K, late=False))
-    return sources
+    return sources, theta_sources
 
 
 def _vectorization_blocker(model: nn.Module) -> str | None:
@@ -279,7 +287,8 @@ class LatePhase:
             buffers) is copied: theta's as it is, and the original phi tensors' state to every member's copies. Where
             a factory is not given, the new optimizer also takes its class and every param-group hyperparameter (lr,
             weight decay, momentum, Nesterov, a scheduler's initial_lr) of the group that held each tensor (new tensors
-            such as rank-1 factors: the group of the layer's weight). A factory that is given sets the hyperparameters.
+            such as rank-1 factors or template banks: the group of the layer's weight; a new tensor has no state to
+            copy). A factory that is given sets the hyperparameters.
         generator: torch.Generator for the release noise (default: the global CPU generator).
         check_finite_every: check the loss for NaN/inf every this many outer steps (1: before every update, which
             synchronises with the GPU; n > 1: a device-side flag read every n steps; 0: never). Default: 1 on the CPU,
@@ -308,7 +317,7 @@ class LatePhase:
         self.path = path if path != "auto" else ("sequential" if blocker else "vectorized")
         self._blocker, self.outer_step = blocker, 0
 
-        sources = _surgery(model, families, K)
+        sources, theta_sources = _surgery(model, families, K)
         late = [m for _, m in late_modules(model)]
         self.phi_params = [[p for m in late for p in m.phi(k)] for k in range(K)]
         if not self.phi_params[0]:
@@ -321,7 +330,9 @@ class LatePhase:
 
         old = inherit_optimizer_state
         theta = [p for p in self.theta_params if p.requires_grad]
-        self.theta_optimizer = _build_optimizer(theta_optimizer, theta, theta, old, "theta") if theta else None
+        theta_origins = [theta_sources.get(id(p), p) for p in theta]
+        self.theta_optimizer = (_build_optimizer(theta_optimizer, theta, theta_origins, old, "theta") if theta
+                                else None)
         self.phi_optimizers = []
         for k, ps in enumerate(self.phi_params):
             trainable = [(p, src) for p, src in zip(ps, phi_sources) if p.requires_grad]

@@ -11,6 +11,8 @@ pre-T0 optimizer state and hyperparameters reach every member whatever ``wrap`` 
 * :class:`BatchNorm` -- every nn.BatchNorm1d/2d/3d: gamma, beta and the running statistics become per member.
 * :class:`Head` -- the classifier head (the last nn.Linear, or a named one): W and b become per member.
 * :class:`Rank1` -- rank-1 multiplicative factors on Linear/Conv layers: W_k = W o (r_k s_k^T) (BatchEnsemble style).
+* :class:`Hypernetwork` -- Linear/Conv weights from template banks: W_k = sum_j T_j c_kj, templates T theta,
+  coefficients c_k per member (the reference's hypernetwork late-phase weights).
 * :class:`Custom` -- any parameters, selected by module type or by parameter name pattern.
 
 Families combine (``[BatchNorm(), Head()]`` is the reference CIFAR setting); a module selected twice is an error.
@@ -34,7 +36,8 @@ import torch.nn as nn
 
 from .distributed import SyncedBatchNorm
 from .errors import LatePhaseError
-from .modules import BATCHNORM_TYPES, CONV_TYPES, LateBatchNorm, LateCustom, LateLinear, LateModule, LateRank1
+from .modules import (BATCHNORM_TYPES, CONV_TYPES, LateBatchNorm, LateCustom, LateHyper, LateLinear, LateModule,
+                      LateRank1, template_bank)
 
 
 @dataclass(frozen=True)
@@ -158,6 +161,73 @@ class Rank1(Family):
 
     def wrap(self, selection, K):
         return LateRank1(selection.module, K)
+
+
+@dataclass(frozen=True)
+class _Templated(Selection):
+    """A layer selected by :class:`Hypernetwork`: its template bank T and the index i of its own template T_i = W."""
+    bank: nn.Parameter | None = None
+    index: int = 0
+
+
+class Hypernetwork(Family):
+    """Hypernetwork late-phase weights (the reference's template banks, after Savarese & Maire 2019) on every layer of
+    ``types`` (default nn.Linear and nn.Conv1d/2d/3d, exact types) whose module name matches ``include`` (default:
+    all) and not ``exclude``: member k's weight of layer l, drawn from bank b, is
+
+        W_kl = sum_{j=1..J} T_bj c_klj,
+
+    the templates T_b (theta) shared by all members, the coefficients c_kl in R^J member k's phi.
+
+    ``share=True`` (default; the reference shares a bank among its layers of equal weight shape): the selected layers
+    of one type, weight shape and groups (dtype, device) share one bank; ``share=False``: every layer has its own. A
+    bank of n layers holds J = max(``templates``, n) templates: T_i = W_i, the trained weight of its layer i, and
+    J - n new ones ~ N(0, 2 / fan_in), kaiming normal as the reference draws its templates
+    (:func:`shared.modules.template_bank`). Every member's coefficients of layer i start at c_ki = e_i, so
+    sum_j T_j c_kij = W_i: the release reproduces the trained network exactly (sigma0 > 0 perturbs the coefficients).
+    Biases stay theta. ``generator`` draws the new templates (default: the global CPU generator). Collapse:
+    W_bar = sum_j T_j c_bar_j with c_bar = mean_k c_k, which is the members' mean weight (W is linear in c).
+
+    The reference (``nets/hyper_layers.py``, ``nets/hyper_wrn.py``) builds its WRN from templates from the start:
+    random templates, coefficients orthogonal across the layers of a bank with unit norm, tied across members until
+    the release and copied to every member then. Here the network is an ordinary one until the release, and the bank
+    is formed then in the basis in which its templates are the trained weights, where those orthonormal coefficients
+    are e_1..e_n. Not reproduced: its split of the input channels into pieces with their own coefficients
+    (``template_split_factor``), its bias templates (a bias here is theta) and its per-stage template counts
+    (10 for the first convolution and the head, (2 * blocks - 1) or twice that per stage bank)."""
+
+    def __init__(self, *include: str, exclude: Sequence[str] | str = (), templates: int = 10, share: bool = True,
+                 types: Sequence[type] = (nn.Linear,) + CONV_TYPES, generator=None):
+        if not isinstance(templates, int) or isinstance(templates, bool) or templates < 1:
+            raise LatePhaseError(f"Hypernetwork(templates=...) is the number J >= 1 of templates per bank, "
+                                 f"got {templates!r}")
+        self.include = include or ("*",)
+        self.exclude = _patterns(exclude)
+        self.templates, self.share = templates, bool(share)
+        self.types = tuple(types)
+        self.generator = generator
+
+    def select(self, model):
+        chosen = [(n, m) for n, m in model.named_modules()
+                  if type(m) in self.types and _matches(n, self.include, self.exclude)]
+        if not chosen:
+            raise LatePhaseError(f"{self!r} selected no module; check the name patterns against "
+                                 f"[n for n, _ in model.named_modules()]")
+        groups: dict = {}
+        for n, m in chosen:
+            w = m.weight
+            key = ((type(m), tuple(w.shape), getattr(m, "groups", 1), w.dtype, w.device, w.requires_grad)
+                   if self.share else n)
+            groups.setdefault(key, []).append((n, m))
+        where = {}
+        for members in groups.values():
+            bank = template_bank([m.weight for _, m in members], max(self.templates, len(members)), self.generator)
+            for i, (n, _) in enumerate(members):
+                where[n] = (bank, i)
+        return [_Templated(n, m, (), *where[n]) for n, m in chosen]
+
+    def wrap(self, selection, K):
+        return LateHyper(selection.module, K, selection.bank, selection.index)
 
 
 class Custom(Family):

@@ -10,7 +10,8 @@ Every member-aware module (a :class:`LateModule`) has ``K`` members and an attri
 
 A forward in stacked mode therefore computes, slice by slice, exactly what K forwards in member mode compute (tested),
 which is what makes the vectorized path of Algorithm 1 exact. Wrapped layers keep their theta tensors as the same
-Parameter objects; each member's phi tensors are separate Parameters (one ``nn.ParameterList`` entry per member), so
+Parameter objects (a hypernetwork layer's weight W becomes sum_j T_j c_j: its template bank T is a new theta
+tensor); each member's phi tensors are separate Parameters (one ``nn.ParameterList`` entry per member), so
 each member can have its own optimizer over its own tensors.
 """
 from __future__ import annotations
@@ -450,6 +451,124 @@ class LateRank1(LateModule):
         with torch.no_grad():
             layer.weight.mul_(r.reshape(-1, 1, *tail) * s.reshape(1, -1, *tail))
         return layer
+
+
+# ----------------------------------------------------------------------------- hypernetwork: template banks
+
+def template_bank(weights: Sequence[torch.Tensor], J: int, generator: torch.Generator | None = None) -> nn.Parameter:
+    """The template bank T_1..T_J of the n = len(weights) layers that share it: one Parameter of shape (J, *W.shape)
+    (theta) with
+
+        T_i = W_i (i = 1..n, layer i's trained weight),   T_j ~ N(0, 2 / fan_in) (j = n+1..J),
+
+    the new templates drawn kaiming-normal (ReLU gain, fan_in = W[0].numel()), as the reference draws every template.
+    With the coefficients c_i = e_i, layer i's weight sum_j T_j c_ij = W_i is reproduced exactly."""
+    n = len(weights)
+    if n == 0 or not n <= J:
+        raise LatePhaseError(f"a template bank for {n} layers needs J >= {max(n, 1)} templates, got J={J}")
+    w0 = weights[0]
+    if any(w.shape != w0.shape or w.dtype != w0.dtype or w.device != w0.device for w in weights):
+        raise LatePhaseError("the layers sharing a template bank need weights of one shape, dtype and device; "
+                             "use share=False")
+    with torch.no_grad():
+        std = (2.0 / max(1, w0[0].numel())) ** 0.5
+        extra = torch.randn((J - n, *w0.shape), generator=generator, dtype=w0.dtype).mul_(std)
+        T = torch.cat([torch.stack([w.detach() for w in weights]), extra.to(w0.device)])
+    return nn.Parameter(T, requires_grad=w0.requires_grad)
+
+
+class LateHyper(LateModule):
+    """A Linear or ConvNd layer whose weight a linear hypernetwork generates from a template bank (the reference's
+    hypernetwork late-phase weights): member k uses
+
+        W_k = sum_{j=1..J} T_j c_kj,
+
+    with the templates T (``self.T``, shape (J, *W.shape), theta, possibly shared with the other layers of the same
+    weight shape, see :func:`template_bank`) and member k's coefficients c_k in R^J (``self.c``, phi), initialised to
+    e_i, the unit vector that picks this layer's own template T_i = W, so every member starts as the original layer.
+    The bias b stays theta (the original Parameter, in ``self.base``; the original weight Parameter is removed from
+    it, W being sum_j T_j c_j now).
+
+    Stacked mode: the K weights in one matrix product, (W_1; ...; W_K) = C T with C = (c_1; ...; c_K) (K x J); then
+    Linear: one batched matmul, y_k = x_k W_k^T + b; ConvNd: one convolution with groups = K g (g: the layer's groups)
+    over the K slices moved into the channel dim, (K B, C_in, ...) -> (B, K C_in, ...), so that group k g + h of the
+    stacked call is group h of member k: y_k = conv(x_k, W_k) + b. The memory format (channels_last) is kept.
+    """
+
+    _phi_attrs = ("c",)
+
+    def __init__(self, layer: nn.Module, K: int, T: nn.Parameter, index: int):
+        super().__init__(K)
+        if not isinstance(layer, (nn.Linear,) + CONV_TYPES):
+            raise LatePhaseError(f"hypernetwork weights apply to nn.Linear and nn.Conv1d/2d/3d, not "
+                                 f"{type(layer).__name__}")
+        w = layer.weight
+        if tuple(T.shape[1:]) != tuple(w.shape) or not 0 <= index < T.shape[0]:
+            raise LatePhaseError(f"template bank of shape {tuple(T.shape)} does not fit a weight of shape "
+                                 f"{tuple(w.shape)} at template {index}")
+        self.base = layer
+        del layer._parameters["weight"]
+        self.T = T
+        self.index = int(index)
+        e = torch.zeros(T.shape[0], dtype=w.dtype, device=w.device)
+        e[self.index] = 1
+        self.c = _members_of(e, K, w.requires_grad)
+
+    @property
+    def J(self) -> int:
+        return self.T.shape[0]
+
+    def weights(self, members: Sequence[int] | None = None) -> torch.Tensor:
+        """W_k = sum_j T_j c_kj for k in ``members`` (default: all K), stacked: shape (len(members), *W.shape)."""
+        C = _stack(self.c) if members is None else torch.stack([self.c[k] for k in members])
+        return (C @ self.T.flatten(1)).view(C.shape[0], *self.T.shape[1:])
+
+    def forward(self, x):
+        base = self.base
+        if self.member is not None:
+            w = self.weights([self.member])[0]
+            return F.linear(x, w, base.bias) if isinstance(base, nn.Linear) else base._conv_forward(x, w, base.bias)
+        K = self.K
+        B = self.stacked_rows(x)
+        w = self.weights()
+        if isinstance(base, nn.Linear):
+            x3 = x.reshape(K, -1, base.in_features)
+            wt = w.transpose(1, 2)
+            y = torch.bmm(x3, wt) if base.bias is None else torch.baddbmm(base.bias, x3, wt)
+            return y.reshape(*x.shape[:-1], base.out_features)
+        return self._grouped_conv(x, w.flatten(0, 1), K, B)
+
+    def _grouped_conv(self, x: torch.Tensor, w: torch.Tensor, K: int, B: int) -> torch.Tensor:
+        """y_k = conv(x_k, W_k) + b for every slice k of x, as one convolution with groups = K g; ``w`` holds
+        (W_1; ...; W_K) along dim 0."""
+        base = self.base
+        C, S = x.shape[1], x.shape[2:]
+        xg = torch.empty((B, K * C, *S), dtype=x.dtype, device=x.device, memory_format=_dense_format(x))
+        xg.view(B, K, C, *S).copy_(x.reshape(K, B, C, *S).transpose(0, 1))
+        padding = base.padding
+        if base.padding_mode != "zeros":
+            xg = F.pad(xg, base._reversed_padding_repeated_twice, mode=base.padding_mode)
+            padding = 0
+        conv = (F.conv1d, F.conv2d, F.conv3d)[len(base.kernel_size) - 1]
+        bias = None if base.bias is None else base.bias.repeat(K)
+        yg = conv(xg, w, bias, base.stride, padding, base.dilation, K * base.groups)
+        n_out, S_out = base.out_channels, yg.shape[2:]
+        y = torch.empty((K * B, n_out, *S_out), dtype=yg.dtype, device=yg.device, memory_format=_dense_format(yg))
+        y.view(K, B, n_out, *S_out).copy_(yg.reshape(B, K, n_out, *S_out).transpose(0, 1))
+        return y
+
+    def to_plain(self, members: Sequence[int]) -> nn.Module:
+        """The original layer class with W_bar = sum_j T_j c_bar_j, c_bar = mean of c_k over ``members``; W is linear
+        in c, so W_bar = (1/|S|) sum_{k in S} W_k, the members' mean weight (the bias b is theta, unchanged)."""
+        layer = copy.deepcopy(self.base)
+        T = self.T.detach()
+        w = (_mean(self.c, members) @ T.flatten(1)).view(T.shape[1:])
+        layer.weight = nn.Parameter(w, requires_grad=self.T.requires_grad)
+        return layer
+
+    def extra_repr(self) -> str:
+        mode = "stacked" if self.member is None else self.member
+        return f"J={self.J}, template={self.index}, K={self.K}, member={mode}"
 
 
 # ----------------------------------------------------------------------------- custom selection

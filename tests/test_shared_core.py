@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import shared
-from shared import BatchNorm, Custom, Head, LatePhase, LatePhaseError, Rank1
+from shared import BatchNorm, Custom, Head, Hypernetwork, LatePhase, LatePhaseError, Rank1
 
 TOL = dict(rtol=1e-9, atol=1e-11)
 K, B = 3, 4
@@ -58,6 +58,10 @@ CASES = {  # name: (model builder, families, input maker, loss)
     "head+rank1-mlp": (mlp, lambda: [Head(), Rank1("0", "2")], "vector"),
     "lstm-head": (CharLSTM, lambda: [Head()], "tokens"),
     "wrn-bn+head": (tiny_wrn, lambda: [BatchNorm(), Head()], "image"),
+    "hyper": (convnet, lambda: [Hypernetwork(templates=3)], "image"),
+    "hyper+bn+head": (convnet, lambda: [Hypernetwork(exclude="8", templates=2), BatchNorm(), Head()], "image"),
+    "hyper-mlp-own-banks": (mlp, lambda: [Hypernetwork(templates=3, share=False)], "vector"),
+    "wrn-hyper-shared-banks+bn": (tiny_wrn, lambda: [Hypernetwork(templates=3), BatchNorm()], "image"),
 }
 
 

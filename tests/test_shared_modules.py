@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared import LatePhaseError
-from shared.modules import LateBatchNorm, LateCustom, LateLinear, LateRank1 as Rank1, set_member
+from shared.modules import (LateBatchNorm, LateCustom, LateHyper, LateLinear, LateRank1 as Rank1, set_member,
+                            template_bank)
 
 TOL = dict(rtol=1e-10, atol=1e-12)
 
@@ -156,6 +157,57 @@ def test_rank1_starts_as_identity_and_rejects_groups():
     x = torch.randn(4, 3)
     torch.testing.assert_close(m(x), lin(x))
     assert m.base.weight is lin.weight
+
+
+HYPER_LAYERS = {  # layer, input shape after the batch dim
+    "linear": (lambda b: nn.Linear(4, 3, bias=b), (4,)),
+    "linear-seq": (lambda b: nn.Linear(4, 3, bias=b), (5, 4)),
+    "conv1d": (lambda b: nn.Conv1d(2, 3, 3, padding=1, bias=b), (2, 6)),
+    "conv2d": (lambda b: nn.Conv2d(2, 3, 3, stride=2, padding=1, bias=b), (2, 6, 5)),
+    "conv2d-cl": (lambda b: nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect", bias=b), (2, 6, 5)),
+    "conv2d-groups": (lambda b: nn.Conv2d(4, 6, 3, padding="same", dilation=2, groups=2, bias=b), (4, 5, 5)),
+    "conv3d": (lambda b: nn.Conv3d(2, 3, 2, bias=b), (2, 3, 3, 3)),
+}
+
+
+@pytest.mark.parametrize("layer", sorted(HYPER_LAYERS))
+@pytest.mark.parametrize("bias", [True, False])
+def test_hyper_stacked_equals_members_and_folds(layer, bias):
+    """W_k = sum_j T_j c_kj: one stacked forward/backward (one grouped convolution or batched matmul) equals K member
+    passes, and member k folded into the original class (W_k) computes member k."""
+    K, B = 3, 2
+    torch.manual_seed(0)
+    make, shape = HYPER_LAYERS[layer]
+    base = make(bias).double()
+    m = LateHyper(base, K, template_bank([base.weight], 4), 0)
+    perturb(m)
+    x = torch.randn(K * B, *shape, dtype=torch.float64)
+    if layer == "conv2d-cl":
+        x = x.to(memory_format=torch.channels_last)
+    y = stacked_vs_members(m, x, K)
+    if layer == "conv2d-cl":
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    for k in range(K):
+        plain = m.to_plain([k])
+        assert type(plain) is type(base) and "weight" in dict(plain.named_parameters())
+        torch.testing.assert_close(plain(x[k * B:(k + 1) * B]), y[k * B:(k + 1) * B].detach(), **TOL)
+
+
+def test_hyper_starts_as_the_layer_and_keeps_the_bias():
+    lin = nn.Linear(3, 2)
+    w, b = lin.weight.detach().clone(), lin.bias
+    T = template_bank([lin.weight], 5, torch.Generator().manual_seed(0))
+    m = LateHyper(lin, 2, T, 0)
+    assert m.T is T and m.base.bias is b and "weight" not in dict(m.base.named_parameters())
+    assert torch.equal(T[0].detach(), w) and all(torch.equal(c.detach(), torch.eye(5)[0]) for c in m.c)
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(m(x), x @ w.T + b, rtol=0, atol=0)
+    with pytest.raises(LatePhaseError, match="does not fit"):
+        LateHyper(nn.Linear(2, 2), 2, T, 0)
+    with pytest.raises(LatePhaseError, match="nn.Linear and nn.Conv1d/2d/3d"):
+        LateHyper(nn.Embedding(3, 2), 2, T, 0)
+    with pytest.raises(LatePhaseError, match="J >= 2"):
+        template_bank([torch.zeros(2, 3), torch.zeros(2, 3)], 1)
 
 
 @pytest.mark.parametrize("bias", [True, False])

@@ -23,7 +23,7 @@ from dataclasses import dataclass, fields, replace
 
 from .errors import ConfigError
 
-FAMILIES = ("bn", "head", "rank1", "all")  # all: every weight (a late-phase full ensemble)
+FAMILIES = ("bn", "head", "rank1", "hyper", "all")  # hyper: hypernetwork coefficients; all: every weight
 FLOAT32_MAX = 3.4028234663852886e38  # float values must fit the float32 parameters and optimizer arguments
 OOD_NAMES = ("svhn", "cifar10", "cifar100", "digits")  # every OOD set of deep.data.OOD_SETS
 IMAGE_SIDE = {"cifar10": 32, "cifar100": 32, "fashion_mnist": 28, "synthetic": 32}  # image height = width (pixels)
@@ -53,7 +53,7 @@ class RunConfig:
     grad_clip: float = 0.0            # clip by the norm of the (mean member's) gradient; 0: off
     # --- late-phase weights (Algorithm 1)
     K: int = 10
-    phi: tuple[str, ...] = ("bn", "head")   # late-phase families: bn, head, rank1, all; none: no late-phase weights
+    phi: tuple[str, ...] = ("bn", "head")   # late-phase families: bn, head, rank1, hyper, all; none: no late phase
     rank1_layers: tuple[str, ...] = ()      # module-name patterns that get rank-1 factors (family rank1)
     T0: int = 120                     # plain epochs before the release of the late-phase weights
     gamma_theta: float = 1.0          # theta <- U_theta(theta, gamma_theta * sum_k grad_theta L(M_k)); < 0: 1/K
@@ -125,6 +125,9 @@ class RunConfig:
         _need("rank1" not in self.phi or self.rank1_layers, "phi family rank1 needs --rank1-layers (module names)")
         _need("all" not in self.phi or len(self.phi) == 1, f"phi all (every weight) combines with no other family, "
                                                            f"got {' '.join(self.phi)}")
+        _need(not ({"hyper", "rank1"} <= set(self.phi)) and not ({"hyper", "head"} <= set(self.phi)),
+              f"phi hyper makes every Linear/Conv weight a template combination: it combines with bn only, got "
+              f"{' '.join(self.phi)}")
         _need(self.path in ("vectorized", "sequential"), f"path must be vectorized or sequential, got {self.path!r}")
         _need(not self.late_phase or self.T0 < self.epochs,
               f"T0 ({self.T0}) must be < epochs ({self.epochs}) for a late-phase run: the members would never train; "

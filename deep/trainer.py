@@ -75,6 +75,8 @@ def _families(cfg) -> list:
             out.append(shared.Head())
         elif name == "rank1":
             out.append(shared.Rank1(*cfg.rank1_layers))
+        elif name == "hyper":  # every Linear/Conv weight W_k = sum_j T_j c_kj, coefficients c_k per member
+            out.append(shared.Hypernetwork())
         else:  # all: every weight late-phase, a late-phase full ensemble
             out += [shared.BatchNorm(), shared.Custom(types=(nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))]
     return out

@@ -52,6 +52,14 @@ def test_batchensemble_members_start_apart_and_are_an_ensemble(data_root, tmp_pa
     assert [e["phase"] for e in log] == ["late", "late"]  # trained as an ensemble from the start
 
 
+def test_hypernetwork_late_phase(data_root, tmp_path):
+    base = _run(get_config("fmnist_base", **TINY), data_root, tmp_path, "base")
+    r = _run(get_config("fmnist_bn", phi=("hyper", "bn"), K=2, T0=1, **TINY), data_root, tmp_path, "hyper")
+    assert r["cost"]["network_parameters"] == base["cost"]["network_parameters"]  # collapses to the same network
+    assert r["cost"]["parameters"] > base["cost"]["parameters"]  # template banks + per-member coefficients
+    assert len(r["models"]["members"]["stored"]) == 2 and "reference" in r["models"]["averaged"]
+
+
 def test_mc_dropout_and_its_cost(data_root, tmp_path):
     cfg = get_config("fmnist_base", dropout=0.3, mc_samples=3, **TINY)
     r = _run(cfg, data_root, tmp_path, "mc")

@@ -240,10 +240,19 @@ class ImageConfig(_Annealing, RunConfig):
         for name, path in self.ood_folder_paths():
             _need(bool(name) and bool(path), f"--ood-folders entries are NAME=PATH or PATH, got {name}={path}")
         parts = self.arch.split("-")
-        _need(len(parts) == 3 and parts[0] == "wrn" and parts[1].isdigit() and parts[2].isdigit()
-              and (int(parts[1]) - 4) % 6 == 0 and int(parts[1]) >= 10 and int(parts[2]) >= 1,
-              f"arch must be wrn-DEPTH-WIDTH with DEPTH = 6n + 4 >= 10 and WIDTH >= 1 (e.g. wrn-28-10), got "
-              f"{self.arch!r}")
+        if parts[0] == "cnn":
+            from .models.cnn import parse_plan
+            try:
+                plan = parse_plan(self.arch)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+            _need(len(plan) <= int(math.log2(IMAGE_SIDE[self.dataset])), f"arch {self.arch}: {len(plan)} stages "
+                  f"halve {IMAGE_SIDE[self.dataset]}-pixel images below one pixel; use fewer stages")
+        else:
+            _need(len(parts) == 3 and parts[0] == "wrn" and parts[1].isdigit() and parts[2].isdigit()
+                  and (int(parts[1]) - 4) % 6 == 0 and int(parts[1]) >= 10 and int(parts[2]) >= 1,
+                  f"arch must be wrn-DEPTH-WIDTH with DEPTH = 6n + 4 >= 10 and WIDTH >= 1 (e.g. wrn-28-10), or "
+                  f"cnn-STAGE-... with stages W or WxN (e.g. cnn-32-64-128), got {self.arch!r}")
         return self
 
 

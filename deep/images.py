@@ -20,7 +20,7 @@ from shared import distributed as dist_utils
 from .config import ImageConfig
 from .data import GPULoader, load_dataset, load_ood_sets
 from .evaluate import score_plain
-from .models import wrn
+from .models import image_model
 from .trainer import ClassifierRun
 
 
@@ -71,10 +71,8 @@ class ImageRun(ClassifierRun):
         self.ood_loaders = {k: GPULoader(v, cfg.eval_batch_size, **ev) for k, v in self.ood.items()}
 
     def build_model(self) -> nn.Module:
-        _, depth, width = self.cfg.arch.split("-")
-        model = wrn(int(depth), int(width), self.train_data.num_classes, self.train_data.images.shape[1],
-                    self.cfg.dropout)
-        model = model.to(self.device)
+        model = image_model(self.cfg.arch, self.train_data.num_classes, self.train_data.images.shape[1],
+                            self.cfg.dropout).to(self.device)
         return model.to(memory_format=torch.channels_last) if self.channels_last else model
 
     def example_input(self):
@@ -117,8 +115,7 @@ class ImageRun(ClassifierRun):
         return {"test_accuracy": score_plain(model, self.test_batches, {}, self.amp)["accuracy"]}
 
     def build_spec(self) -> dict:
-        _, depth, width = self.cfg.arch.split("-")
-        return {"builder": "deep.models.wrn", "kwargs": {"depth": int(depth), "width": int(width),
+        return {"builder": "deep.models.image_model", "kwargs": {"arch": self.cfg.arch,
                 "num_classes": self.train_data.num_classes, "in_channels": self.train_data.images.shape[1],
                 "dropout": self.cfg.dropout}}
 

@@ -18,9 +18,18 @@ import os
 
 import torch
 
+from .cnn import CNN, cnn
 from .wrn import WRN, WRNConfig, wrn
 
-__all__ = ["WRN", "WRNConfig", "wrn", "build", "load_exported"]
+__all__ = ["WRN", "WRNConfig", "wrn", "CNN", "cnn", "build", "load_exported", "image_model"]
+
+
+def image_model(arch: str, num_classes: int, in_channels: int, dropout: float = 0.0) -> torch.nn.Module:
+    """The image classifier named ``arch``: wrn-DEPTH-WIDTH (:func:`wrn`) or cnn-STAGES (:func:`cnn`)."""
+    if arch.startswith("cnn-"):
+        return cnn(arch, num_classes, in_channels, dropout)
+    _, depth, width = arch.split("-")
+    return wrn(int(depth), int(width), num_classes, in_channels, dropout)
 
 
 def build(spec: dict) -> torch.nn.Module:

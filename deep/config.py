@@ -159,10 +159,11 @@ class _Annealing:
     anneal_start: int = 100
     anneal_end: int = 180
     anneal_end_lr: float = 0.001
+    anneal_per_step: bool = False     # interpolate the annealing within epochs (per step) instead of per epoch
 
 
 def annealing_lr(epoch: int, base_lr: float, start: int, end: int, end_lr_ratio: float) -> float:
-    """The reference code's "annealing" schedule at `epoch` (0-based):
+    """The reference code's "annealing" schedule at `epoch` (0-based; fractional for annealing per step):
 
         lr(e) = base_lr                                          for e < start
               = base_lr (1 - (1 - r) (e - start) / (end - start)) for start <= e < end

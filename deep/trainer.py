@@ -307,6 +307,19 @@ class Trainer(abc.ABC):
         self.steps += self.lp.K
         return losses.mean()
 
+    def _set_lr(self, epoch: float) -> None:
+        """Every optimizer's lr at the fractional epoch ``epoch`` (annealing per step): base lr x lr_factor; the
+        epoch-wise schedulers keep their state, so a resumed run (at an epoch boundary) continues alike."""
+        cfg = self.cfg
+        if self.lp is None:
+            parts = [(self.opt, "theta")]
+        else:
+            parts = [(self.lp.theta_optimizer, "theta")] if self.lp.theta_optimizer is not None else []
+            parts += [(opt, "phi") for opt in self.lp.phi_optimizers]
+        for opt, part in parts:
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * cfg.lr_factor(epoch, part)
+
     def _check_finite(self, total: torch.Tensor, step: int) -> None:
         if not bool(torch.isfinite(total)):
             raise DeepError(f"non-finite loss in epoch {self.epoch + 1} of {self.cfg.name} (by outer step {step}, "
@@ -328,6 +341,8 @@ class Trainer(abc.ABC):
         members = self.lp.K if self.lp is not None else 1
         n = self.steps_per_epoch(members)
         optimizers = self.lp.optimizers if self.lp is not None else [self.opt]
+        if getattr(cfg, "anneal_per_step", False):
+            self._set_lr(self.epoch)  # the lr logged is the one the epoch starts with
         lrs = [opt.param_groups[0]["lr"] for opt in optimizers]
         from tqdm.auto import tqdm
         bar = tqdm(total=n, desc=f"{cfg.name} epoch {self.epoch + 1}/{cfg.epochs}", leave=False,
@@ -337,7 +352,10 @@ class Trainer(abc.ABC):
         examples = 0
         sync(self.device)
         start = time.perf_counter()
+        per_step = getattr(cfg, "anneal_per_step", False)
         for i, batch in enumerate(self.epoch_batches(self.epoch, members)):
+            if per_step:
+                self._set_lr(self.epoch + i / n)
             total += self.late_step(batch) if self.lp is not None else self.plain_step(batch)
             examples += self.examples(batch)
             if (i + 1) % self.check_every == 0:

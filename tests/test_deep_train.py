@@ -285,3 +285,29 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     assert any("running_mean" in k for k in a)
     for k in a:
         torch.testing.assert_close(a[k].double(), b[k].double(), rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
+
+
+def test_annealing_per_step_interpolates_within_epochs(data_root, tmp_path):
+    """anneal_per_step: every step's lr is lr x factor(epoch + i / n), before and after the release; the log gives
+    the lr each epoch starts with; resuming at an epoch boundary continues the same lrs."""
+    cfg = tiny("fmnist_bn", K=2, epochs=3, T0=1, anneal_start=0, anneal_end=3, anneal_end_lr=0.0,
+               anneal_per_step=True)
+    r = run(cfg, data_root, tmp_path / "run", seed=0)
+    seen = []
+    original = r.plain_step
+
+    def spy(batch):
+        seen.append(r.opt.param_groups[0]["lr"])
+        return original(batch)
+    r.plain_step = spy
+    r.run_epoch()
+    n = len(seen)
+    assert seen == pytest.approx([0.1 * (1 - i / n / 3) for i in range(n)])
+    late = []
+    r.late_step = lambda batch, step=r.late_step: late.append(r.lp.phi_optimizers[0].param_groups[0]["lr"]) or \
+        step(batch)
+    r.run_epoch()
+    m = len(late)
+    assert late == pytest.approx([0.1 * (1 - (1 + i / m) / 3) for i in range(m)])
+    assert r.lp.phi_optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1 / 3)  # where epoch 3 starts
+    assert [e["lr"] for e in r.log] == pytest.approx([0.1, 0.1 * 2 / 3])

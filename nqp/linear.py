@@ -24,7 +24,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.linalg
 
 from . import dynamics as dyn
 from .errors import UnstableError
@@ -160,6 +159,8 @@ def _unique_rows(*cols):
 def stationary(problem, method, tol: float = 1e-12) -> Stationary:
     """Solve the discrete Lyapunov equation (2) per coordinate with scipy; raise UnstableError if the
     spectral radius of the quotient dynamics is >= 1."""
+    import scipy.linalg  # imported here: the closed-form paths run without scipy
+
     sys = linearize(problem, method)
     Abar, Bbar, Cm, Cmem, _ = quotient(sys)
     rho = np.abs(np.linalg.eigvals(Abar)).max(axis=-1)

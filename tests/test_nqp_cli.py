@@ -146,6 +146,17 @@ def test_module_entry_point_subprocess():
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
 
 
+def test_predict_loads_neither_sympy_nor_scipy():
+    """`python -m nqp predict` evaluates generated closed forms: sympy (seconds to derive) and scipy stay unloaded, so
+    the command answers in a fraction of a second."""
+    code = ("import sys; from nqp.cli import main; main(['predict', '--json']); "
+            "main(['predict', '--method', 'multiplicative', '--json']); "
+            "print('LOADED', sorted(m for m in ('sympy', 'scipy') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "LOADED []"
+
+
 def test_readme_python_example_runs():
     """The README's nqp snippet runs as written (a few seconds), and its closed form and Lyapunov paths agree."""
     import os

@@ -129,11 +129,12 @@ def members(state, method) -> np.ndarray:
     return theta + state.phi if method.kind == "additive" else theta * state.phi
 
 
-def fixed_point(problem, method, shape=(), dtype=float):
+def fixed_point(problem, method, shape=(), dtype=float, balance=None):
     """The noise-free fixed point at the optimum (members equal, buffers zero).
 
-    Additive: theta = w*, phi_k = 0. Multiplicative (balanced): theta = sign(w*) sqrt|w*|,
-    phi_k = sqrt|w*|. SGD: w = w*.
+    Additive: theta = w*, phi_k = 0. Multiplicative: theta = sign(w*) sqrt(b |w*|), phi_k = sqrt(|w*| / b) with
+    the balance b = theta^2 / |w*| (default 1, the balanced factorisation theta = phi; one value or one per
+    coordinate). SGD: w = w*.
     """
     wstar = problem.optimum
     d = wstar.size
@@ -145,8 +146,8 @@ def fixed_point(problem, method, shape=(), dtype=float):
     if method.kind == "additive":
         th, ph = wstar, np.zeros(d)
     else:
-        root = np.sqrt(np.abs(wstar))
-        th, ph = np.sign(wstar) * root, root
+        b = 1.0 if balance is None else np.asarray(balance, float)
+        th, ph = np.sign(wstar) * np.sqrt(b * np.abs(wstar)), np.sqrt(np.abs(wstar) / b)
     theta = np.broadcast_to(th, shape + (d,)).astype(dtype)
     phi = np.broadcast_to(ph, shape + (K, d)).astype(dtype)
     return LatePhaseState(theta, phi, np.zeros_like(theta) if mom else None,

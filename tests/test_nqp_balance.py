@@ -1,0 +1,130 @@
+"""The multiplicative model's balance (nqp.balance): the exact change of Q~ in one literal step, the drift's closed form
+= the Lyapunov path on the literal step, the selected balance and its leading order, the adiabatic ODE."""
+import numpy as np
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from nqp import LatePhase, Problem
+from nqp import balance as bal
+from nqp import dynamics as dyn
+from nqp.theory import long_run, steady_state
+
+from nqp_strategies import latephase_methods, problems
+
+
+def _random_state(rng, method, d, runs):
+    K = method.K
+    st_ = dyn.LatePhaseState(rng.normal(0, 1.5, (runs, d)), rng.normal(0, 1.5, (runs, K, d)))
+    if method.momentum:
+        st_.v_theta, st_.v_phi = rng.normal(0, 1, (runs, d)), rng.normal(0, 1, (runs, K, d))
+    return st_
+
+
+@given(st.data())
+def test_balance_change_of_one_literal_step_is_exact(data):
+    """(B3) on the literal step, from arbitrary states: Delta Q~ = eta_theta/gamma (D_theta^2 + c D_theta v_theta')
+    - eta_phi sum_k (D_k^2 + c D_k u_k'); for plain SGD also (B2) with g_k = h (theta phi_k - c_k)."""
+    p = data.draw(problems(max_dim=3, nonzero_optimum=True))
+    lp = data.draw(latephase_methods(p, "multiplicative", max_K=5))
+    assume(lp.gamma_theta * lp.lr_theta > 1e-3)
+    rng = np.random.default_rng(data.draw(st.integers(0, 2 ** 31)))
+    state = _random_state(rng, lp, p.dim, 4)
+    before = dyn.LatePhaseState(*[None if a is None else a.copy() for a in
+                                  (state.theta, state.phi, state.v_theta, state.v_phi)])
+    xi = rng.standard_normal((4, lp.K, p.dim))
+    targets = p.optimum + np.sqrt(p.noise) * xi
+    dyn.latephase_step(state, xi.copy(), dyn.Coeffs.of(p), lp)
+    dQ = bal.quantity(state, lp) - bal.quantity(before, lp)
+    c = bal.coupling(lp)
+    D_th = -(state.theta - before.theta) / lp.lr_theta
+    D_k = -(state.phi - before.phi) / lp.lr_phi
+    pred = lp.lr_theta / lp.gamma_theta * D_th ** 2 - lp.lr_phi * np.sum(D_k ** 2, axis=-2)
+    if c:
+        pred += c * (lp.lr_theta / lp.gamma_theta * D_th * state.v_theta
+                     - lp.lr_phi * np.sum(D_k * state.v_phi, axis=-2))
+    scale = np.abs(bal.quantity(before, lp)) + np.abs(pred) + 1.0
+    np.testing.assert_array_less(np.abs(dQ - pred), 1e-10 * scale)
+    if not lp.momentum:
+        g = p.curvature * (before.theta[:, None, :] * before.phi - targets)
+        b2 = (lp.gamma_theta * lp.lr_theta * np.sum(before.phi * g, axis=-2) ** 2
+              - lp.lr_phi * before.theta ** 2 * np.sum(g ** 2, axis=-2))
+        np.testing.assert_array_less(np.abs(dQ - b2), 1e-10 * scale)
+
+
+def _stable_balance(data, p, lp):
+    lo, hi = bal.stable_interval(p, lp)
+    f = data.draw(st.floats(0.05, 0.95))
+    return np.exp(np.log(lo) + f * (np.log(hi) - np.log(lo)))
+
+
+@settings(max_examples=25)
+@given(st.data())
+def test_drift_closed_form_equals_lyapunov_on_the_literal_step(data):
+    """(B4) (the additive reduction at balance b) = (B3) with the Lyapunov moments of the literal step linearised at b,
+    and the selected balance, its relaxation time and the long-run losses agree between the two paths."""
+    p = data.draw(problems(max_dim=2, nonzero_optimum=True))
+    lp = data.draw(latephase_methods(p, "multiplicative", max_K=4))
+    assume(lp.gamma_theta * lp.lr_theta > 1e-4 and p.noise.min() > 1e-3)
+    b = _stable_balance(data, p, lp)
+    a, c = bal.drift(p, lp, b, "closed"), bal.drift(p, lp, b, "lyapunov")
+    lt, lph = bal.effective_rates(p, lp, b)
+    scale = lp.K * p.curvature ** 2 * p.noise * (lp.gamma_theta * lt + lph)   # size of the two terms of (B4)
+    np.testing.assert_allclose(a, c, rtol=1e-8, atol=1e-10 * scale.max())
+    sa, sc = bal.select(p, lp, "closed"), bal.select(p, lp, "lyapunov")
+    np.testing.assert_allclose(sa.selected, sc.selected, rtol=1e-9)
+    np.testing.assert_allclose(sa.relaxation_steps, sc.relaxation_steps, rtol=1e-5)
+    la, lc = long_run(p, lp, "closed"), long_run(p, lp, "lyapunov")
+    assert la.excess_loss_mean_model == pytest.approx(lc.excess_loss_mean_model, rel=1e-8)
+    assert la.excess_loss_members == pytest.approx(lc.excess_loss_members, rel=1e-8)
+    lt, lph = bal.effective_rates(p, lp, sa.selected)
+    scale = lp.K * p.curvature ** 2 * p.noise * (lp.gamma_theta * lt + lph)
+    assert np.all(np.abs(bal.drift(p, lp, sa.selected)) <= 1e-12 * scale)
+
+
+@pytest.mark.parametrize("K,gamma,ratio,mu,nest", [(4, 0.25, 1.0, 0.0, False), (10, 0.1, 1.0, 0.0, False),
+                                                   (3, 1.0, 0.3, 0.0, False), (4, 0.5, 2.0, 0.6, False),
+                                                   (5, 0.2, 1.0, 0.5, True)])
+def test_leading_order_balance_error_shrinks_with_the_steps(K, gamma, ratio, mu, nest):
+    """b* -> b*_0 = sqrt(gamma eta_theta / eta_phi) as the steps shrink, with an error proportional to the step:
+    scaling both steps by 1/4 scales |b* - b*_0| by 1/4 (to 10 %, once the steps are small)."""
+    p = Problem.from_values([1.0], [0.5], [2.0])
+    errs = []
+    for eta in (0.05, 0.0125, 0.003125, 0.00078125):
+        lp = LatePhase(K, eta * ratio, eta, gamma, mu, nest, kind="multiplicative")
+        errs.append(abs(bal.select(p, lp).selected[0] / bal.leading_order(lp) - 1))
+    errs = np.array(errs)
+    assert np.all(errs[1:] < errs[:-1])
+    np.testing.assert_allclose(errs[2:] / errs[1:-1], 0.25, rtol=0.1)
+
+
+def test_single_member_balance_is_the_leading_order_exactly():
+    """K = 1: Delta Q = g^2 (gamma eta_theta phi^2 - eta_phi theta^2), so b* = b*_0 for any step."""
+    p = Problem.from_values([1.0, 0.4], [1.0, 0.3], [1.0, -3.0])
+    lp = LatePhase(1, 0.2, 0.5, 0.7, kind="multiplicative")
+    np.testing.assert_allclose(bal.select(p, lp).selected, bal.leading_order(lp), rtol=1e-13)
+
+
+def test_ode_matches_a_reference_integrator():
+    """(B6) by quadrature = scipy's LSODA on dlog b/dt = E[Delta Q~] / (K dQ/dlog b), momentum included."""
+    from scipy.integrate import solve_ivp
+
+    p = Problem.from_values([1.0, 0.3, 0.1], [0.3, 1.0, 0.0], [1.0, -2.0, 1.0])
+    for mu in (0.0, 0.6):
+        lp = LatePhase(4, 0.05, 0.05, 0.25, mu, kind="multiplicative")
+        t = np.array([0, 10, 100, 1e3, 3e3, 1e4, 3e4, 1e5, 1e6])
+
+        def f(_, beta):
+            b = np.exp(beta)
+            return bal.drift(p, lp, b) / (lp.K * bal._dq_dlogb(p, lp, b))
+        ref = solve_ivp(f, (0, t[-1]), np.zeros(3), t_eval=t, rtol=1e-12, atol=1e-14, method="LSODA")
+        np.testing.assert_allclose(bal.trajectory(p, lp, t), np.exp(ref.y.T), rtol=1e-8)
+
+
+def test_frozen_theta_keeps_the_release_balance():
+    """gamma_theta = 0: theta never moves, the model is linear in phi and the long run is the release linearisation."""
+    p = Problem.from_values([1.0, 0.2], [1.0, 0.5], [1.0, -1.0])
+    lp = LatePhase(3, 0.1, 0.2, 0.0, kind="multiplicative")
+    pred = long_run(p, lp)
+    assert pred.balance.frozen and pred.relaxation_minibatches is None
+    assert pred.excess_loss_mean_model == steady_state(p, lp).excess_loss_mean_model

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import balance as bal
 from . import dynamics as dyn
 from . import linear
 from .errors import NQPError
@@ -45,10 +46,33 @@ class MCResult:
     seconds: float
     per_run_mean_model: np.ndarray = field(repr=False)
     per_run_members: np.ndarray = field(repr=False)
+    dtype: str = "float64"
+    start: str = "balanced"
+    # Multiplicative model: the balance b = theta^2/|w*| (per coordinate) at the start, its time average over the
+    # recorded steps (the balance of the time-averaged Q~, averaged over runs) and the measured drift
+    # E[Delta Q~] per outer step over the recorded steps, each with its standard error across runs.
+    balance_start: np.ndarray | None = field(default=None, repr=False)
+    balance_mean: np.ndarray | None = field(default=None, repr=False)
+    balance_mean_stderr: np.ndarray | None = field(default=None, repr=False)
+    drift_per_step: np.ndarray | None = field(default=None, repr=False)
+    drift_per_step_stderr: np.ndarray | None = field(default=None, repr=False)
 
-    def to_dict(self) -> dict:
-        return {k: (float(v) if isinstance(v, (np.floating, float)) else v)
-                for k, v in self.__dict__.items() if not k.startswith("per_run")}
+    def to_dict(self, per_coordinate: bool = False) -> dict:
+        out = {k: (float(v) if isinstance(v, (np.floating, float)) else v)
+               for k, v in self.__dict__.items()
+               if not k.startswith(("per_run", "balance_", "drift_"))}
+        if self.balance_mean is not None:
+            b = self.balance_mean
+            out["balance"] = {"start": {"min": float(self.balance_start.min()),
+                                        "median": float(np.median(self.balance_start)),
+                                        "max": float(self.balance_start.max())},
+                              "time_average": {"min": float(b.min()), "median": float(np.median(b)),
+                                               "max": float(b.max())}}
+            if per_coordinate:
+                for k in ("balance_start", "balance_mean", "balance_mean_stderr", "drift_per_step",
+                          "drift_per_step_stderr"):
+                    out[k + "_per_coordinate"] = getattr(self, k).tolist()
+        return out
 
     @property
     def updates_per_second(self) -> float:
@@ -69,16 +93,73 @@ def _members(method) -> int:
     return core.K if isinstance(core, LatePhase) else 1
 
 
-def auto_burn_in(problem, method, tol: float = 1e-6) -> int:
-    """Minibatches until the variance transient of the (linearised) dynamics from the optimum decays
-    below `tol` of its stationary value: n steps with rho^(2n) <= tol, rho the spectral radius."""
+def _is_mult(core) -> bool:
+    return isinstance(core, LatePhase) and core.kind == "multiplicative"
+
+
+def start_balance(problem, method, start="balanced") -> np.ndarray | None:
+    """The balance b = theta^2/|w*| per coordinate at which a multiplicative run starts: "balanced" (b = 1, the
+    release factorisation), "selected" (the noise-selected b* of :func:`nqp.balance.select`), or given values.
+    None for every other method."""
     core = _core(method)
-    rho = float(linear.spectral_radius(linear.linearize(problem, core)).max())
+    if not _is_mult(core):
+        if not (isinstance(start, str) and start == "balanced"):
+            raise NQPError("--start applies to the multiplicative model")
+        return None
+    if isinstance(start, str):
+        if start == "balanced":
+            return np.ones(problem.dim)
+        if start == "selected":
+            return bal.select(problem, core).selected
+        raise NQPError(f"--start must be 'balanced', 'selected' or balances > 0, got {start!r}")
+    b = np.asarray(start, float).reshape(-1)
+    if b.size not in (1, problem.dim) or not np.all(np.isfinite(b)) or np.any(b <= 0):
+        raise NQPError(f"start balances must be {problem.dim} (or one) finite values > 0")
+    return np.broadcast_to(b, (problem.dim,)).copy()
+
+
+def auto_burn_in(problem, method, tol: float = 1e-6, balance=None) -> int:
+    """Minibatches until the variance transient of the (linearised) dynamics from the optimum decays
+    below `tol` of its stationary value: n steps with rho^(2n) <= tol, rho the spectral radius (multiplicative:
+    linearised at the start `balance`, default 1). The slow balance is not counted: see :func:`long_run_burn_in`."""
+    core = _core(method)
+    rho = float(linear.spectral_radius(linear.linearize(problem, core, balance=balance)).max())
     if rho >= 1:
         raise NQPError(f"cannot choose a burn-in: the slowest mode does not relax in float64 (spectral radius "
                        f"{rho:.17g}; a step times curvature below ~1e-16); give --burn-in, or larger steps")
     steps = 1 if rho == 0 else math.ceil(math.log(tol) / (2 * math.log(rho)))
     return max(1, steps) * core.minibatches_per_step * (method.K if isinstance(method, Ensemble) else 1)
+
+
+def long_run_burn_in(problem, method, tol: float = 1e-4, start=1.0) -> int:
+    """Minibatches after which a multiplicative run started at balance `start` is within `tol` (relative) of its
+    long-run losses, mean model and members, by the adiabatic ODE of the balance (:func:`nqp.balance.trajectory`):
+    the first t from which |E(b(t)) - E(b*)| <= tol E(b*) for both, with E(b) the stationary losses of the fast modes
+    at balance b. Not below the fast-mode burn-in. 0 for methods without a slow mode."""
+    from .theory import steady_state
+
+    core = _core(method)
+    if not _is_mult(core) or bal.frozen(core):
+        return 0
+    start = np.broadcast_to(np.asarray(start, float), (problem.dim,))
+    sel = bal.select(problem, core, release=start)
+    tau = sel.relaxation_minibatches
+    finite = tau[np.isfinite(tau)]
+    fast = auto_burn_in(problem, method, balance=start)
+    if not finite.size:
+        return fast
+    t = np.concatenate([[0.0], np.geomspace(1.0, 60 * finite.max(), 400)])
+    b = bal.trajectory(problem, core, t, start, selected=sel)
+    final = steady_state(problem, method, balance=sel.selected)
+    bad = np.zeros(len(t), bool)
+    for j in range(len(t)):
+        e = steady_state(problem, method, balance=b[j])
+        bad[j] = (abs(e.excess_loss_mean_model - final.excess_loss_mean_model) > tol * final.excess_loss_mean_model
+                  or abs(e.excess_loss_members - final.excess_loss_members) > tol * final.excess_loss_members)
+    idx = np.flatnonzero(bad)
+    slow = 0 if not idx.size else t[min(idx[-1] + 1, len(t) - 1)]
+    mpb = core.minibatches_per_step
+    return max(fast, int(math.ceil(slow / mpb)) * mpb)
 
 
 def _tiles(runs: int, dim: int, members: int):
@@ -131,28 +212,32 @@ class _Progress:
 
 
 class _Tile:
-    """State, noise buffer and observables of one (runs x coordinates) block."""
+    """State, noise buffer and observables of one (runs x coordinates) block, in float64 or float32."""
 
-    def __init__(self, problem, method, r0, r1, c0, c1):
+    def __init__(self, problem, method, r0, r1, c0, c1, balance=None, dtype=np.float64):
         self.method, self.core = method, _core(method)
-        self.h = problem.curvature[c0:c1]
-        self.wstar = problem.optimum[c0:c1]
-        sub = type(problem)(self.h, problem.noise[c0:c1], self.wstar)
-        self.coeffs = dyn.Coeffs.of(sub)
+        self.dtype = np.dtype(dtype)
+        self.h = problem.curvature[c0:c1].astype(dtype)
+        self.wstar = problem.optimum[c0:c1].astype(dtype)
+        sub = type(problem)(problem.curvature[c0:c1], problem.noise[c0:c1], problem.optimum[c0:c1])
+        c = dyn.Coeffs.of(sub)
+        self.coeffs = dyn.Coeffs(c.h.astype(dtype), c.sqrt_s.astype(dtype), c.wstar.astype(dtype))
         runs = r1 - r0
+        b = None if balance is None else balance[c0:c1]
         if isinstance(method, Ensemble):
-            self.state = dyn.fixed_point(sub, self.core, shape=(runs, method.K))
-            self.xi = np.empty((runs, method.K, c1 - c0))
+            self.state = dyn.fixed_point(sub, self.core, shape=(runs, method.K), dtype=dtype)
+            self.xi = np.empty((runs, method.K, c1 - c0), dtype)
         elif isinstance(self.core, SGD):
-            self.state = dyn.fixed_point(sub, self.core, shape=(runs,))
-            self.xi = np.empty((runs, c1 - c0))
+            self.state = dyn.fixed_point(sub, self.core, shape=(runs,), dtype=dtype)
+            self.xi = np.empty((runs, c1 - c0), dtype)
         else:
-            self.state = dyn.fixed_point(sub, self.core, shape=(runs,))
-            self.xi = np.empty((runs, self.core.K, c1 - c0))
+            self.state = dyn.fixed_point(sub, self.core, shape=(runs,), dtype=dtype, balance=b)
+            self.xi = np.empty((runs, self.core.K, c1 - c0), dtype)
         self.members = self.xi.size // (runs * (c1 - c0))
+        self.track = _is_mult(self.core) and not bal.frozen(self.core)
 
     def step(self, rng):
-        rng.standard_normal(out=self.xi)
+        rng.standard_normal(out=self.xi, dtype=self.dtype)
         if isinstance(self.core, SGD):
             dyn.sgd_step(self.state, self.xi, self.coeffs, self.core)
         else:
@@ -176,6 +261,7 @@ class _Tile:
         K = core.K
         s1 = st.phi.sum(axis=-2)
         s2 = np.einsum("rkd,rkd->rd", st.phi, st.phi)
+        self.s2 = s2
         if core.kind == "additive":
             u = st.theta - self.wstar
             m = u + s1 / K
@@ -186,6 +272,16 @@ class _Tile:
             tot = th * th * s2 - 2 * th * self.wstar * s1 + K * self.wstar ** 2
         return m, 0.5 * (tot @ h) / K
 
+    def balance_quantity(self):
+        """Q~ (float64) of the multiplicative state after :meth:`observe` (which computed sum_k phi_k^2)."""
+        st, core = self.state, self.core
+        th = st.theta.astype(float)
+        Q = th * th / (core.gamma_theta * core.lr_theta) - self.s2.astype(float) / core.lr_phi
+        if core.momentum:
+            P = th * st.v_theta / core.gamma_theta - np.einsum("rkd,rkd->rd", st.phi, st.v_phi)
+            Q -= bal.coupling(core) * P
+        return Q
+
 
 def _excess(x, h):
     """1/2 sum_i h_i x_i^2 per run (x of shape (runs, d))."""
@@ -195,19 +291,26 @@ def _excess(x, h):
 # ----------------------------------------------------------------------------- stationary estimates
 
 def simulate(problem, method, *, steps: int, burn_in: int | None = None, runs: int = 32, seed: int = 0,
-             threads: int | None = None, progress: bool = False) -> MCResult:
+             threads: int | None = None, progress: bool = False, start="balanced", dtype=np.float64) -> MCResult:
     """Estimate the stationary excess loss of the mean model and the members' average by simulation.
 
-    Starts every run at the optimum (members equal, buffers zero), discards `burn_in` minibatches
-    (default: :func:`auto_burn_in`), then averages over `steps` minibatches (recording at every step
-    boundary; tail averages over consecutive windows of `method.window` minibatches). Returns the mean
-    over `runs` independent runs and its standard error (std across runs / sqrt(runs)).
+    Starts every run at the optimum (members equal, buffers zero; multiplicative: at the balance `start`, see
+    :func:`start_balance`), discards `burn_in` minibatches (default: :func:`auto_burn_in`, the fast modes only; for
+    the long run of a multiplicative model from the balanced start use :func:`long_run_burn_in`, or start at
+    "selected"), then averages over `steps` minibatches (recording at every step boundary; tail averages over
+    consecutive windows of `method.window` minibatches). Returns the mean over `runs` independent runs and its
+    standard error (std across runs / sqrt(runs)). dtype float32 runs the state and the noise in single precision
+    (accumulators stay float64).
     """
     import time
 
     if int(runs) != runs or runs < 2:
         raise NQPError(f"--runs must be an integer >= 2 (standard errors need two runs), got {runs}")
     _check_seed(seed)
+    dtype = np.dtype(dtype)
+    if dtype not in (np.dtype(np.float64), np.dtype(np.float32)):
+        raise NQPError(f"dtype must be float64 or float32, got {dtype}")
+    b_start = start_balance(problem, method, start)
     mpb = method.minibatches_per_step
     if isinstance(method, TailAverage):
         if steps < method.window:
@@ -218,7 +321,7 @@ def simulate(problem, method, *, steps: int, burn_in: int | None = None, runs: i
             raise NQPError(f"--steps ({steps}) must be >= the minibatches per step ({mpb})")
         n_steps = steps // mpb
     if burn_in is None:
-        burn_in = auto_burn_in(problem, method)
+        burn_in = auto_burn_in(problem, method, balance=b_start)
     if int(burn_in) != burn_in or burn_in < 0:
         raise NQPError(f"--burn-in must be a non-negative integer, got {burn_in}")
     n_burn = -(-int(burn_in) // mpb)
@@ -226,21 +329,33 @@ def simulate(problem, method, *, steps: int, burn_in: int | None = None, runs: i
     tiles = _tiles(int(runs), problem.dim, members)
     acc_mean = np.zeros(int(runs))
     acc_mem = np.zeros(int(runs))
+    core = _core(method)
+    track = _is_mult(core) and not bal.frozen(core)
+    q_mean = np.zeros((int(runs), problem.dim)) if track else None
+    q_drift = np.zeros((int(runs), problem.dim)) if track else None
     lock = threading.Lock()
     bar = _Progress(len(tiles) * (n_burn + n_steps), progress, f"simulate {method.name}")
     window = method.steps if isinstance(method, TailAverage) else None
 
     def run_tile(index):
         r0, r1, c0, c1 = tiles[index]
-        tile = _Tile(problem, method, r0, r1, c0, c1)
+        tile = _Tile(problem, method, r0, r1, c0, c1, b_start, dtype)
         rng = _rng(seed, index)
         s_mean = np.zeros(r1 - r0)
         s_mem = np.zeros(r1 - r0)
         sum_m = sum_mem = None
+        if track:
+            q_sum = np.zeros((r1 - r0, c1 - c0))
+            q_first = q_last = None
         for i in range(n_burn + n_steps):
             tile.step(rng)
             if i >= n_burn:
                 m, mem = tile.observe()
+                if track:
+                    q_last = tile.balance_quantity()
+                    q_sum += q_last
+                    if q_first is None:
+                        q_first = q_last
                 if window is None:
                     s_mean += _excess(m, tile.h)
                     s_mem += mem
@@ -268,6 +383,9 @@ def simulate(problem, method, *, steps: int, burn_in: int | None = None, runs: i
         with lock:
             acc_mean[r0:r1] += s_mean
             acc_mem[r0:r1] += s_mem
+            if track:
+                q_mean[r0:r1, c0:c1] = q_sum / n_steps
+                q_drift[r0:r1, c0:c1] = (q_last - q_first) / max(1, n_steps - 1)
 
     t0 = time.perf_counter()
     _run_tiles(run_tile, len(tiles), threads, bar)
@@ -281,7 +399,16 @@ def simulate(problem, method, *, steps: int, burn_in: int | None = None, runs: i
     if not all(math.isfinite(v) for v in stats):
         raise DivergedError("the simulated losses overflow float64 (values near 1e308); rescale the problem "
                             "(smaller --noise, --curvature or --optimum)")
-    return MCResult(method.name, *stats, int(runs), n_steps * mpb, n_burn * mpb, int(seed), updates, seconds, per_mean, per_mem)
+    res = MCResult(method.name, *stats, int(runs), n_steps * mpb, n_burn * mpb, int(seed), updates, seconds, per_mean,
+                   per_mem, dtype.name, start if isinstance(start, str) else "given")
+    if track:
+        res.balance_start = b_start
+        b_runs = bal.balance_of(q_mean, problem, core)
+        res.balance_mean = b_runs.mean(axis=0)
+        res.balance_mean_stderr = b_runs.std(axis=0, ddof=1) / math.sqrt(int(runs))
+        res.drift_per_step = q_drift.mean(axis=0)
+        res.drift_per_step_stderr = q_drift.std(axis=0, ddof=1) / math.sqrt(int(runs))
+    return res
 
 
 # ----------------------------------------------------------------------------- learning curves

@@ -1,5 +1,6 @@
 """The multiplicative model's balance (nqp.balance): the exact change of Q~ in one literal step, the drift's closed form
-= the Lyapunov path on the literal step, the selected balance and its leading order, the adiabatic ODE."""
+= the Lyapunov path on the literal step, the selected balance and its leading order, the adiabatic ODE, and Monte
+Carlo = theory in standard errors (seeded, bounded sizes)."""
 import numpy as np
 import pytest
 from hypothesis import assume, given, settings
@@ -8,9 +9,12 @@ from hypothesis import strategies as st
 from nqp import LatePhase, Problem
 from nqp import balance as bal
 from nqp import dynamics as dyn
+from nqp.montecarlo import long_run_burn_in, simulate
 from nqp.theory import long_run, steady_state
 
-from nqp_strategies import latephase_methods, problems
+from nqp_strategies import latephase_methods, momenta, problems
+
+Z = 4.0
 
 
 def _random_state(rng, method, d, runs):
@@ -119,6 +123,71 @@ def test_ode_matches_a_reference_integrator():
             return bal.drift(p, lp, b) / (lp.K * bal._dq_dlogb(p, lp, b))
         ref = solve_ivp(f, (0, t[-1]), np.zeros(3), t_eval=t, rtol=1e-12, atol=1e-14, method="LSODA")
         np.testing.assert_allclose(bal.trajectory(p, lp, t), np.exp(ref.y.T), rtol=1e-8)
+
+
+@st.composite
+def small_step_settings(draw):
+    """Small steps (eta h |w*| <= 0.08, s <= 0.3 w*^2), d <= 2, K <= 4, any momentum."""
+    d = draw(st.integers(1, 2))
+    h = np.array(draw(st.lists(st.floats(0.3, 1.0), min_size=d, max_size=d)))
+    w = np.array(draw(st.lists(st.floats(0.5, 2.0), min_size=d, max_size=d)))
+    w = w * np.array(draw(st.lists(st.sampled_from([-1.0, 1.0]), min_size=d, max_size=d)))
+    s = np.array(draw(st.lists(st.floats(0.05, 0.3), min_size=d, max_size=d))) * w ** 2
+    mu, nest = draw(momenta())
+    mu = min(mu, 0.6)
+    nest = nest and mu > 0
+    K = draw(st.integers(2, 4))
+    gamma = draw(st.sampled_from([1.0 / K, 0.5, 1.0]))
+    a_phi = draw(st.floats(0.01, 0.04)) * (1 - mu)
+    lr_phi = a_phi / np.max(h * np.abs(w))
+    lr_theta = draw(st.floats(0.3, 3.0)) * lr_phi / gamma / K
+    return Problem.from_values(h, s, w), LatePhase(K, lr_theta, lr_phi, gamma, mu, nest, "multiplicative")
+
+
+def _assert_within(pred, res, z=Z):
+    for key in ("excess_loss_mean_model", "excess_loss_members"):
+        est, se, exact = getattr(res, key), getattr(res, key + "_stderr"), getattr(pred, key)
+        assert abs(est - exact) <= z * se, f"{key}: simulated {est:.6g} ± {se:.2g}, theory {exact:.6g}"
+
+
+@settings(max_examples=6)
+@given(small_step_settings(), st.integers(0, 1000))
+def test_monte_carlo_at_the_selected_balance_matches_the_long_run(setting, seed):
+    """Started at b*, the simulation stays there: its losses equal long_run's and its time-averaged balance equals b*,
+    within 4 standard errors (runs far shorter than the relaxation time suffice)."""
+    p, lp = setting
+    pred = long_run(p, lp)
+    res = simulate(p, lp, steps=3000 * lp.K, runs=32, seed=seed, start="selected")
+    _assert_within(pred, res)
+    assert np.all(np.abs(res.balance_mean - pred.balance.selected) <= Z * res.balance_mean_stderr)
+
+
+@settings(max_examples=6)
+@given(small_step_settings(), st.integers(0, 1000))
+def test_monte_carlo_drift_at_the_balanced_start_matches_theory(setting, seed):
+    """From the balanced start, over a run short against the relaxation time, the measured E[Delta Q~] per outer step
+    equals (B4) at b = 1 within 4 standard errors (and the balance moves the predicted way)."""
+    p, lp = setting
+    res = simulate(p, lp, steps=400 * lp.K, runs=64, seed=seed, start="balanced")
+    pred = bal.drift(p, lp, res.balance_mean)        # the balance has moved a little during the burn-in
+    assert np.all(np.abs(res.drift_per_step - pred) <= Z * res.drift_per_step_stderr)
+    assert np.all(np.sign(res.drift_per_step) == np.sign(bal.drift(p, lp, 1.0)))
+
+
+def test_long_run_from_the_balanced_start():
+    """From the balanced start with a burn-in from the balance ODE, the simulation reaches the selected balance and the
+    long-run losses (the short-time prediction at b = 1 is far off: K = 4, gamma_theta = 1/4, so b* ~ 1/2)."""
+    p = Problem.from_values([1.0], [0.3], [1.0])
+    lp = LatePhase(4, 0.05, 0.05, 0.25, kind="multiplicative")
+    pred = long_run(p, lp)
+    burn = long_run_burn_in(p, lp)
+    assert 3 * pred.relaxation_minibatches < burn < 20 * pred.relaxation_minibatches
+    res = simulate(p, lp, steps=40000, burn_in=burn, runs=32, seed=4)
+    _assert_within(pred, res)
+    assert abs(res.balance_mean[0] - pred.balance.selected[0]) <= Z * res.balance_mean_stderr[0]
+    short = pred.short_time
+    assert abs(res.excess_loss_mean_model / short.excess_loss_mean_model - 1.25) < 0.03
+    assert res.excess_loss_members < short.excess_loss_members - 20 * res.excess_loss_members_stderr
 
 
 def test_frozen_theta_keeps_the_release_balance():

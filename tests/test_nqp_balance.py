@@ -6,10 +6,11 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from nqp import LatePhase, Problem
+from nqp import LatePhase, Problem, SGD
 from nqp import balance as bal
 from nqp import dynamics as dyn
-from nqp.montecarlo import long_run_burn_in, simulate
+from nqp.curves import learning_curve
+from nqp.montecarlo import long_run_burn_in, simulate, simulate_curve
 from nqp.theory import long_run, steady_state
 
 from nqp_strategies import latephase_methods, momenta, problems
@@ -188,6 +189,27 @@ def test_long_run_from_the_balanced_start():
     short = pred.short_time
     assert abs(res.excess_loss_mean_model / short.excess_loss_mean_model - 1.25) < 0.03
     assert res.excess_loss_members < short.excess_loss_members - 20 * res.excess_loss_members_stderr
+
+
+@pytest.mark.parametrize("mu", [0.0, 0.5])
+def test_curve_follows_the_balance_ode(mu):
+    """After the release the simulated learning curve follows the ODE lines (within 4 standard errors) and departs
+    from the fixed-balance (short-time) lines by more than 4 standard errors; the balance moves from 1 towards b*."""
+    p = Problem.from_values([1.0], [0.3], [1.0])
+    lp, sgd = LatePhase(4, 0.1, 0.1, 0.25, mu, kind="multiplicative"), SGD(0.1, mu)
+    kw = dict(T0=200, horizon=200 + 12000, w0=1.0, points=13)
+    exact = learning_curve(p, lp, sgd, **kw)
+    short = learning_curve(p, lp, sgd, balance="release", **kw)
+    mc = simulate_curve(p, lp, sgd, runs=2000, seed=9, **kw)
+    for k in ("latephase_mean", "latephase_members"):
+        ok = mc.t > kw["T0"]
+        z = (mc.series[k][ok] - exact.series[k][ok]) / mc.stderr[k][ok]
+        assert np.all(np.abs(z) < Z), (k, z)
+        z_short = (mc.series[k][-1] - short.series[k][-1]) / mc.stderr[k][-1]
+        assert abs(z_short) > Z, (k, z_short)
+    b = exact.balance[exact.t >= kw["T0"], 0]
+    assert b[0] == pytest.approx(1.0, abs=0.01) and np.all(np.diff(b) < 0)
+    assert b[-1] == pytest.approx(bal.select(p, lp).selected[0], rel=0.05)
 
 
 def test_frozen_theta_keeps_the_release_balance():

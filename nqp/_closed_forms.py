@@ -3,8 +3,6 @@
 Each function evaluates one closed form with numpy (vectorised; arguments broadcast). EXPRESSIONS holds the
 sympy expression of each as text; tests/test_nqp_exact.py checks the code and the text against sympy.
 """
-import numpy
-
 
 EXPRESSIONS = {
     'sgd_variance_plain': ('-eta*h*s/(eta*h - 2)', ('eta', 'h', 's', 'mu')),

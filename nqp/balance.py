@@ -118,22 +118,31 @@ def leading_order(method) -> float:
     return float(np.sqrt(method.gamma_theta * method.lr_theta / method.lr_phi))
 
 
+def _interval(problem, method):
+    """(b_lo, b_hi) of stable balances and the discriminant (no stable balance where it is <= 0); arrays broadcast."""
+    edge = cf.stability_edge(method.momentum, method.nesterov)
+    kgl = method.K * method.gamma_theta * method.lr_theta
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        E = edge / (problem.curvature * np.abs(problem.optimum))
+        disc = E * E - 4 * method.lr_phi * kgl
+        root = np.sqrt(np.where(disc > 0, disc, np.nan))
+        lo = np.where(kgl > 0, 2 * kgl / (E + root), 0.0)
+        hi = (E + root) / (2 * method.lr_phi)
+    return lo, hi, disc, edge
+
+
 def stable_interval(problem, method):
     """(b_lo, b_hi) per coordinate: the balances at which the linearised dynamics are stable,
     a_m = h |w*| (eta_phi b + K gamma_theta eta_theta / b) < edge (this also bounds a_phi). Raises UnstableError
     when no balance is stable: 2 h |w*| sqrt(K gamma_theta eta_theta eta_phi) >= edge."""
-    edge = cf.stability_edge(method.momentum, method.nesterov)
-    E = edge / (problem.curvature * np.abs(problem.optimum))
-    kgl = method.K * method.gamma_theta * method.lr_theta
-    disc = E * E - 4 * method.lr_phi * kgl
+    lo, hi, disc, edge = _interval(problem, method)
     if np.any(disc <= 0):
         i = int(np.argmin(disc))
+        h = problem.curvature[i] * abs(problem.optimum[i])
+        value = 2 * h * np.sqrt(method.K * method.gamma_theta * method.lr_theta * method.lr_phi)
         raise UnstableError(f"unstable at every balance of theta and phi: 2 h |w*| sqrt(K*gamma_theta*lr_theta*lr_phi) "
-                            f"= {edge * np.sqrt(4 * method.lr_phi * kgl) / E[i]:.6g} must be < {edge:.6g} "
-                            f"(coordinate {i}); lower the learning rate(s)")
-    root = np.sqrt(disc)
-    lo = 2 * kgl / (E + root) if kgl > 0 else np.zeros_like(E)
-    return lo, (E + root) / (2 * method.lr_phi)
+                            f"= {value:.6g} must be < {edge:.6g} (coordinate {i}); lower the learning rate(s)")
+    return lo, hi
 
 
 # ----------------------------------------------------------------------------- the drift (B3)/(B4)
@@ -256,6 +265,16 @@ def _bisect(f, lo, hi):
     return 0.5 * (lo + hi)
 
 
+def _root(f, beta_lo, beta_hi, beta_rel, noisy):
+    """The root of the drift f(beta) that the balance reaches from beta_rel: bisection on the side towards which
+    the drift points (the drift is +inf / -inf at the lower / upper stability edge). Where the drift vanishes at the
+    release or there is no noise, beta_rel."""
+    sign0 = np.sign(f(beta_rel))
+    up = sign0 > 0                         # the drift pushes b up: the root lies in (release, b_hi)
+    still = (sign0 == 0) | ~noisy          # no drift: the balance stays at the release (empty bracket)
+    return _bisect(f, np.where(up | still, beta_rel, beta_lo), np.where(up & ~still, beta_hi, beta_rel))
+
+
 def select(problem, method, path: str = "closed", release=1.0) -> Balance:
     """Solve E[Delta Q~](b) = 0 (B4) per coordinate, on the side of the release balance towards which the drift
     points (the root that the balance reaches from the release), and the relaxation time there."""
@@ -266,21 +285,43 @@ def select(problem, method, path: str = "closed", release=1.0) -> Balance:
     if frozen(method):
         return Balance(rel, rel, lead, np.full(d, np.inf), method.K, True, path)
     lo, hi = stable_interval(problem, method)
-    beta_lo, beta_hi, beta_rel = np.log(lo), np.log(hi), np.log(rel)
+    with np.errstate(divide="ignore"):
+        beta_lo, beta_hi, beta_rel = np.log(lo), np.log(hi), np.log(rel)
     if np.any(beta_rel <= beta_lo) or np.any(beta_rel >= beta_hi):
         raise UnstableError("unstable at the release balance; lower the learning rate(s)")
     noisy = problem.noise > 0
-    sign0 = np.sign(drift(problem, method, rel, path))
-    up = sign0 > 0                         # the drift pushes b up: the root lies in (release, b_hi)
-    still = (sign0 == 0) | ~noisy          # no drift: the balance stays at the release (empty bracket)
-    # the drift is > 0 at the lower end of each bracket and < 0 at its upper end (+inf / -inf at the edges)
-    beta = _bisect(lambda x: drift(problem, method, np.exp(x), path),
-                   np.where(up | still, beta_rel, beta_lo), np.where(up & ~still, beta_hi, beta_rel))
+    beta = _root(lambda x: drift(problem, method, np.exp(x), path), beta_lo, beta_hi, beta_rel, noisy)
     b = np.exp(beta)
     with np.errstate(divide="ignore", invalid="ignore"):
         lam = -_slope(problem, method, b, path) / _dq_dlogb(problem, method, b)
         tau = np.where(noisy & (lam > 0), 1.0 / lam, np.inf)
     return Balance(b, rel, lead, tau, method.K, False, path)
+
+
+def select_grid(problem, K, gamma_theta, lr_theta, lr_phi, momentum: float = 0.0, nesterov: bool = False):
+    """The closed-form b* from the balanced start (b = 1) for many settings at once: K, gamma_theta, lr_theta, lr_phi
+    arrays of shape (P, 1) (broadcast against the d coordinates), one momentum. Returns b* of shape (P, d): NaN where
+    the release b = 1 is unstable; 1 where theta is frozen (gamma_theta lr_theta = 0) or a coordinate has no noise."""
+    from types import SimpleNamespace
+
+    h, s, w = (np.asarray(a, float)[None, :] for a in (problem.curvature, problem.noise, problem.optimum))
+    prob = SimpleNamespace(curvature=h, noise=s, optimum=w)
+    K, g, et, ep = (np.asarray(a, float) for a in (K, gamma_theta, lr_theta, lr_phi))
+    moving = (g * et) > 0
+    # frozen settings get placeholder rates (their balance stays 1); they are restored below
+    meth = SimpleNamespace(K=K, gamma_theta=np.where(moving, g, 1.0), lr_theta=np.where(moving, et, 1e-300),
+                           lr_phi=ep, momentum=momentum, nesterov=nesterov)
+    lo, hi, disc, edge = _interval(prob, meth)
+    shape = np.broadcast_shapes(h.shape, K.shape, disc.shape)
+    a_release = h * np.abs(w) * (ep + K * g * et)        # the release at b = 1 must be stable
+    ok = np.broadcast_to((disc > 0) & (a_release < edge) & (h * np.abs(w) * ep < edge), shape)
+    beta_lo = np.where(ok, np.log(np.where(ok, lo, 1.0)), -1.0)
+    beta_hi = np.where(ok, np.log(np.where(ok, hi, 1.0)), 1.0)
+    with np.errstate(all="ignore"):
+        beta = _root(lambda x: np.where(ok, _drift_closed(prob, meth, np.exp(x)), 0.0), beta_lo, beta_hi,
+                     np.zeros(shape), np.broadcast_to(s > 0, shape))
+    b = np.where(np.broadcast_to(moving, shape), np.exp(beta), 1.0)
+    return np.where(ok, b, np.nan)
 
 
 # ----------------------------------------------------------------------------- the adiabatic ODE (B6)

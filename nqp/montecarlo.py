@@ -131,7 +131,7 @@ def auto_burn_in(problem, method, tol: float = 1e-6, balance=None) -> int:
     return max(1, steps) * core.minibatches_per_step * (method.K if isinstance(method, Ensemble) else 1)
 
 
-def long_run_burn_in(problem, method, tol: float = 1e-4, start=1.0) -> int:
+def long_run_burn_in(problem, method, tol: float = 1e-3, start=1.0) -> int:
     """Minibatches after which a multiplicative run started at balance `start` is within `tol` (relative) of its
     long-run losses, mean model and members, by the adiabatic ODE of the balance (:func:`nqp.balance.trajectory`):
     the first t from which |E(b(t)) - E(b*)| <= tol E(b*) for both, with E(b) the stationary losses of the fast modes

@@ -20,21 +20,25 @@ from .methods import SGD, LatePhase
 
 @dataclass
 class Coeffs:
-    """Per-coordinate problem constants, broadcast against the state arrays."""
+    """Per-coordinate problem constants, broadcast against the state arrays (with h sqrt(s) and h w* precomputed)."""
 
     h: np.ndarray
     sqrt_s: np.ndarray
     wstar: np.ndarray
+
+    def __post_init__(self):
+        self.minus_h_sqrt_s = -self.h * self.sqrt_s
+        self.h_wstar = self.h * self.wstar
 
     @classmethod
     def of(cls, problem, noise_scale: float = 1.0) -> "Coeffs":
         return cls(problem.curvature, np.sqrt(problem.noise * noise_scale), problem.optimum)
 
 
-def optimizer_update(x, v, grad, lr: float, momentum: float, nesterov: bool) -> None:
+def optimizer_update(x, v, grad, lr, momentum: float, nesterov: bool) -> None:
     """torch.optim.SGD's update (dampening 0), in place:
     v <- mu v + grad; x <- x - lr v (heavy ball) or x - lr (grad + mu v) (Nesterov); x <- x - lr grad if mu = 0.
-    `grad` may be overwritten."""
+    `grad` may be overwritten; lr is a number or, without momentum, an array broadcast against grad."""
     if momentum:
         v *= momentum
         v += grad
@@ -80,34 +84,43 @@ def sgd_step(state: SGDState, xi: np.ndarray, c: Coeffs, method: SGD) -> None:
     optimizer_update(state.w, state.v, g, method.lr, method.momentum, method.nesterov)
 
 
-def latephase_step(state: LatePhaseState, xi: np.ndarray, c: Coeffs, method: LatePhase) -> None:
-    """One outer step of Algorithm 1 (consumes K minibatches). Overwrites xi.
+def latephase_step(state: LatePhaseState, xi: np.ndarray, c: Coeffs, method: LatePhase, work=None) -> None:
+    """One outer step of Algorithm 1 (consumes K minibatches). Overwrites xi (and `work`, an optional scratch
+    array of xi's shape that saves one allocation).
 
     With g_k = h (w_k - c_k), c_k = w* + sqrt(s) xi_k and w_k = theta + phi_k (additive) or
     theta * phi_k (multiplicative), all evaluated at the theta and phi_k of the start of the step:
         phi_k <- U_phi(phi_k, dl/dphi_k)               [additive: g_k; multiplicative: theta g_k]
         theta <- U_theta(theta, gamma_theta sum_k dl/dtheta|_k)   [g_k; resp. phi_k g_k]
     Member k's update depends only on (theta, phi_k, c_k), so applying the K member updates after
-    computing all K gradients is the sequential loop of Algorithm 1 exactly.
+    computing all K gradients is the sequential loop of Algorithm 1 exactly. (Multiplicative, evaluated as
+    g_k = (h theta) phi_k - h w* - h sqrt(s) xi_k; without momentum phi_k's step lr_phi theta g_k takes lr_phi theta
+    as one factor.)
     """
-    theta = state.theta[..., None, :]
     g = xi
-    g *= -c.sqrt_s
-    g -= c.wstar
     if method.kind == "additive":
+        g *= -c.sqrt_s
         g += state.phi
-        g += theta
+        g += (state.theta - c.wstar)[..., None, :]
         g *= c.h
         grad_theta = g.sum(axis=-2)
-        grad_phi = g
+        grad_theta *= method.gamma_theta
+        optimizer_update(state.phi, state.v_phi, g, method.lr_phi, method.momentum, method.nesterov)
     else:
-        g += theta * state.phi
-        g *= c.h
+        theta = state.theta[..., None, :]
+        if work is None:
+            work = np.empty_like(state.phi)
+        g *= c.minus_h_sqrt_s
+        np.multiply(state.phi, c.h * theta, out=work)
+        g += work
+        g -= c.h_wstar
         grad_theta = np.einsum("...kd,...kd->...d", state.phi, g)
-        g *= theta
-        grad_phi = g
-    grad_theta *= method.gamma_theta
-    optimizer_update(state.phi, state.v_phi, grad_phi, method.lr_phi, method.momentum, method.nesterov)
+        grad_theta *= method.gamma_theta
+        if method.momentum:
+            g *= theta
+            optimizer_update(state.phi, state.v_phi, g, method.lr_phi, method.momentum, method.nesterov)
+        else:
+            optimizer_update(state.phi, None, g, method.lr_phi * theta, 0.0, False)
     optimizer_update(state.theta, state.v_theta, grad_theta, method.lr_theta, method.momentum,
                      method.nesterov)
 

@@ -252,17 +252,40 @@ class Balance:
 
 
 def _bisect(f, lo, hi):
-    """Vectorised bisection for a root of f in (lo, hi), with f > 0 towards lo and f < 0 towards hi; the ends are
-    never evaluated (f may be infinite there). Runs until the brackets reach adjacent floating-point numbers."""
+    """Vectorised root of f in (lo, hi), with f > 0 towards lo and f < 0 towards hi; the ends are never evaluated
+    (f may be infinite there). Bisection until both ends have finite values and the bracket is narrow, then the
+    Illinois variant of regula falsi (superlinear, the bracket always holds the root), until the brackets reach
+    adjacent floating-point numbers or f vanishes."""
     lo, hi = lo.copy(), hi.copy()
-    for _ in range(200):
+    f_lo = np.full(lo.shape, np.inf)
+    f_hi = np.full(hi.shape, -np.inf)
+    side = np.zeros(lo.shape, int)          # which end moved last (+1 lo, -1 hi), for the Illinois halving
+    done = lo >= hi
+    for it in range(300):
+        finite = np.isfinite(f_lo) & np.isfinite(f_hi)
         mid = 0.5 * (lo + hi)
-        if np.all((mid == lo) | (mid == hi)):
+        with np.errstate(invalid="ignore", divide="ignore"):
+            falsi = (lo * f_hi - hi * f_lo) / (f_hi - f_lo)
+        use = finite & (it >= 8) & (falsi > lo) & (falsi < hi)
+        x = np.where(use, falsi, mid)
+        done |= (x <= lo) | (x >= hi)
+        if np.all(done):
             break
-        right = f(mid) > 0
-        lo = np.where(right, mid, lo)
-        hi = np.where(right, hi, mid)
-    return 0.5 * (lo + hi)
+        fx = f(np.where(done, lo, x))
+        done |= fx == 0
+        right = (fx > 0) & ~done
+        left = (fx < 0) & ~done
+        # Illinois: halve the stale end's value when the same end moves twice in a row
+        f_hi = np.where(right & (side == 1) & use, 0.5 * f_hi, f_hi)
+        f_lo = np.where(left & (side == -1) & use, 0.5 * f_lo, f_lo)
+        lo = np.where(right, x, lo)
+        f_lo = np.where(right, fx, f_lo)
+        hi = np.where(left, x, hi)
+        f_hi = np.where(left, fx, f_hi)
+        side = np.where(right, 1, np.where(left, -1, side))
+        lo = np.where(fx == 0, x, lo)
+        hi = np.where(fx == 0, x, hi)
+    return np.where(f_lo == 0, lo, np.where(f_hi == 0, hi, 0.5 * (lo + hi)))
 
 
 def _root(f, beta_lo, beta_hi, beta_rel, noisy):

@@ -302,6 +302,8 @@ def latex() -> dict:
         e_dev = sp.factor(h / 2 * V.subs({eta: ep, s: s * (1 - 1 / K)}, simultaneous=True))
         out[f"additive_mean_{v}"] = tex(e_mean)
         out[f"additive_deviation_{v}"] = tex(e_dev)
+        q, a = drift_moment_expr(v)
+        out[f"drift_moment_{v}"] = tex(q)
     fac, rho = tail_average_factor_expr()
     out["tail_average_factor"] = sp.latex(fac, symbol_names={rho: r"\rho"})
     return out

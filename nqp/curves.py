@@ -46,6 +46,7 @@ class Curve:
     path: str
     stderr: dict = field(default_factory=dict)
     balance: np.ndarray | None = None     # (len(t), d): multiplicative b(t) = theta^2/|w*| (NaN before T0)
+    balance_stderr: np.ndarray | None = None   # Monte Carlo: standard error of `balance`
 
     def to_dict(self) -> dict:
         out = {"t": self.t.tolist(), "T0": self.T0, "K": self.K, "path": self.path,

@@ -466,6 +466,8 @@ def simulate_curve(problem, method: LatePhase, sgd: SGD, *, T0: int, horizon: in
         raise NQPError(f"--swa-start must be T0 + K n below the horizon (T0={T0}, K={K}), got {swa_start}")
     names = ["sgd", "latephase_mean", "latephase_members"] + (["latephase_swa"] if swa_start is not None else [])
     out = {k: np.zeros((int(runs), len(t))) for k in names}
+    track = _is_mult(method) and not bal.frozen(method)
+    b_runs = np.full((int(runs), len(t), problem.dim), np.nan) if track else None
     w0 = start_weights(w0, problem.dim)
     tiles = _tiles(int(runs), problem.dim, K)
     lock = threading.Lock()
@@ -483,6 +485,7 @@ def simulate_curve(problem, method: LatePhase, sgd: SGD, *, T0: int, horizon: in
         xi1 = np.empty_like(w)
         xik = np.empty((r1 - r0, K, c1 - c0))
         local = {k: np.zeros((r1 - r0, len(t))) for k in names}
+        b_local = np.full((r1 - r0, len(t), c1 - c0), np.nan) if track else None
         lp = None
         swa_sum, swa_n = None, 0
 
@@ -499,6 +502,8 @@ def simulate_curve(problem, method: LatePhase, sgd: SGD, *, T0: int, horizon: in
                 local["latephase_members"][:, i] = 0.5 * np.einsum("rkd,rkd,d->r", wk, wk, h) / K
             if "latephase_swa" in local:
                 local["latephase_swa"][:, i] = _excess(swa_sum / swa_n - ws, h) if swa_n else np.nan
+            if track and lp is not None:
+                b_local[:, i] = bal.balance_of(bal.quantity(lp, method), sub, method)
 
         now, pending = 0, 0
         if T0 == 0:
@@ -536,8 +541,14 @@ def simulate_curve(problem, method: LatePhase, sgd: SGD, *, T0: int, horizon: in
         with lock:
             for k in names:
                 out[k][r0:r1] += local[k]
+            if track:
+                b_runs[r0:r1, :, c0:c1] = b_local
 
     _run_tiles(run_tile, len(tiles), threads, bar)
     series = {k: v.mean(axis=0) for k, v in out.items()}
     stderr = {k: v.std(axis=0, ddof=1) / math.sqrt(v.shape[0]) for k, v in out.items()}
-    return Curve(t, series, int(T0), K, "monte carlo", stderr)
+    curve = Curve(t, series, int(T0), K, "monte carlo", stderr)
+    if track:   # the balance b = theta^2/|w*| of the manifold point with each run's Q~, averaged over runs
+        curve.balance = b_runs.mean(axis=0)
+        curve.balance_stderr = b_runs.std(axis=0, ddof=1) / math.sqrt(b_runs.shape[0])
+    return curve

@@ -251,7 +251,7 @@ class Balance:
                 "relaxation_minibatches": float(finite.max()) if finite.size else None}
 
 
-def _bisect(f, lo, hi):
+def _bracketed_root(f, lo, hi):
     """Vectorised root of f in (lo, hi), with f > 0 towards lo and f < 0 towards hi; the ends are never evaluated
     (f may be infinite there). Bisection until both ends have finite values and the bracket is narrow, then the
     Illinois variant of regula falsi (superlinear, the bracket always holds the root), until the brackets reach
@@ -295,7 +295,7 @@ def _root(f, beta_lo, beta_hi, beta_rel, noisy):
     sign0 = np.sign(f(beta_rel))
     up = sign0 > 0                         # the drift pushes b up: the root lies in (release, b_hi)
     still = (sign0 == 0) | ~noisy          # no drift: the balance stays at the release (empty bracket)
-    return _bisect(f, np.where(up | still, beta_rel, beta_lo), np.where(up & ~still, beta_hi, beta_rel))
+    return _bracketed_root(f, np.where(up | still, beta_rel, beta_lo), np.where(up & ~still, beta_hi, beta_rel))
 
 
 def select(problem, method, path: str = "closed", release=1.0) -> Balance:

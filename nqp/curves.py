@@ -228,8 +228,6 @@ def _multiplicative_ode(problem, method, mT, cT, steps_post, sigma0, path, k0):
     traj = bal.ode(problem, method, b0, path, sel)
     b_mid = traj(0.5 * (bounds[1:] + bounds[:-1]) * K) if len(bounds) > 1 else np.ones((0, d))
     b_obs = traj(steps_post * K)
-    C_x = np.zeros((d, n_sgd))
-    C_x[:, 0] = 1.0
     swa = None
     if path == "closed":
         # Per segment, the linearised members are the additive model with the rates eta_theta'(b), eta_phi'(b):
@@ -247,8 +245,6 @@ def _multiplicative_ode(problem, method, mT, cT, steps_post, sigma0, path, k0):
         n_m, n_d = (3, 2) if mom else (1, 1)
         # release: x = the SGD iterate; theta's buffer continues the SGD buffer v = gamma_theta K (gradient-unit
         # buffer of theta), the members' buffers start at zero
-        mean_m = np.zeros((d, n_m))
-        mean_m[:, 0] = mT[:, 0]
         Lm = np.zeros((d, n_m, n_sgd))
         Lm[:, 0, 0] = 1.0
         if mom:

@@ -20,15 +20,11 @@ from .methods import SGD, LatePhase
 
 @dataclass
 class Coeffs:
-    """Per-coordinate problem constants, broadcast against the state arrays (with h sqrt(s) and h w* precomputed)."""
+    """Per-coordinate problem constants, broadcast against the state arrays."""
 
     h: np.ndarray
     sqrt_s: np.ndarray
     wstar: np.ndarray
-
-    def __post_init__(self):
-        self.minus_h_sqrt_s = -self.h * self.sqrt_s
-        self.h_wstar = self.h * self.wstar
 
     @classmethod
     def of(cls, problem, noise_scale: float = 1.0) -> "Coeffs":
@@ -93,27 +89,27 @@ def latephase_step(state: LatePhaseState, xi: np.ndarray, c: Coeffs, method: Lat
         phi_k <- U_phi(phi_k, dl/dphi_k)               [additive: g_k; multiplicative: theta g_k]
         theta <- U_theta(theta, gamma_theta sum_k dl/dtheta|_k)   [g_k; resp. phi_k g_k]
     Member k's update depends only on (theta, phi_k, c_k), so applying the K member updates after
-    computing all K gradients is the sequential loop of Algorithm 1 exactly. (Multiplicative, evaluated as
-    g_k = (h theta) phi_k - h w* - h sqrt(s) xi_k; without momentum phi_k's step lr_phi theta g_k takes lr_phi theta
-    as one factor.)
+    computing all K gradients is the sequential loop of Algorithm 1 exactly. The target -c_k is formed first, as
+    in the problem's definition (a noise below the resolution of w* is then lost in every path alike); without
+    momentum the multiplicative phi_k's step lr_phi theta g_k takes lr_phi theta as one factor.
     """
+    theta = state.theta[..., None, :]
     g = xi
+    g *= -c.sqrt_s
+    g -= c.wstar                        # g = -c_k
     if method.kind == "additive":
-        g *= -c.sqrt_s
         g += state.phi
-        g += (state.theta - c.wstar)[..., None, :]
+        g += theta
         g *= c.h
         grad_theta = g.sum(axis=-2)
         grad_theta *= method.gamma_theta
         optimizer_update(state.phi, state.v_phi, g, method.lr_phi, method.momentum, method.nesterov)
     else:
-        theta = state.theta[..., None, :]
         if work is None:
             work = np.empty_like(state.phi)
-        g *= c.minus_h_sqrt_s
-        np.multiply(state.phi, c.h * theta, out=work)
+        np.multiply(state.phi, theta, out=work)
         g += work
-        g -= c.h_wstar
+        g *= c.h
         grad_theta = np.einsum("...kd,...kd->...d", state.phi, g)
         grad_theta *= method.gamma_theta
         if method.momentum:

@@ -1,15 +1,17 @@
-"""Cost of the three nqp paths on a 50 x 50 (K, gamma_theta) grid, power-law spectrum, d = 10^4.
+"""Cost of the nqp paths, measured side by side in one run on this machine.
 
-    python benchmarks/nqp_bench.py            # full measurement (about a minute on 2 cores)
+    python benchmarks/nqp_bench.py            # full measurement (a few minutes on 2 cores)
     python benchmarks/nqp_bench.py --quick    # smaller, for a smoke test
 
-Measured side by side in one run on this machine:
-- closed form: the whole grid (2,500 points x d coordinates), vectorised (`nqp.sweep.grid`);
-- Lyapunov: scipy's discrete Lyapunov solver on the literal step, per coordinate, on a sample of grid
-  points and coordinates (its cost per coordinate solve does not depend on which coordinate), then
-  extrapolated to the full grid -- the extrapolation is printed as such;
-- Monte Carlo: member-coordinate updates per second of the simulator (all cores), and the cost of one grid
-  point at a fixed budget, extrapolated to the grid.
+- `python -m nqp predict` wall time (a fresh process, median of repeats), default and --method multiplicative;
+- closed form: a 50 x 50 (K, gamma_theta) grid on a power-law spectrum, d = 10^4, vectorised (`nqp.sweep.grid`);
+  the same grid for the multiplicative long run (a selected balance per grid point and coordinate);
+- Lyapunov: scipy's discrete Lyapunov solver on the literal step, per coordinate, on a sample of grid points and
+  coordinates, extrapolated to the full grid (printed as an extrapolation);
+- Monte Carlo: member-coordinate updates per second of the simulator on all cores, float64 and float32, additive and
+  multiplicative, repeated alternately (the machine may be shared: the median and the best of the repeats are
+  printed with the load average); and the float32 path's rounding error against the standard error, from runs of
+  both precisions driven by the same normal variates.
 """
 from __future__ import annotations
 
@@ -17,15 +19,60 @@ import argparse
 import json
 import os
 import platform
+import subprocess
+import sys
 import time
 
 import numpy as np
 
-from nqp import LatePhase, Problem
-from nqp import closed_form as cf
-from nqp import linear
-from nqp.montecarlo import simulate
-from nqp.sweep import grid
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the nqp next to this script
+
+from nqp import LatePhase, Problem  # noqa: E402
+from nqp import dynamics as dyn  # noqa: E402
+from nqp import linear  # noqa: E402
+from nqp.montecarlo import simulate  # noqa: E402
+from nqp.sweep import grid  # noqa: E402
+
+MC_GOAL = 1.5e8
+
+
+def _predict_wall(args, reps):
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "nqp", "predict", *args], check=True, capture_output=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        times.append(time.perf_counter() - t)
+    return float(np.median(times)), float(min(times))
+
+
+def _mc(problem, lp, dtype, steps, runs, seed):
+    r = simulate(problem, lp, steps=steps * lp.K, burn_in=0, runs=runs, seed=seed, dtype=dtype)
+    return r.updates_per_second, r
+
+
+def _float32_error(runs: int, steps: int):
+    """Time-averaged member excess of a multiplicative run in float64 and in float32 on the same normal variates
+    (generated in float64, rounded to float32): returns (|difference| / standard error, difference, stderr)."""
+    p = Problem.from_values([1.0, 0.3], [0.3, 0.3], [1.0, -2.0])
+    lp = LatePhase(4, 0.05, 0.05, 0.25, kind="multiplicative")
+    rng = np.random.default_rng(0)
+    out = {}
+    states = {dt: dyn.fixed_point(p, lp, shape=(runs,), dtype=dt, balance=0.5) for dt in (np.float64, np.float32)}
+    coeffs = {dt: dyn.Coeffs(*(a.astype(dt) for a in (p.curvature, np.sqrt(p.noise), p.optimum)))
+              for dt in (np.float64, np.float32)}
+    acc = {dt: np.zeros(runs) for dt in states}
+    for _ in range(steps):
+        xi = rng.standard_normal((runs, lp.K, p.dim))
+        for dt, st in states.items():
+            dyn.latephase_step(st, xi.astype(dt), coeffs[dt], lp)
+            w = dyn.members(st, lp).astype(float) - p.optimum
+            acc[dt] += 0.5 * np.einsum("rkd,rkd,d->r", w, w, p.curvature) / lp.K
+    for dt in acc:
+        out[dt] = acc[dt] / steps
+    diff = float(np.mean(out[np.float32] - out[np.float64]))
+    se = float(out[np.float64].std(ddof=1) / np.sqrt(runs))
+    return abs(diff) / se, diff, se
 
 
 def main():
@@ -40,69 +87,90 @@ def main():
     Ks = np.arange(1, n + 1, dtype=float)
     gammas = np.geomspace(1e-3, 1.0, n)
     base = dict(K=10, gamma_theta=1.0, lr=lr, lr_theta=None, lr_phi=None, momentum=0.0, nesterov=False)
+    info = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+            "python": platform.python_version(), "numpy": np.__version__, "date": time.strftime("%Y-%m-%d"),
+            "load_average_start": os.getloadavg()[0]}
+
+    reps = 3 if a.quick else 7
+    info["predict_wall_s"] = _predict_wall([], reps)
+    info["predict_multiplicative_wall_s"] = _predict_wall(["--method", "multiplicative"], reps)
 
     t = time.perf_counter()
-    cf.sgd_variance(0.1, 1.0, 1.0)  # sympy derivation + lambdify (once per process)
-    t_derive = time.perf_counter() - t
-    reps = 3 if a.quick else 5
+    from nqp.codegen import source
+    source()                                  # what `python -m nqp.codegen` derives (sympy, once)
+    info["sympy_derivation_s"] = time.perf_counter() - t
     times = []
-    for _ in range(reps):
+    for _ in range(3 if a.quick else 5):
         t = time.perf_counter()
         res = grid(problem, "additive", base, ("K", Ks), ("gamma_theta", gammas))
         times.append(time.perf_counter() - t)
-    t_closed = min(times)
+    info["closed_form_grid_s"] = min(times)
+    info["stable_points"] = int(res.stable.sum())
+    t = time.perf_counter()
+    grid(problem, "multiplicative", base, ("K", Ks), ("gamma_theta", gammas), balance="long-run")
+    info["closed_form_grid_multiplicative_long_run_s"] = time.perf_counter() - t
 
-    # Lyapunov on sampled grid points x sampled coordinates.
     sample_K = [1, 13, 25, 38, 50]
     n_coord = 200 if a.quick else 1000
     sub = Problem(problem.curvature[:: d // n_coord][:n_coord], problem.noise[:n_coord], problem.optimum[:n_coord])
     t = time.perf_counter()
     for K in sample_K:
-        g = 0.5 / K  # a stable gamma_theta for every K
-        linear.stationary(sub, LatePhase(K, lr, lr, g))
+        linear.stationary(sub, LatePhase(K, lr, lr, 0.5 / K))
     t_lyap_sample = time.perf_counter() - t
-    t_lyap_grid = t_lyap_sample / (len(sample_K) * n_coord) * (n * n * d)
+    info["lyapunov_measured_s"] = t_lyap_sample
+    info["lyapunov_measured_on"] = f"{len(sample_K)} grid points (K = {sample_K}) x {n_coord} coordinates"
+    info["lyapunov_grid_extrapolated_s"] = t_lyap_sample / (len(sample_K) * n_coord) * (n * n * d)
 
-    # Monte Carlo throughput and cost of one grid point.
-    mc_steps, mc_runs = (500, 4) if a.quick else (2000, 8)
-    lp = LatePhase(10, lr, lr, 0.1)
-    r = simulate(problem, lp, steps=mc_steps * lp.K, burn_in=0, runs=mc_runs, seed=0)
-    ups = r.updates_per_second
-    t_mc_point = r.seconds
-    rel_se = r.excess_loss_mean_model_stderr / r.excess_loss_mean_model
+    mc_steps, mc_runs, mc_reps = (300, 4, 2) if a.quick else (1000, 8, 5)
+    settings = {"additive": LatePhase(10, lr, lr, 0.1),
+                "multiplicative": LatePhase(10, lr, lr, 0.1, kind="multiplicative")}
+    ups = {(k, dt): [] for k in settings for dt in ("float64", "float32")}
+    rel_se = None
+    for rep in range(mc_reps):
+        for k, lp in settings.items():
+            for dt in ("float64", "float32"):
+                u, r = _mc(problem, lp, dt, mc_steps, mc_runs, rep)
+                ups[(k, dt)].append(u)
+                if k == "additive" and dt == "float64":
+                    rel_se = r.excess_loss_mean_model_stderr / r.excess_loss_mean_model
+                    info["mc_point_s"] = r.seconds
+    info["mc_updates_per_s"] = {f"{k}/{dt}": {"median": float(np.median(v)), "best": float(max(v))}
+                                for (k, dt), v in ups.items()}
+    info["mc_budget"] = (f"{mc_runs} runs x {mc_steps * 10} minibatches (K = 10) on d = {d}, all cores, "
+                         f"{mc_reps} repeats alternating; relative std. error of one run {rel_se:.2%}")
+    z32, diff32, se32 = _float32_error(*((64, 2000) if a.quick else (128, 10000)))
+    info["float32_error_in_stderr"] = z32
+    info["float32_error"] = {"difference": diff32, "stderr": se32}
+    info["load_average_end"] = os.getloadavg()[0]
 
-    info = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "python": platform.python_version(), "numpy": np.__version__,
-        "date": time.strftime("%Y-%m-%d"),
-        "grid": f"{n} x {n} (K = 1..50, gamma_theta = 1e-3..1 geometric), d = {d}, power-law h_i = 1/i, lr = {lr}",
-        "stable_points": int(res.stable.sum()),
-        "sympy_derivation_s": t_derive,
-        "closed_form_grid_s": t_closed,
-        "lyapunov_measured_s": t_lyap_sample,
-        "lyapunov_measured_on": f"{len(sample_K)} grid points (K = {sample_K}) x {n_coord} coordinates",
-        "lyapunov_grid_extrapolated_s": t_lyap_grid,
-        "mc_updates_per_s": ups,
-        "mc_point_s": t_mc_point,
-        "mc_point_budget": f"{mc_runs} runs x {mc_steps * lp.K} minibatches (K = 10), no burn-in; "
-                           f"relative std. error {rel_se:.2%}",
-        "mc_grid_extrapolated_s": t_mc_point * n * n,
-    }
-    print(f"nqp cost benchmark -- {info['date']}, {info['machine']}, Python {info['python']}, numpy {info['numpy']}")
-    print(f"grid: {info['grid']} ({info['stable_points']} of {n * n} points stable)\n")
-    rows = [
-        ("closed form (sympy -> numpy)", t_closed, "measured: whole grid"),
-        ("Lyapunov (scipy, literal step)", t_lyap_grid, f"extrapolated from {t_lyap_sample:.2f} s on "
-                                                        f"{info['lyapunov_measured_on']}"),
-        ("Monte Carlo", t_mc_point * n * n, f"extrapolated from {t_mc_point:.2f} s per point "
-                                            f"({info['mc_point_budget']})"),
-    ]
-    print(f"{'path':34s} {'grid cost (s)':>14s} {'x closed form':>14s}  note")
+    print(f"nqp cost benchmark -- {info['date']}, {info['machine']}, Python {info['python']}, numpy {info['numpy']}; "
+          f"load average {info['load_average_start']:.1f} at the start, {info['load_average_end']:.1f} at the end")
+    med, best = info["predict_wall_s"]
+    medm, bestm = info["predict_multiplicative_wall_s"]
+    print(f"\n`python -m nqp predict`: {med:.2f} s wall (median of {reps}; best {best:.2f} s); "
+          f"--method multiplicative: {medm:.2f} s (best {bestm:.2f} s); goal < 0.5 s -> "
+          f"{'met' if med < 0.5 and medm < 0.5 else 'NOT met'}")
+    print(f"sympy derivation of the closed forms (once, in `python -m nqp.codegen`): {info['sympy_derivation_s']:.2f} s")
+    print(f"\ngrid: {n} x {n} (K = 1..50, gamma_theta = 1e-3..1 geometric), d = {d}, power-law h_i = 1/i, lr = {lr} "
+          f"({info['stable_points']} of {n * n} points stable)")
+    rows = [("closed form, additive", info["closed_form_grid_s"], "measured: whole grid"),
+            ("closed form, multiplicative long run", info["closed_form_grid_multiplicative_long_run_s"],
+             "measured: whole grid (b* per point and coordinate)"),
+            ("Lyapunov (scipy, literal step)", info["lyapunov_grid_extrapolated_s"],
+             f"extrapolated from {t_lyap_sample:.2f} s on {info['lyapunov_measured_on']}")]
+    print(f"{'path':38s} {'grid cost (s)':>14s}  note")
     for name, sec, note in rows:
-        print(f"{name:34s} {sec:14.4g} {sec / t_closed:14.3g}  {note}")
-    print(f"\nsympy derivation (once per process): {t_derive:.2f} s")
-    print(f"closed-form grid: {t_closed:.3f} s (goal < 0.2 s) -> {'met' if t_closed < 0.2 else 'NOT met'}")
-    print(f"Monte Carlo: {ups:.3g} member-coordinate updates/s (goal >= 5e7) -> {'met' if ups >= 5e7 else 'NOT met'}")
+        print(f"{name:38s} {sec:14.4g}  {note}")
+    print(f"\nMonte Carlo, member-coordinate updates/s ({info['mc_budget']}):")
+    print(f"{'':16s} {'float64 median':>15s} {'float64 best':>13s} {'float32 median':>15s} {'float32 best':>13s}")
+    for k in settings:
+        m64, m32 = info["mc_updates_per_s"][f"{k}/float64"], info["mc_updates_per_s"][f"{k}/float32"]
+        print(f"{k:16s} {m64['median']:15.3g} {m64['best']:13.3g} {m32['median']:15.3g} {m32['best']:13.3g}")
+    best32 = max(v["best"] for kk, v in info["mc_updates_per_s"].items() if kk.endswith("float32"))
+    print(f"goal >= {MC_GOAL:.2g} on 2 cores -> {'met' if best32 >= MC_GOAL else 'NOT met'} (best float32 "
+          f"{best32:.3g})")
+    print(f"float32 rounding error (same normal variates as float64, members' time-averaged excess): "
+          f"{z32:.3g} standard errors ({diff32:.3g} against a standard error of {se32:.3g})")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(info, f, indent=1)

@@ -2,7 +2,7 @@
 from .errors import NQPError, UnstableError
 from .methods import SGD, Ensemble, LatePhase, TailAverage
 from .problem import Problem
-from .theory import Prediction, baselines, check_stable, stability, steady_state
+from .theory import Prediction, baselines, check_stable, long_run, stability, steady_state
 
 __all__ = ["NQPError", "UnstableError", "SGD", "Ensemble", "LatePhase", "TailAverage", "Problem",
-           "Prediction", "baselines", "check_stable", "stability", "steady_state"]
+           "Prediction", "baselines", "check_stable", "long_run", "stability", "steady_state"]

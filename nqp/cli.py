@@ -97,6 +97,10 @@ def _method_flags(p, method_default="additive", gamma_default=1.0):
     g.add_argument("--ensemble", action="store_true", help="SGD only: K independent runs averaged at the end")
     g.add_argument("--swa-window", type=_int, metavar="W",
                    help="tail-average the mean model over the last W minibatches")
+    g.add_argument("--short-time", action="store_true",
+                   help="multiplicative: the prediction at the balanced start theta = phi, valid for t - T0 short "
+                        "against the relaxation time of the balance (default: the long run, at the balance the "
+                        "noise selects)")
 
 
 def build_problem(a) -> Problem:
@@ -184,17 +188,60 @@ def write_atomic(path: str, text: str) -> str:
 
 # ----------------------------------------------------------------------------- commands
 
+def _check_short_time(a):
+    if getattr(a, "short_time", False) and a.method != "multiplicative":
+        raise NQPError("--short-time applies to --method multiplicative (the other methods have no slow balance)")
+
+
+def _relaxation_text(pred) -> str:
+    b = pred.balance.summary()
+    sel = b["selected"]
+    rng = f"{sel['min']:.4g}" if abs(sel["max"] - sel["min"]) <= 1e-4 * sel["max"] else \
+        f"{sel['min']:.4g}..{sel['max']:.4g} (median {sel['median']:.4g})"
+    if b["frozen"]:
+        return ("multiplicative: theta is frozen (gamma_theta * lr_theta = 0), so the balance theta^2/|w*| stays at "
+                "its release value 1 and the linearisation is the long run")
+    tau = b["relaxation_minibatches"]
+    return (f"multiplicative, long run: the noise selects the balance b* = theta^2/|w*| = {rng} (leading order "
+            f"sqrt(gamma_theta lr_theta / lr_phi) = {b['leading_order']:.4g}); from the balanced start (b = 1) it "
+            f"relaxes with a time of {tau:.3g} minibatches (slowest coordinate)" if tau is not None else
+            f"multiplicative, long run: b* = theta^2/|w*| = {rng}")
+
+
+def _is_multiplicative(method) -> bool:
+    base = method.base if isinstance(method, TailAverage) else method
+    return isinstance(base, LatePhase) and base.kind == "multiplicative"
+
+
+def _short_time_dict(short, long) -> dict:
+    """JSON of a short-time (balanced-start) prediction, labelled with the time over which it holds."""
+    out = short.to_dict()
+    out["relaxation_minibatches"] = long.relaxation_minibatches
+    out["valid_for"] = ("t - T0 << relaxation_minibatches: the fast modes at the balanced start, before the balance "
+                        "relaxes")
+    out["long_run"] = {"excess_loss_mean_model": long.excess_loss_mean_model,
+                       "excess_loss_members": long.excess_loss_members, "balance": long.balance.summary()}
+    return out
+
+
 def cmd_predict(a) -> int:
-    from .theory import baselines, max_stable_lr, steady_state
     from .methods import SGD
+    from .theory import baselines, long_run, max_stable_lr
 
     problem = build_problem(a)
     path = "lyapunov" if a.lyapunov else "closed"
     scan = a.method != "sgd" and a.gamma_theta is None and a.swa_window is None
+    _check_short_time(a)
     method = make_method(a.method, **method_params(a))
-    pred = steady_state(problem, method, path)
+
+    def as_dict(long) -> dict:
+        """The long run (default), or with --short-time the balanced-start prediction labelled with its validity."""
+        return _short_time_dict(long.short_time, long) if a.short_time else long.to_dict()
+
+    pred = long_run(problem, method, path)
+    shown = pred.short_time if a.short_time else pred
     sgd = SGD(a.lr, a.momentum, a.nesterov)
-    out = {"problem": problem.describe(), **pred.to_dict(), "params": _params_dict(method),
+    out = {"problem": problem.describe(), **as_dict(pred), "params": _params_dict(method),
            "max_stable": max_stable_lr(problem, method)}
     rows = []
     if isinstance(method, LatePhase):
@@ -204,7 +251,8 @@ def cmd_predict(a) -> int:
             out["gamma_theta_scan"] = []
             for gm in gammas:
                 try:
-                    r = steady_state(problem, method.with_(gamma_theta=gm), path).to_dict()
+                    r = as_dict(long_run(problem, method.with_(gamma_theta=gm), path))
+                    r.pop("short_time", None)
                 except NQPError as e:
                     r = {"unstable": str(e)}
                 out["gamma_theta_scan"].append({"gamma_theta": gm, **r})
@@ -212,7 +260,7 @@ def cmd_predict(a) -> int:
         _dump(out)
         return 0
     print(f"noisy quadratic problem: {problem.describe()}")
-    print(f"stationary expected excess loss (summed over coordinates); solution: {pred.path}\n")
+    print(f"stationary expected excess loss (summed over coordinates); solution: {shown.path}\n")
     e_sgd = out.get("baselines", {}).get("sgd", {}).get("excess_loss_mean_model")
     if isinstance(method, LatePhase):
         b = out["baselines"]
@@ -222,14 +270,14 @@ def cmd_predict(a) -> int:
                      b["sgd_batch_K"].get("excess_loss_members")))
         rows.append((f"ensemble of {a.K} SGD runs", f"lr={a.lr:g}, {a.K}x cost",
                      b["ensemble_K"].get("excess_loss_mean_model"), b["ensemble_K"].get("excess_loss_members")))
-        entries = out.get("gamma_theta_scan") or [{"gamma_theta": method.gamma_theta, **pred.to_dict()}]
+        entries = out.get("gamma_theta_scan") or [{"gamma_theta": method.gamma_theta, **shown.to_dict()}]
         for r in entries:
             rows.append((f"late-phase {a.method}, K={a.K}",
                          f"gamma_theta={r['gamma_theta']:.4g}, lr_theta={method.lr_theta:g}, lr_phi={method.lr_phi:g}",
                          r.get("excess_loss_mean_model"), r.get("excess_loss_members")))
     else:
-        rows.append((method.name, json.dumps(_params_dict(method)), pred.excess_loss_mean_model,
-                     pred.excess_loss_members))
+        rows.append((method.name, json.dumps(_params_dict(method)), shown.excess_loss_mean_model,
+                     shown.excess_loss_members))
     cols = [("method", lambda r: r[0]), ("settings", lambda r: r[1]),
             ("mean model", lambda r: _g(r[2])), ("members (avg)", lambda r: _g(r[3]))]
     if e_sgd:
@@ -237,23 +285,60 @@ def cmd_predict(a) -> int:
     print(_table(rows, cols))
     if a.momentum:
         print(f"\nmomentum {a.momentum:g}{' (Nesterov)' if a.nesterov else ''} on every optimizer")
-    if isinstance(method, LatePhase) and method.kind == "multiplicative":
-        print("\nmultiplicative: small-noise prediction (linearised about the balanced optimum); "
-              "check it with `python -m nqp simulate --method multiplicative`")
+    if _is_multiplicative(method):
+        print("\n" + _relaxation_text(pred))
+        if a.short_time:
+            print("shown: the short-time prediction at the balanced start theta = phi (b = 1), valid while t - T0 is "
+                  f"short against that time; long run: mean model {pred.excess_loss_mean_model:.6g}, members "
+                  f"{pred.excess_loss_members:.6g}")
+        else:
+            st = pred.short_time
+            print(f"short-time prediction (t - T0 << the relaxation time, balanced start; --short-time): mean model "
+                  f"{st.excess_loss_mean_model:.6g}, members {st.excess_loss_members:.6g}")
+        print("check with `python -m nqp simulate` (same flags)")
     return 0
 
 
+BURN_IN_UPDATES_CAP = 2e10   # member-coordinate updates the automatic long-run burn-in may spend (minutes)
+
+
 def cmd_simulate(a) -> int:
-    from .montecarlo import simulate
-    from .theory import steady_state
+    from .montecarlo import long_run_burn_in, simulate
+    from .theory import long_run, steady_state
 
     problem = build_problem(a)
+    _check_short_time(a)
     method = make_method(a.method, **method_params(a))
-    pred = steady_state(problem, method)  # also validates stability
-    res = simulate(problem, method, steps=a.steps, burn_in=a.burn_in, runs=a.runs, seed=a.seed,
-                   threads=a.threads, progress=not a.json and sys.stderr.isatty())
+    mult = _is_multiplicative(method)
+    if a.start != "balanced" and not mult:
+        raise NQPError("--start applies to --method multiplicative")
+    if a.short_time and a.start != "balanced":
+        raise NQPError("--short-time compares with the balanced start; drop --start selected")
+    pred = steady_state(problem, method) if (a.short_time or not mult) else long_run(problem, method)
+    burn_in, needed, note = a.burn_in, None, None
+    if mult and not a.short_time and a.start == "balanced":
+        needed = long_run_burn_in(problem, method)
+        if burn_in is None:
+            cost = float(a.runs) * problem.dim * needed
+            if cost > BURN_IN_UPDATES_CAP:
+                raise NQPError(
+                    f"from the balanced start the balance theta^2/|w*| relaxes with a time of "
+                    f"{pred.relaxation_minibatches:.3g} minibatches; reaching the long run (to 1e-3) needs a burn-in "
+                    f"of {needed:.3g} minibatches, {cost:.2g} member-coordinate updates; use --start selected (start "
+                    f"at the noise-selected balance), --burn-in N, or --short-time (compare with the balanced start)")
+            burn_in = needed
+        elif burn_in < needed:
+            note = (f"--burn-in {burn_in} is shorter than the {needed} minibatches the balance needs to reach the long "
+                    f"run from the balanced start: the estimate may lie between the short-time and the long-run values")
+    res = simulate(problem, method, steps=a.steps, burn_in=burn_in, runs=a.runs, seed=a.seed, threads=a.threads,
+                   progress=not a.json and sys.stderr.isatty(), start=a.start,
+                   dtype=np.float32 if a.float32 else np.float64)
     out = {"problem": problem.describe(), "method": method.name, "params": _params_dict(method), **res.to_dict(),
            "prediction": pred.to_dict()}
+    if needed is not None:
+        out["burn_in_for_long_run"] = needed
+    if note:
+        out["warning"] = note
     for key in ("excess_loss_mean_model", "excess_loss_members"):
         se = getattr(res, key + "_stderr")
         out[key + "_z"] = (getattr(res, key) - getattr(pred, key)) / se if se > 0 else None
@@ -261,15 +346,26 @@ def cmd_simulate(a) -> int:
         _dump(out)
         return 0
     print(f"noisy quadratic problem: {problem.describe()}")
-    print(f"Monte Carlo: {res.runs} runs x {res.steps} minibatches after {res.burn_in} burn-in, seed {res.seed}, "
-          f"{res.seconds:.2f} s ({res.updates_per_second / 1e6:.1f} M member-coordinate updates/s)\n")
+    start = f", start {res.start}" if mult else ""
+    print(f"Monte Carlo: {res.runs} runs x {res.steps} minibatches after {res.burn_in} burn-in{start}, seed {res.seed}, "
+          f"{res.dtype}, {res.seconds:.2f} s ({res.updates_per_second / 1e6:.1f} M member-coordinate updates/s)\n")
     rows = [("mean model", res.excess_loss_mean_model, res.excess_loss_mean_model_stderr,
              pred.excess_loss_mean_model, out["excess_loss_mean_model_z"]),
             ("members (avg)", res.excess_loss_members, res.excess_loss_members_stderr, pred.excess_loss_members,
              out["excess_loss_members_z"])]
+    label = "long run" if (mult and not a.short_time) else ("short time" if mult else pred.path)
     print(_table(rows, [("quantity", lambda r: r[0]), ("simulated", lambda r: _g(r[1])),
-                        ("std. error", lambda r: f"{r[2]:.2g}"), (f"predicted ({pred.path})", lambda r: _g(r[3])),
+                        ("std. error", lambda r: f"{r[2]:.2g}"), (f"predicted ({label})", lambda r: _g(r[3])),
                         ("z", lambda r: "-" if r[4] is None else f"{r[4]:+.2f}")]))
+    if res.balance_mean is not None:
+        i = int(np.argmax(np.abs(res.balance_mean - res.balance_start)))
+        line = (f"\nbalance theta^2/|w*|: started at {res.balance_start[i]:.4g}, time average "
+                f"{res.balance_mean[i]:.4g} +- {res.balance_mean_stderr[i]:.2g} (coordinate {i}, the one that moved most)")
+        if pred.balance is not None:
+            line += f"; selected b* {pred.balance.selected[i]:.4g}"
+        print(line)
+    if note:
+        print(f"\nwarning: {note}")
     return 0
 
 
@@ -287,15 +383,20 @@ def cmd_sweep(a) -> int:
     xn, yn = xn.replace("-", "_"), yn.replace("-", "_")
     if not xv or not yv:
         raise NQPError("--x and --y take a parameter name followed by values")
-    res = grid(problem, a.method, base, (xn, parse_values(xn, xv)), (yn, parse_values(yn, yv)))
+    _check_short_time(a)
+    res = grid(problem, a.method, base, (xn, parse_values(xn, xv)), (yn, parse_values(yn, yv)),
+               balance="release" if a.short_time else "long-run")
     _out_folder(a.out)
     d = {"problem": problem.describe(), "method": a.method, "base": base, **res.to_dict()}
+    if a.method == "multiplicative":
+        d["prediction"] = "short time (balanced start)" if a.short_time else "long run (noise-selected balance)"
     files = {"json": os.path.join(a.out, "sweep.json"), "csv": os.path.join(a.out, "sweep.csv")}
     write_atomic(files["json"], _json(d))
     header = [xn, yn, "excess_loss_mean_model", "excess_loss_members", "excess_loss_sgd", "gain_over_sgd", "stable"]
     lines = [",".join(header)] + [",".join(str(r[k]) for k in header) for r in res.rows()]
     write_atomic(files["csv"], "\n".join(lines) + "\n")
-    title = f"{a.method}: gain over SGD (E_sgd / E_mean); {problem.describe()}"
+    tag = (", long run" if not a.short_time else ", short time") if a.method == "multiplicative" else ""
+    title = f"{a.method}{tag}: gain over SGD (E_sgd / E_mean); {problem.describe()}"
     files["heatmap"] = plots.plot_heatmap(xn, res.x, yn, res.y, res.gain, os.path.join(a.out, "sweep_gain.png"),
                                           title, "E_sgd / E_mean")
     sgd_ref = float(np.nanmean(res.sgd)) if np.all(res.sgd == res.sgd[0, 0]) else None
@@ -332,8 +433,10 @@ def cmd_curve(a) -> int:
     sgd = SGD(a.lr, a.momentum, a.nesterov)
     path = "lyapunov" if a.lyapunov else "closed"
     _out_png(a.out)
+    _check_short_time(a)
     curve = learning_curve(problem, method, sgd, T0=a.t0, horizon=a.horizon, w0=_vec(a.w0), sigma0=a.sigma0,
-                           points=a.points, swa_start=a.swa_start, path=path)
+                           points=a.points, swa_start=a.swa_start, path=path,
+                           balance="release" if a.short_time else "ode")
     mc = None
     if a.simulate:
         from .montecarlo import simulate_curve
@@ -383,6 +486,10 @@ def make_parser() -> argparse.ArgumentParser:
     ss.add_argument("--runs", type=_int, default=32, help="independent runs (>= 2)")
     ss.add_argument("--seed", type=_nonneg_int, default=0)
     ss.add_argument("--threads", type=_positive_int, default=None, help="worker threads (default: all cores)")
+    ss.add_argument("--start", choices=["balanced", "selected"], default="balanced",
+                    help="multiplicative: start at the balanced factorisation theta = phi (default; the automatic "
+                         "burn-in then covers the relaxation of the balance) or at the noise-selected balance")
+    ss.add_argument("--float32", action="store_true", help="simulate in single precision (faster)")
     ss.add_argument("--json", action="store_true")
     ss.set_defaults(func=cmd_simulate)
 

@@ -12,8 +12,13 @@ Exact moments are propagated per step (:func:`nqp.linear.moments_at`):
   eta_eff = eta_phi + K gamma_theta eta_theta and noise s/K, each member's deviation SGD with eta_phi and
   noise s (1 - 1/K); each is a 1- or 2-state system per coordinate.
 - path "lyapunov": the full (theta, phi_1..K, buffers) system read off the literal step.
-For the multiplicative model both are its small-noise linearisation about the balanced optimum (valid
-while w stays near w*; before T0 the SGD phase is exact).
+For the multiplicative model both are its small-noise linearisation about the optimum manifold theta phi_k = w*
+(valid while w stays near w*; before T0 the SGD phase is exact). By default (balance="ode") the fast modes are
+linearised at the balance b(t) = theta^2/|w*| that follows the adiabatic ODE of :mod:`nqp.balance` from its release
+value: exact in the limit of small noise at fixed s (t - T0). The moments are then propagated over segments of steps
+with b fixed at its mid-segment value (segments short enough that log b changes by at most 2e-3 in each); in the
+Lyapunov path the state is carried between segments in the coordinates that do not depend on b (member weights and
+buffers). balance="release" keeps b at its release value (the short-time lines, t - T0 << the relaxation time).
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import balance as bal
 from . import linear
 from .errors import NQPError
 from .methods import SGD, LatePhase
@@ -39,12 +45,20 @@ class Curve:
     K: int
     path: str
     stderr: dict = field(default_factory=dict)
+    balance: np.ndarray | None = None     # (len(t), d): multiplicative b(t) = theta^2/|w*| (NaN before T0)
+    balance_stderr: np.ndarray | None = None   # Monte Carlo: standard error of `balance`
 
     def to_dict(self) -> dict:
         out = {"t": self.t.tolist(), "T0": self.T0, "K": self.K, "path": self.path,
                "series": {k: v.tolist() for k, v in self.series.items()}}
         if self.stderr:
             out["stderr"] = {k: v.tolist() for k, v in self.stderr.items()}
+        if self.balance is not None:
+            b = self.balance
+            with np.errstate(invalid="ignore"):
+                out["balance"] = {"definition": "b = theta^2/|w*| per coordinate (null before T0)",
+                                  "median": np.median(b, axis=1).tolist(), "min": b.min(axis=1).tolist(),
+                                  "max": b.max(axis=1).tolist()}
         return out
 
 
@@ -99,6 +113,219 @@ def _with_sum(A, B, C, mean, cov):
     return Aa, Ba, m, c
 
 
+def _buffer_block(h, rates, momentum: float, nesterov: bool, noise):
+    """(A, B) per coordinate of x - w* moved by several optimizers on the same gradient g = h (x - sqrt(noise) xi),
+    each with its own per-coordinate step R_j and buffer b_j (gradient units; torch convention):
+    b_j' = mu b_j + g; x' = x - sum_j R_j b_j' (heavy ball), x - sum_j R_j (g + mu b_j') (Nesterov),
+    x - (sum_j R_j) g (plain SGD, no buffers). State (x, b_1, ..); one buffer is SGD (nqp.closed_form.sgd_matrices),
+    two are the additive late-phase mean model with theta's and the members' mean buffer."""
+    R = np.stack([np.broadcast_to(r, h.shape) for r in rates], axis=-1)        # (d, m)
+    tot = R.sum(axis=-1)
+    sq = np.sqrt(noise) * h
+    d, m = R.shape
+    if not momentum:
+        return (1 - tot * h)[:, None, None], (tot * sq)[:, None, None]
+    mu = momentum
+    A = np.zeros((d, m + 1, m + 1))
+    B = np.zeros((d, m + 1, 1))
+    lead = 1 + mu if nesterov else 1.0
+    A[:, 0, 0] = 1 - lead * tot * h
+    A[:, 0, 1:] = -(mu ** 2 if nesterov else mu) * R
+    B[:, 0, 0] = lead * tot * sq
+    A[:, 1:, 0] = h[:, None]
+    A[:, np.arange(1, m + 1), np.arange(1, m + 1)] = mu
+    B[:, 1:, 0] = -sq[:, None]
+    return A, B
+
+
+def _segments(problem, method, b0, steps_post, sel, delta=2e-3):
+    """Segment boundaries (outer steps after the release, sorted, containing every step of `steps_post`) such that
+    log b of the closed-form ODE changes by at most `delta` within a segment, for every coordinate. Candidates:
+    the observation steps and 256 geometric steps per decade."""
+    last = int(steps_post[-1])
+    need = set(int(x) for x in steps_post) | {0}
+    cand = np.unique(np.concatenate([np.fromiter(need, int), np.round(np.geomspace(1, max(last, 1), 1 + int(
+        256 * np.log10(max(last, 10))))).astype(int)]))
+    cand = cand[cand <= last]
+    beta = np.log(bal.ode(problem, method, b0, "closed", sel)(cand * method.K))
+    bounds = [0]
+    for j in range(1, len(cand)):
+        c = int(cand[j])
+        if c in need:
+            bounds.append(c)
+        elif np.abs(beta[j] - beta[np.searchsorted(cand, bounds[-1])]).max() > delta:
+            prev = int(cand[j - 1])
+            bounds.append(prev if prev > bounds[-1] else c)
+    return np.unique(np.asarray(bounds, int))
+
+
+def _propagate(systems, mean0, cov0, bounds, obs, sum_C=None, sum_from=None):
+    """Moments of z (shape (d, n)) over the segments [bounds[j], bounds[j+1]) with (A_j, B_j) = systems(j): the
+    state keeps its meaning from one segment to the next (units that do not depend on the balance). With sum_C, a
+    running sum S of sum_C z over the steps after `sum_from` (a boundary) is appended to the state. Returns the means
+    and covariances at the steps `obs` (each a boundary)."""
+    mean, cov = mean0, cov0
+    out_m, out_c = {}, {}
+    obs_set = set(int(x) for x in obs)
+    summing = False
+
+    def record(k):
+        if k in obs_set:
+            out_m[k], out_c[k] = mean, cov
+
+    if sum_C is not None and sum_from == bounds[0]:
+        mean, cov, summing = _append_sum(mean, cov)
+    record(int(bounds[0]))
+    for j in range(len(bounds) - 1):
+        A, B = systems(j)
+        if summing:
+            A, B = linear.augment_running_sum(A, B, sum_C)
+        n = int(bounds[j + 1] - bounds[j])
+        Ak, Qk = linear._power(A, B @ np.swapaxes(B, -1, -2), n)
+        mean = np.einsum("dij,dj->di", Ak, mean)
+        cov = Ak @ cov @ np.swapaxes(Ak, -1, -2) + Qk
+        if sum_C is not None and not summing and int(bounds[j + 1]) == sum_from:
+            mean, cov, summing = _append_sum(mean, cov)
+        record(int(bounds[j + 1]))
+    return np.stack([out_m[int(k)] for k in obs]), np.stack([out_c[int(k)] for k in obs])
+
+
+def _append_sum(mean, cov):
+    d, n = mean.shape
+    m = np.concatenate([mean, np.zeros((d, 1))], axis=1)
+    c = np.zeros((d, n + 1, n + 1))
+    c[:, :n, :n] = cov
+    return m, c, True
+
+
+def _release_balance(problem, method, mT, sigma0):
+    """The balance b0 of the optimum-manifold point with the balance Q~ of the released mean SGD state
+    (theta = sign(w) sqrt|w|, phi_k = sqrt|w| + sigma0 eps_k averaged over eps, v_theta = sqrt|w| v, u_k = 0).
+    Where the mean release lies on the other side of zero from w*, or b0 would be an unstable balance, the release
+    is too far from w* for the linearisation, and b0 = 1 (the point about which the release is linearised)."""
+    w = problem.optimum + mT[:, 0]
+    Q = (np.abs(w) / (method.gamma_theta * method.lr_theta)
+         - method.K * (np.abs(w) + sigma0 ** 2) / method.lr_phi)
+    if method.momentum:
+        Q = Q - bal.coupling(method) * w * mT[:, 1] / method.gamma_theta
+    b0 = bal.balance_of(Q, problem, method)
+    lo, hi = bal.stable_interval(problem, method)
+    ok = (np.sign(w) == np.sign(problem.optimum)) & (b0 > lo) & (b0 < hi)
+    return np.where(ok, b0, 1.0)
+
+
+def _multiplicative_ode(problem, method, mT, cT, steps_post, sigma0, path, k0):
+    """The late-phase series of the multiplicative model with the balance following (B6): returns
+    (E_mean, E_members, E_swa or None, b at steps_post)."""
+    d, K, h = problem.dim, method.K, problem.curvature
+    mom = bool(method.momentum)
+    n_sgd = 2 if mom else 1
+    w = np.abs(problem.optimum)
+    b0 = _release_balance(problem, method, mT, sigma0)
+    sel_closed = bal.select(problem, method, "closed", release=b0)
+    bounds = _segments(problem, method, b0, steps_post, sel_closed)
+    sel = sel_closed if path == "closed" else bal.select(problem, method, path, release=b0)
+    traj = bal.ode(problem, method, b0, path, sel)
+    b_mid = traj(0.5 * (bounds[1:] + bounds[:-1]) * K) if len(bounds) > 1 else np.ones((0, d))
+    b_obs = traj(steps_post * K)
+    swa = None
+    if path == "closed":
+        # Per segment, the linearised members are the additive model with the rates eta_theta'(b), eta_phi'(b):
+        # the mean block is x with theta's and the members' mean buffer (gradient units, continuous between
+        # segments), the deviation block SGD with eta_phi' and noise s (1 - 1/K).
+        lt_lp = [bal.effective_rates(problem, method, bm) for bm in b_mid] or [bal.effective_rates(problem, method, 1.0)]
+        mu, nest = method.momentum, method.nesterov
+
+        def sys_m(j):
+            lt, lp = lt_lp[j]
+            return _buffer_block(h, [K * method.gamma_theta * lt, lp], mu, nest, problem.noise / K)
+
+        def sys_d(j):
+            return _buffer_block(h, [lt_lp[j][1]], mu, nest, problem.noise * (1 - 1 / K))
+        n_m, n_d = (3, 2) if mom else (1, 1)
+        # release: x = the SGD iterate; theta's buffer continues the SGD buffer v = gamma_theta K (gradient-unit
+        # buffer of theta), the members' buffers start at zero
+        Lm = np.zeros((d, n_m, n_sgd))
+        Lm[:, 0, 0] = 1.0
+        if mom:
+            Lm[:, 1, 1] = 1.0 / (K * method.gamma_theta)
+        mean_m = np.einsum("dnm,dm->dn", Lm, mT)
+        cov_m = Lm @ cT @ np.swapaxes(Lm, -1, -2)
+        cov_m[:, 0, 0] += w * sigma0 ** 2 / K
+        cov_d = np.zeros((d, n_d, n_d))
+        cov_d[:, 0, 0] = w * sigma0 ** 2 * (1 - 1 / K)
+        C_m = np.zeros((d, n_m))
+        C_m[:, 0] = 1.0
+        mm, cm = _propagate(sys_m, mean_m, cov_m, bounds, steps_post)
+        _, cd = _propagate(sys_d, np.zeros((d, n_d)), cov_d, bounds, steps_post)
+        e_mean = _observe(h, C_m, mm, cm)
+        e_mem = e_mean + 0.5 * (cd[..., 0, 0] * h).sum(axis=1)
+        if k0 is not None:
+            swa = (sys_m, mean_m, cov_m, C_m)
+    else:
+        sys_list = {}
+
+        def ysys(j):
+            """The linearisation at b_mid[j] in the coordinates y = (x_1..x_K, buffers): A_y = M A M+, B_y = M B."""
+            if j not in sys_list:
+                sy = linear.linearize(problem, method, balance=b_mid[j])
+                M = _y_map(sy, method, mom)
+                Mp = np.swapaxes(M, -1, -2) @ np.linalg.inv(M @ np.swapaxes(M, -1, -2))
+                sys_list.clear()
+                sys_list[j] = (M @ sy.A @ Mp, M @ sy.B)
+            return sys_list[j]
+        # Release (about b = 1): x_k = x, theta's buffer sqrt|w*| v = gamma_theta K phi0 (v / (gamma_theta K)).
+        ny = K + (K + 1 if mom else 0)
+        R = np.zeros((d, ny, n_sgd))
+        R[:, :K, 0] = 1.0
+        if mom:
+            R[:, K, 1] = 1.0 / (method.gamma_theta * K)
+        mean_y = np.einsum("dnm,dm->dn", R, mT)
+        cov_y = R @ cT @ np.swapaxes(R, -1, -2)
+        cov_y[:, np.arange(K), np.arange(K)] += (w * sigma0 ** 2)[:, None]
+        C_mean = np.zeros((d, ny))
+        C_mean[:, :K] = 1.0 / K
+        my, cy = _propagate(ysys, mean_y, cov_y, bounds, steps_post)
+        e_mean = _observe(h, C_mean, my, cy)
+        e_mem = np.mean([0.5 * ((my[..., k] ** 2 + cy[..., k, k]) * h).sum(axis=1) for k in range(K)], axis=0)
+        if k0 is not None:
+            swa = (ysys, mean_y, cov_y, C_mean)
+    e_swa = None
+    if swa is not None:
+        systems, m0, c0, C = swa
+        b2 = np.unique(np.concatenate([bounds, [k0]]))
+        # the segments' systems on the boundaries refined by k0 (which splits at most one segment)
+        owner = np.searchsorted(bounds, b2[:-1], side="right") - 1
+        keep = steps_post >= k0
+        obs = steps_post[keep]
+        ms, cs = _propagate(lambda j: systems(int(owner[j])), m0, c0, b2, obs, sum_C=C, sum_from=int(k0))
+        n_avg = obs - k0
+        e_swa = np.full(len(steps_post), np.nan)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            s_mean = ms[..., -1] / n_avg[:, None]
+            s_var = cs[..., -1, -1] / (n_avg ** 2)[:, None]
+            e_swa[keep] = 0.5 * ((s_mean ** 2 + s_var) * h).sum(axis=1)
+        e_swa[keep & (steps_post == k0)] = np.nan
+    return e_mean, e_mem, e_swa, b_obs
+
+
+def _y_map(sys, method, mom):
+    """M: z - z0 -> y at the system's balance: the member deviations x_k = phi0 dtheta + theta0 dphi_k and the
+    buffers in the units of the gradient h (x - xi), v_theta / (gamma_theta K phi0) and u_k / theta0 (the units in
+    which the closed path carries them from segment to segment)."""
+    K = method.K
+    d, n = sys.z0.shape
+    ny = K + (K + 1 if mom else 0)
+    theta0, phi0 = sys.z0[:, 0], sys.z0[:, 1]
+    M = np.zeros((d, ny, n))
+    M[:, :K, 0] = phi0[:, None]
+    M[:, np.arange(K), 1 + np.arange(K)] = theta0[:, None]
+    if mom:
+        M[:, K, K + 1] = 1.0 / (method.gamma_theta * K * phi0)
+        M[:, K + 1 + np.arange(K), K + 2 + np.arange(K)] = (1.0 / theta0)[:, None]
+    return M
+
+
 def _finite(fn):
     """Run a curve computation with float overflow silenced, and refuse a curve that overflowed."""
     @functools.wraps(fn)
@@ -116,11 +343,15 @@ def _finite(fn):
 @_finite
 def learning_curve(problem: Problem, method: LatePhase, sgd: SGD, *, T0: int, horizon: int,
                    w0=0.0, sigma0: float = 0.0, points: int = 200, swa_start: int | None = None,
-                   path: str = "closed", sgd_after: SGD | None = None) -> Curve:
+                   path: str = "closed", sgd_after: SGD | None = None, balance: str = "ode") -> Curve:
     """Exact expected excess loss vs t for `sgd` switching to `method` at T0, and the baselines.
 
     `sgd_after` (default `sgd`) is the SGD that the SGD baselines (continuing, K-times batch, tail
-    average) use from T0 on, e.g. a lowered learning rate; the ensemble runs use `sgd` throughout."""
+    average) use from T0 on, e.g. a lowered learning rate; the ensemble runs use `sgd` throughout.
+    `balance` (multiplicative model): "ode" follows the balance's adiabatic ODE from the release (the default),
+    "release" keeps it at the release value (lines valid for t - T0 << the relaxation time)."""
+    if balance not in ("ode", "release"):
+        raise NQPError(f"balance must be 'ode' or 'release', got {balance!r}")
     if not isinstance(method, LatePhase) or not isinstance(sgd, SGD) or sgd.batch != 1:
         raise NQPError("learning_curve needs a late-phase method and a batch-1 SGD method")
     if path not in ("closed", "lyapunov"):
@@ -179,7 +410,15 @@ def learning_curve(problem: Problem, method: LatePhase, sgd: SGD, *, T0: int, ho
     # --- Late phase.
     mult = method.kind == "multiplicative"
     scale = np.abs(problem.optimum) if mult else np.ones(d)
-    if path == "closed":
+    k0 = None if swa_start is None else (swa_start - T0) // K
+    b_curve = np.full((len(t), d), np.nan) if mult else None
+    if mult:
+        b_curve[i0:] = 1.0
+    ode = mult and balance == "ode" and not bal.frozen(method)
+    if ode:
+        lp_mean, lp_mem, e_swa, b_curve[i0:] = _multiplicative_ode(problem, method, mT, cT, steps_post, sigma0,
+                                                                   path, k0)
+    elif path == "closed":
         lr_eff = method.lr_eff
         # Mean block: SGD with lr_eff (rates x |w*| if multiplicative), noise s/K; buffer (eta_t/eta_eff) v.
         Am, Bm = _sgd_system(problem, SGD(lr_eff, sgd.momentum, sgd.nesterov), scale, 1.0 / K)
@@ -226,12 +465,16 @@ def learning_curve(problem: Problem, method: LatePhase, sgd: SGD, *, T0: int, ho
 
     # --- Tail averaging (running average of the mean model from swa_start).
     if swa_start is not None:
-        k0 = (swa_start - T0) // K
         keep = steps_post > k0
         n_avg = steps_post[keep] - k0
-        for name, (As, Bs, C, m_start, c_start), n_per in (
-                ("latephase_swa", swa, 1),
-                ("sgd_swa", (A_after, B_after, C_x, mT, cT), K)):
+        runs = [("sgd_swa", (A_after, B_after, C_x, mT, cT), K)]
+        if ode:
+            vals = np.full(len(t), np.nan)
+            vals[i0:] = e_swa
+            series["latephase_swa"] = vals
+        else:
+            runs.insert(0, ("latephase_swa", swa, 1))
+        for name, (As, Bs, C, m_start, c_start), n_per in runs:
             # Advance to swa_start, then add the running sum (over step boundaries).
             m1, c1 = linear.moments_at(As, Bs, m_start, c_start, [k0 * n_per])
             Aa, Ba, ma, ca = _with_sum(As, Bs, C, m1[0], c1[0])
@@ -241,4 +484,5 @@ def learning_curve(problem: Problem, method: LatePhase, sgd: SGD, *, T0: int, ho
             vals = np.full(len(t), np.nan)
             vals[i0:][keep] = 0.5 * ((s_mean ** 2 + s_var) * h).sum(axis=1)
             series[name] = vals
-    return Curve(t, series, int(T0), K, path)
+    label = path + (", balance ODE" if ode else (", balance fixed at the release" if mult else ""))
+    return Curve(t, series, int(T0), K, label, balance=b_curve)

@@ -18,15 +18,16 @@ from importlib import resources
 
 import numpy as np
 
+from . import balance as bal
 from . import closed_form as cf
 from . import linear, plots
 from .curves import learning_curve
 from .errors import NQPError
 from .methods import SGD, Ensemble, LatePhase, TailAverage
-from .montecarlo import simulate, simulate_curve
+from .montecarlo import long_run_burn_in, simulate, simulate_curve
 from .problem import Problem
 from .sweep import grid
-from .theory import steady_state
+from .theory import long_run, steady_state
 
 # The documentation's standard setting (stated in the text).
 DOC_PROBLEM = dict(dim=10, power=1.0, noise=1.0, optimum=1.0)
@@ -126,15 +127,16 @@ def fig_steady_vs_gamma(path, b: Budget, vals: dict):
     return plots.save(fig, path)
 
 
+# (label, series, colour, line style, line width): lines that coincide are drawn wide and pale beneath narrow ones.
 BUDGET_METHODS = [
-    ("SGD, lr dropped to lr at T0", "sgd", "tab:gray", "-"),
-    ("SGD, K-times batch", "sgd_batch_K", "tab:olive", "-"),
-    ("late-phase mean, gamma_theta = 1", ("latephase_mean", 1.0), "tab:blue", "-"),
-    ("late-phase mean, gamma_theta = 1/K", ("latephase_mean", "1/K"), "tab:red", "-"),
-    ("late-phase mean, gamma_theta = 0 (K copies from T0)", ("latephase_mean", 0.0), "tab:purple", "-"),
-    ("late-phase members (avg), gamma_theta = 1/K", ("latephase_members", "1/K"), "tab:red", ":"),
-    ("SGD, tail-averaged from T0", "sgd_swa", "tab:brown", "--"),
-    ("late-phase mean, tail-averaged, gamma_theta = 1/K", ("latephase_swa", "1/K"), "tab:green", "--"),
+    ("SGD, lr dropped to lr at T0", "sgd", "tab:gray", "-", 1.5),
+    ("SGD, K-times batch (wide; = gamma_theta = 0 on top)", "sgd_batch_K", "tab:olive", "-", 5.0),
+    ("late-phase mean, gamma_theta = 1", ("latephase_mean", 1.0), "tab:blue", "--", 1.5),
+    ("late-phase mean, gamma_theta = 1/K", ("latephase_mean", "1/K"), "tab:red", "-", 1.5),
+    ("late-phase mean, gamma_theta = 0 (K copies from T0)", ("latephase_mean", 0.0), "tab:purple", "-", 1.5),
+    ("late-phase members (avg), gamma_theta = 1/K", ("latephase_members", "1/K"), "tab:red", ":", 1.5),
+    ("SGD, tail-averaged from T0", "sgd_swa", "tab:brown", "--", 1.5),
+    ("late-phase mean, tail-averaged, gamma_theta = 1/K", ("latephase_swa", "1/K"), "tab:green", "--", 1.5),
 ]
 
 
@@ -166,12 +168,12 @@ def fig_budget(path, b: Budget, vals: dict):
     table = budget_table(p, K, budget, etas)
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.6))
     rows = []
-    for name, key, col, ls in BUDGET_METHODS:
+    for name, key, col, ls, lw in BUDGET_METHODS:
         y = table[name]
-        ax.plot(etas, y, color=col, ls=ls, label=name)
+        ax.plot(etas, y, color=col, ls=ls, lw=lw, alpha=0.35 if lw > 2 else 1.0, label=name)
         i = int(np.nanargmin(y))
         ax.plot(etas[i], y[i], "o", color=col, ms=4)
-        rows.append((name, y[i], etas[i]))
+        rows.append((name.split(" (wide")[0], y[i], etas[i]))
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("learning rate after T0 (lr_theta = lr_phi = lr)")
@@ -182,13 +184,15 @@ def fig_budget(path, b: Budget, vals: dict):
     # Frontier: stationary loss vs relaxation time of the slowest mode (minibatches per e-fold of the mean).
     hmin = p.curvature.min()
     fine = np.geomspace(1e-4, 1.99, 240)
-    frontier = [("SGD", lambda e: SGD(e), lambda e: e, 1, "tab:gray"),
-                (f"SGD, batch {K}", lambda e: SGD(e, batch=K), lambda e: e, K, "tab:olive"),
+    # (label, method, effective step, minibatches per step, colour, style, width): the three K-times-batch lines
+    # coincide at small steps, so they are drawn from wide and pale to narrow and dotted
+    frontier = [("SGD", lambda e: SGD(e), lambda e: e, 1, "tab:gray", "-", 2.5),
+                (f"SGD, batch {K} (wide)", lambda e: SGD(e, batch=K), lambda e: e, K, "tab:olive", "-", 6.0),
                 ("late-phase mean, gamma_theta = 1", lambda e: LatePhase(K, e, e, 1.0), lambda e: e * (1 + K), K,
-                 "tab:blue"),
+                 "tab:blue", "--", 2.0),
                 ("late-phase mean, gamma_theta = 1/K", lambda e: LatePhase(K, e, e, 1.0 / K), lambda e: 2 * e, K,
-                 "tab:red")]
-    for label, make, eta_eff, mpb, col in frontier:
+                 "tab:red", ":", 1.5)]
+    for label, make, eta_eff, mpb, col, ls, lw in frontier:
         xs, ys = [], []
         for e in fine:
             rate = eta_eff(e) * hmin      # per-step contraction of the slowest mode: 1 - eta_eff h_min
@@ -196,8 +200,7 @@ def fig_budget(path, b: Budget, vals: dict):
             if np.isfinite(val):
                 xs.append(mpb / -np.log(1 - rate))
                 ys.append(val)
-        bx.plot(xs, ys, color=col, label=label, lw=2.5 if label == "SGD" else 1.2,
-                ls="-" if label == "SGD" else "--")
+        bx.plot(xs, ys, color=col, label=label, lw=lw, ls=ls, alpha=0.35 if lw > 5 else 1.0)
     bx.set_xscale("log")
     bx.set_yscale("log")
     bx.set_xlabel("relaxation time of the slowest mode (minibatches)")
@@ -223,56 +226,185 @@ def fig_curves(path_sum, path_avg, b: Budget, vals: dict):
     return out
 
 
+# The multiplicative figures' setting: one coordinate h = 1, w* = 1, K = 4, gamma_theta = 1/K, lr = 0.1.
+MULT = dict(K=4, gamma=0.25)
+
+
+def _mult_method(K=MULT["K"], gamma=MULT["gamma"], lr=LR, momentum=0.0):
+    return LatePhase(K, lr, lr, gamma, momentum, kind="multiplicative")
+
+
 def fig_multiplicative(path, b: Budget, vals: dict):
+    """Learning curves after the release against s (t - T0), for several s, with the balance ODE lines; the balance."""
     plt = plots._plt()
-    K, g = 4, 0.25
-    lp = LatePhase(K, LR, LR, g, kind="multiplicative")
-    noises = np.geomspace(1e-4, 1.0, 4 if b.quick else 9)
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.4))
-    for key, mk, col, label in (("excess_loss_mean_model", "o", "tab:blue", "mean model"),
-                                ("excess_loss_members", "s", "tab:orange", "members (avg)")):
-        ratios, errs = [], []
-        for i, s in enumerate(noises):
-            p = Problem.from_values([1.0], [s], [1.0])
-            pred = getattr(steady_state(p, lp), key)
-            r = simulate(p, lp, steps=20000, burn_in=2000, runs=b.runs, seed=400 + i)
-            ratios.append(getattr(r, key) / pred)
-            errs.append(2 * getattr(r, key + "_stderr") / pred)
-        ax.errorbar(noises, ratios, errs, fmt=mk + "-", color=col, label=label, ms=4)
-    ax.axhline(1.0, color="k", ls=":", label="small-noise prediction")
-    ax.set_xscale("log")
-    ax.set_xlabel("noise variance s (optimum w* = 1, h = 1; runs of 20,000 minibatches)")
-    ax.set_ylabel("simulated / predicted excess loss")
-    ax.set_title(f"multiplicative model, K = {K}, gamma_theta = 1/K, lr = {LR}")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    # Drift along theta * phi = const: time-averaged loss over longer and longer runs, against s * t.
-    lengths = np.geomspace(4e3, 4e4 if b.quick else 4e5, 4 if b.quick else 6).astype(int) // K * K
+    lp = _mult_method()
+    T0 = 400
+    noises = (0.3, 0.1) if b.quick else (0.3, 0.1, 0.03)
+    span = 2500.0 if b.quick else 5000.0            # s (t - T0) shown
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.6))
     cmap = plt.get_cmap("viridis")
-    drift = {}
-    for j, s in enumerate((1e-3, 1e-2, 1e-1)):
+    for j, s in enumerate(noises):
         p = Problem.from_values([1.0], [s], [1.0])
-        pred = steady_state(p, lp)
-        col = cmap(j / 2)
+        col = cmap(j / max(1, len(noises) - 1) * 0.85)
+        horizon = T0 + int(span / s) // lp.K * lp.K
+        kw = dict(T0=T0, horizon=horizon, w0=1.0, sigma0=0.0)
+        line = learning_curve(p, lp, SGD(LR), points=400, **kw)
+        mc = simulate_curve(p, lp, SGD(LR), points=24, runs=b.curve_runs * 5, seed=500 + j, **kw)
+        short = steady_state(p, lp)
+        after = line.t >= T0
+        x = s * (line.t[after] - T0)
+        ok = mc.t > T0
+        xm = s * (mc.t[ok] - T0)
         for key, mk, ls in (("excess_loss_mean_model", "o", "-"), ("excess_loss_members", "s", "--")):
-            ratios, errs = [], []
-            for i, T in enumerate(lengths):
-                r = simulate(p, lp, steps=int(T), burn_in=400, runs=b.runs, seed=460 + 10 * j + i)
-                ratios.append(getattr(r, key) / getattr(pred, key))
-                errs.append(2 * getattr(r, key + "_stderr") / getattr(pred, key))
-            drift[(s, key)] = ratios[-1]
-            bx.errorbar(s * lengths, ratios, errs, fmt=mk + ls, color=col, ms=4,
-                        label=f"{'mean' if 'mean' in key else 'members'}, s = {s:g}")
-    bx.axhline(1.0, color="k", ls=":")
-    bx.set_xscale("log")
-    bx.set_xlabel("s x run length (minibatches after a burn-in of 400)")
-    bx.set_ylabel("simulated (time average) / predicted")
-    bx.set_title("slow drift along theta phi = w*: departure grows with s t")
-    bx.legend(fontsize=7, ncol=2)
+            series = "latephase_mean" if "mean" in key else "latephase_members"
+            ref = getattr(short, key)
+            ax.plot(x, line.series[series][after] / ref, color=col, ls=ls,
+                    label=f"{'mean model' if 'mean' in key else 'members'}, s = {s:g}")
+            ax.errorbar(xm, mc.series[series][ok] / ref, 2 * mc.stderr[series][ok] / ref, fmt=mk, color=col, ms=3.5,
+                        mfc="none" if "members" in key else col, elinewidth=0.8, capsize=0)
+        bx.plot(x, line.balance[after, 0], color=col, label=f"ODE, s = {s:g}")
+        bx.errorbar(xm, mc.balance[ok, 0], 2 * mc.balance_stderr[ok, 0], fmt="o", color=col, ms=3.5, elinewidth=0.8,
+                    capsize=0)
+    p = Problem.from_values([1.0], [noises[0]], [1.0])
+    final = long_run(p, lp)
+    for key, ls in (("excess_loss_mean_model", ":"), ("excess_loss_members", "-.")):
+        ax.axhline(getattr(final, key) / getattr(final.short_time, key), color="k", ls=ls, lw=1,
+                   label=f"long run, {'mean model' if 'mean' in key else 'members'}")
+    ax.axhline(1.0, color="0.5", lw=0.8)
+    ax.set_xlabel("s (t - T0)  (noise variance x minibatches since the release)")
+    ax.set_ylabel("expected excess loss / short-time prediction")
+    fig.suptitle(f"multiplicative late-phase weights after the release: K = {lp.K}, gamma_theta = 1/K, lr = {LR}, "
+                 f"h = w* = 1; lines: balance ODE, points: simulation (+-2 s.e.)", fontsize=10)
+    ax.set_title("losses relative to the short-time prediction", fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    bx.axhline(final.balance.selected[0], color="k", ls=":", lw=1, label="selected balance b*")
+    bx.axhline(final.balance.leading_order, color="0.5", ls="--", lw=1, label="leading order sqrt(gamma_theta)")
+    bx.set_xlabel("s (t - T0)")
+    bx.set_ylabel("balance b = theta^2 / |w*|")
+    bx.set_title("the balance", fontsize=10)
+    bx.legend(fontsize=7)
     bx.grid(alpha=0.3)
-    vals["mult_long_mean"] = drift[(1e-1, "excess_loss_mean_model")]
-    vals["mult_long_members"] = drift[(1e-1, "excess_loss_members")]
+    vals["mult_tau_s"] = float(final.relaxation_minibatches * noises[0])
     return plots.save(fig, path)
+
+
+def fig_balance(path, b: Budget, vals: dict):
+    """The selected balance against the ratio of the rates, for several step sizes, with long-run simulations."""
+    plt = plots._plt()
+    K = MULT["K"]
+    x = np.geomspace(1e-2, 1e2, 121)
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.4))
+    p_line = Problem.from_values([1.0], [1.0], [1.0])
+    cmap = plt.get_cmap("plasma")
+    steps = (0.01, 0.05, 0.1, 0.3)
+    for j, a in enumerate(steps):
+        col = cmap(j / len(steps))
+        bs, lead = [], []
+        for xi in x:
+            lp = LatePhase(K, xi * a, a, 1.0, kind="multiplicative")
+            try:
+                bs.append(bal.select(p_line, lp).selected[0])
+            except NQPError:
+                bs.append(np.nan)
+            lead.append(bal.leading_order(lp))
+        bs, lead = np.array(bs), np.array(lead)
+        ax.plot(x, bs, color=col, label=f"b*, lr_phi h |w*| = {a:g}")
+        bx.plot(x, bs / lead - 1, color=col, label=f"lr_phi h |w*| = {a:g}")
+    ax.plot(x, np.sqrt(x), "k--", lw=1, label="leading order sqrt(gamma_theta lr_theta / lr_phi)")
+    # long-run simulations from the balanced start (burn-in from the balance ODE), s = 0.1
+    mc_x = {0.1: (0.1, 1.0, 3.0), 0.3: (0.1, 1.0)} if b.quick else {0.1: (0.1, 0.3, 1.0, 3.0), 0.3: (0.1, 0.3, 1.0)}
+    s = 0.1
+    p = Problem.from_values([1.0], [s], [1.0])
+    rows = []
+    for a, xs in mc_x.items():
+        col = cmap(steps.index(a) / len(steps))
+        for i, xi in enumerate(xs):
+            lp = LatePhase(K, xi * a, a, 1.0, kind="multiplicative")
+            burn = long_run_burn_in(p, lp)
+            r = simulate(p, lp, steps=max(20000, burn // 4) // K * K, burn_in=burn, runs=b.runs, seed=700 + 10 * i +
+                         int(100 * a))
+            lead = bal.leading_order(lp)
+            pred = bal.select(p, lp).selected[0]
+            ax.errorbar(xi, r.balance_mean[0], 2 * r.balance_mean_stderr[0], fmt="o", color=col, ms=4)
+            bx.errorbar(xi, r.balance_mean[0] / lead - 1, 2 * r.balance_mean_stderr[0] / lead, fmt="o", color=col,
+                        ms=4)
+            rows.append((a, xi, pred, r.balance_mean[0], r.balance_mean_stderr[0], lead, burn))
+    vals["balance_rows"] = rows
+    vals["balance_mc_noise"] = s
+    for axis in (ax, bx):
+        axis.set_xscale("log")
+        axis.set_xlabel("gamma_theta lr_theta / lr_phi")
+        axis.grid(alpha=0.3)
+    ax.set_yscale("log")
+    ax.set_ylabel("selected balance b* = theta^2 / |w*|")
+    ax.set_title("the selected balance", fontsize=10)
+    ax.legend(fontsize=7)
+    bx.axhline(0.0, color="k", lw=0.8)
+    bx.set_ylabel("b* / leading order - 1")
+    bx.set_title("its finite-step correction", fontsize=10)
+    bx.legend(fontsize=7)
+    fig.suptitle(f"noise-selected balance, K = {K}, h = w* = 1 (lines end where the balanced start is unstable); "
+                 f"points: long-run simulations from the balanced start, s = {s:g}, +-2 s.e.", fontsize=10)
+    return plots.save(fig, path)
+
+
+def fig_mult_map(path, b: Budget, vals: dict):
+    """The multiplicative model's long run over (K, gamma_theta): against SGD and against the additive model."""
+    plt = plots._plt()
+    from matplotlib.colors import TwoSlopeNorm
+    p = Problem.powerlaw(100, 1.0)
+    Ks = np.arange(1, 51.0) if not b.quick else np.arange(1, 51.0, 7)
+    gammas = np.geomspace(1e-3, 1.0, 50 if not b.quick else 8)
+    base = dict(K=10, gamma_theta=1.0, lr=LR, lr_theta=None, lr_phi=None, momentum=0.0)
+    axes = (("K", Ks), ("gamma_theta", gammas))
+    mult = grid(p, "multiplicative", base, *axes, balance="long-run")
+    short = grid(p, "multiplicative", base, *axes, balance="release")
+    add = grid(p, "additive", base, *axes)
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13.5, 4.6))
+    fig.subplots_adjust(wspace=0.3)
+    panels = ((ax, mult.sgd / mult.mean_model, "E_sgd / E_mean (long run): > 1 the mean model beats SGD", np.inf),
+              (bx, add.mean_model / mult.mean_model, "E_additive / E_multiplicative (mean models, long run)", 1.0))
+    for axis, z, title, cap in panels:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            lz = np.log10(z)
+        zz = np.ma.masked_invalid(lz)
+        lim = min(cap, float(np.nanmax(np.abs(lz))))      # the right panel's colours saturate at a factor 10
+        cmap = plt.get_cmap("RdBu").with_extremes(bad="0.45")
+        mesh = axis.pcolormesh(plots._edges(Ks), plots._edges(gammas), zz, cmap=cmap, shading="flat",
+                               norm=TwoSlopeNorm(vcenter=0.0, vmin=-lim, vmax=lim))
+        axis.contour(Ks, gammas, lz, levels=[0.0], colors="k", linewidths=1)
+        fig.colorbar(mesh, ax=axis, label="log10 ratio (0: equal, black line)" + ("; saturates at +-1" if cap < 9 else ""))
+        axis.set_yscale("log")
+        axis.set_xlabel("K")
+        axis.set_ylabel("gamma_theta")
+        axis.set_title(title, fontsize=9)
+    ax.plot([], [], "s", color="0.45", label="unstable at the balanced start")
+    ax.legend(fontsize=7, loc="lower right")
+    with np.errstate(invalid="ignore"):
+        ratio = mult.mean_model / short.mean_model
+        gain = mult.sgd / mult.mean_model
+    vals["map_ratio_range"] = (float(np.nanmin(ratio)), float(np.nanmax(ratio)))
+    vals["map_max_gain"] = float(np.nanmax(gain))
+    j, i = np.unravel_index(np.nanargmax(gain), gain.shape)
+    vals["map_argmax"] = (float(Ks[i]), float(gammas[j]))
+    vals["map_add_range"] = (float(np.nanmin(add.mean_model / mult.mean_model)),
+                             float(np.nanmax(add.mean_model / mult.mean_model)))
+    return plots.save(fig, path)
+
+
+def _mult_table(b: Budget, vals: dict):
+    """Long run, short time and a long-run simulation from the balanced start, at the multiplicative setting."""
+    rows = []
+    vals["mult_runs"] = b.runs
+    for K in (4, 10):
+        lp = _mult_method(K=K, gamma=1.0 / K)
+        p = Problem.from_values([1.0], [0.1], [1.0])
+        pred = long_run(p, lp)
+        burn = long_run_burn_in(p, lp)
+        r = simulate(p, lp, steps=(40000 if b.quick else 200000) // K * K, burn_in=burn, runs=b.runs, seed=800 + K)
+        rows.append((K, pred, r, burn))
+    vals["mult_rows"] = rows
 
 
 def fig_heatmap(path, b: Budget, vals: dict):
@@ -283,7 +415,7 @@ def fig_heatmap(path, b: Budget, vals: dict):
     j, i = np.unravel_index(np.nanargmax(res.gain), res.gain.shape)
     vals["heatmap_argmax"] = (float(res.x[i]), float(res.y[j]))
     return plots.plot_heatmap("K", res.x, "gamma_theta", res.y, res.gain, path,
-                              f"E_sgd / E_mean (d = 100, h_i = 1/i, lr = {LR}); blank: unstable", "gain over SGD")
+                              f"E_sgd / E_mean (d = 100, h_i = 1/i, lr = {LR}); gray: unstable", "gain over SGD")
 
 
 def fig_stability(path, b: Budget, vals: dict):
@@ -301,14 +433,15 @@ def fig_stability(path, b: Budget, vals: dict):
     fig.colorbar(mesh, ax=ax, label=f"spectral radius of the literal step (K = {K}, capped at 1.5)")
     ax.contour(lt, lph, rho, levels=[1.0], colors="w", linewidths=2.5)
     edge = cf.stability_edge()
-    for KK, col in ((1, "tab:cyan"), (K, "tab:green"), (16, "tab:olive")):
-        ax.plot(lt, edge - KK * lt, color=col, ls="--", label=f"closed form: lr_phi + {KK} lr_theta = 2 / h_max")
-    ax.axhline(edge, color="tab:blue", ls="--", label="closed form: lr_phi = 2 / h_max")
+    # the two edges of this system (K = 4, gamma_theta = 1): the mean model's and the members' deviations'
+    ax.plot(lt, edge - K * lt, color="tab:green", ls="--", lw=1.5,
+            label=f"edge, closed form: lr_phi + {K} gamma_theta lr_theta = 2 / h_max (mean model)")
+    ax.axhline(edge, color="tab:cyan", ls="--", lw=1.5, label="edge, closed form: lr_phi = 2 / h_max (members)")
     ax.set_xlim(lt[0], lt[-1])
     ax.set_ylim(lph[0], lph[-1])
     ax.set_xlabel("lr_theta (gamma_theta = 1)")
     ax.set_ylabel("lr_phi")
-    ax.set_title("stability region (white: spectral radius = 1)")
+    ax.set_title(f"stability region, K = {K} (white contour: spectral radius = 1)")
     ax.legend(fontsize=7, loc="upper right")
     return plots.save(fig, path)
 
@@ -341,6 +474,32 @@ def _table_budget(vals):
     return "\n".join(lines)
 
 
+def _table_mult(vals):
+    lines = ["| K | | mean model | members (avg) |", "|---|---|---:|---:|"]
+    for K, pred, r, burn in vals["mult_rows"]:
+        st = pred.short_time
+        lines.append(f"| {K} | short-time prediction (balanced start) | {st.excess_loss_mean_model:.5g} | "
+                     f"{st.excess_loss_members:.5g} |")
+        lines.append(f"| | long run (b* = {pred.balance.selected[0]:.4f}; leading order {pred.balance.leading_order:.4f}) "
+                     f"| {pred.excess_loss_mean_model:.5g} | {pred.excess_loss_members:.5g} |")
+        lines.append(f"| | simulation, {r.steps} minibatches after a burn-in of {burn} | "
+                     f"{r.excess_loss_mean_model:.5g} ± {r.excess_loss_mean_model_stderr:.2g} | "
+                     f"{r.excess_loss_members:.5g} ± {r.excess_loss_members_stderr:.2g} |")
+        lines.append(f"| | long run / short time | {pred.excess_loss_mean_model / st.excess_loss_mean_model:.3f} | "
+                     f"{pred.excess_loss_members / st.excess_loss_members:.3f} |")
+        lines.append(f"| | simulation / long run | {r.excess_loss_mean_model / pred.excess_loss_mean_model:.4f} | "
+                     f"{r.excess_loss_members / pred.excess_loss_members:.4f} |")
+    return "\n".join(lines)
+
+
+def _table_balance(vals):
+    lines = ["| lr_phi h w* | gamma_theta lr_theta / lr_phi | leading order | b* (theory) | simulation | burn-in |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for a, x, pred, mean, se, lead, burn in vals["balance_rows"]:
+        lines.append(f"| {a:g} | {x:g} | {lead:.4f} | {pred:.4f} | {mean:.4f} ± {se:.1g} | {burn} |")
+    return "\n".join(lines)
+
+
 def _values(vals) -> dict:
     p = doc_problem()
     out = {
@@ -351,8 +510,15 @@ def _values(vals) -> dict:
         "heatmap_max_gain": f"{vals.get('heatmap_max_gain', float('nan')):.3g}",
         "heatmap_argmax": "K = {:g}, gamma_theta = {:.3g}".format(*vals.get("heatmap_argmax", (np.nan, np.nan))),
         "sgd_doc": f"{steady_state(p, SGD(LR)).excess_loss_mean_model:.4g}",
-        "mult_long_mean": f"{vals.get('mult_long_mean', float('nan')):.2f}",
-        "mult_long_members": f"{vals.get('mult_long_members', float('nan')):.2f}",
+        "mult_tau_s": f"{vals.get('mult_tau_s', float('nan')):.3g}",
+        "mult_runs": str(vals.get("mult_runs", "")),
+        "balance_mc_noise": f"s = {vals.get('balance_mc_noise', float('nan')):g}",
+        "map_max_gain": f"{vals.get('map_max_gain', float('nan')):.3g}",
+        "map_argmax": "K = {:g}, gamma_theta = {:.3g}".format(*vals.get("map_argmax", (np.nan, np.nan))),
+        "map_add_min": f"{vals.get('map_add_range', (np.nan, np.nan))[0]:.3g}",
+        "map_add_max": f"{vals.get('map_add_range', (np.nan, np.nan))[1]:.3g}",
+        "map_ratio_min": f"{vals.get('map_ratio_range', (np.nan, np.nan))[0]:.3g}",
+        "map_ratio_max": f"{vals.get('map_ratio_range', (np.nan, np.nan))[1]:.3g}",
     }
     return out
 
@@ -360,7 +526,8 @@ def _values(vals) -> dict:
 def render(template: str, vals: dict, figdir_rel: str = "figures") -> str:
     tex = cf.latex()
     values = _values(vals)
-    tables = {"baselines": _table_baselines, "budget": _table_budget}
+    tables = {"baselines": _table_baselines, "budget": _table_budget, "mult": _table_mult,
+              "balance": _table_balance}
 
     def sub(m):
         kind, name = m.group(1), m.group(2)
@@ -393,6 +560,9 @@ def build(out: str = "docs", quick: bool = False, progress: bool = False) -> lis
         ("curves", lambda: fig_curves(os.path.join(figdir, "curve_sum.png"), os.path.join(figdir, "curve_average.png"),
                                       b, vals)),
         ("multiplicative", lambda: fig_multiplicative(os.path.join(figdir, "multiplicative.png"), b, vals)),
+        ("balance", lambda: fig_balance(os.path.join(figdir, "balance.png"), b, vals)),
+        ("mult_map", lambda: fig_mult_map(os.path.join(figdir, "mult_map.png"), b, vals)),
+        ("mult_table", lambda: _mult_table(b, vals) or []),
         ("gain_heatmap", lambda: fig_heatmap(os.path.join(figdir, "gain_heatmap.png"), b, vals)),
         ("stability", lambda: fig_stability(os.path.join(figdir, "stability.png"), b, vals)),
     ]

@@ -31,10 +31,10 @@ class Coeffs:
         return cls(problem.curvature, np.sqrt(problem.noise * noise_scale), problem.optimum)
 
 
-def optimizer_update(x, v, grad, lr: float, momentum: float, nesterov: bool) -> None:
+def optimizer_update(x, v, grad, lr, momentum: float, nesterov: bool) -> None:
     """torch.optim.SGD's update (dampening 0), in place:
     v <- mu v + grad; x <- x - lr v (heavy ball) or x - lr (grad + mu v) (Nesterov); x <- x - lr grad if mu = 0.
-    `grad` may be overwritten."""
+    `grad` may be overwritten; lr is a number or, without momentum, an array broadcast against grad."""
     if momentum:
         v *= momentum
         v += grad
@@ -80,34 +80,43 @@ def sgd_step(state: SGDState, xi: np.ndarray, c: Coeffs, method: SGD) -> None:
     optimizer_update(state.w, state.v, g, method.lr, method.momentum, method.nesterov)
 
 
-def latephase_step(state: LatePhaseState, xi: np.ndarray, c: Coeffs, method: LatePhase) -> None:
-    """One outer step of Algorithm 1 (consumes K minibatches). Overwrites xi.
+def latephase_step(state: LatePhaseState, xi: np.ndarray, c: Coeffs, method: LatePhase, work=None) -> None:
+    """One outer step of Algorithm 1 (consumes K minibatches). Overwrites xi (and `work`, an optional scratch
+    array of xi's shape that saves one allocation).
 
     With g_k = h (w_k - c_k), c_k = w* + sqrt(s) xi_k and w_k = theta + phi_k (additive) or
     theta * phi_k (multiplicative), all evaluated at the theta and phi_k of the start of the step:
         phi_k <- U_phi(phi_k, dl/dphi_k)               [additive: g_k; multiplicative: theta g_k]
         theta <- U_theta(theta, gamma_theta sum_k dl/dtheta|_k)   [g_k; resp. phi_k g_k]
     Member k's update depends only on (theta, phi_k, c_k), so applying the K member updates after
-    computing all K gradients is the sequential loop of Algorithm 1 exactly.
+    computing all K gradients is the sequential loop of Algorithm 1 exactly. The target -c_k is formed first, as
+    in the problem's definition (a noise below the resolution of w* is then lost in every path alike); without
+    momentum the multiplicative phi_k's step lr_phi theta g_k takes lr_phi theta as one factor.
     """
     theta = state.theta[..., None, :]
     g = xi
     g *= -c.sqrt_s
-    g -= c.wstar
+    g -= c.wstar                        # g = -c_k
     if method.kind == "additive":
         g += state.phi
         g += theta
         g *= c.h
         grad_theta = g.sum(axis=-2)
-        grad_phi = g
+        grad_theta *= method.gamma_theta
+        optimizer_update(state.phi, state.v_phi, g, method.lr_phi, method.momentum, method.nesterov)
     else:
-        g += theta * state.phi
+        if work is None:
+            work = np.empty_like(state.phi)
+        np.multiply(state.phi, theta, out=work)
+        g += work
         g *= c.h
         grad_theta = np.einsum("...kd,...kd->...d", state.phi, g)
-        g *= theta
-        grad_phi = g
-    grad_theta *= method.gamma_theta
-    optimizer_update(state.phi, state.v_phi, grad_phi, method.lr_phi, method.momentum, method.nesterov)
+        grad_theta *= method.gamma_theta
+        if method.momentum:
+            g *= theta
+            optimizer_update(state.phi, state.v_phi, g, method.lr_phi, method.momentum, method.nesterov)
+        else:
+            optimizer_update(state.phi, None, g, method.lr_phi * theta, 0.0, False)
     optimizer_update(state.theta, state.v_theta, grad_theta, method.lr_theta, method.momentum,
                      method.nesterov)
 
@@ -129,11 +138,12 @@ def members(state, method) -> np.ndarray:
     return theta + state.phi if method.kind == "additive" else theta * state.phi
 
 
-def fixed_point(problem, method, shape=(), dtype=float):
+def fixed_point(problem, method, shape=(), dtype=float, balance=None):
     """The noise-free fixed point at the optimum (members equal, buffers zero).
 
-    Additive: theta = w*, phi_k = 0. Multiplicative (balanced): theta = sign(w*) sqrt|w*|,
-    phi_k = sqrt|w*|. SGD: w = w*.
+    Additive: theta = w*, phi_k = 0. Multiplicative: theta = sign(w*) sqrt(b |w*|), phi_k = sqrt(|w*| / b) with
+    the balance b = theta^2 / |w*| (default 1, the balanced factorisation theta = phi; one value or one per
+    coordinate). SGD: w = w*.
     """
     wstar = problem.optimum
     d = wstar.size
@@ -145,8 +155,8 @@ def fixed_point(problem, method, shape=(), dtype=float):
     if method.kind == "additive":
         th, ph = wstar, np.zeros(d)
     else:
-        root = np.sqrt(np.abs(wstar))
-        th, ph = np.sign(wstar) * root, root
+        b = 1.0 if balance is None else np.asarray(balance, float)
+        th, ph = np.sign(wstar) * np.sqrt(b * np.abs(wstar)), np.sqrt(np.abs(wstar) / b)
     theta = np.broadcast_to(th, shape + (d,)).astype(dtype)
     phi = np.broadcast_to(ph, shape + (K, d)).astype(dtype)
     return LatePhaseState(theta, phi, np.zeros_like(theta) if mom else None,

@@ -24,7 +24,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.linalg
 
 from . import dynamics as dyn
 from .errors import UnstableError
@@ -82,11 +81,13 @@ def state_vector(state, method) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- linearisation
 
-def linearize(problem, method, eps: float = 1e-30) -> LinearSystem:
+def linearize(problem, method, eps: float = 1e-30, balance=None) -> LinearSystem:
     """Read A, B, C of (1) off the literal step by complex-step differentiation at z0:
-    A[:, :, j] = Im(step(z0 + i eps e_j)) / eps, exact for linear steps (no cancellation)."""
+    A[:, :, j] = Im(step(z0 + i eps e_j)) / eps, exact for linear steps (no cancellation).
+    Multiplicative: z0 is the fixed point at the balance b = theta^2/|w*| (default 1; see
+    :func:`nqp.dynamics.fixed_point`)."""
     n, m, d = state_size(method), noise_size(method), problem.dim
-    z0_state = dyn.fixed_point(problem, method)
+    z0_state = dyn.fixed_point(problem, method, balance=balance)
     z0 = np.moveaxis(state_vector(z0_state, method), -1, -2)  # (d, n)
     F = np.empty((n + m, n, d), dtype=complex)
     F[:] = state_vector(z0_state, method)
@@ -149,6 +150,13 @@ class Stationary:
     Abar: np.ndarray
     Cbar_mean: np.ndarray
     Cbar_members: np.ndarray
+    system: LinearSystem | None = None
+    P: np.ndarray | None = None   # (d, n, q): Sigma = P Sigma_q P^T in the full state
+
+    @property
+    def sigma(self) -> np.ndarray:
+        """The stationary covariance of the full state z - z0 (no variance along the neutral direction)."""
+        return self.P @ self.sigma_q @ np.swapaxes(self.P, -1, -2)
 
 
 def _unique_rows(*cols):
@@ -157,23 +165,26 @@ def _unique_rows(*cols):
     return first, inverse.reshape(-1)
 
 
-def stationary(problem, method, tol: float = 1e-12) -> Stationary:
+def stationary(problem, method, tol: float = 1e-12, balance=None) -> Stationary:
     """Solve the discrete Lyapunov equation (2) per coordinate with scipy; raise UnstableError if the
-    spectral radius of the quotient dynamics is >= 1."""
-    sys = linearize(problem, method)
-    Abar, Bbar, Cm, Cmem, _ = quotient(sys)
+    spectral radius of the quotient dynamics is >= 1. Multiplicative: linearised at the balance b (default 1)."""
+    import scipy.linalg  # imported here: the closed-form paths run without scipy
+
+    sys = linearize(problem, method, balance=balance)
+    Abar, Bbar, Cm, Cmem, P = quotient(sys)
     rho = np.abs(np.linalg.eigvals(Abar)).max(axis=-1)
     if np.any(rho >= 1 - tol):
         i = int(np.argmax(rho))
         raise UnstableError(f"unstable: spectral radius {rho[i]:.6g} >= 1 in coordinate {i} "
                             f"(h={problem.curvature[i]:g}); lower the learning rates")
-    first, inverse = _unique_rows(problem.curvature, problem.noise, problem.optimum)
+    b = np.broadcast_to(1.0 if balance is None else np.asarray(balance, float), problem.curvature.shape)
+    first, inverse = _unique_rows(problem.curvature, problem.noise, problem.optimum, b)
     sig_u = np.stack([scipy.linalg.solve_discrete_lyapunov(Abar[i], Bbar[i] @ Bbar[i].T) for i in first])
     sig = sig_u[inverse]
     sig = 0.5 * (sig + np.swapaxes(sig, -1, -2))
     var_mean = np.einsum("dq,dqp,dp->d", Cm, sig, Cm)
     var_mem = np.einsum("dkq,dqp,dkp->dk", Cmem, sig, Cmem)
-    return Stationary(var_mean, var_mem, sig, Abar, Cm, Cmem)
+    return Stationary(var_mean, var_mem, sig, Abar, Cm, Cmem, sys, P)
 
 
 def tail_average_variance(st: Stationary, steps: int, members: bool = False) -> np.ndarray:

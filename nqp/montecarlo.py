@@ -16,12 +16,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import balance as bal
 from . import dynamics as dyn
 from . import linear
 from .errors import NQPError
 from .methods import SGD, Ensemble, LatePhase, TailAverage
 
-TILE_ELEMENTS = 1 << 15  # member-coordinates per tile (a few hundred kB per array: stays in cache)
+TILE_BYTES = 1 << 18  # bytes per (runs x members x coordinates) array of a tile: 256 kB, stays in cache
 
 
 class DivergedError(NQPError):
@@ -45,10 +46,33 @@ class MCResult:
     seconds: float
     per_run_mean_model: np.ndarray = field(repr=False)
     per_run_members: np.ndarray = field(repr=False)
+    dtype: str = "float64"
+    start: str = "balanced"
+    # Multiplicative model: the balance b = theta^2/|w*| (per coordinate) at the start, its time average over the
+    # recorded steps (the balance of the time-averaged Q~, averaged over runs) and the measured drift
+    # E[Delta Q~] per outer step over the recorded steps, each with its standard error across runs.
+    balance_start: np.ndarray | None = field(default=None, repr=False)
+    balance_mean: np.ndarray | None = field(default=None, repr=False)
+    balance_mean_stderr: np.ndarray | None = field(default=None, repr=False)
+    drift_per_step: np.ndarray | None = field(default=None, repr=False)
+    drift_per_step_stderr: np.ndarray | None = field(default=None, repr=False)
 
-    def to_dict(self) -> dict:
-        return {k: (float(v) if isinstance(v, (np.floating, float)) else v)
-                for k, v in self.__dict__.items() if not k.startswith("per_run")}
+    def to_dict(self, per_coordinate: bool = False) -> dict:
+        out = {k: (float(v) if isinstance(v, (np.floating, float)) else v)
+               for k, v in self.__dict__.items()
+               if not k.startswith(("per_run", "balance_", "drift_"))}
+        if self.balance_mean is not None:
+            b = self.balance_mean
+            out["balance"] = {"start": {"min": float(self.balance_start.min()),
+                                        "median": float(np.median(self.balance_start)),
+                                        "max": float(self.balance_start.max())},
+                              "time_average": {"min": float(b.min()), "median": float(np.median(b)),
+                                               "max": float(b.max())}}
+            if per_coordinate:
+                for k in ("balance_start", "balance_mean", "balance_mean_stderr", "drift_per_step",
+                          "drift_per_step_stderr"):
+                    out[k + "_per_coordinate"] = getattr(self, k).tolist()
+        return out
 
     @property
     def updates_per_second(self) -> float:
@@ -69,11 +93,37 @@ def _members(method) -> int:
     return core.K if isinstance(core, LatePhase) else 1
 
 
-def auto_burn_in(problem, method, tol: float = 1e-6) -> int:
-    """Minibatches until the variance transient of the (linearised) dynamics from the optimum decays
-    below `tol` of its stationary value: n steps with rho^(2n) <= tol, rho the spectral radius."""
+def _is_mult(core) -> bool:
+    return isinstance(core, LatePhase) and core.kind == "multiplicative"
+
+
+def start_balance(problem, method, start="balanced") -> np.ndarray | None:
+    """The balance b = theta^2/|w*| per coordinate at which a multiplicative run starts: "balanced" (b = 1, the
+    release factorisation), "selected" (the noise-selected b* of :func:`nqp.balance.select`), or given values.
+    None for every other method."""
     core = _core(method)
-    rho = float(linear.spectral_radius(linear.linearize(problem, core)).max())
+    if not _is_mult(core):
+        if not (isinstance(start, str) and start == "balanced"):
+            raise NQPError("--start applies to the multiplicative model")
+        return None
+    if isinstance(start, str):
+        if start == "balanced":
+            return np.ones(problem.dim)
+        if start == "selected":
+            return bal.select(problem, core).selected
+        raise NQPError(f"--start must be 'balanced', 'selected' or balances > 0, got {start!r}")
+    b = np.asarray(start, float).reshape(-1)
+    if b.size not in (1, problem.dim) or not np.all(np.isfinite(b)) or np.any(b <= 0):
+        raise NQPError(f"start balances must be {problem.dim} (or one) finite values > 0")
+    return np.broadcast_to(b, (problem.dim,)).copy()
+
+
+def auto_burn_in(problem, method, tol: float = 1e-6, balance=None) -> int:
+    """Minibatches until the variance transient of the (linearised) dynamics from the optimum decays
+    below `tol` of its stationary value: n steps with rho^(2n) <= tol, rho the spectral radius (multiplicative:
+    linearised at the start `balance`, default 1). The slow balance is not counted: see :func:`long_run_burn_in`."""
+    core = _core(method)
+    rho = float(linear.spectral_radius(linear.linearize(problem, core, balance=balance)).max())
     if rho >= 1:
         raise NQPError(f"cannot choose a burn-in: the slowest mode does not relax in float64 (spectral radius "
                        f"{rho:.17g}; a step times curvature below ~1e-16); give --burn-in, or larger steps")
@@ -81,10 +131,42 @@ def auto_burn_in(problem, method, tol: float = 1e-6) -> int:
     return max(1, steps) * core.minibatches_per_step * (method.K if isinstance(method, Ensemble) else 1)
 
 
-def _tiles(runs: int, dim: int, members: int):
-    """Fixed tiling of (runs, coordinates) into blocks of about TILE_ELEMENTS member-coordinates."""
-    d_block = max(1, min(dim, TILE_ELEMENTS // max(1, members)))
-    r_block = max(1, min(runs, TILE_ELEMENTS // (members * d_block)))
+def long_run_burn_in(problem, method, tol: float = 1e-3, start=1.0) -> int:
+    """Minibatches after which a multiplicative run started at balance `start` is within `tol` (relative) of its
+    long-run losses, mean model and members, by the adiabatic ODE of the balance (:func:`nqp.balance.trajectory`):
+    the first t from which |E(b(t)) - E(b*)| <= tol E(b*) for both, with E(b) the stationary losses of the fast modes
+    at balance b. Not below the fast-mode burn-in. 0 for methods without a slow mode."""
+    from .theory import steady_state
+
+    core = _core(method)
+    if not _is_mult(core) or bal.frozen(core):
+        return 0
+    start = np.broadcast_to(np.asarray(start, float), (problem.dim,))
+    sel = bal.select(problem, core, release=start)
+    tau = sel.relaxation_minibatches
+    finite = tau[np.isfinite(tau)]
+    fast = auto_burn_in(problem, method, balance=start)
+    if not finite.size:
+        return fast
+    t = np.concatenate([[0.0], np.geomspace(1.0, 60 * finite.max(), 400)])
+    b = bal.trajectory(problem, core, t, start, selected=sel)
+    final = steady_state(problem, method, balance=sel.selected)
+    bad = np.zeros(len(t), bool)
+    for j in range(len(t)):
+        e = steady_state(problem, method, balance=b[j])
+        bad[j] = (abs(e.excess_loss_mean_model - final.excess_loss_mean_model) > tol * final.excess_loss_mean_model
+                  or abs(e.excess_loss_members - final.excess_loss_members) > tol * final.excess_loss_members)
+    idx = np.flatnonzero(bad)
+    slow = 0 if not idx.size else t[min(idx[-1] + 1, len(t) - 1)]
+    mpb = core.minibatches_per_step
+    return max(fast, int(math.ceil(slow / mpb)) * mpb)
+
+
+def _tiles(runs: int, dim: int, members: int, itemsize: int = 8):
+    """Fixed tiling of (runs, coordinates) into blocks of about TILE_BYTES / itemsize member-coordinates."""
+    elements = TILE_BYTES // itemsize
+    d_block = max(1, min(dim, elements // max(1, members)))
+    r_block = max(1, min(runs, elements // (members * d_block)))
     return [(r0, min(runs, r0 + r_block), c0, min(dim, c0 + d_block))
             for r0 in range(0, runs, r_block) for c0 in range(0, dim, d_block)]
 
@@ -106,6 +188,29 @@ def _run_tiles(run_tile, n: int, threads: int | None, bar) -> None:
 def _check_seed(seed) -> None:
     if isinstance(seed, bool) or int(seed) != seed or seed < 0:
         raise NQPError(f"--seed must be a non-negative integer, got {seed}")
+
+
+def box_muller(bit_generator, out: np.ndarray) -> None:
+    """Fill the float32 array `out` with independent standard normal variates (the Box-Muller transform, about twice
+    as fast as numpy's float32 ziggurat): from pairs of 23-bit uniforms u1 in (0, 1], u2 in [0, 1) made of raw 64-bit
+    words, z = sqrt(-2 log u1) cos(2 pi u2) and sqrt(-2 log u1) sin(2 pi u2). The 23-bit u1 cuts the tails at
+    |z| = sqrt(46 log 2) = 5.65 (probability 1.6e-8; the variance is short by 5e-7 of itself)."""
+    flat = out.reshape(-1)
+    n = flat.size
+    half = (n + 1) // 2
+    words = bit_generator.random_raw(half).view(np.uint32)          # 2 * half independent 32-bit words
+    np.right_shift(words, 9, out=words)                             # uniform in [1, 2): exponent 0, 23 random bits
+    np.bitwise_or(words, 0x3F800000, out=words)
+    u, t = words[:half].view(np.float32), words[half:].view(np.float32)
+    np.subtract(2, u, out=u)                                        # u1 in (0, 1]
+    np.log(u, out=u)
+    u *= -2
+    np.sqrt(u, out=u)
+    t -= 1
+    t *= np.float32(2 * np.pi)                                      # 2 pi u2 in [0, 2 pi)
+    np.multiply(u, np.cos(t), out=flat[:half])
+    np.sin(t, out=t)
+    np.multiply(u[:n - half], t[:n - half], out=flat[half:])
 
 
 def _rng(seed: int, index: int) -> np.random.Generator:
@@ -131,39 +236,47 @@ class _Progress:
 
 
 class _Tile:
-    """State, noise buffer and observables of one (runs x coordinates) block."""
+    """State, noise buffer and observables of one (runs x coordinates) block, in float64 or float32."""
 
-    def __init__(self, problem, method, r0, r1, c0, c1):
+    def __init__(self, problem, method, r0, r1, c0, c1, balance=None, dtype=np.float64):
         self.method, self.core = method, _core(method)
-        self.h = problem.curvature[c0:c1]
-        self.wstar = problem.optimum[c0:c1]
-        sub = type(problem)(self.h, problem.noise[c0:c1], self.wstar)
-        self.coeffs = dyn.Coeffs.of(sub)
+        self.dtype = np.dtype(dtype)
+        self.h = problem.curvature[c0:c1].astype(dtype)
+        self.wstar = problem.optimum[c0:c1].astype(dtype)
+        sub = type(problem)(problem.curvature[c0:c1], problem.noise[c0:c1], problem.optimum[c0:c1])
+        c = dyn.Coeffs.of(sub)
+        self.coeffs = dyn.Coeffs(c.h.astype(dtype), c.sqrt_s.astype(dtype), c.wstar.astype(dtype))
         runs = r1 - r0
+        b = None if balance is None else balance[c0:c1]
         if isinstance(method, Ensemble):
-            self.state = dyn.fixed_point(sub, self.core, shape=(runs, method.K))
-            self.xi = np.empty((runs, method.K, c1 - c0))
+            self.state = dyn.fixed_point(sub, self.core, shape=(runs, method.K), dtype=dtype)
+            self.xi = np.empty((runs, method.K, c1 - c0), dtype)
         elif isinstance(self.core, SGD):
-            self.state = dyn.fixed_point(sub, self.core, shape=(runs,))
-            self.xi = np.empty((runs, c1 - c0))
+            self.state = dyn.fixed_point(sub, self.core, shape=(runs,), dtype=dtype)
+            self.xi = np.empty((runs, c1 - c0), dtype)
         else:
-            self.state = dyn.fixed_point(sub, self.core, shape=(runs,))
-            self.xi = np.empty((runs, self.core.K, c1 - c0))
+            self.state = dyn.fixed_point(sub, self.core, shape=(runs,), dtype=dtype, balance=b)
+            self.xi = np.empty((runs, self.core.K, c1 - c0), dtype)
         self.members = self.xi.size // (runs * (c1 - c0))
+        self.track = _is_mult(self.core) and not bal.frozen(self.core)
+        self.work = np.empty_like(self.xi) if isinstance(self.core, LatePhase) else None
 
     def step(self, rng):
-        rng.standard_normal(out=self.xi)
+        if self.dtype == np.float32:
+            box_muller(rng.bit_generator, self.xi)
+        else:
+            rng.standard_normal(out=self.xi)
         if isinstance(self.core, SGD):
             dyn.sgd_step(self.state, self.xi, self.coeffs, self.core)
         else:
-            dyn.latephase_step(self.state, self.xi, self.coeffs, self.core)
+            dyn.latephase_step(self.state, self.xi, self.coeffs, self.core, self.work)
 
     def observe(self):
         """(mean-model weights - w*, per-run member excess averaged over members, summed over coordinates).
 
-        Member excess via sums over members, without forming the (runs, K, d) member weights:
-        additive sum_k (u + phi_k)^2 = K u^2 + 2 u S1 + S2, multiplicative
-        sum_k (theta phi_k - w*)^2 = theta^2 S2 - 2 theta w* S1 + K w*^2, S1 = sum_k phi_k, S2 = sum_k phi_k^2."""
+        Additive member excess via sums over members, without forming the member weights:
+        sum_k (u + phi_k)^2 = K u^2 + 2 u S1 + S2, S1 = sum_k phi_k, S2 = sum_k phi_k^2 (u = theta - w*);
+        multiplicative: sum_k (theta phi_k - w*)^2 from the member deviations, formed in the work buffer."""
         st, core, h = self.state, self.core, self.h
         if isinstance(self.method, Ensemble):
             w = st.w
@@ -175,16 +288,35 @@ class _Tile:
             return x, _excess(x, h)
         K = core.K
         s1 = st.phi.sum(axis=-2)
-        s2 = np.einsum("rkd,rkd->rd", st.phi, st.phi)
+        s2 = np.einsum("rkd,rkd->rd", st.phi, st.phi) if (core.kind == "additive" or self.track) else None
         if core.kind == "additive":
             u = st.theta - self.wstar
             m = u + s1 / K
             tot = K * u * u + 2 * u * s1 + s2
-        else:
-            th = st.theta
-            m = th * s1 / K - self.wstar
-            tot = th * th * s2 - 2 * th * self.wstar * s1 + K * self.wstar ** 2
-        return m, 0.5 * (tot @ h) / K
+            return m, 0.5 * (tot @ h) / K
+        # member deviations theta phi_k - w* formed directly (the expansion theta^2 S2 - 2 theta w* S1 + K w*^2 would
+        # cancel to a small difference of large terms, which float32 cannot afford)
+        th = st.theta
+        e = np.multiply(st.phi, th[..., None, :], out=self.work)
+        e -= self.wstar
+        mem = np.einsum("rkd,rkd->rd", e, e) @ h * (0.5 / K)
+        if self.track:
+            self.theta2 = th * th
+            self.s2 = s2
+        s1 *= th
+        s1 *= 1.0 / K
+        s1 -= self.wstar
+        return s1, mem
+
+    def balance_quantity(self):
+        """Q~ of the multiplicative state after :meth:`observe` (which computed theta^2 and sum_k phi_k^2)."""
+        st, core = self.state, self.core
+        Q = self.theta2 * (1.0 / (core.gamma_theta * core.lr_theta))
+        Q -= self.s2 * (1.0 / core.lr_phi)
+        if core.momentum:
+            P = st.theta * st.v_theta / core.gamma_theta - np.einsum("rkd,rkd->rd", st.phi, st.v_phi)
+            Q -= bal.coupling(core) * P
+        return Q
 
 
 def _excess(x, h):
@@ -195,19 +327,26 @@ def _excess(x, h):
 # ----------------------------------------------------------------------------- stationary estimates
 
 def simulate(problem, method, *, steps: int, burn_in: int | None = None, runs: int = 32, seed: int = 0,
-             threads: int | None = None, progress: bool = False) -> MCResult:
+             threads: int | None = None, progress: bool = False, start="balanced", dtype=np.float64) -> MCResult:
     """Estimate the stationary excess loss of the mean model and the members' average by simulation.
 
-    Starts every run at the optimum (members equal, buffers zero), discards `burn_in` minibatches
-    (default: :func:`auto_burn_in`), then averages over `steps` minibatches (recording at every step
-    boundary; tail averages over consecutive windows of `method.window` minibatches). Returns the mean
-    over `runs` independent runs and its standard error (std across runs / sqrt(runs)).
+    Starts every run at the optimum (members equal, buffers zero; multiplicative: at the balance `start`, see
+    :func:`start_balance`), discards `burn_in` minibatches (default: :func:`auto_burn_in`, the fast modes only; for
+    the long run of a multiplicative model from the balanced start use :func:`long_run_burn_in`, or start at
+    "selected"), then averages over `steps` minibatches (recording at every step boundary; tail averages over
+    consecutive windows of `method.window` minibatches). Returns the mean over `runs` independent runs and its
+    standard error (std across runs / sqrt(runs)). dtype float32 runs the state and the noise in single precision
+    (accumulators stay float64).
     """
     import time
 
     if int(runs) != runs or runs < 2:
         raise NQPError(f"--runs must be an integer >= 2 (standard errors need two runs), got {runs}")
     _check_seed(seed)
+    dtype = np.dtype(dtype)
+    if dtype not in (np.dtype(np.float64), np.dtype(np.float32)):
+        raise NQPError(f"dtype must be float64 or float32, got {dtype}")
+    b_start = start_balance(problem, method, start)
     mpb = method.minibatches_per_step
     if isinstance(method, TailAverage):
         if steps < method.window:
@@ -218,29 +357,41 @@ def simulate(problem, method, *, steps: int, burn_in: int | None = None, runs: i
             raise NQPError(f"--steps ({steps}) must be >= the minibatches per step ({mpb})")
         n_steps = steps // mpb
     if burn_in is None:
-        burn_in = auto_burn_in(problem, method)
+        burn_in = auto_burn_in(problem, method, balance=b_start)
     if int(burn_in) != burn_in or burn_in < 0:
         raise NQPError(f"--burn-in must be a non-negative integer, got {burn_in}")
     n_burn = -(-int(burn_in) // mpb)
     members = _members(method)
-    tiles = _tiles(int(runs), problem.dim, members)
+    tiles = _tiles(int(runs), problem.dim, members, dtype.itemsize)
     acc_mean = np.zeros(int(runs))
     acc_mem = np.zeros(int(runs))
+    core = _core(method)
+    track = _is_mult(core) and not bal.frozen(core)
+    q_mean = np.zeros((int(runs), problem.dim)) if track else None
+    q_drift = np.zeros((int(runs), problem.dim)) if track else None
     lock = threading.Lock()
     bar = _Progress(len(tiles) * (n_burn + n_steps), progress, f"simulate {method.name}")
     window = method.steps if isinstance(method, TailAverage) else None
 
     def run_tile(index):
         r0, r1, c0, c1 = tiles[index]
-        tile = _Tile(problem, method, r0, r1, c0, c1)
+        tile = _Tile(problem, method, r0, r1, c0, c1, b_start, dtype)
         rng = _rng(seed, index)
         s_mean = np.zeros(r1 - r0)
         s_mem = np.zeros(r1 - r0)
         sum_m = sum_mem = None
+        if track:
+            q_sum = np.zeros((r1 - r0, c1 - c0))
+            q_first = q_last = None
         for i in range(n_burn + n_steps):
             tile.step(rng)
             if i >= n_burn:
                 m, mem = tile.observe()
+                if track:
+                    q_last = tile.balance_quantity()
+                    q_sum += q_last
+                    if q_first is None:
+                        q_first = q_last.astype(float)
                 if window is None:
                     s_mean += _excess(m, tile.h)
                     s_mem += mem
@@ -268,6 +419,9 @@ def simulate(problem, method, *, steps: int, burn_in: int | None = None, runs: i
         with lock:
             acc_mean[r0:r1] += s_mean
             acc_mem[r0:r1] += s_mem
+            if track:
+                q_mean[r0:r1, c0:c1] = q_sum / n_steps
+                q_drift[r0:r1, c0:c1] = (q_last.astype(float) - q_first) / max(1, n_steps - 1)
 
     t0 = time.perf_counter()
     _run_tiles(run_tile, len(tiles), threads, bar)
@@ -281,7 +435,16 @@ def simulate(problem, method, *, steps: int, burn_in: int | None = None, runs: i
     if not all(math.isfinite(v) for v in stats):
         raise DivergedError("the simulated losses overflow float64 (values near 1e308); rescale the problem "
                             "(smaller --noise, --curvature or --optimum)")
-    return MCResult(method.name, *stats, int(runs), n_steps * mpb, n_burn * mpb, int(seed), updates, seconds, per_mean, per_mem)
+    res = MCResult(method.name, *stats, int(runs), n_steps * mpb, n_burn * mpb, int(seed), updates, seconds, per_mean,
+                   per_mem, dtype.name, start if isinstance(start, str) else "given")
+    if track:
+        res.balance_start = b_start
+        b_runs = bal.balance_of(q_mean, problem, core)
+        res.balance_mean = b_runs.mean(axis=0)
+        res.balance_mean_stderr = b_runs.std(axis=0, ddof=1) / math.sqrt(int(runs))
+        res.drift_per_step = q_drift.mean(axis=0)
+        res.drift_per_step_stderr = q_drift.std(axis=0, ddof=1) / math.sqrt(int(runs))
+    return res
 
 
 # ----------------------------------------------------------------------------- learning curves
@@ -303,6 +466,8 @@ def simulate_curve(problem, method: LatePhase, sgd: SGD, *, T0: int, horizon: in
         raise NQPError(f"--swa-start must be T0 + K n below the horizon (T0={T0}, K={K}), got {swa_start}")
     names = ["sgd", "latephase_mean", "latephase_members"] + (["latephase_swa"] if swa_start is not None else [])
     out = {k: np.zeros((int(runs), len(t))) for k in names}
+    track = _is_mult(method) and not bal.frozen(method)
+    b_runs = np.full((int(runs), len(t), problem.dim), np.nan) if track else None
     w0 = start_weights(w0, problem.dim)
     tiles = _tiles(int(runs), problem.dim, K)
     lock = threading.Lock()
@@ -320,6 +485,7 @@ def simulate_curve(problem, method: LatePhase, sgd: SGD, *, T0: int, horizon: in
         xi1 = np.empty_like(w)
         xik = np.empty((r1 - r0, K, c1 - c0))
         local = {k: np.zeros((r1 - r0, len(t))) for k in names}
+        b_local = np.full((r1 - r0, len(t), c1 - c0), np.nan) if track else None
         lp = None
         swa_sum, swa_n = None, 0
 
@@ -336,6 +502,8 @@ def simulate_curve(problem, method: LatePhase, sgd: SGD, *, T0: int, horizon: in
                 local["latephase_members"][:, i] = 0.5 * np.einsum("rkd,rkd,d->r", wk, wk, h) / K
             if "latephase_swa" in local:
                 local["latephase_swa"][:, i] = _excess(swa_sum / swa_n - ws, h) if swa_n else np.nan
+            if track and lp is not None:
+                b_local[:, i] = bal.balance_of(bal.quantity(lp, method), sub, method)
 
         now, pending = 0, 0
         if T0 == 0:
@@ -373,8 +541,14 @@ def simulate_curve(problem, method: LatePhase, sgd: SGD, *, T0: int, horizon: in
         with lock:
             for k in names:
                 out[k][r0:r1] += local[k]
+            if track:
+                b_runs[r0:r1, :, c0:c1] = b_local
 
     _run_tiles(run_tile, len(tiles), threads, bar)
     series = {k: v.mean(axis=0) for k, v in out.items()}
     stderr = {k: v.std(axis=0, ddof=1) / math.sqrt(v.shape[0]) for k, v in out.items()}
-    return Curve(t, series, int(T0), K, "monte carlo", stderr)
+    curve = Curve(t, series, int(T0), K, "monte carlo", stderr)
+    if track:   # the balance b = theta^2/|w*| of the manifold point with each run's Q~, averaged over runs
+        curve.balance = b_runs.mean(axis=0)
+        curve.balance_stderr = b_runs.std(axis=0, ddof=1) / math.sqrt(b_runs.shape[0])
+    return curve

@@ -63,23 +63,35 @@ def plot_curve(curve, path: str, mc=None, title: str | None = None, logy: bool =
 
 def plot_heatmap(x_name, x_vals, y_name, y_vals, z, path: str, title: str, cbar: str, log: bool = True,
                  center_one: bool = True) -> str:
-    """A (y, x) grid of values; NaN cells (unstable) shown blank."""
+    """A (y, x) grid of values; NaN cells (unstable) in gray, and with center_one a black contour where the value is 1
+    (no gain: white in the diverging colour map)."""
     plt = _plt()
     from matplotlib.colors import LogNorm, TwoSlopeNorm
+    from matplotlib.patches import Patch
     fig, ax = plt.subplots(figsize=(7, 4.8))
     zz = np.ma.masked_invalid(z)
     norm = None
+    one = None
     if log and np.all(zz.compressed() > 0) and zz.count():
         lo, hi = float(zz.min()), float(zz.max())
         if center_one and lo < 1 < hi:
             norm = TwoSlopeNorm(vcenter=0.0, vmin=np.log10(lo), vmax=np.log10(hi))
             zz = np.ma.log10(zz)
             cbar = f"log10 {cbar}"
+            one = 0.0
         else:
             norm = LogNorm(vmin=lo, vmax=hi)
-    mesh = ax.pcolormesh(_edges(x_vals), _edges(y_vals), zz, cmap="RdBu" if center_one else "viridis",
-                         norm=norm, shading="flat")
+    cmap = plt.get_cmap("RdBu" if center_one else "viridis").with_extremes(bad="0.55")
+    mesh = ax.pcolormesh(_edges(x_vals), _edges(y_vals), zz, cmap=cmap, norm=norm, shading="flat")
     fig.colorbar(mesh, ax=ax, label=cbar)
+    handles = []
+    if one is not None and len(x_vals) > 1 and len(y_vals) > 1:
+        ax.contour(x_vals, y_vals, zz.filled(np.nan), levels=[one], colors="k", linewidths=1)
+        handles.append(plt.Line2D([], [], color="k", lw=1, label="value 1"))
+    if np.ma.count_masked(zz):
+        handles.append(Patch(color="0.55", label="unstable"))
+    if handles:
+        ax.legend(handles=handles, fontsize=7, loc="lower right")
     ax.set_xlabel(x_name)
     ax.set_ylabel(y_name)
     if _is_log(x_vals):

@@ -94,10 +94,14 @@ class SweepResult:
                            for r in self.rows()]}
 
 
-def grid(problem, method: str, base: dict, x: tuple, y: tuple, chunk_elements: int = 1 << 18) -> SweepResult:
+def grid(problem, method: str, base: dict, x: tuple, y: tuple, chunk_elements: int = 1 << 18,
+         balance: str = "release") -> SweepResult:
     """Closed-form stationary excess over the (y, x) grid; `base` holds the other parameters
     (K, gamma_theta, lr, lr_theta, lr_phi, momentum, nesterov). lr_theta/lr_phi follow lr unless set.
-    The multiplicative model uses its small-noise linearisation (rates x |w*|)."""
+    The multiplicative model: balance "release" linearises at the balanced start (rates x |w*|, the short-time
+    prediction), "long-run" at the noise-selected balance b* of every grid point (:func:`nqp.balance.select_grid`)."""
+    if balance not in ("release", "long-run"):
+        raise NQPError(f"balance must be 'release' or 'long-run', got {balance!r}")
     (xn, xv), (yn, yv) = x, y
     for n in (xn, yn):
         if n not in PARAMS:
@@ -137,9 +141,12 @@ def grid(problem, method: str, base: dict, x: tuple, y: tuple, chunk_elements: i
         K = P["K"]
         lr_eff = P["lr_phi"] + K * P["gamma_theta"] * P["lr_theta"]
         stable = (P["lr_phi"] * h_step.max() < edge) & (lr_eff * h_step.max() < edge)
-        # Mean model: SGD with lr_eff and noise s/K; deviations: lr_phi and noise s (1 - 1/K).
-        mean = _summed(lr_eff, h_step, weights, mu, nest, chunk_elements) / K
-        mem = mean + _summed(P["lr_phi"], h_step, weights, mu, nest, chunk_elements) * (1 - 1 / K)
+        if method == "multiplicative" and balance == "long-run":
+            mean, mem = _long_run(problem, P, nest, stable, chunk_elements)
+        else:
+            # Mean model: SGD with lr_eff and noise s/K; deviations: lr_phi and noise s (1 - 1/K).
+            mean = _summed(lr_eff, h_step, weights, mu, nest, chunk_elements) / K
+            mem = mean + _summed(P["lr_phi"], h_step, weights, mu, nest, chunk_elements) * (1 - 1 / K)
     if np.any(stable & ~(np.isfinite(mean) & np.isfinite(mem))) or np.any(np.isinf(sgd)):
         raise NQPError("the predicted loss overflows float64 (values near 1e308); rescale the problem "
                        "(smaller --noise, --curvature or --optimum)")
@@ -147,6 +154,29 @@ def grid(problem, method: str, base: dict, x: tuple, y: tuple, chunk_elements: i
     mem = np.where(stable, mem, np.nan)
     return SweepResult(xn, xv, yn, yv, mean.reshape(shape), mem.reshape(shape), sgd.reshape(shape),
                        stable.reshape(shape))
+
+
+def _long_run(problem, P, nesterov, stable, chunk_elements):
+    """Summed long-run losses of the multiplicative model at every stable grid point: the additive model's closed
+    forms with the rates lr_theta |w*| / b*, lr_phi |w*| b* at the selected balance b* of each point and coordinate."""
+    from . import balance as bal
+
+    n = P["K"].size
+    mean, mem = np.full(n, np.nan), np.full(n, np.nan)
+    h, s, w = problem.curvature, problem.noise, np.abs(problem.optimum)
+    rows = max(1, chunk_elements // h.size)
+    for m in np.unique(P["momentum"]):
+        idx = np.flatnonzero((P["momentum"] == m) & stable)
+        for i in range(0, len(idx), rows):
+            j = idx[i:i + rows]
+            col = {k: P[k][j][:, None] for k in ("K", "gamma_theta", "lr_theta", "lr_phi")}
+            b = bal.select_grid(problem, col["K"], col["gamma_theta"], col["lr_theta"], col["lr_phi"], float(m),
+                                nesterov and m > 0)
+            with np.errstate(all="ignore"):
+                e_mean, e_mem = cf.additive_excess(col["K"], col["gamma_theta"], col["lr_theta"] * w / b,
+                                                   col["lr_phi"] * w * b, h, s, float(m), nesterov and m > 0)
+            mean[j], mem[j] = e_mean.sum(axis=1), e_mem.sum(axis=1)
+    return mean, mem
 
 
 def _summed(rates, h_step, weights, mu, nesterov, chunk_elements):

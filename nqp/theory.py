@@ -4,8 +4,9 @@
 mean model and the average member excess (1/K) sum_k E(w_k), summed over coordinates, in loss units.
 Two exact paths: "closed" (sympy closed forms, :mod:`nqp.closed_form`) and "lyapunov" (discrete
 Lyapunov equation on the literal step, :mod:`nqp.linear`); they agree to rounding (tested). For the
-multiplicative model both give the small-noise prediction (linearised about the balanced optimum);
-use :mod:`nqp.montecarlo` for the exact value.
+multiplicative model `steady_state` is the stationary state of the fast modes at a fixed balance b = theta^2/|w*|
+(default: the balanced start b = 1), i.e. the prediction for times short against the balance's relaxation time;
+`long_run(problem, method)` gives the t -> infinity state at the balance that the noise selects (:mod:`nqp.balance`).
 """
 from __future__ import annotations
 
@@ -102,7 +103,10 @@ def max_stable_lr(problem: Problem, method) -> dict:
 
 @dataclass
 class Prediction:
-    """Stationary excess losses (loss units, summed over coordinates) and per-coordinate values."""
+    """Stationary excess losses (loss units, summed over coordinates) and per-coordinate values.
+
+    For the multiplicative model from :func:`long_run`: `balance` (the selected balance, :class:`nqp.balance.Balance`)
+    and `short_time` (the prediction at the release balance, valid for t - T0 << the relaxation time)."""
 
     method: str
     path: str
@@ -111,15 +115,34 @@ class Prediction:
     mean_model_per_coordinate: np.ndarray = field(repr=False)
     members_per_coordinate: np.ndarray = field(repr=False)
     conditions: list = field(default_factory=list, repr=False)
+    balance: object = field(default=None, repr=False)
+    short_time: "Prediction | None" = field(default=None, repr=False)
+
+    @property
+    def relaxation_minibatches(self) -> float | None:
+        """Slowest relaxation time of the balance (minibatches); None without a slow mode."""
+        return None if self.balance is None else self.balance.summary()["relaxation_minibatches"]
 
     def to_dict(self, per_coordinate: bool = False) -> dict:
         out = {"method": self.method, "path": self.path,
                "excess_loss_mean_model": float(self.excess_loss_mean_model),
                "excess_loss_members": float(self.excess_loss_members),
                "stability": [c.to_dict() for c in self.conditions]}
+        if self.balance is not None:
+            out["balance"] = self.balance.summary()
+            out["relaxation_minibatches"] = self.relaxation_minibatches
+        if self.short_time is not None:
+            short = self.short_time.to_dict(per_coordinate)
+            short.pop("stability", None)
+            short["valid_for"] = ("t - T0 << relaxation_minibatches: the fast modes at the release balance, before "
+                                  "the balance relaxes")
+            out["short_time"] = short
         if per_coordinate:
             out["mean_model_per_coordinate"] = self.mean_model_per_coordinate.tolist()
             out["members_per_coordinate"] = self.members_per_coordinate.tolist()
+            if self.balance is not None:
+                out["balance_per_coordinate"] = self.balance.selected.tolist()
+                out["relaxation_minibatches_per_coordinate"] = self.balance.relaxation_minibatches.tolist()
         return out
 
 
@@ -127,20 +150,23 @@ def _pred(name, path, per_mean, per_mem, conds):
     return Prediction(name, path, float(per_mean.sum()), float(per_mem.sum()), per_mean, per_mem, conds)
 
 
-def _latephase_rates(problem, method):
-    """Per-coordinate (lr_theta, lr_phi): multiplied by |w*| for the linearised multiplicative model."""
-    scale = np.abs(problem.optimum) if method.kind == "multiplicative" else 1.0
-    return method.lr_theta * scale, method.lr_phi * scale
+def _latephase_rates(problem, method, balance=None):
+    """Per-coordinate (lr_theta, lr_phi); for the multiplicative model linearised at the balance b (default 1)
+    the additive model's rates (lr_theta |w*| / b, lr_phi |w*| b)."""
+    if method.kind == "multiplicative":
+        b = 1.0 if balance is None else np.asarray(balance, float)
+        return method.lr_theta * np.abs(problem.optimum) / b, method.lr_phi * np.abs(problem.optimum) * b
+    return method.lr_theta, method.lr_phi
 
 
-def _closed(problem: Problem, method):
+def _closed(problem: Problem, method, balance=None):
     """Per-coordinate (mean model, members) stationary excess from the closed forms."""
     h, s = problem.curvature, problem.noise
     if isinstance(method, SGD):
         e = cf.sgd_excess(method.lr, h, s / method.batch, method.momentum, method.nesterov)
         return e, e
     if isinstance(method, LatePhase):
-        lt, lp = _latephase_rates(problem, method)
+        lt, lp = _latephase_rates(problem, method, balance)
         return cf.additive_excess(method.K, method.gamma_theta, lt, lp, h, s, method.momentum, method.nesterov)
     if isinstance(method, Ensemble):
         e = _closed(problem, method.base)[0]
@@ -153,48 +179,83 @@ def _closed(problem: Problem, method):
         e = cf.sgd_excess(base.lr, h, s / base.batch)
         e = e * cf.tail_average_factor(1 - base.lr * h, n)
         return e, e
-    lt, lp = _latephase_rates(problem, base)
+    lt, lp = _latephase_rates(problem, base, balance)
     e_mean, e_mem = cf.additive_excess(base.K, base.gamma_theta, lt, lp, h, s)
     lr_eff = lp + base.K * base.gamma_theta * lt
     avg_mean = e_mean * cf.tail_average_factor(1 - lr_eff * h, n)
     return avg_mean, avg_mean + (e_mem - e_mean) * cf.tail_average_factor(1 - lp * h, n)
 
 
-def _lyapunov(problem: Problem, method):
+def _lyapunov(problem: Problem, method, balance=None):
     if isinstance(method, (SGD, LatePhase)):
-        st = linear.stationary(problem, method)
+        st = linear.stationary(problem, method, balance=balance)
         return 0.5 * problem.curvature * st.var_mean, 0.5 * problem.curvature * st.var_members.mean(axis=1)
     if isinstance(method, Ensemble):
         e = _lyapunov(problem, method.base)[0]
         return e / method.K, e
-    st = linear.stationary(problem, method.base)
+    st = linear.stationary(problem, method.base, balance=balance)
     h = problem.curvature
     return (0.5 * h * linear.tail_average_variance(st, method.steps),
             0.5 * h * linear.tail_average_variance(st, method.steps, members=True).mean(axis=1))
 
 
-def steady_state(problem: Problem, method, path: str = "closed") -> Prediction:
+def _is_multiplicative(method) -> bool:
+    base = method.base if isinstance(method, (Ensemble, TailAverage)) else method
+    return isinstance(base, LatePhase) and base.kind == "multiplicative"
+
+
+def steady_state(problem: Problem, method, path: str = "closed", balance=None) -> Prediction:
     """Stationary expected excess loss of the mean model and the members' average (t -> infinity).
 
     path: "closed" (sympy closed forms; tail averages with momentum fall back to "lyapunov") or
     "lyapunov" (scipy's discrete Lyapunov solver on the literal step's Jacobians).
+    Multiplicative model: the fast modes linearised at the fixed balance b = theta^2/|w*| (`balance`, one value or
+    one per coordinate; default 1, the balanced start): the prediction for t - T0 << the relaxation time of the
+    balance. For t -> infinity use :func:`long_run`.
     Raises UnstableError (with the violated bound) if no stationary state exists.
     """
     if path not in ("closed", "lyapunov"):
         raise NQPError(f"path must be 'closed' or 'lyapunov', got {path!r}")
     conds = check_stable(problem, method)
+    if balance is not None and not _is_multiplicative(method):
+        raise NQPError("a balance applies to the multiplicative model only")
     if path == "closed" and isinstance(method, TailAverage) and method.base.momentum:
         path = "lyapunov"
-    with np.errstate(over="ignore", invalid="ignore"):
-        mean, mem = (_closed if path == "closed" else _lyapunov)(problem, method)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        mean, mem = (_closed if path == "closed" else _lyapunov)(problem, method, balance)
     if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(mem))):
         raise NQPError("the predicted loss overflows float64 (values near 1e308); rescale the problem "
                        "(smaller --noise, --curvature or --optimum)")
     label = path
-    base = method.base if isinstance(method, (Ensemble, TailAverage)) else method
-    if isinstance(base, LatePhase) and base.kind == "multiplicative":
-        label += ", small-noise linearisation"
+    if _is_multiplicative(method):
+        label += (", small-noise linearisation at the balanced start (short time)" if balance is None
+                  else ", small-noise linearisation at a given balance")
     return _pred(method.name, label, np.asarray(mean, float), np.asarray(mem, float), conds)
+
+
+def long_run(problem: Problem, method, path: str = "closed") -> Prediction:
+    """The t -> infinity expected excess losses. For the multiplicative model (also inside a tail average): the
+    fast modes' stationary state at the noise-selected balance b* (:func:`nqp.balance.select`), with `balance`
+    (b* per coordinate, its leading order and relaxation time) and `short_time` (:func:`steady_state` at the
+    release balance b = 1) attached. Every other method has no slow mode: its long run is :func:`steady_state`."""
+    if not _is_multiplicative(method):
+        return steady_state(problem, method, path)
+    from . import balance as bal
+
+    base = method.base if isinstance(method, TailAverage) else method
+    short = steady_state(problem, method, path)       # also checks stability at the release
+    sel = bal.select(problem, base, path)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        mean, mem = (_closed if path == "closed" else _lyapunov)(problem, method, sel.selected)
+    if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(mem))):
+        raise NQPError("the predicted loss overflows float64 (values near 1e308); rescale the problem "
+                       "(smaller --noise, --curvature or --optimum)")
+    label = f"{short.path.split(',')[0]}, long run at the noise-selected balance"
+    if sel.frozen:
+        label += " (theta frozen: the release balance)"
+    pred = _pred(method.name, label, np.asarray(mean, float), np.asarray(mem, float), short.conditions)
+    pred.balance, pred.short_time = sel, short
+    return pred
 
 
 def baselines(problem: Problem, method: LatePhase, sgd: SGD, swa_window: int | None = None) -> dict:

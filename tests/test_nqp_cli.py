@@ -59,6 +59,65 @@ def test_predict_method_variants(capsys, extra):
     assert d["excess_loss_mean_model"] > 0 and d["excess_loss_members"] >= d["excess_loss_mean_model"] * 0.999
 
 
+MULT = ["--method", "multiplicative", "--K", "4", "--gamma-theta", "0.25", "--lr", "0.05", "--curvature", "1", "0.5",
+        "--noise", "0.3", "--optimum", "1", "-1.5"]
+
+
+def test_predict_multiplicative_reports_the_long_run(capsys):
+    """Default: the long run at the noise-selected balance, with the balance summarised, the relaxation time and the
+    short-time prediction labelled; --short-time shows the balanced-start values and keeps the long run beside them."""
+    from nqp import long_run
+
+    d = run_json(capsys, "predict", *MULT)
+    exact = long_run(Problem.from_values([1, 0.5], 0.3, [1, -1.5]), LatePhase(4, 0.05, 0.05, 0.25,
+                                                                             kind="multiplicative"))
+    assert d["excess_loss_mean_model"] == pytest.approx(exact.excess_loss_mean_model, rel=1e-12)
+    assert d["excess_loss_members"] == pytest.approx(exact.excess_loss_members, rel=1e-12)
+    assert d["relaxation_minibatches"] == pytest.approx(exact.relaxation_minibatches, rel=1e-12)
+    assert d["relaxation_minibatches"] > 0
+    assert d["balance"]["leading_order"] == pytest.approx(0.5)
+    assert 0.5 < d["balance"]["selected"]["min"] <= d["balance"]["selected"]["max"] < 0.55
+    assert "relaxation" in d["short_time"]["valid_for"]
+    short = run_json(capsys, "predict", *MULT, "--short-time")
+    assert short["excess_loss_mean_model"] == pytest.approx(d["short_time"]["excess_loss_mean_model"], rel=1e-12)
+    assert short["long_run"]["excess_loss_members"] == pytest.approx(d["excess_loss_members"], rel=1e-12)
+    assert short["relaxation_minibatches"] == pytest.approx(d["relaxation_minibatches"])
+    assert short["excess_loss_mean_model"] < d["excess_loss_mean_model"]     # b* < 1: a larger effective step
+    code, out, err = run(capsys, "predict", *MULT)
+    assert code == 0 and "long run" in out and "relaxes" in out and "short-time prediction" in out
+    lyap = run_json(capsys, "predict", *MULT, "--lyapunov")
+    assert lyap["excess_loss_members"] == pytest.approx(d["excess_loss_members"], rel=1e-9)
+
+
+def test_simulate_multiplicative_default_agrees_with_predict(capsys):
+    """The default run starts balanced, burns in over the relaxation of the balance (from its ODE) and agrees with the
+    long-run prediction within 4 standard errors; --start selected skips that relaxation."""
+    d = run_json(capsys, "simulate", *MULT, "--steps", "8000", "--runs", "16", "--seed", "2")
+    assert d["burn_in"] >= d["burn_in_for_long_run"] > 3 * d["prediction"]["relaxation_minibatches"]
+    assert abs(d["excess_loss_mean_model_z"]) < 4 and abs(d["excess_loss_members_z"]) < 4
+    assert d["balance"]["start"]["max"] == 1.0 and d["balance"]["time_average"]["max"] < 0.6
+    d = run_json(capsys, "simulate", *MULT, "--steps", "8000", "--runs", "16", "--seed", "3", "--start", "selected")
+    assert d["burn_in"] < 3 * d["prediction"]["relaxation_minibatches"]
+    assert abs(d["excess_loss_mean_model_z"]) < 4 and abs(d["excess_loss_members_z"]) < 4
+    d = run_json(capsys, "simulate", *MULT, "--steps", "800", "--runs", "4", "--burn-in", "100")
+    assert "shorter than" in d["warning"]
+
+
+def test_curve_and_sweep_multiplicative_follow_the_balance(capsys, tmp_path):
+    png = tmp_path / "c.png"
+    d = run_json(capsys, "curve", *MULT, "--t0", "40", "--horizon", "8040", "--points", "20", "--out", str(png))
+    b = [x for x in d["balance"]["median"] if x is not None]
+    assert b[0] == pytest.approx(1.0, abs=0.05) and b[-1] < 0.8 and "balance ODE" in d["path"]
+    short = run_json(capsys, "curve", *MULT, "--t0", "40", "--horizon", "8040", "--points", "20", "--out", str(png),
+                     "--short-time")
+    assert short["series"]["latephase_mean"][-1] < d["series"]["latephase_mean"][-1]
+    sw = run_json(capsys, "sweep", *MULT, "--x", "K", "2", "4", "--y", "lr", "0.05", "--out", str(tmp_path / "s"))
+    pred = run_json(capsys, "predict", *MULT)
+    point = [p for p in sw["points"] if p["K"] == 4][0]
+    assert point["excess_loss_mean_model"] == pytest.approx(pred["excess_loss_mean_model"], rel=1e-10)
+    assert "long run" in sw["prediction"]
+
+
 def test_simulate_json_contract(capsys):
     d = run_json(capsys, "simulate", "--method", "additive", "--K", "3", "--curvature", "1", "0.4",
                  "--steps", "3000", "--runs", "8", "--seed", "1")
@@ -121,6 +180,12 @@ ERRORS = [
     (["sweep", "--x", "K", "a:b"], "cannot read"),
     (["curve", "--t0", "100", "--horizon", "50"], "--horizon (50) must be an integer > --t0 (100)"),
     (["curve", "--method", "sgd"], "use --method additive or multiplicative"),
+    (["predict", "--short-time"], "--short-time applies to --method multiplicative"),
+    (["simulate", "--start", "selected", "--curvature", "1"], "--start applies to --method multiplicative"),
+    (["simulate", "--method", "multiplicative", "--short-time", "--start", "selected", "--curvature", "1"],
+     "drop --start selected"),
+    (["simulate", "--method", "multiplicative", "--K", "4", "--gamma-theta", "0.25", "--noise", "1e-4"],
+     "use --start selected"),
     ([], "required"),
 ]
 
@@ -144,6 +209,17 @@ def test_module_entry_point_subprocess():
     r = subprocess.run([sys.executable, "-m", "nqp", "predict", "--lr", "5"], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_predict_loads_neither_sympy_nor_scipy():
+    """`python -m nqp predict` evaluates generated closed forms: sympy (seconds to derive) and scipy stay unloaded, so
+    the command answers in a fraction of a second."""
+    code = ("import sys; from nqp.cli import main; main(['predict', '--json']); "
+            "main(['predict', '--method', 'multiplicative', '--json']); "
+            "print('LOADED', sorted(m for m in ('sympy', 'scipy') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "LOADED []"
 
 
 def test_readme_python_example_runs():

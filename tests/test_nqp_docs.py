@@ -18,7 +18,7 @@ def test_docs_quick_build_is_complete_and_deterministic(tmp_path, capsys):
     for name in re.findall(r"\]\(figures/([a-z_A-Z]+\.png)\)", md):
         png = tmp_path / "a" / "figures" / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
-    assert len(re.findall(r"\]\(figures/", md)) == 8 == sum(f.endswith(".png") for f in files)
+    assert len(re.findall(r"\]\(figures/", md)) == sum(f.endswith(".png") for f in files) >= 10
     assert cf.latex()["additive_mean_plain"] in md  # sympy's formulas are inserted, not typed
     files_b = _build(tmp_path / "b", capsys)
     assert (tmp_path / "b" / "theory.md").read_text() == md

@@ -239,6 +239,45 @@ def test_learning_curve_converges_to_steady_state():
     assert c.series["sgd"][-1] == pytest.approx(steady_state(p, SGD(0.1)).excess_loss_mean_model, rel=1e-3)
 
 
+def test_generated_closed_forms_equal_sympy():
+    """nqp/_closed_forms.py (what the package evaluates, without sympy) = a fresh sympy derivation: each stored
+    expression simplifies to the derived one, and each generated function equals sympy's lambdified expression."""
+    import sympy as sp
+
+    from nqp import _closed_forms as gen
+
+    derived = cf.generated_expressions()
+    assert set(derived) == set(gen.EXPRESSIONS)
+    rng = np.random.default_rng(0)
+    for name, (expr, args) in derived.items():
+        text, arg_names = gen.EXPRESSIONS[name]
+        assert arg_names == tuple(str(a) for a in args)
+        parsed = sp.sympify(text, locals={str(a): a for a in args})
+        assert sp.simplify(parsed - expr) == 0, name
+        # stable points: a = eta h inside (0, edge), mu in [0, 0.95)
+        mu = rng.uniform(0, 0.95, 200)
+        edge = np.array([cf.stability_edge(m, "nesterov" in name) for m in mu])
+        vals = {"mu": mu, "a": rng.uniform(0.01, 0.99, 200) * edge, "h": rng.uniform(0.1, 3, 200),
+                "s": rng.uniform(0, 2, 200)}
+        vals["eta"] = vals["a"] / vals["h"]
+        x = [vals[str(a)] for a in args]
+        np.testing.assert_allclose(getattr(gen, name)(*x), sp.lambdify(args, expr, "numpy")(*x) + 0 * x[0],
+                                   rtol=1e-12, err_msg=name)
+
+
+@given(st.floats(1e-12, 1.99), st.integers(1, 10 ** 7))
+def test_tail_average_factor_is_precise_at_tiny_steps(eps, n):
+    """The tail-average factor keeps full precision as eta h -> 0 (the direct formula loses digits like 1/(n eta h)):
+    against the sympy expression evaluated with 60 digits."""
+    import mpmath
+
+    rho = 1.0 - eps
+    expr, r = cf.tail_average_factor_expr()
+    with mpmath.workdps(60):
+        exact = float(expr.subs({r: mpmath.mpf(rho), cf._symbols()["n"]: n}).evalf(60))
+    assert cf.tail_average_factor(rho, n) == pytest.approx(exact, rel=1e-13)
+
+
 def test_latex_export_is_generated():
     tex = cf.latex()
     for v in cf.VARIANTS:

@@ -196,7 +196,8 @@ class ImageConfig(_Annealing, RunConfig):
     """Image classification (CIFAR-10/100, Fashion-MNIST, synthetic) with a WRN."""
     ood: tuple[str, ...] = ()         # OOD test sets: svhn, cifar10, cifar100, digits (missing: skipped with a note)
     ood_folders: tuple[str, ...] = () # OOD image folders, NAME=PATH or PATH (e.g. LSUN-resize, TinyImageNet-resize)
-    augment: bool = True              # pad-4 random crop + horizontal flip
+    augment: bool = True              # random crop (padding `pad`) + horizontal flip
+    pad: int = 4                      # random-crop padding in pixels (0: flips only)
     cutout: int = 0                   # cutout square side in pixels (0: off), applied after normalisation
     synthetic_size: int = 4096        # examples in the synthetic data set
     dropout: float = 0.0              # dropout rate between the two convolutions of every block (WRN) or layer
@@ -224,6 +225,8 @@ class ImageConfig(_Annealing, RunConfig):
         super().validate()
         _validate_annealing(self)
         _need(self.cutout >= 0, f"cutout must be >= 0, got {self.cutout}")
+        _need(0 <= self.pad < IMAGE_SIDE[self.dataset], f"pad must be in 0..{IMAGE_SIDE[self.dataset] - 1}, got "
+                                                        f"{self.pad}")
         _need(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
         _need(self.mc_samples >= 0, f"mc_samples must be >= 0, got {self.mc_samples}")
         _need(not self.mc_samples or self.dropout > 0, f"mc_samples {self.mc_samples} needs dropout > 0 (MC dropout "
@@ -382,6 +385,18 @@ PRESETS: dict[str, RunConfig] = {}
 for _name, _kw in _IMAGES.items():
     PRESETS[_name] = ImageConfig(name=_name, **_kw)
     PRESETS[_baseline_name(_name)] = ImageConfig(name=_baseline_name(_name), **{**_kw, "phi": ()})
+# Fashion-MNIST sized for two CPU cores: a small BatchNorm CNN, 7 epochs annealed to 0 per step, flips only;
+# late-phase BatchNorm + head with K = 4 from epoch 5 (three late epochs); SWA of epochs 6-7 at a constant lr.
+_FMNIST_CPU = dict(dataset="fashion_mnist", arch="cnn-16-48x2-96x2", epochs=7, batch_size=128, lr=0.1, momentum=0.9,
+                   nesterov=True, weight_decay=5e-4, pad=0, anneal_start=0, anneal_end=7, anneal_end_lr=0.0,
+                   anneal_per_step=True, K=4, phi=("bn", "head"), T0=4, gamma_theta=1.0, ood=("digits",),
+                   eval_batch_size=1000, bn_images=10000)
+PRESETS["fmnist_cpu_base"] = ImageConfig(name="fmnist_cpu_base", **{**_FMNIST_CPU, "phi": ()})
+PRESETS["fmnist_cpu_bn"] = ImageConfig(name="fmnist_cpu_bn", **_FMNIST_CPU)
+PRESETS["fmnist_cpu_base_swa"] = ImageConfig(name="fmnist_cpu_base_swa", **{**_FMNIST_CPU, "phi": (), "swa_start": 6,
+                                                                           "swa_lr": 0.02})
+PRESETS["fmnist_cpu_bn_swa"] = ImageConfig(name="fmnist_cpu_bn_swa", **{**_FMNIST_CPU, "swa_start": 6,
+                                                                       "swa_lr": 0.02})
 PRESETS["synthetic_bench"] = ImageConfig(name="synthetic_bench", dataset="synthetic", arch="wrn-28-10", epochs=1,
                                          phi=(), T0=0, synthetic_size=4096)
 for _name, _kw in _TEXT.items():

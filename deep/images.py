@@ -61,7 +61,7 @@ class ImageRun(ClassifierRun):
                 for k, why in self.ood_missing.items():
                     print(f"note: OOD set {k} skipped: {why}", file=sys.stderr)
         kw = dict(train=True, device=self.device, seed=self.seed, mean=train.mean, std=train.std,
-                  pad=4 if cfg.augment else 0, flip=cfg.augment, cutout=cfg.cutout, channels_last=self.channels_last)
+                  pad=cfg.pad if cfg.augment else 0, flip=cfg.augment, cutout=cfg.cutout, channels_last=self.channels_last)
         self.loaders = {m: GPULoader(train, m * cfg.batch_size, **kw) for m in {1, cfg.members}}
         # BatchNorm re-estimation: the augmented training data in minibatches of batch_size (as update_bn on the
         # training loader), at most bn_images of them.

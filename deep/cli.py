@@ -186,7 +186,8 @@ def cmd_study(a, cls) -> int:
     from .study import STUDIES, load_spec, make_report, run_study
     if a.list:
         for name, spec in sorted(STUDIES.items()):
-            arms = ", ".join(f"{arm.name}={arm.config}" + (f"{arm.overrides}" if arm.overrides else "")
+            arms = ", ".join(f"{arm.name}=ensemble of {arm.size} {arm.ensemble_of} runs" if arm.ensemble_of else
+                             f"{arm.name}={arm.config}" + (f"{arm.overrides}" if arm.overrides else "")
                              for arm in spec.arms)
             print(f"{name}: seeds {list(spec.seeds)}; baseline {spec.baseline}; arms {arms}. {spec.description}")
         return 0

@@ -98,9 +98,37 @@ def _paper_study(name: str, dataset: str) -> StudySpec:
               Arm("swa", f"{dataset}_base_swa"), Arm("late_phase_swa", f"{dataset}_bn_swa")))
 
 
+def _arms_study(name: str, prefix: str, seeds: tuple, description: str) -> StudySpec:
+    """The paper's other arms (deep.config.ARM_TWINS) beside the base model and late-phase BatchNorm + head, with a
+    deep ensemble of K base runs assembled from the seeds."""
+    k = min(get_config(f"{prefix}_bn").K, len(seeds))
+    return StudySpec(
+        name=name, seeds=seeds, baseline="base", description=description,
+        arms=(Arm("base", f"{prefix}_base"), Arm("late_phase", f"{prefix}_bn"),
+              Arm("full_ensemble", f"{prefix}_all"), Arm("hypernetwork", f"{prefix}_hyper"),
+              Arm("batchensemble", f"{prefix}_batchensemble"), Arm("mc_dropout", f"{prefix}_mcdropout"),
+              Arm("late_phase_T0_0", f"{prefix}_t0"), Arm("deep_ensemble", ensemble_of="base", size=k)))
+
+
 STUDIES = {
     "cifar10": _paper_study("cifar10", "cifar10"),
     "cifar100": _paper_study("cifar100", "cifar100"),
+    "cifar10_arms": _arms_study("cifar10_arms", "cifar10", (0, 1, 2, 3, 4, 5, 6, 7, 8, 9),
+                                "The paper's other arms on CIFAR-10 (WRN-28-10, needs the data and a GPU)."),
+    "cifar100_arms": _arms_study("cifar100_arms", "cifar100", (0, 1, 2, 3, 4, 5, 6, 7, 8, 9),
+                                 "The paper's other arms on CIFAR-100 (WRN-28-10, needs the data and a GPU)."),
+    # Fashion-MNIST on two CPU cores: about 5 minutes a run, the arms sharing the first T0 = 4 epochs per seed.
+    "fmnist_cpu": StudySpec(
+        name="fmnist_cpu", seeds=(0, 1, 2, 3, 4), baseline="base",
+        description="Base vs late-phase BatchNorm + head (gamma_theta = 1 and 1/K), SWA and late-phase + SWA, "
+                    "with a deep ensemble of 4 base runs; CPU-sized (cnn-16-48x2-96x2, 7 epochs).",
+        arms=(Arm("base", "fmnist_cpu_base"), Arm("late_phase", "fmnist_cpu_bn"),
+              Arm("late_phase_inv_K", "fmnist_cpu_bn", {"gamma_theta": -1.0}),
+              Arm("swa", "fmnist_cpu_base_swa"), Arm("late_phase_swa", "fmnist_cpu_bn_swa"),
+              Arm("deep_ensemble", ensemble_of="base", size=4))),
+    "fmnist_cpu_arms": _arms_study("fmnist_cpu_arms", "fmnist_cpu", (0, 1),
+                                   "The other arms on the CPU-sized Fashion-MNIST family (two seeds: the arms "
+                                   "trained from step 0 cost 7 late-phase epochs each)."),
 }
 
 

@@ -111,7 +111,7 @@ class Trainer(abc.ABC):
         if cuda:
             torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
         self.amp = torch.bfloat16 if (cuda and cfg.bf16) else None
-        self.channels_last = cuda and cfg.channels_last
+        self.channels_last = cfg.channels_last  # NHWC: faster convolutions on CUDA, and on the CPU (oneDNN) too
         self.malloc = keep_freed_memory() if self.device.type == "cpu" else None
 
         torch.manual_seed(self.seed)

@@ -171,3 +171,14 @@ def test_the_paper_cifar_study_on_tiny_data(data_root, tmp_path):
     ood = report["arms"]["late_phase"]["metrics"]["reestimated"]["ensemble"]
     assert "ood:svhn:auroc_entropy" in ood and "ood:mean:auroc_entropy" in ood
     make_report(spec, str(tmp_path))  # the report alone, again
+
+
+def test_named_cpu_studies_share_the_first_T0_epochs():
+    from deep.study import STUDIES, _trunk_plan
+    plan = _trunk_plan(STUDIES["fmnist_cpu"].validate())
+    assert plan["base"] == (4, ["base", "late_phase", "late_phase_inv_K", "swa", "late_phase_swa"])
+    arms = _trunk_plan(STUDIES["fmnist_cpu_arms"].validate())
+    assert arms["base"] == (4, ["base", "late_phase", "full_ensemble", "hypernetwork"])
+    assert "batchensemble" not in arms and "late_phase_T0_0" not in arms  # trained as K members from step 0
+    for name in ("cifar10_arms", "cifar100_arms"):
+        assert STUDIES[name].validate().arms[-1].size == 10

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from deep import metrics
-from deep.config import PRESETS, annealing_lr, get_config
+from deep.config import ARM_TWINS, PRESETS, annealing_lr, get_config
 from deep.errors import ConfigError, DeepError
 from deep.table import load_results, render
 
@@ -79,6 +79,11 @@ def test_presets_follow_the_reference_table():
             diff = {k for k, v in cfg.to_dict().items() if base.to_dict()[k] != v}
             assert diff == {"name", "phi"} and not base.late_phase
     assert PRESETS["imagenet_resnet50"].theta_scale == 0.1 and PRESETS["imagenet_resnet50_base"].K == 1
+    for late in ("cifar10_bn", "cifar100_bn", "fmnist_cpu_bn"):  # the other arms: twins of one late-phase preset
+        for arm, kw in ARM_TWINS.items():
+            twin = PRESETS[late.replace("_bn", "_" + arm)].to_dict()
+            diff = {k for k, v in twin.items() if PRESETS[late].to_dict()[k] != v}
+            assert "name" in diff and diff <= {"name"} | set(kw)  # same data, model, schedule, budget
 
 
 def test_config_errors():

@@ -17,6 +17,7 @@ import gzip
 import importlib
 import io
 import pickle
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +34,10 @@ def read_idx(path):
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as e:
-        raise DataError(f"cannot read idx file {path}: {e}") from None
+    except (OSError, EOFError, zlib.error) as e:  # zlib.error: a damaged deflate stream inside the .gz
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
+        raise DataError(f"cannot read idx file {path}: {why}; the file is damaged: re-download or reinstall it") \
+            from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise DataError(f"{path} is not an idx file (bad magic number); re-download or reinstall it")
     if raw[2] != IDX_UBYTE:

@@ -274,6 +274,7 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     assert one.returncode == 0, one.stderr[-3000:]
     two, ref = (json.load(open(tmp_path / d / "results.json")) for d in ("ddp", "one"))
     assert two["world_size"] == 2 and len(two["models"]["members"]["stored"]) == 2
+    assert not (tmp_path / "ddp" / "lock").exists()  # rank 0 held the run folder (alone: no rank was refused)
     for model in ("averaged", "ensemble"):
         for rule in ("stored", "reestimated"):
             for key in ("nll", "accuracy"):

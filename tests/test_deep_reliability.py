@@ -325,3 +325,17 @@ def test_the_closed_form_wrn_size_counts_the_built_model(depth, width, classes, 
     bn = sum(m.num_features for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
     assert wrn_size(depth, width, classes, channels, side) == (sum(p.numel() for p in model.parameters()), bn,
                                                                sum(outputs), max(outputs))
+
+
+def test_table_names_a_non_finite_seed_instead_of_dropping_it(tmp_path, capsys):
+    for seed, accuracy in ((0, 95.0), (1, float("nan")), (2, 96.0)):
+        (tmp_path / f"s{seed}").mkdir()
+        (tmp_path / f"s{seed}" / "results.json").write_text(json.dumps({
+            "config": {"name": "cifar10_bn"}, "seed": seed,
+            "models": {"averaged": {"stored": {"accuracy": accuracy, "nll": 0.2}}}}))
+    assert main(["table"] + [str(tmp_path / f"s{i}") for i in range(3)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines() == [
+        f"note: {tmp_path / 's1' / 'results.json'} (cifar10_bn, seed 1): averaged.stored.accuracy = nan not finite "
+        f"(a diverged run?); left out of the means and counts (n=)"]
+    assert "95.50 ± 0.71 (n=2)" in captured.out

@@ -32,7 +32,12 @@ FORMAT = "late-phase-checkpoint/1"   # the envelope save() writes: {"format", "s
 
 
 class CheckpointError(LatePhaseError):
-    """A file exists but cannot be read as a checkpoint (damaged, truncated, or not a checkpoint)."""
+    """A file exists but cannot be read as a checkpoint (damaged, truncated, or not a checkpoint). ``problem`` is
+    what is wrong with the file (naming it), the message adds what to do."""
+
+    def __init__(self, problem: str, advice: str = ""):
+        super().__init__(f"{problem}; {advice}" if advice else problem)
+        self.problem = problem
 
 
 class WriteError(OSError):
@@ -81,6 +86,7 @@ def _write_error(path: str, e: OSError, written: int) -> WriteError:
                       path)
 
 
+_TORCH_WRITE_FAILED = re.compile(r"PytorchStreamWriter failed writing|unexpected pos \d+ vs \d+")
 _TEMPORARY = re.compile(r"^(?P<name>.+)\.tmp(?P<pid>\d+)$")
 
 
@@ -133,13 +139,18 @@ def atomic_write(path, write) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
+        cause = e if isinstance(e, OSError) else (counting.error if counting is not None else None)
+        if cause is None and isinstance(e, RuntimeError) and _TORCH_WRITE_FAILED.search(str(e)):
+            cause = OSError(errno.EIO, "the write failed")  # torch's writer failed without a Python-level error
+        error = None
+        if cause is not None and not isinstance(e, (KeyboardInterrupt, SystemExit)):
+            error = _write_error(path, cause, counting.written if counting is not None else 0)  # space before cleanup
         try:
             os.remove(tmp)
         except OSError:
             pass
-        cause = e if isinstance(e, OSError) else (counting.error if counting is not None else None)
-        if cause is not None and not isinstance(e, (KeyboardInterrupt, SystemExit)):
-            raise _write_error(path, cause, counting.written if counting is not None else 0) from e
+        if error is not None:
+            raise error from e
         raise
     try:
         fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
@@ -200,22 +211,21 @@ def load(path, map_location="cpu", verify: bool = True):
     if not os.path.exists(path):
         raise LatePhaseError(f"no checkpoint at {path!r}; check the path (or start from scratch)")
     if os.path.isdir(path):
-        raise CheckpointError(f"{path} is a folder, not a checkpoint file")
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file", "check the path")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, TypeError, KeyError, IndexError,
             AttributeError, OSError) as e:  # what torch.load raises for truncated, damaged or foreign files
         raise CheckpointError(f"{path} cannot be read as a checkpoint ({type(e).__name__}): the file is damaged "
-                              f"or not a checkpoint") from e
+                              f"or not a checkpoint", "restore it from a copy, or start afresh") from e
     if isinstance(obj, dict) and obj.get("format") == FORMAT and set(obj) == {"format", "sha256", "state"}:
         if digest(obj["state"]) != obj["sha256"]:
             raise CheckpointError(f"{path} is damaged: its contents do not match the SHA-256 digest written with it "
-                                  f"(changed bits in the weights or values); restore the file from a copy, or "
-                                  f"delete it and start afresh")
+                                  f"(changed bits in the weights or values)", "restore it from a copy, or start afresh")
         return obj["state"]
     if verify:
-        raise CheckpointError(f"{path} has no integrity digest (damaged, or not written by shared.save): it cannot "
-                              f"be verified; read a trusted file with shared.load(path, verify=False)")
+        raise CheckpointError(f"{path} has no integrity digest (damaged, or not written by shared.save), so it "
+                              f"cannot be verified", "read a trusted file with shared.load(path, verify=False)")
     return obj
 
 

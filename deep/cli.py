@@ -16,8 +16,8 @@ import threading
 
 from shared.checkpoint import WriteError
 
-from .config import (CONFIG_CLASSES, PRESETS, FinetuneConfig, ImageConfig, add_config_flags, describe, flag_name,
-                     get_config, overrides_from_args, with_overrides)
+from .config import (CONFIG_CLASSES, PRESETS, FinetuneConfig, ImageConfig, add_config_flags, check_seed, describe,
+                     flag_name, get_config, overrides_from_args, with_overrides)
 from .errors import ConfigError, DeepError
 from .runfolder import check_out_value, default_out
 
@@ -108,7 +108,11 @@ def resolve(a: argparse.Namespace, cls: type, base=None):
         except (ConfigError, TypeError) as e:
             raise DeepError(f"--resume: {os.path.join(a.out, 'config.json')} holds no valid config ({e}); resume "
                             f"with the run's own config.json, or start a new run") from None
-        seed = stored["seed"]
+        try:
+            seed = check_seed(stored["seed"])
+        except ConfigError as e:
+            raise DeepError(f"--resume: {os.path.join(a.out, 'config.json')} holds no valid seed ({e}); resume "
+                            f"with the run's own config.json, or start a new run") from None
         wanted = base.name if base is not None else a.config
         clash = [f"config: {cfg.name} -> {wanted}"] if wanted not in (None, cfg.name) else []
         clash += [f"seed: {seed} -> {a.seed}"] if a.seed not in (None, seed) else []
@@ -166,7 +170,12 @@ def cmd_finetune(a, cls) -> int:
 
 def cmd_table(a, cls) -> int:
     from .table import load_results, render
-    print(render(load_results(a.results), a.bn_rule))
+    try:
+        results = load_results(a.results)
+    except RecursionError:  # JSON nested deeper than the parser's recursion limit: not a results file
+        raise DeepError(f"a file among {' '.join(a.results)} is nested too deeply to be a results file; pass "
+                        f"results.json files written by python -m deep") from None
+    print(render(results, a.bn_rule))
     return 0
 
 

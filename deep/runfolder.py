@@ -145,6 +145,10 @@ class RunLock:
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
             except OSError as e:
+                try:
+                    os.unlink(self.path)  # ours (we hold its flock): leave nothing behind
+                except OSError:
+                    pass
                 os.close(fd)
                 raise DeepError(f"cannot write the lock file {self.path}: {e.strerror}; free space or choose another "
                                 f"--out") from None

@@ -390,10 +390,21 @@ class Trainer(abc.ABC):
         try:
             state = shared.load(self.ckpt_path)
         except shared.CheckpointError as e:
-            raise DeepError(f"--resume: {e}; delete it to start afresh, or choose another --out") from None
+            raise DeepError(f"--resume: {e.problem}; delete it to start afresh, or choose another --out") from None
         if not isinstance(state, dict) or state.get("format") != FORMAT or state.get("kind") != self.cfg.KIND:
             raise DeepError(f"{self.ckpt_path} is not a checkpoint of a {self.cfg.KIND} run of this version; "
                             f"choose another --out")
+        try:
+            self._restore(state)
+        except DeepError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+            what = f"no entry {e}" if isinstance(e, KeyError) else " ".join(str(e).split())[:200] or type(e).__name__
+            raise DeepError(f"--resume: {self.ckpt_path} is incomplete or does not fit this run ({what}); delete it "
+                            f"to start afresh, or choose another --out") from None
+
+    def _restore(self, state: dict) -> None:
+        """Continue from a verified checkpoint ``state`` of this kind (settings compared first)."""
         mine = self.cfg.to_dict()
         diff = [k for k in mine if state["config"].get(k) != mine[k]]
         if diff or state["seed"] != self.seed:

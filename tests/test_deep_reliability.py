@@ -195,6 +195,12 @@ def test_a_damaged_checkpoint_is_refused_on_resume(tmp_path, capsys):
     assert main(resume) == 2
     one_error(capsys, "has no integrity digest")
     ckpt.write_bytes(good)
+    state = shared.load(ckpt)
+    del state["latephase"]["phi_optimizers"]  # intact (its digest fits) but incomplete
+    shared.save(ckpt, state)
+    assert main(resume) == 2
+    one_error(capsys, f"--resume: {ckpt} is incomplete or does not fit this run", "delete it to start afresh")
+    ckpt.write_bytes(good)
     assert main(resume) == 0 and leftovers(out) == []
 
 

@@ -57,6 +57,8 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _stored_run(out: str) -> dict:
+    if os.path.isfile(out):
+        raise DeepError(f"--resume: --out {out} is a file, not a run folder; give the run's folder")
     path = os.path.join(out, "config.json")
     try:
         with open(path) as f:

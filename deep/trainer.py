@@ -381,9 +381,13 @@ class Trainer(abc.ABC):
                          scheduler=self.sched.state_dict(), rng=shared.checkpoint.rng_state())
         if self.swa is not None:
             state["swa"] = self.swa.state_dict()
-        with self._writing("free space (or move the run folder), then continue the run with --resume: the previous "
-                           "checkpoint is intact"):
+        then = ("free space (or move the run folder), then continue the run with --resume: the previous checkpoint "
+                "is intact" if os.path.isfile(self.ckpt_path) else
+                "free space (or choose another --out) and start the run again: no epoch was checkpointed yet")
+        with self._writing(then):
             shared.save(self.ckpt_path, state)
+        with self._writing("free space (or move the run folder), then continue the run with --resume: the checkpoint "
+                           "is complete"):
             atomic_write(os.path.join(self.out, "log.jsonl"), "".join(json.dumps(e) + "\n" for e in self.log))
 
     def _resume(self) -> None:

@@ -288,8 +288,9 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_behind(tmp_path, monkeypatch
         def __exit__(self, *exc):
             self.f.close()
 
-    for name, then in (("config.json", "start the run again"), ("checkpoint.pt", "continue the run with --resume"),
-                       ("log.jsonl", "continue the run with --resume"), ("results.json", "evaluate again")):
+    for name, then in (("config.json", "start the run again"), ("log.jsonl", "continue the run with --resume"),
+                       ("checkpoint.pt", "start the run again: no epoch was checkpointed yet"),
+                       ("results.json", "evaluate again")):
         out = tmp_path / name.split(".")[0].upper()
         monkeypatch.setattr(ck, "open", lambda p, mode="r", name=name: Full(real_open(p, mode)) if name in str(p)
                             else real_open(p, mode), raising=False)

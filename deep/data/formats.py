@@ -16,6 +16,7 @@ truncated or mismatched file raises a one-line `DataError` naming the file inste
 import gzip
 import importlib
 import io
+import math
 import pickle
 import zlib
 from pathlib import Path
@@ -47,8 +48,8 @@ def read_idx(path):
     if ndim == 0 or len(raw) < header:
         raise DataError(f"{path}: truncated idx header; re-download or reinstall it")
     shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    if len(raw) - header != int(np.prod(shape)):
-        raise DataError(f"{path}: idx header says shape {shape} ({int(np.prod(shape))} bytes) but the file holds "
+    if len(raw) - header != math.prod(shape):
+        raise DataError(f"{path}: idx header says shape {shape} ({math.prod(shape):,} bytes) but the file holds "
                         f"{len(raw) - header} data bytes; the file is truncated or corrupt")
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape).copy()
 

@@ -91,6 +91,19 @@ def _other_live_owner(info: dict) -> bool:
     return host not in (None, socket.gethostname()) or _alive(pid)
 
 
+def _flock_briefly(fd: int) -> None:
+    """An exclusive flock, retried for a moment: another process's :func:`holder` probe holds a shared lock for
+    microseconds. Raises BlockingIOError when a run holds the file."""
+    for attempt in range(5):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if attempt == 4:
+                raise
+            time.sleep(0.02)
+
+
 _HELD: dict[str, list] = {}   # real path of a lock file -> [fd, holders, pid] held by this process
 
 
@@ -118,7 +131,7 @@ class RunLock:
                 raise DeepError(f"cannot create the lock file {self.path}: {e.strerror}; choose another --out") \
                     from None
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                _flock_briefly(fd)
             except BlockingIOError:
                 info = _read(fd)
                 os.close(fd)

@@ -57,8 +57,8 @@ def leftovers(folder):
     (["--phi", "bn", "bn"], "phi names a family twice"),
     (["--epochs", "3", "--swa-start", "2", "--swa-lr", "0"], "swa_lr must be > 0 when SWA is on"),
 ])
-def test_bad_flags_are_refused_before_anything_runs(flags, msg, tmp_path, capsys):
-    os.chdir(tmp_path)
+def test_bad_flags_are_refused_before_anything_runs(flags, msg, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
     assert main(["train"] + SYNTH + flags) == 2
     one_error(capsys, msg)
     assert os.listdir(tmp_path) == []  # nothing was created, not even the default runs/ folder

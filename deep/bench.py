@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import os
 import statistics
 import time
 
@@ -24,8 +25,9 @@ import torch.nn.functional as F
 from shared import BatchNorm, Head, LatePhase, sgd
 
 from .models import wrn
+from .models.wrn import wrn_size
 from .errors import DeepError
-from .system import cpu_name, keep_freed_memory, pick_device, sync
+from .system import check_memory, cpu_name, keep_freed_memory, pick_device, sync
 from .trainer import forward_macs
 
 MIN_IMAGE_SIZE = 8  # the WRN halves the resolution twice; BatchNorm needs more than one value per channel
@@ -71,6 +73,22 @@ def check_arguments(args) -> None:
         if value is not None and value < least:
             why = " (the WRN downsamples by 4)" if flag == "--image-size" else ""
             raise DeepError(f"{flag} must be >= {least}{why}, got {value}")
+    cpus = os.cpu_count() or 1
+    if args.threads is not None and args.threads > cpus:
+        raise DeepError(f"--threads {args.threads} is more than the {cpus} CPUs here; use --threads {cpus} or fewer")
+
+
+def memory_needs(depth: int, width: int, args, K: int, B: int) -> list:
+    """Lower bounds of what the benchmark allocates: the base model, its plain copy and two late-phase copies
+    (weights, gradients, momentum), the activations of the largest step (K B images) and the input batch."""
+    size = wrn_size(depth, width, args.classes, 3, args.image_size)
+    element = 2 if args.bf16 else 4
+    image = 3 * args.image_size ** 2
+    return [(f"four WRN-{depth}-{width} copies ({size.parameters:,} parameters each) with gradients and momentum",
+             4 * 3 * 4 * size.parameters, "--arch, --classes"),
+            (f"the activations of {K * B} images of {args.image_size}x{args.image_size} per step",
+             element * K * B * size.activations, "--batch, --K, --image-size"),
+            (f"the input batch of {K * B} images", 4 * K * B * image, "--batch, --K, --image-size")]
 
 
 def main(args) -> int:
@@ -82,10 +100,11 @@ def main(args) -> int:
     malloc = "system malloc defaults"
     if device.type == "cpu" and not args.system_malloc:
         malloc = keep_freed_memory()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     B = args.batch if args.batch is not None else (128 if device.type == "cuda" else 16)
     K = args.K
+    check_memory(device, memory_needs(depth, width, args, K, B), "the benchmark")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     autocast = torch.bfloat16 if args.bf16 else None
     if device.type == "cuda":

@@ -9,11 +9,17 @@ import argparse
 import dataclasses
 import json
 import os
+import re
+import signal
 import sys
+import threading
 
-from .config import (CONFIG_CLASSES, PRESETS, FinetuneConfig, ImageConfig, add_config_flags, describe, flag_name,
-                     get_config, overrides_from_args, with_overrides)
+from shared.checkpoint import WriteError
+
+from .config import (CONFIG_CLASSES, PRESETS, FinetuneConfig, ImageConfig, add_config_flags, check_seed, describe,
+                     flag_name, get_config, overrides_from_args, with_overrides)
 from .errors import ConfigError, DeepError
+from .runfolder import check_out_value, default_out
 
 
 class _Parser(argparse.ArgumentParser):
@@ -65,15 +71,19 @@ def _summary(result: dict) -> dict:
 
 
 def _stored_run(out: str) -> dict:
+    if os.path.isfile(out):
+        raise DeepError(f"--resume: --out {out} is a file, not a run folder; give the run's folder")
     path = os.path.join(out, "config.json")
     try:
         with open(path) as f:
             stored = json.load(f)
         CONFIG_CLASSES[stored["kind"]]
-        stored["config"], stored["seed"]
-    except FileNotFoundError:
+        if not isinstance(stored["config"], dict):
+            raise TypeError("config")
+        stored["seed"]
+    except (FileNotFoundError, NotADirectoryError):
         raise DeepError(f"--resume: no run in {out} (no config.json); start the run without --resume") from None
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         raise DeepError(f"--resume: {path} is not a run's config.json; choose the run's folder with --out") from None
     return stored
 
@@ -100,15 +110,25 @@ def resolve(a: argparse.Namespace, cls: type, base=None):
     """(config, seed) of a train/finetune command: a preset (or ``base``) with the flags given applied, or for
     --resume the stored config, refusing only flags that contradict it."""
     given = overrides_from_args(a, cls)
+    if a.out is not None:
+        a.out = check_out_value(a.out)
     if a.resume:
         if a.out is None:
             if a.config is None and base is None:
                 raise DeepError("--resume needs --out (the run folder) or the --config and --seed it was started with")
             name = base.name if base is not None else a.config
-            a.out = os.path.join("runs", f"{name}_seed{a.seed or 0}")
+            a.out = default_out(name, a.seed or 0)
         stored = _stored_run(a.out)
-        cfg = CONFIG_CLASSES[stored["kind"]].from_dict(stored["config"])
-        seed = stored["seed"]
+        try:
+            cfg = CONFIG_CLASSES[stored["kind"]].from_dict(stored["config"])
+        except (ConfigError, TypeError) as e:
+            raise DeepError(f"--resume: {os.path.join(a.out, 'config.json')} holds no valid config ({e}); resume "
+                            f"with the run's own config.json, or start a new run") from None
+        try:
+            seed = check_seed(stored["seed"])
+        except ConfigError as e:
+            raise DeepError(f"--resume: {os.path.join(a.out, 'config.json')} holds no valid seed ({e}); resume "
+                            f"with the run's own config.json, or start a new run") from None
         wanted = base.name if base is not None else a.config
         clash = [f"config: {cfg.name} -> {wanted}"] if wanted not in (None, cfg.name) else []
         clash += [f"seed: {seed} -> {a.seed}"] if a.seed not in (None, seed) else []
@@ -116,7 +136,11 @@ def resolve(a: argparse.Namespace, cls: type, base=None):
         if clash:
             raise DeepError(f"--resume with different settings ({', '.join(clash[:4])}); drop those flags to "
                             f"continue the run, or start a new one in another --out")
-        return cfg.validate(), seed
+        try:
+            return cfg.validate(), seed
+        except ConfigError as e:
+            raise DeepError(f"--resume: {os.path.join(a.out, 'config.json')} holds no valid config ({e}); resume "
+                            f"with the run's own config.json, or start a new run") from None
     if base is None:
         if a.config is None:
             raise ConfigError("train needs --config NAME (python -m deep configs lists them) or --resume --out RUN")
@@ -129,10 +153,17 @@ def _run(a: argparse.Namespace, cfg, seed: int) -> int:
     from .images import ImageRun
     from .lm import LMRun
     run_cls = {"image": ImageRun, "text": LMRun, "finetune": FineTune}[cfg.KIND]
-    run = run_cls(cfg, seed=seed, data_dir=a.data_dir, out=a.out, device=a.device, resume=a.resume,
-                  progress=not (a.no_progress or a.quiet) and sys.stderr.isatty(), download=a.download,
-                  quiet=a.quiet, stream=sys.stderr if a.json else sys.stdout, export=a.export)
-    result = run.train()
+    out = a.out if a.out is not None else default_out(cfg.name, seed)
+    try:
+        with run_cls(cfg, seed=seed, data_dir=a.data_dir, out=out, device=a.device, resume=a.resume,
+                     progress=not (a.no_progress or a.quiet) and sys.stderr.isatty(), download=a.download,
+                     quiet=a.quiet, stream=sys.stderr if a.json else sys.stdout, export=a.export) as run:
+            result = run.train()
+    except KeyboardInterrupt as e:
+        checkpoint = os.path.join(out, "checkpoint.pt")
+        how = (f"continue it with --resume --out {out}" if os.path.isfile(checkpoint) else
+               "no epoch was checkpointed yet: start the run again")
+        raise Interrupted(f"{e.args[0] if e.args else 'interrupted'}; {how}") from None
     if run.rank == 0 and a.json:
         print(json.dumps({"config": cfg.name, "seed": seed, "models": _summary(result)}, indent=1))
     return 0
@@ -204,7 +235,12 @@ def cmd_study(a, cls) -> int:
 
 def cmd_table(a, cls) -> int:
     from .table import load_results, render
-    print(render(load_results(a.results), a.bn_rule))
+    try:
+        results = load_results(a.results)
+    except RecursionError:  # JSON nested deeper than the parser's recursion limit: not a results file
+        raise DeepError(f"a file among {' '.join(a.results)} is nested too deeply to be a results file; pass "
+                        f"results.json files written by python -m deep") from None
+    print(render(results, a.bn_rule))
     return 0
 
 
@@ -288,20 +324,105 @@ def make_parser(train_cls: type = ImageConfig) -> argparse.ArgumentParser:
     return p
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM, with the line saying what became of the run."""
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt("terminated (SIGTERM)")
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    previous = None
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        previous = signal.signal(signal.SIGTERM, _terminate)  # a clean end: locks released, no temporary files
+    stdout, sys.stdout = sys.stdout, _Stdout(sys.stdout)
     try:
         cls = _config_class(argv) if argv[:1] == ["train"] else ImageConfig
         a = make_parser(cls).parse_args(argv)
-        return a.func(a, a.cls)
+        rc = a.func(a, a.cls)
+        sys.stdout.flush()
+        return rc
     except SystemExit as e:
-        return int(e.code or 0)
-    except KeyboardInterrupt:
-        return _fail("interrupted (resume with --resume)")
+        return e.code if isinstance(e.code, int) else (_fail(str(e.code)) if e.code else 0)
+    except KeyboardInterrupt as e:
+        return _fail(str(e) if isinstance(e, Interrupted) else (e.args[0] if e.args else "interrupted"))
     except _user_errors() as e:
         return _fail(_one_line(e))
+    except BrokenPipeError:  # the reader of stdout went away (e.g. | head): nothing left to say
+        _silence_stdout()
+        return 0
+    except _StdoutError as e:
+        return _fail(f"cannot write the output to stdout: {e.args[0]}")
+    except WriteError as e:
+        return _fail(str(e))
     except OSError as e:  # a path the user gave that the OS refuses (no such file, permission, a folder, ...)
         return _fail(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else _one_line(e))
+    except (MemoryError, RuntimeError) as e:
+        line = _out_of_memory(e)
+        if line is None:
+            raise
+        return _fail(line)
+    finally:
+        sys.stdout = stdout
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class _StdoutError(Exception):
+    """Writing the command's output to stdout failed (disk full, closed)."""
+
+
+class _Stdout:
+    """sys.stdout while a command runs: a failed write or flush becomes _StdoutError (a closed pipe stays a
+    BrokenPipeError), so that it is not mistaken for a failure of a file the user named."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _call(self, name, *args):
+        try:
+            return getattr(self._stream, name)(*args)
+        except BrokenPipeError:
+            raise
+        except (OSError, ValueError) as e:
+            raise _StdoutError(getattr(e, "strerror", None) or str(e)) from None
+
+    def write(self, text):
+        return self._call("write", text)
+
+    def flush(self):
+        return self._call("flush")
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's final flush does not complain about a closed pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.__stdout__.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def _out_of_memory(e: BaseException) -> str | None:
+    """One line for an allocation that failed (CPU or CUDA), naming the bytes asked for; None for other errors."""
+    text = str(e)
+    if isinstance(e, MemoryError):
+        return "out of memory (the run's data or model do not fit); lower --batch-size, --K or the model size"
+    cpu = re.search(r"can't allocate memory: you tried to allocate (\d+) bytes", text)
+    if cpu:
+        return (f"out of CPU memory: an allocation of {int(cpu.group(1)) / 2 ** 30:.1f} GiB failed; lower "
+                f"--batch-size, --eval-batch-size, --K or the model size")
+    gpu = re.search(r"CUDA out of memory\. Tried to allocate ([\d.]+ [KMGT]?i?B)", text)
+    if gpu or "out of memory" in text.lower() and type(e).__name__ == "OutOfMemoryError":
+        size = gpu.group(1) if gpu else "memory"
+        return (f"out of GPU memory: an allocation of {size} failed; lower --batch-size, --eval-batch-size, --K or "
+                f"the model size (or --accum for fine-tuning)")
+    return None
 
 
 def _one_line(e: BaseException) -> str:

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import numbers
+import re
 import typing
 from dataclasses import dataclass, fields, replace
 
@@ -29,9 +31,51 @@ OOD_NAMES = ("svhn", "cifar10", "cifar100", "digits")  # every OOD set of deep.d
 IMAGE_SIDE = {"cifar10": 32, "cifar100": 32, "fashion_mnist": 28, "synthetic": 32}  # image height = width (pixels)
 
 
+SEED_MAX = 2 ** 32 - 1  # seeds feed torch, numpy and derived per-epoch generators: keep them in 32 bits
+
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def _has_type(v, hint) -> bool:
+    """Whether value ``v`` has the config field type ``hint`` (int, float, bool, str, tuple[X, ...])."""
+    if typing.get_origin(hint) is tuple:
+        item = typing.get_args(hint)[0]
+        return isinstance(v, tuple) and all(_has_type(x, item) for x in v)
+    if hint is bool:
+        return isinstance(v, bool)
+    if isinstance(v, bool):
+        return False
+    if hint is int:
+        return isinstance(v, numbers.Integral)
+    if hint is float:
+        return isinstance(v, numbers.Real)
+    return isinstance(v, hint)
+
+
+def _kind(hint) -> str:
+    if typing.get_origin(hint) is tuple:
+        return f"a list of {_kind(typing.get_args(hint)[0]).split(' ', 1)[1]}s"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(hint, str(hint))
+
+
+def _finite32(v) -> bool:
+    try:
+        return math.isfinite(float(v)) and abs(float(v)) <= FLOAT32_MAX
+    except OverflowError:
+        return False
+
+
 def _need(ok: bool, msg: str) -> None:
     if not ok:
         raise ConfigError(msg)
+
+
+def check_seed(seed) -> int:
+    """``seed`` as an int if it is a run seed (an integer in 0..2**32 - 1), else ConfigError naming the range."""
+    _need(isinstance(seed, numbers.Integral) and not isinstance(seed, bool) and 0 <= seed <= SEED_MAX,
+          f"--seed must be an integer in 0..{SEED_MAX}, got {seed!r}")
+    return int(seed)
 
 
 @dataclass(frozen=True)
@@ -107,11 +151,17 @@ class RunConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> "RunConfig":
-        """Check every field's range once (raises ConfigError with one line naming the field and the fix)."""
+        """Check every field's type and range once (raises ConfigError with one line naming the field and the
+        fix)."""
+        hints = typing.get_type_hints(type(self))
         for f in fields(self):
-            v = getattr(self, f.name)
-            _need(not isinstance(v, float) or (math.isfinite(v) and abs(v) <= FLOAT32_MAX),
-                  f"{f.name} must be a finite number (float32: |x| <= 3.4e38), got {v}")
+            v, hint = getattr(self, f.name), hints[f.name]
+            _need(_has_type(v, hint), f"{f.name} must be {_kind(hint)}, got {v!r}")
+            if hint is float:
+                text = str(v) if len(str(v)) <= 24 else f"{str(v)[:12]}... ({len(str(v))} digits)"
+                _need(_finite32(v), f"{f.name} must be a finite number (float32: |x| <= 3.4e38), got {text}")
+        _need(bool(NAME_RE.fullmatch(self.name)), f"name must be letters, digits, '.', '_' or '-' (it names the run "
+                                                  f"folder), got {self.name!r}")
         for key in ("epochs", "batch_size", "eval_batch_size", "K"):
             _need(getattr(self, key) >= 1, f"{key} must be >= 1, got {getattr(self, key)}")
         for key in ("weight_decay", "grad_clip", "sigma0", "swa_lr", "T0", "train_subset",
@@ -128,12 +178,19 @@ class RunConfig:
         _need(not ({"hyper", "rank1"} <= set(self.phi)) and not ({"hyper", "head"} <= set(self.phi)),
               f"phi hyper makes every Linear/Conv weight a template combination: it combines with bn only, got "
               f"{' '.join(self.phi)}")
+        _need(not self.phi or "rank1" in self.phi or not self.rank1_layers,
+              f"rank1_layers ({' '.join(self.rank1_layers)}) apply to the phi family rank1, which phi "
+              f"({' '.join(self.phi)}) does not include: add rank1 to --phi or drop --rank1-layers")
+        _need(all(p.strip() for p in self.rank1_layers), "rank1_layers must be module-name patterns, not empty")
+        _need(len(set(self.phi)) == len(self.phi), f"phi names a family twice: {' '.join(self.phi)}")
         _need(self.path in ("vectorized", "sequential"), f"path must be vectorized or sequential, got {self.path!r}")
         _need(not self.late_phase or self.T0 < self.epochs,
               f"T0 ({self.T0}) must be < epochs ({self.epochs}) for a late-phase run: the members would never train; "
               f"lower --T0, raise --epochs, or pass --phi none for a run without late-phase weights")
         _need(0 <= self.swa_start <= self.epochs, f"swa_start ({self.swa_start}) must be an epoch in 1..{self.epochs} "
                                                   f"(0: no SWA)")
+        _need(not self.swa or self.swa_lr > 0, f"swa_lr must be > 0 when SWA is on (swa_start {self.swa_start}), "
+                                               f"got {self.swa_lr}")
         _need(not (self.swa and self.late_phase) or self.swa_start > self.T0,
               f"swa_start ({self.swa_start}) must come after the release at T0: the first late-phase epoch is "
               f"{self.T0 + 1}; use --swa-start {self.T0 + 1} or later")
@@ -146,8 +203,9 @@ class RunConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
         """The config stored by :meth:`to_dict` (lists back to tuples); unknown keys are an error."""
+        _need(isinstance(d, dict), f"a stored {cls.KIND} config must be an object of fields, got {type(d).__name__}")
         known = {f.name for f in fields(cls)}
-        bad = sorted(set(d) - known)
+        bad = sorted(map(str, set(d) - known))
         _need(not bad, f"unknown config key(s) {', '.join(bad)} for {cls.KIND} runs")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
@@ -277,10 +335,11 @@ class TextConfig(_Annealing, RunConfig):
     def validate(self) -> "TextConfig":
         _need(self.dataset == "enwik8", f"text runs read enwik8 (or a text with --text-split), got {self.dataset!r}")
         _need(self.arch == "lstm", f"text runs train the character LSTM (arch lstm), got {self.arch!r}")
+        _need(isinstance(self.phi, tuple) and set(self.phi) <= {"rank1"},
+              f"the enwik8 LSTM has rank-1 late-phase weights only (phi rank1 or none), got "
+              f"{' '.join(map(str, self.phi)) if isinstance(self.phi, tuple) else self.phi!r}")
         super().validate()
         _validate_annealing(self)
-        _need(set(self.phi) <= {"rank1"}, f"the enwik8 LSTM has rank-1 late-phase weights only (phi rank1 or none), "
-                                          f"got {' '.join(self.phi)}")
         _need(not self.compile, "compile is not supported for the enwik8 LSTM (its state changes shape at T0)")
         _need(len(self.text_split) in (0, 3) and all(n >= 2 for n in self.text_split),
               f"text_split must be three byte counts >= 2 (train valid test) or empty, got {self.text_split}")

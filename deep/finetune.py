@@ -43,6 +43,7 @@ averaged over ranks; the validation set is sharded and the metric sums are reduc
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -163,10 +164,38 @@ class FineTune(ClassifierRun):
         self.num_classes = _classes(train)
         self.train_data, self.val_data = _subset(train, cfg.train_subset), _subset(val, cfg.test_subset)
         self.micro = cfg.batch_size // (cfg.accum * self.world)  # one member's micro-batch on one rank
+        cpus = os.cpu_count() or 1
+        if cfg.workers > cpus:
+            raise DeepError(f"--workers {cfg.workers} (data-loading processes per rank) is more than the {cpus} CPUs "
+                            f"here; use --workers {cpus} or fewer")
         if self.steps_per_epoch(cfg.K) < 1:
             raise DataError(f"the training set has {len(self.train_data)} images, fewer than one outer step needs "
                             f"({cfg.K} member minibatch(es) of --batch-size {cfg.batch_size}); use more data or a "
                             f"smaller --batch-size")
+
+    def memory_needs(self) -> list:
+        """From the architecture on the meta device (no weights read, nothing allocated)."""
+        cfg = self.cfg
+        with torch.device("meta"):
+            probe = build_pretrained(cfg.arch, None, num_classes=self.num_classes)
+        params = sum(p.numel() for p in probe.parameters())
+        outputs = []
+        hooks = [m.register_forward_hook(lambda m, i, o: outputs.append(o.numel())) for m in probe.modules()
+                 if isinstance(m, (nn.Conv2d, nn.Linear))]
+        with torch.no_grad():
+            probe.eval()(torch.empty(1, 3, cfg.crop, cfg.crop, device="meta"))
+        for h in hooks:
+            h.remove()
+        element = 2 if self.amp else 4
+        step = (cfg.K if cfg.path == "vectorized" else 1) * self.micro
+        evals = max(min(cfg.eval_batch_size, len(self.val_data)), 1)
+        image = 3 * cfg.crop * cfg.crop
+        return [(f"the {cfg.arch} weights ({params:,} parameters) with gradients and momentum",
+                 4 * (2 + (cfg.momentum > 0)) * params, "--arch"),
+                (f"the activations of {step} images of {cfg.crop}x{cfg.crop} per micro-step",
+                 element * step * (image + sum(outputs)), "--batch-size, --accum, --K, --crop"),
+                (f"evaluation batches of {evals} images", element * evals * (image + 2 * max(outputs, default=0)),
+                 "--eval-batch-size, --crop")]
 
     def build_model(self) -> nn.Module:
         model = build_model(self.cfg, self.num_classes, self.download)

@@ -18,9 +18,11 @@ import shared
 from shared import distributed as dist_utils
 
 from .config import ImageConfig
-from .data import GPULoader, load_dataset, load_ood_sets
+from .data import DataError, GPULoader, load_dataset, load_ood_sets
 from .evaluate import score_plain
 from .models import image_model
+from .models.wrn import WRNSize, wrn_size
+from .system import check_memory
 from .trainer import ClassifierRun
 
 
@@ -35,6 +37,10 @@ class ImageRun(ClassifierRun):
     def load_data(self) -> None:
         cfg: ImageConfig = self.cfg
         opts = {"size": cfg.synthetic_size} if cfg.dataset == "synthetic" else {}
+        if cfg.dataset == "synthetic":  # generated in CPU memory: train + a quarter of it for the test set
+            n = cfg.synthetic_size + max(cfg.synthetic_size // 4, 1)
+            check_memory(torch.device("cpu"), [(f"{n:,} synthetic images of 3x32x32 bytes", n * 3 * 32 * 32,
+                                                "--synthetic-size")])
         train = load_dataset(cfg.dataset, self.data_dir, "train", self.download, **opts)
         test = load_dataset(cfg.dataset, self.data_dir, "test", self.download,
                             **({"size": max(cfg.synthetic_size // 4, 1)} if cfg.dataset == "synthetic" else {}))
@@ -62,6 +68,10 @@ class ImageRun(ClassifierRun):
                     print(f"note: OOD set {k} skipped: {why}", file=sys.stderr)
         kw = dict(train=True, device=self.device, seed=self.seed, mean=train.mean, std=train.std,
                   pad=cfg.pad if cfg.augment else 0, flip=cfg.augment, cutout=cfg.cutout, channels_last=self.channels_last)
+        if cfg.members * cfg.batch_size > len(train):
+            raise DataError(f"K {cfg.members} member minibatches of batch_size {cfg.batch_size} need "
+                            f"{cfg.members * cfg.batch_size} training images per step, the training set has "
+                            f"{len(train)}; lower --K or --batch-size (or use more data)")
         self.loaders = {m: GPULoader(train, m * cfg.batch_size, **kw) for m in {1, cfg.members}}
         # BatchNorm re-estimation: the augmented training data in minibatches of batch_size (as update_bn on the
         # training loader), at most bn_images of them.
@@ -69,6 +79,40 @@ class ImageRun(ClassifierRun):
         ev = dict(device=self.device, mean=train.mean, std=train.std, channels_last=self.channels_last)
         self.test_loader = GPULoader(test, cfg.eval_batch_size, **ev)
         self.ood_loaders = {k: GPULoader(v, cfg.eval_batch_size, **ev) for k, v in self.ood.items()}
+
+    def model_size(self) -> WRNSize:
+        """Parameters and activation sizes of the network, without building it: in closed form for a WRN, from a
+        forward pass on the meta device (no memory) for the other architectures."""
+        cfg, (c, h, w), classes = self.cfg, self.train_data.shape, self.train_data.num_classes
+        if not cfg.arch.startswith("cnn-"):
+            _, depth, width = cfg.arch.split("-")
+            return wrn_size(int(depth), int(width), classes, c, h, w)
+        with torch.device("meta"):
+            model = image_model(cfg.arch, classes, c, cfg.dropout)
+        outs = []
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.register_forward_hook(lambda _m, _i, o: outs.append(o[0].numel()))
+        model(torch.zeros(2, c, h, w, device="meta"))  # two images: BatchNorm needs more than one value
+        bn = sum(m.num_features for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+        return WRNSize(sum(p.numel() for p in model.parameters()), bn, sum(outs), max(outs))
+
+    def memory_needs(self) -> list:
+        cfg = self.cfg
+        c, h, w = self.train_data.shape
+        size = self.model_size()
+        element = 2 if self.amp else 4
+        step = max(cfg.members * cfg.batch_size // self.world, 1)
+        evals = max(min(cfg.eval_batch_size, len(self.test_data)), 1)
+        images = len(self.train_data) + len(self.test_data) + sum(len(v) for v in self.ood.values())
+        copies = 2 + (cfg.momentum > 0) + cfg.swa  # weights, gradients, momentum, the SWA average
+        return [(f"the {cfg.arch} weights ({size.parameters:,} parameters) with gradients and momentum",
+                 4 * copies * size.parameters, "--arch"),
+                (f"the activations of {step} images per step", element * step * size.activations,
+                 "--batch-size, --K, --arch"),
+                (f"evaluation batches of {evals} images", element * evals * (c * h * w + 2 * size.largest),
+                 "--eval-batch-size"),
+                (f"{images:,} images of the data sets", images * c * h * w, "--train-subset, --test-subset")]
 
     def build_model(self) -> nn.Module:
         model = image_model(self.cfg.arch, self.train_data.num_classes, self.train_data.images.shape[1],

@@ -62,7 +62,7 @@ from shared.modules import late_modules, member_mode
 from .config import TextConfig
 from .errors import DataError, DeepError
 from .data.text import VOCAB_SIZE, BPTTBatcher, bits_per_character, download_enwik8, load_enwik8
-from .models.lstm import CharLSTM
+from .models.lstm import CharLSTM, parameter_count
 from .trainer import Trainer
 
 # ----------------------------------------------------------------------------- the stateful model
@@ -194,6 +194,24 @@ class LMRun(Trainer):
         rows = cfg.batch_size * cfg.members
         if (train.numel() - 1) // rows < 1:
             raise DataError(f"the training text ({train.numel()} bytes) is too short for {rows} rows")
+
+    def memory_needs(self) -> list:
+        cfg = self.cfg
+        H, E = cfg.hidden_size, cfg.embedding_dim
+        params = parameter_count(VOCAB_SIZE, E, H)
+        element = 2 if self.amp else 4
+        rows = max(cfg.members * cfg.batch_size // self.world, 1)
+        window = min(cfg.bptt, max((self.train_data.numel() - 1) // rows, 1))
+        eval_rows = max(min(cfg.eval_batch_size, self.valid_data.numel() - 1), 1) * cfg.members
+        eval_window = min(cfg.bptt, max((self.valid_data.numel() - 1) // eval_rows, 1))
+        copies = 2 + (cfg.momentum > 0) + cfg.swa  # weights, gradients, momentum, the SWA average
+        # per position: the embedding, four gates, h and c, the logits and their gradient
+        return [(f"the LSTM weights ({params:,} parameters) with gradients and momentum", 4 * copies * params,
+                 "--hidden-size, --embedding-dim"),
+                (f"the activations of {rows} rows x {window} characters per step",
+                 element * rows * window * (E + 6 * H + 2 * VOCAB_SIZE), "--batch-size, --K, --bptt, --hidden-size"),
+                (f"evaluation windows of {eval_rows} rows", 4 * 2 * eval_rows * eval_window * VOCAB_SIZE,
+                 "--eval-batch-size, --bptt")]
 
     def build_model(self) -> nn.Module:
         return StatefulLM(VOCAB_SIZE, self.cfg.embedding_dim, self.cfg.hidden_size).to(self.device)

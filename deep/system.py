@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import platform
+import resource
 import subprocess
 
 import torch
@@ -28,6 +29,57 @@ def pick_device(device: str | None) -> torch.device:
         if dev.index is not None and dev.index >= n:
             raise DeepError(f"--device {device}: there are only {n} CUDA device(s) here (cuda:0 to cuda:{n - 1})")
     return dev
+
+
+def format_bytes(n: float) -> str:
+    """``n`` bytes in binary units (e.g. 1.5 GiB)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(n) < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} PiB"
+
+
+def memory_limit(device: torch.device) -> int | None:
+    """Bytes of memory a run can have on ``device``: a GPU's total memory; for the CPU the physical memory, or less
+    where a cgroup limit or an address-space limit (ulimit -v) is set. None where it cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type != "cpu":
+        return None
+    limits = []
+    try:
+        limits.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        pass
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            limits.append(int(text))
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        limits.append(soft)
+    return min(limits) if limits else None
+
+
+def check_memory(device: torch.device, needs: list, subject: str = "the run") -> None:
+    """Refuse (one-line DeepError) a run or benchmark whose memory needs cannot fit ``device``: ``needs`` holds
+    (what, bytes, flags that change it), lower bounds of what will be allocated. The line names the total, the
+    device's memory and the largest needs with their flags."""
+    limit = memory_limit(device)
+    total = sum(b for _, b, _ in needs)
+    if limit is None or total <= limit:
+        return
+    where = f"the GPU {device}" if device.type == "cuda" else "this machine"
+    largest = sorted(needs, key=lambda n: -n[1])
+    parts = "; ".join(f"{what}: {format_bytes(b)} ({flags})" for what, b, flags in largest[:3]
+                      if b >= total / 20 or b == largest[0][1])
+    raise DeepError(f"{subject} needs at least {format_bytes(total)} of {device.type.upper()} memory but {where} has "
+                    f"{format_bytes(limit)}: {parts}; lower those settings")
 
 
 def keep_freed_memory() -> str:

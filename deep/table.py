@@ -72,6 +72,11 @@ def load_results(paths) -> list[dict]:
             if problem:
                 raise DeepError(f"{f} is not a valid results file: {problem}; pass results.json files written by "
                                  f"python -m deep")
+            bad = sorted(non_finite(d["models"]))
+            if bad:
+                shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+                print(f"note: {f} ({d['config']['name']}, seed {d.get('seed')}): {shown} not finite (a diverged run?); "
+                      f"left out of the means and counts (n=)", file=sys.stderr)
             d["_file"] = f
             out.append(d)
     if not out:
@@ -111,6 +116,18 @@ def check_result(d: dict) -> str | None:
                     elif not (_is_number(v) or v is None):
                         return f"models.{model}.{rule}.{k} must be a number, got {v!r}"
     return None
+
+
+def non_finite(models: dict, prefix: str = "") -> list[str]:
+    """The metric paths (model.rule.metric, member index, ood set) whose values are NaN or infinite."""
+    out = []
+    for k, v in (models.items() if isinstance(models, dict) else enumerate(models)):
+        path = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, (dict, list)):
+            out += non_finite(v, path)
+        elif _is_number(v) and not math.isfinite(v):
+            out.append(f"{path} = {v}")
+    return out
 
 
 def default_rule(config: dict) -> str:
@@ -233,10 +250,8 @@ def metric_of(r, model: str, metric: str, rule: str | None = None):
 
 
 def _mean(values, what: str, digits: int = 2) -> str:
-    """The mean ± std (n) cell of ``values``; non-finite values are noted on stderr and left out."""
-    bad = [v for v in values if v is not None and not math.isfinite(v)]
-    if bad:
-        print(f"note: {what}: {len(bad)} non-finite value(s) left out of the mean", file=sys.stderr)
+    """The mean ± std (n) cell of ``values``; non-finite values are left out (each was noted, naming its file, when
+    the results were read)."""
     return _fmt(_stat(values), digits)
 
 

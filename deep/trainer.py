@@ -32,6 +32,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import copy
+import fnmatch
 import json
 import os
 import sys
@@ -43,10 +44,12 @@ import torch.nn.functional as F
 
 import shared
 from shared import distributed as dist_utils
-from shared.checkpoint import atomic_write
+from shared.checkpoint import WriteError, atomic_write, remove_stale_temporaries
 
+from .config import check_seed
 from .errors import DeepError
-from .system import hardware, keep_freed_memory, pick_device, sync
+from .runfolder import RunLock, check_out_value, default_out, holder, in_use
+from .system import check_memory, hardware, keep_freed_memory, pick_device, sync
 
 SCHEMA = "late-phase-results/2"
 FORMAT = "deep-run/2"
@@ -96,16 +99,18 @@ class Trainer(abc.ABC):
                  resume: bool = False, progress: bool = True, command: str | None = None, download: bool = False,
                  quiet: bool = False, stream=None, export: str = "all", evaluate_only: bool = False,
                  trunk_epoch: int | None = None, fork: str | None = None, save_predictions: bool = False):
-        self.cfg, self.seed, self.data_dir, self.progress, self.download = cfg, int(seed), data_dir, progress, download
+        self._lock = None
+        self.cfg, self.seed, self.data_dir, self.progress, self.download = cfg, check_seed(seed), data_dir, \
+            progress, download
         self.quiet, self.stream, self.export_what, self.evaluate_only = quiet, stream, export, evaluate_only
         self.trunk_epoch, self.save_predictions = trunk_epoch, save_predictions
         self.command = command or " ".join(["python -m deep"] + sys.argv[1:])
+        self.out = check_out_value(out) if out is not None else default_out(cfg.name, self.seed)
+        self.ckpt_path = os.path.join(self.out, "checkpoint.pt")
         self.device = pick_device(device)
         self.distributed = dist_utils.init_from_env("gloo" if self.device.type == "cpu" else "nccl")
         self.rank = torch.distributed.get_rank() if self.distributed else 0
         self.world = torch.distributed.get_world_size() if self.distributed else 1
-        self.out = out or os.path.join("runs", f"{cfg.name}_seed{self.seed}")
-        self.ckpt_path = os.path.join(self.out, "checkpoint.pt")
         self._check_out(resume)
         cuda = self.device.type == "cuda"
         if cuda:
@@ -116,6 +121,8 @@ class Trainer(abc.ABC):
 
         torch.manual_seed(self.seed)
         self.load_data()
+        self._needs = self.memory_needs()
+        check_memory(self.device, self._needs)  # before the model exists: an absurd size costs nothing
         self.model = self.build_model()
         if self.distributed:
             dist_utils.broadcast_module(self.model)
@@ -134,14 +141,43 @@ class Trainer(abc.ABC):
         self.check_every = 1 if self.device.type == "cpu" else 50
         if self.rank == 0:
             os.makedirs(self.out, exist_ok=True)  # only now: a failed start leaves no folder behind
-        if resume:
-            self._resume()
-        else:
-            if fork is not None:
-                self._fork(fork)
+            self._lock = RunLock(self.out, self.command)  # one run per folder (deep.runfolder); rank 0 holds it
+        try:
             if self.rank == 0:
-                write_json(os.path.join(self.out, "config.json"),
-                           {"kind": cfg.KIND, "config": cfg.to_dict(), "seed": self.seed})
+                self._check_out(resume)  # again, under the lock: another run may have left a checkpoint meanwhile
+                remove_stale_temporaries(self.out)
+            if resume:
+                self._resume()
+            else:
+                if fork is not None:
+                    self._fork(fork)
+                if self.rank == 0:
+                    with self._writing("free space (or choose another --out) and start the run again"):
+                        write_json(os.path.join(self.out, "config.json"),
+                                   {"kind": cfg.KIND, "config": cfg.to_dict(), "seed": self.seed})
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the run folder (its lock); also on leaving a ``with`` block and at the end of the process."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @contextlib.contextmanager
+    def _writing(self, then: str):
+        """A failed write of a run file (disk full, quota, permissions) as one line: the file, the space, ``then``."""
+        try:
+            yield
+        except WriteError as e:
+            raise DeepError(f"{e}; {then}") from None
 
     # ------------------------------------------------------------------ hooks for the subclasses
     @abc.abstractmethod
@@ -180,6 +216,12 @@ class Trainer(abc.ABC):
     def result_extra(self) -> dict:
         """Entries of results.json beyond the common ones (data sizes, ...)."""
         return {}
+
+    def memory_needs(self) -> list:
+        """Lower bounds of what the run will allocate on its device, computed before the model is built (closed
+        forms or a meta-device model): [(what, bytes, the flags that change it)], checked against the device's
+        memory (:func:`deep.system.check_memory`) so that a size that cannot fit is refused in seconds."""
+        return []
 
     # ------------------------------------------------------------------ console
     def say(self, text: str) -> None:
@@ -232,6 +274,11 @@ class Trainer(abc.ABC):
     def _check_out(self, resume: bool) -> None:
         if os.path.exists(self.out) and not os.path.isdir(self.out):
             raise DeepError(f"--out {self.out} is a file, not a folder; choose another --out")
+        owner = holder(self.out) if self.rank == 0 and self._lock is None else None
+        if owner is not None:
+            raise DeepError(in_use(self.out, owner))
+        if os.path.isdir(self.ckpt_path):
+            raise DeepError(f"{self.ckpt_path} is a folder, not a checkpoint; choose another --out")
         if os.path.exists(self.ckpt_path) and not resume:
             raise DeepError(f"{self.ckpt_path} exists: pass --resume to continue that run, or choose another --out")
         if resume and not os.path.exists(self.ckpt_path):
@@ -244,11 +291,33 @@ class Trainer(abc.ABC):
                             f"choose another --out")
 
     def preflight(self) -> None:
-        """Build now what the release would build, on a copy of the model: a family that selects nothing or a
-        rank-1 pattern that matches no layer fails in seconds, not after T0 epochs."""
-        if self.cfg.late_phase:
-            shared.LatePhase(copy.deepcopy(self.model), self.cfg.K, _families(self.cfg), path=self.cfg.path,
-                             check_finite_every=0, distributed=False)
+        """Build now what the release would build, on a copy of the model: a family that selects nothing, a rank-1
+        pattern that matches no layer, or K member copies that cannot fit in memory fail in seconds, not after T0
+        epochs. (SWA vs T0 and every field's range are checked by the config's validate().)"""
+        cfg = self.cfg
+        if not cfg.late_phase:
+            return
+        if "rank1" in cfg.phi:
+            types = shared.Rank1().types
+            layers = [name for name, m in self.model.named_modules() if type(m) in types]
+            for pattern in cfg.rank1_layers:
+                if not any(fnmatch.fnmatchcase(name, pattern) for name in layers):
+                    raise DeepError(f"--rank1-layers pattern {pattern!r} matches no Linear or Conv layer of the "
+                                    f"{cfg.arch} model (its layers: {', '.join(layers[:6])}"
+                                    f"{', ...' if len(layers) > 6 else ''}); fix the pattern")
+        per_member = 0
+        for family in _families(cfg):
+            for sel in family.select(self.model):
+                if sel.params:
+                    per_member += sum(getattr(sel.module, p).numel() for p in sel.params)
+                    per_member += sum(b.numel() for b in sel.module.buffers(recurse=False))
+                else:  # rank-1 factors: one per output and one per input feature
+                    per_member += sum(sel.module.weight.shape[:2])
+        copies = 2 + (cfg.momentum > 0)  # values, gradients, momentum
+        check_memory(self.device, self._needs + [(f"{cfg.K} member copies of {per_member:,} late-phase values",
+                                                  4 * copies * cfg.K * per_member, "--K, --phi")])
+        shared.LatePhase(copy.deepcopy(self.model), cfg.K, _families(cfg), path=cfg.path, check_finite_every=0,
+                         distributed=False)
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp) if self.amp else contextlib.nullcontext()
@@ -408,10 +477,17 @@ class Trainer(abc.ABC):
                          scheduler=self.sched.state_dict(), rng=shared.checkpoint.rng_state())
         if self.swa is not None:
             state["swa"] = self.swa.state_dict()
-        shared.save(self.ckpt_path, state)
-        atomic_write(os.path.join(self.out, "log.jsonl"), "".join(json.dumps(e) + "\n" for e in self.log))
+        then = ("free space (or move the run folder), then continue the run with --resume: the previous checkpoint "
+                "is intact" if os.path.isfile(self.ckpt_path) else
+                "free space (or choose another --out) and start the run again: no epoch was checkpointed yet")
+        with self._writing(then):
+            shared.save(self.ckpt_path, state)
+        with self._writing("free space (or move the run folder), then continue the run with --resume: the checkpoint "
+                           "is complete"):
+            atomic_write(os.path.join(self.out, "log.jsonl"), "".join(json.dumps(e) + "\n" for e in self.log))
         if self.epoch == self.trunk_epoch and self.lp is None and self.swa is None:
-            with open(self.ckpt_path, "rb") as f:  # the state after trunk_epoch plain epochs, for other runs to fork
+            with open(self.ckpt_path, "rb") as f, self._writing("free space, then run the study again (it resumes)"):
+                # the state after trunk_epoch plain epochs, for other runs to fork
                 atomic_write(os.path.join(self.out, "trunk.pt"), f.read())
 
     def _fork(self, path: str) -> None:
@@ -439,10 +515,21 @@ class Trainer(abc.ABC):
         try:
             state = shared.load(self.ckpt_path)
         except shared.CheckpointError as e:
-            raise DeepError(f"--resume: {e}; delete it to start afresh, or choose another --out") from None
+            raise DeepError(f"--resume: {e.problem}; delete it to start afresh, or choose another --out") from None
         if not isinstance(state, dict) or state.get("format") != FORMAT or state.get("kind") != self.cfg.KIND:
             raise DeepError(f"{self.ckpt_path} is not a checkpoint of a {self.cfg.KIND} run of this version; "
                             f"choose another --out")
+        try:
+            self._restore(state)
+        except DeepError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+            what = f"no entry {e}" if isinstance(e, KeyError) else " ".join(str(e).split())[:200] or type(e).__name__
+            raise DeepError(f"--resume: {self.ckpt_path} is incomplete or does not fit this run ({what}); delete it "
+                            f"to start afresh, or choose another --out") from None
+
+    def _restore(self, state: dict) -> None:
+        """Continue from a verified checkpoint ``state`` of this kind (settings compared first)."""
         mine = self.cfg.to_dict()
         free = EVAL_FIELDS if self.evaluate_only else ()  # re-evaluating may change what is evaluated, not the weights
         diff = [k for k in mine if state["config"].get(k) != mine[k] and k not in free]
@@ -493,7 +580,8 @@ class Trainer(abc.ABC):
                          "late": median([e.get(rate) for e in self.log if e.get("phase") == "late"])},
                   **self.result_extra()}
         if self.rank == 0:
-            write_json(os.path.join(self.out, filename), result)
+            with self._writing("free space, then evaluate again with --resume (the trained run is in the checkpoint)"):
+                write_json(os.path.join(self.out, filename), result)
         self.say(f"evaluated in {_clock(result['eval_seconds'])}: {os.path.join(self.out, filename)}")
         return result
 

@@ -68,7 +68,8 @@ def shard(batch: torch.Tensor, K: int, rank: int | None = None, world: int | Non
                              f"over {world} ranks; use a per-member batch divisible by the world size")
     B = n // K
     b = B // world
-    return batch.reshape(K, B, *batch.shape[1:])[:, rank * b:(rank + 1) * b].reshape(K * b, *batch.shape[1:])
+    part = batch.reshape(K, B, *batch.shape[1:])[:, rank * b:(rank + 1) * b].reshape(K * b, *batch.shape[1:])
+    return part.contiguous(memory_format=_dense_format(batch))  # NHWC stays NHWC (reshape copies to NCHW)
 
 
 def broadcast_module(module: nn.Module, src: int = 0, buffers_only: bool = False) -> None:

@@ -128,7 +128,7 @@ def test_results_provenance_and_one_log_schema(finished):
     out, _, _ = finished
     res = json.load(open(out / "results.json"))
     hw = res["hardware"]
-    assert hw["precision"] == "float32" and hw["memory_format"] == "contiguous" and hw["cpu"] not in ("", None)
+    assert hw["precision"] == "float32" and hw["memory_format"] == "channels_last" and hw["cpu"] not in ("", None)
     assert hw["torch"] == torch.__version__ and "git_commit" in hw and "package_version" in hw
     assert res["epochs_trained"] == 3 and "reliability" in res["models"]["averaged"]["stored"]
     log = [json.loads(line) for line in open(out / "log.jsonl")]

@@ -168,3 +168,94 @@ def test_loading_a_mismatched_checkpoint_is_refused(tmp_path):
         lp.load_state_dict({"model": {}})
     with pytest.raises(LatePhaseError, match="no checkpoint"):
         shared.load(tmp_path / "missing.ckpt")
+
+
+def _tensor_data_offsets(path):
+    """(start, size) of every tensor's bytes inside a torch.save zip file (the local header precedes each entry)."""
+    import zipfile
+    raw = path.read_bytes()
+    out = []
+    with zipfile.ZipFile(path) as z:
+        for info in z.infolist():
+            if "/data/" in info.filename and info.file_size:
+                off = info.header_offset
+                start = off + 30 + int.from_bytes(raw[off + 26:off + 28], "little") + \
+                    int.from_bytes(raw[off + 28:off + 30], "little")
+                out.append((start, info.file_size))
+    return out
+
+
+def test_a_flipped_bit_anywhere_in_the_weights_is_refused(tmp_path):
+    """torch.load checks no CRC: the SHA-256 digest written with the checkpoint catches one changed bit in any tensor
+    (and in the plain values); files without a digest are refused unless verify=False."""
+    ns = run_namespace()
+    lp = ns["make"]()
+    ns["train"](lp, 1)
+    path = tmp_path / "run.ckpt"
+    shared.save(path, lp.state_dict())
+    good = path.read_bytes()
+    tensors = _tensor_data_offsets(path)
+    assert len(tensors) > 10
+    for start, size in tensors[::5] + [tensors[-1]]:
+        raw = bytearray(good)
+        raw[start + size // 2] ^= 0x10
+        path.write_bytes(bytes(raw))
+        with pytest.raises(shared.CheckpointError, match="do not match the SHA-256 digest") as e:
+            shared.load(path)
+        assert str(path) in str(e.value) and "\n" not in str(e.value)
+    path.write_bytes(good.replace(b"outer_step", b"outer_steq"))  # a changed key in the pickled values
+    with pytest.raises(shared.CheckpointError, match="do not match"):
+        shared.load(path)
+    path.write_bytes(good)
+    assert shared.load(path)["outer_step"] == 1
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"outer_step": 1}, foreign)
+    with pytest.raises(shared.CheckpointError, match="no integrity digest"):
+        shared.load(foreign)
+    assert shared.load(foreign, verify=False) == {"outer_step": 1}
+    with pytest.raises(shared.CheckpointError, match="is a folder"):
+        shared.load(tmp_path)
+    assert shared.checkpoint.digest(lp.state_dict()) == shared.checkpoint.digest(torch.load(path)["state"])
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    import builtins
+    import errno
+    import shared.checkpoint as ck
+    path = tmp_path / "run.ckpt"
+    shared.save(path, {"w": torch.zeros(10)})
+    real_open = builtins.open
+
+    class Full:
+        def __init__(self, f, room):
+            self.f, self.room = f, room
+
+        def write(self, data):
+            if len(data) > self.room:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.room -= len(data)
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    for room in (0, 100, 5000):
+        monkeypatch.setattr(ck, "open", lambda p, mode="r", room=room: Full(real_open(p, mode), room), raising=False)
+        for write in (lambda: shared.save(path, {"w": torch.ones(100_000)}), lambda: ck.atomic_write(path, "x" * 9000)):
+            with pytest.raises(ck.WriteError) as e:
+                write()
+            msg = str(e.value)
+            assert isinstance(e.value, OSError) and e.value.errno == errno.ENOSPC and "\n" not in msg
+            assert msg.startswith(f"disk full: cannot write {path}: No space left on device (") and "free there" in msg
+            assert os.listdir(tmp_path) == ["run.ckpt"]  # no temporary file; the old checkpoint is intact
+    monkeypatch.undo()
+    assert torch.equal(shared.load(path)["w"], torch.zeros(10))
+    (tmp_path / "run.ckpt.tmp999999999").write_text("left by a killed process")
+    (tmp_path / f"run.ckpt.tmp{os.getpid()}").write_text("this process's own")
+    assert ck.remove_stale_temporaries(tmp_path) == ["run.ckpt.tmp999999999"]

@@ -352,3 +352,12 @@ def test_latephase_releases_a_synced_model():
         states.append(lp.model.state_dict())
     for k, v in states[0].items():
         assert torch.equal(states[1][k], v), k
+
+
+def test_shard_takes_each_members_rows_and_keeps_the_memory_format():
+    from shared.distributed import shard
+    x = torch.arange(2 * 4 * 3 * 2 * 2.).reshape(8, 3, 2, 2).contiguous(memory_format=torch.channels_last)
+    parts = [shard(x, 2, rank=r, world=2) for r in range(2)]
+    assert torch.equal(parts[0], x[[0, 1, 4, 5]]) and torch.equal(parts[1], x[[2, 3, 6, 7]])
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in parts)
+    assert shard(torch.arange(8.), 2, rank=1, world=2).tolist() == [2.0, 3.0, 6.0, 7.0]

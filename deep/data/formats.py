@@ -16,7 +16,9 @@ truncated or mismatched file raises a one-line `DataError` naming the file inste
 import gzip
 import importlib
 import io
+import math
 import pickle
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +35,10 @@ def read_idx(path):
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as e:
-        raise DataError(f"cannot read idx file {path}: {e}") from None
+    except (OSError, EOFError, zlib.error) as e:  # zlib.error: a damaged deflate stream inside the .gz
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
+        raise DataError(f"cannot read idx file {path}: {why}; the file is damaged: re-download or reinstall it") \
+            from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise DataError(f"{path} is not an idx file (bad magic number); re-download or reinstall it")
     if raw[2] != IDX_UBYTE:
@@ -44,8 +48,8 @@ def read_idx(path):
     if ndim == 0 or len(raw) < header:
         raise DataError(f"{path}: truncated idx header; re-download or reinstall it")
     shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    if len(raw) - header != int(np.prod(shape)):
-        raise DataError(f"{path}: idx header says shape {shape} ({int(np.prod(shape))} bytes) but the file holds "
+    if len(raw) - header != math.prod(shape):
+        raise DataError(f"{path}: idx header says shape {shape} ({math.prod(shape):,} bytes) but the file holds "
                         f"{len(raw) - header} data bytes; the file is truncated or corrupt")
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape).copy()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -66,19 +67,28 @@ def read_bytes(path: str | Path) -> torch.Tensor:
     only member), or a folder holding `enwik8` or `enwik8.zip`.
     """
     path = _resolve(path)
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            names = [info.filename for info in archive.infolist() if not info.is_dir()]
-            if "enwik8" in names:
-                member = "enwik8"
-            elif len(names) == 1:
-                member = names[0]
-            else:
-                raise DataError(f"zip archive {path} holds {len(names)} files and none is named 'enwik8': "
-                                f"{_how_to_get()}")
-            raw = archive.read(member)
-    else:
-        raw = path.read_bytes()
+    try:
+        with open(path, "rb") as f:
+            zipped = f.read(4) == b"PK\x03\x04" or path.suffix.lower() == ".zip"
+        if zipped:
+            with zipfile.ZipFile(path) as archive:
+                names = [info.filename for info in archive.infolist() if not info.is_dir()]
+                if "enwik8" in names:
+                    member = "enwik8"
+                elif len(names) == 1:
+                    member = names[0]
+                else:
+                    raise DataError(f"zip archive {path} holds {len(names)} files and none is named 'enwik8': "
+                                    f"{_how_to_get()}")
+                raw = archive.read(member)  # checks the member's CRC-32
+        else:
+            raw = path.read_bytes()
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as e:
+        raise DataError(f"{path} is a damaged zip archive ({e or type(e).__name__}): {_how_to_get()}") from None
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
+    if not raw:
+        raise DataError(f"{path} holds no text (0 bytes): {_how_to_get()}")
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
 
 

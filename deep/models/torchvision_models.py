@@ -14,6 +14,7 @@ densenet161) with
 from __future__ import annotations
 
 import os
+import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,8 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         why = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         if isinstance(error, EOFError):
             why += " (the file is empty or truncated)"
+        elif isinstance(error, pickle.UnpicklingError):  # torch's text suggests weights_only=False: not for this
+            why = "not a weights file saved by torch.save (damaged, or another format)"
         raise ModelError(f"cannot read weights file {path}: {why}") from error
     for key in ("state_dict", "model"):
         if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):

@@ -9,6 +9,7 @@ zero linear bias. WRN-28-10 for 10 classes has 36.48 M parameters.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -84,3 +85,43 @@ class WRN(nn.Module):
 def wrn(depth: int = 28, width: int = 10, num_classes: int = 10, in_channels: int = 3, dropout: float = 0.0) -> WRN:
     """WRN-depth-width, e.g. ``wrn(28, 10)`` (36.48 M parameters) or ``wrn(16, 4)`` for quick runs."""
     return WRN(WRNConfig(depth, width, num_classes, in_channels, dropout))
+
+
+class WRNSize(NamedTuple):
+    """What a WRN costs, in elements: ``parameters`` (trainable), ``batchnorm`` (channels of all BatchNorm layers),
+    ``activations`` (all convolution and linear outputs of one image's forward pass: what the backward pass keeps at
+    the least) and ``largest`` (the largest single one of them)."""
+    parameters: int
+    batchnorm: int
+    activations: int
+    largest: int
+
+
+def wrn_size(depth: int, width: int, num_classes: int = 10, in_channels: int = 3, height: int = 32,
+             image_width: int | None = None) -> WRNSize:
+    """The :class:`WRNSize` of ``wrn(depth, width, num_classes, in_channels)`` on height x image_width inputs, in
+    closed form (no module is built, so absurd sizes cost nothing; equal to counting the built model, tested)."""
+    n, k = (depth - 4) // 6, width
+    h, w = height, image_width if image_width is not None else height
+    params, bn = in_channels * 16 * 9, 0
+    acts = largest = 16 * h * w
+    c_in = 16
+    for c_out, stride in ((16 * k, 1), (32 * k, 2), (64 * k, 2)):
+        for first in (True, False):
+            blocks = 1 if first else n - 1
+            if blocks <= 0:
+                continue
+            s = stride if first else 1
+            c = c_in if first else c_out
+            h2, w2 = -(-h // s), -(-w // s)
+            shortcut = s != 1 or c != c_out
+            params += blocks * (2 * c + 9 * c * c_out + 2 * c_out + 9 * c_out * c_out + (c * c_out if shortcut else 0))
+            bn += blocks * (c + c_out)
+            acts += blocks * (2 + shortcut) * c_out * h2 * w2
+            largest = max(largest, c_out * h2 * w2)
+            h, w = h2, w2
+        c_in = c_out
+    params += 2 * c_in + c_in * num_classes + num_classes
+    bn += c_in
+    acts += num_classes
+    return WRNSize(params, bn, acts, largest)

@@ -13,13 +13,19 @@ import sys
 import numpy as np
 
 from .errors import NQPError
+from .files import Outputs, check_writable
 from .methods import LatePhase, TailAverage, make_method
 from .problem import Problem
+from .resources import FLOAT, check_memory, check_threads
 
 DEFAULT_DIM, DEFAULT_POWER = 100, 1.0
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)  # no prefix matching: --gam is an error, not --gamma-theta
+        super().__init__(*args, **kwargs)
+
     def error(self, message):  # one line, exit 2
         raise SystemExit(_fail(f"{message} (see {self.prog} --help)"))
 
@@ -34,7 +40,13 @@ def _int_at_least(lo: int | None):
         try:
             v = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+            try:  # 1e6: an integer in scientific notation
+                f = float(text)
+                v = int(f) if math.isfinite(f) and f == int(f) else None
+            except (ValueError, OverflowError):
+                v = None
+            if v is None:
+                raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if lo is not None and v < lo:
             raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {v}")
         return v
@@ -77,14 +89,15 @@ def _problem_flags(p):
     g.add_argument("--optimum", type=float, nargs="+", metavar="W", default=[1.0],
                    help="optimum w*_i (one value broadcasts; default 1)")
     g.add_argument("--spectrum", choices=["powerlaw"], help="generate h_i = i^-P, i = 1..D")
-    g.add_argument("--dim", type=int, metavar="D", help=f"dimension of the power-law spectrum (default {DEFAULT_DIM})")
+    g.add_argument("--dim", type=_int, metavar="D", help=f"dimension of the power-law spectrum (default {DEFAULT_DIM})")
     g.add_argument("--power", type=float, metavar="P", help=f"power-law exponent (default {DEFAULT_POWER:g})")
 
 
 def _method_flags(p, method_default="additive", gamma_default=1.0):
     g = p.add_argument_group("method")
     g.add_argument("--method", choices=["sgd", "additive", "multiplicative"], default=method_default)
-    g.add_argument("--K", type=_int, default=10, help="number of late-phase members (default 10)")
+    g.add_argument("--K", type=_int, default=None, help="number of late-phase members, or of the runs of --method sgd "
+                                                        "--ensemble (default 10)")
     g.add_argument("--gamma-theta", type=float, default=None,
                    help=f"base-gradient scale: theta <- theta - lr_theta * gamma_theta * sum_k g_k "
                         f"(default {gamma_default:g}; 1/K averages the member gradients)")
@@ -121,6 +134,9 @@ def _vec(v):
 def method_params(a, gamma_default=1.0) -> dict:
     if a.method == "sgd" and a.gamma_theta is not None:
         raise NQPError("--gamma-theta applies to late-phase methods (--method additive/multiplicative)")
+    if a.method == "sgd" and a.K is not None and not a.ensemble:
+        raise NQPError("--K applies to late-phase methods and to --method sgd --ensemble (K runs averaged)")
+    a.K = 10 if a.K is None else a.K
     return dict(K=a.K, gamma_theta=gamma_default if a.gamma_theta is None else a.gamma_theta, lr=a.lr,
                 lr_theta=a.lr_theta, lr_phi=a.lr_phi, momentum=a.momentum, nesterov=a.nesterov,
                 batch=a.batch, ensemble=a.ensemble, swa_window=a.swa_window)
@@ -177,16 +193,19 @@ def _params_dict(m) -> dict:
     return d
 
 
-def write_atomic(path: str, text: str) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-    return path
-
-
 # ----------------------------------------------------------------------------- commands
+
+def _check_lyapunov_memory(a, problem) -> None:
+    """The Lyapunov path holds an n x n covariance per coordinate, n = (K + 1) states (twice with momentum)."""
+    n = ((a.K if a.method != "sgd" else 1) + 1) * (2 if a.momentum else 1)
+    check_memory([(f"{problem.dim:,} covariances of {n} x {n}", FLOAT * problem.dim * n * n, "--K, --dim")],
+                 "--lyapunov")
+
+
+def _given(a, *flags) -> list:
+    """The flags among ``flags`` that the command line gave explicitly."""
+    return [f for f in flags if f in a.given]
+
 
 def _check_short_time(a):
     if getattr(a, "short_time", False) and a.method != "multiplicative":
@@ -233,6 +252,8 @@ def cmd_predict(a) -> int:
     scan = a.method != "sgd" and a.gamma_theta is None and a.swa_window is None
     _check_short_time(a)
     method = make_method(a.method, **method_params(a))
+    if a.lyapunov:
+        _check_lyapunov_memory(a, problem)
 
     def as_dict(long) -> dict:
         """The long run (default), or with --short-time the balanced-start prediction labelled with its validity."""
@@ -299,7 +320,8 @@ def cmd_predict(a) -> int:
     return 0
 
 
-BURN_IN_UPDATES_CAP = 2e10   # member-coordinate updates the automatic long-run burn-in may spend (minutes)
+BURN_IN_UPDATES_CAP = 5e9    # member-coordinate updates the automatic long-run burn-in may spend (about a minute
+                             # at the 0.8-1.2e8 updates/s measured on two cores; beyond it the user chooses)
 
 
 def cmd_simulate(a) -> int:
@@ -308,8 +330,11 @@ def cmd_simulate(a) -> int:
 
     problem = build_problem(a)
     _check_short_time(a)
+    check_threads(a.threads)
     method = make_method(a.method, **method_params(a))
     mult = _is_multiplicative(method)
+    per_run = 2 + (2 * problem.dim if mult else 0)  # running sums (and the balance's per coordinate)
+    check_memory([(f"--runs {a.runs:,} runs", FLOAT * max(a.runs, 0) * per_run, "--runs")], "the simulation")
     if a.start != "balanced" and not mult:
         raise NQPError("--start applies to --method multiplicative")
     if a.short_time and a.start != "balanced":
@@ -319,7 +344,7 @@ def cmd_simulate(a) -> int:
     if mult and not a.short_time and a.start == "balanced":
         needed = long_run_burn_in(problem, method)
         if burn_in is None:
-            cost = float(a.runs) * problem.dim * needed
+            cost = float(a.runs) * problem.dim * (method.K + 1) * needed  # theta and the K phi_k
             if cost > BURN_IN_UPDATES_CAP:
                 raise NQPError(
                     f"from the balanced start the balance theta^2/|w*| relaxes with a time of "
@@ -383,26 +408,32 @@ def cmd_sweep(a) -> int:
     xn, yn = xn.replace("-", "_"), yn.replace("-", "_")
     if not xv or not yv:
         raise NQPError("--x and --y take a parameter name followed by values")
+    for axis, name in (("--x", xn), ("--y", yn)):
+        flag = "--K" if name == "K" else "--" + name.replace("_", "-")
+        if flag in a.given:
+            raise NQPError(f"{flag} is swept by {axis}; drop {flag} (or sweep another parameter)")
     _check_short_time(a)
+    _out_folder(a.out)
+    check_writable(a.out)  # before the work: a folder that takes no file fails now
     res = grid(problem, a.method, base, (xn, parse_values(xn, xv)), (yn, parse_values(yn, yv)),
                balance="release" if a.short_time else "long-run")
-    _out_folder(a.out)
     d = {"problem": problem.describe(), "method": a.method, "base": base, **res.to_dict()}
     if a.method == "multiplicative":
         d["prediction"] = "short time (balanced start)" if a.short_time else "long run (noise-selected balance)"
     files = {"json": os.path.join(a.out, "sweep.json"), "csv": os.path.join(a.out, "sweep.csv")}
-    write_atomic(files["json"], _json(d))
     header = [xn, yn, "excess_loss_mean_model", "excess_loss_members", "excess_loss_sgd", "gain_over_sgd", "stable"]
     lines = [",".join(header)] + [",".join(str(r[k]) for k in header) for r in res.rows()]
-    write_atomic(files["csv"], "\n".join(lines) + "\n")
     tag = (", long run" if not a.short_time else ", short time") if a.method == "multiplicative" else ""
     title = f"{a.method}{tag}: gain over SGD (E_sgd / E_mean); {problem.describe()}"
-    files["heatmap"] = plots.plot_heatmap(xn, res.x, yn, res.y, res.gain, os.path.join(a.out, "sweep_gain.png"),
-                                          title, "E_sgd / E_mean")
     sgd_ref = float(np.nanmean(res.sgd)) if np.all(res.sgd == res.sgd[0, 0]) else None
-    files["lines"] = plots.plot_lines(xn, res.x, yn, res.y, {"mean model": res.mean_model, "members": res.members},
-                                      os.path.join(a.out, "sweep_lines.png"), f"{a.method}: stationary excess loss",
-                                      hline=sgd_ref)
+    with Outputs() as out:  # all four files or none: a failure leaves the earlier set and no temporary file
+        out.write_text(files["json"], _json(d))
+        out.write_text(files["csv"], "\n".join(lines) + "\n")
+        files["heatmap"] = plots.plot_heatmap(xn, res.x, yn, res.y, res.gain, os.path.join(a.out, "sweep_gain.png"),
+                                              title, "E_sgd / E_mean", outputs=out)
+        files["lines"] = plots.plot_lines(xn, res.x, yn, res.y, {"mean model": res.mean_model,
+                                          "members": res.members}, os.path.join(a.out, "sweep_lines.png"),
+                                          f"{a.method}: stationary excess loss", hline=sgd_ref, outputs=out)
     if a.json:
         _dump({**d, "files": files})
         return 0
@@ -432,7 +463,16 @@ def cmd_curve(a) -> int:
     method = make_method(a.method, **method_params(a))
     sgd = SGD(a.lr, a.momentum, a.nesterov)
     path = "lyapunov" if a.lyapunov else "closed"
+    extra = _given(a, "--runs", "--seed", "--threads")
+    if extra and not a.simulate:
+        raise NQPError(f"{', '.join(extra)} appl{'y' if len(extra) > 1 else 'ies'} to --simulate (the Monte Carlo "
+                       f"points); add --simulate or drop {'them' if len(extra) > 1 else 'it'}")
+    check_threads(a.threads)
+    check_memory([(f"--points {a.points:,} evaluation times", FLOAT * max(a.points, 0) * 4, "--points")], "the curve")
+    if a.lyapunov:
+        _check_lyapunov_memory(a, problem)
     _out_png(a.out)
+    check_writable(os.path.dirname(a.out) or ".")
     _check_short_time(a)
     curve = learning_curve(problem, method, sgd, T0=a.t0, horizon=a.horizon, w0=_vec(a.w0), sigma0=a.sigma0,
                            points=a.points, swa_start=a.swa_start, path=path,
@@ -461,6 +501,7 @@ def cmd_curve(a) -> int:
 def cmd_docs(a) -> int:
     from .docs import build
     _out_folder(a.out)
+    check_writable(a.out)
     for path in build(a.out, quick=a.quick, progress=sys.stderr.isatty()):
         print(f"wrote {path}")
     return 0
@@ -527,22 +568,77 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _StdoutError(Exception):
+    """Writing the command's output to stdout failed (a full disk behind a redirection, a closed terminal)."""
+
+
+class _Stdout:
+    """sys.stdout while a command runs: a failed write or flush is a _StdoutError (a closed pipe stays a
+    BrokenPipeError), so that it is not mistaken for a failure of a file the user named."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _guard(self, fn, *args):
+        try:
+            return fn(*args)
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise _StdoutError(e.strerror or str(e)) from None
+
+    def write(self, text):
+        return self._guard(self._stream.write, text)
+
+    def flush(self):
+        return self._guard(self._stream.flush)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's final flush does not complain about a closed pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.__stdout__.fileno())
+    except (OSError, AttributeError, ValueError):
+        pass
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = make_parser()
+    stdout, sys.stdout = sys.stdout, _Stdout(sys.stdout)
     try:
         a = parser.parse_args(argv)
+        a.given = {tok.split("=", 1)[0] for tok in argv if tok.startswith("--")}
         if hasattr(a, "lr"):
             _finite(a)
-        return a.func(a)
+        # Overflow in a diverging run is detected and reported as one line (the result is checked), so numpy's
+        # floating-point warnings would only repeat it.
+        with np.errstate(all="ignore"):
+            rc = a.func(a)
+        sys.stdout.flush()
+        return rc
     except SystemExit as e:
         return int(e.code or 0)
     except NQPError as e:
         return _fail(str(e))
-    except OSError as e:  # an output path that cannot be written
+    except BrokenPipeError:  # the reader of stdout went away (e.g. | head): nothing left to say
+        _silence_stdout()
+        return 0
+    except _StdoutError as e:
+        return _fail(f"cannot write the output to stdout: {e.args[0]}")
+    except OSError as e:  # a path the user gave that the OS refuses
         where = f" {e.filename}" if e.filename else ""
         return _fail(f"cannot write{where}: {e.strerror or e}; choose another --out")
+    except MemoryError:
+        return _fail("out of memory: lower --dim, --runs, --points or the sweep's grid")
     except KeyboardInterrupt:
         return _fail("interrupted")
+    finally:
+        sys.stdout = stdout
 
 
 if __name__ == "__main__":

@@ -57,9 +57,8 @@ def main(argv=None) -> int:
             same = f.read() == text
         print("nqp/_closed_forms.py is up to date" if same else "nqp/_closed_forms.py differs: run python -m nqp.codegen")
         return 0 if same else 1
-    with open(path(), "w") as f:
-        f.write(text)
-    print(f"wrote {path()}")
+    from .files import write_atomic
+    print(f"wrote {write_atomic(path(), text)}")
     return 0
 
 

@@ -68,15 +68,14 @@ def time_grid(T0: int, horizon: int, K: int, points: int = 200) -> np.ndarray:
         raise NQPError(f"--t0 must be a non-negative integer number of minibatches, got {T0}")
     if int(horizon) != horizon or horizon <= T0:
         raise NQPError(f"--horizon ({horizon}) must be an integer > --t0 ({T0})")
+    if horizon < T0 + K:  # else the curve would end before the first late-phase outer step (K minibatches)
+        raise NQPError(f"--horizon ({horizon}) must reach at least one outer step past --t0: >= {T0 + K} (T0 + K)")
     if points < 2:
         raise NQPError(f"--points must be >= 2, got {points}")
     raw = np.linspace(0, horizon, int(points))
     pre = np.round(raw[raw < T0]).astype(int)
     post = T0 + K * np.round((raw[raw >= T0] - T0) / K).astype(int)
-    t = np.unique(np.concatenate([pre, [T0], post[post <= horizon]]))
-    if len(t) < 2:
-        raise NQPError(f"--horizon ({horizon}) must reach at least one outer step past --t0: >= {T0 + K} (T0 + K)")
-    return t
+    return np.unique(np.concatenate([pre, [T0], post[post <= horizon]]))
 
 
 def start_weights(w0, dim: int) -> np.ndarray:

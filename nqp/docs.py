@@ -23,6 +23,7 @@ from . import closed_form as cf
 from . import linear, plots
 from .curves import learning_curve
 from .errors import NQPError
+from .files import write_atomic
 from .methods import SGD, Ensemble, LatePhase, TailAverage
 from .montecarlo import long_run_burn_in, simulate, simulate_curve
 from .problem import Problem
@@ -581,10 +582,5 @@ def build(out: str = "docs", quick: bool = False, progress: bool = False) -> lis
         bar.close()
     template = resources.files("nqp").joinpath("theory_template.md").read_text()
     md = render(template, vals)
-    path = os.path.join(out, "theory.md")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(md)
-    os.replace(tmp, path)
-    written.append(path)
+    written.append(write_atomic(os.path.join(out, "theory.md"), md))
     return written

@@ -28,18 +28,24 @@ def _plt():
     return plt
 
 
-def save(fig, path: str) -> str:
-    """Write a figure atomically (temporary file + rename) and close it."""
+def save(fig, path: str, outputs=None) -> str:
+    """Write a figure as PNG and close it: staged in `outputs` (a :class:`nqp.files.Outputs`, renamed into place with
+    the rest of its set), or on its own, atomically (a temporary file beside `path`, renamed)."""
+    from .files import Outputs
+
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=130, bbox_inches="tight", metadata={"Software": None})
-    os.replace(tmp, path)
-    _plt().close(fig)
+    try:
+        if outputs is not None:
+            outputs.write_figure(path, fig, dpi=130, bbox_inches="tight", metadata={"Software": None})
+        else:
+            with Outputs() as out:
+                out.write_figure(path, fig, dpi=130, bbox_inches="tight", metadata={"Software": None})
+    finally:
+        _plt().close(fig)
     return path
 
 
-def plot_curve(curve, path: str, mc=None, title: str | None = None, logy: bool = True) -> str:
+def plot_curve(curve, path: str, mc=None, title: str | None = None, logy: bool = True, outputs=None) -> str:
     """Analytic lines for every series of `curve`; Monte Carlo points with 2-sigma bars from `mc`."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7.5, 4.6))
@@ -51,18 +57,18 @@ def plot_curve(curve, path: str, mc=None, title: str | None = None, logy: bool =
                         color=COLORS.get(name), alpha=0.75, elinewidth=0.8, capsize=0)
     ax.axvline(curve.T0, color="k", ls=":", lw=1)
     ax.text(curve.T0, ax.get_ylim()[1], " T0", va="top", fontsize=8)
-    if logy:
+    if logy and any(np.any(np.asarray(y) > 0) for y in curve.series.values()):  # all zero (no noise): linear axis
         ax.set_yscale("log")
     ax.set_xlabel("t (minibatches)")
     ax.set_ylabel("expected excess loss")
     ax.set_title(title or f"learning curve (K={curve.K})" + (", points: simulation ±2 s.e." if mc else ""))
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    return save(fig, path)
+    return save(fig, path, outputs)
 
 
 def plot_heatmap(x_name, x_vals, y_name, y_vals, z, path: str, title: str, cbar: str, log: bool = True,
-                 center_one: bool = True) -> str:
+                 center_one: bool = True, outputs=None) -> str:
     """A (y, x) grid of values; NaN cells (unstable) in gray, and with center_one a black contour where the value is 1
     (no gain: white in the diverging colour map)."""
     plt = _plt()
@@ -99,11 +105,11 @@ def plot_heatmap(x_name, x_vals, y_name, y_vals, z, path: str, title: str, cbar:
     if _is_log(y_vals):
         ax.set_yscale("log")
     ax.set_title(title)
-    return save(fig, path)
+    return save(fig, path, outputs)
 
 
 def plot_lines(x_name, x_vals, y_name, y_vals, series: dict, path: str, title: str, mc: dict | None = None,
-               ylabel: str = "expected excess loss", hline: float | None = None) -> str:
+               ylabel: str = "expected excess loss", hline: float | None = None, outputs=None) -> str:
     """One line per y value for each named series ({name: (len(y), len(x)) array})."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7.5, 4.6))
@@ -127,7 +133,7 @@ def plot_lines(x_name, x_vals, y_name, y_vals, series: dict, path: str, title: s
     ax.set_title(title)
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
-    return save(fig, path)
+    return save(fig, path, outputs)
 
 
 def _is_log(v) -> bool:

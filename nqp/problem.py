@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import NQPError
+from .resources import FLOAT, check_memory
 
 
 def _as_vector(name: str, value, dim: int | None) -> np.ndarray:
@@ -72,6 +73,8 @@ class Problem:
             raise NQPError(f"--dim must be a positive integer, got {dim}")
         if not np.isfinite(power) or power < 0:
             raise NQPError(f"--power must be >= 0, got {power}")
+        # the curvature, noise and optimum vectors and the closed forms' per-coordinate terms (a lower bound)
+        check_memory([(f"--dim {int(dim):,} coordinates", 6 * FLOAT * int(dim), "--dim")], "the problem")
         h = np.arange(1, int(dim) + 1, dtype=float) ** (-float(power))
         return cls(h, _as_vector("noise", noise, int(dim)), _as_vector("optimum", optimum, int(dim)))
 

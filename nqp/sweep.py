@@ -6,6 +6,7 @@ in chunks so memory stays bounded. Unstable grid points are NaN.
 """
 from __future__ import annotations
 
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ import numpy as np
 from . import closed_form as cf
 from .errors import NQPError
 from .methods import make_method
+from .resources import FLOAT, check_memory
 
 PARAMS = ("K", "gamma_theta", "lr", "lr_theta", "lr_phi", "momentum")
 
@@ -35,6 +37,9 @@ def parse_values(name: str, tokens) -> np.ndarray:
             a, b, n = float(parts[0]), float(parts[1]), int(parts[2])
             if n < 1:
                 raise ValueError
+            if not (math.isfinite(a) and math.isfinite(b)):
+                raise NQPError(f"{name}: range ends must be finite, got {tok}")
+            check_memory([(f"{n:,} values of {name}", FLOAT * n, "the num of start:stop:num")], f"{name} {tok}")
             if len(parts) == 4:
                 if a <= 0 or b <= 0:
                     raise NQPError(f"{name}: a log range needs positive ends, got {tok}")
@@ -124,6 +129,9 @@ def grid(problem, method: str, base: dict, x: tuple, y: tuple, chunk_elements: i
     if base.get("lr_phi") is None and "lr_phi" not in (xn, yn):
         P["lr_phi"] = P["lr"]
     shape = (len(yv), len(xv))
+    n = shape[0] * shape[1]  # the parameters and four results per grid point live at once (coordinates in chunks)
+    check_memory([(f"{n:,} grid points ({shape[1]:,} x {shape[0]:,})", FLOAT * n * (len(PARAMS) + 4), "--x, --y")],
+                 "the sweep")
     P = {k: np.broadcast_to(v, shape).reshape(-1) for k, v in P.items()}
     nest = bool(base.get("nesterov", False))
     h, s = problem.curvature, problem.noise

@@ -111,7 +111,8 @@ def test_curve_and_sweep_multiplicative_follow_the_balance(capsys, tmp_path):
     short = run_json(capsys, "curve", *MULT, "--t0", "40", "--horizon", "8040", "--points", "20", "--out", str(png),
                      "--short-time")
     assert short["series"]["latephase_mean"][-1] < d["series"]["latephase_mean"][-1]
-    sw = run_json(capsys, "sweep", *MULT, "--x", "K", "2", "4", "--y", "lr", "0.05", "--out", str(tmp_path / "s"))
+    fixed = [v for i, v in enumerate(MULT) if v not in ("--K", "--lr") and MULT[i - 1] not in ("--K", "--lr")]
+    sw = run_json(capsys, "sweep", *fixed, "--x", "K", "2", "4", "--y", "lr", "0.05", "--out", str(tmp_path / "s"))
     pred = run_json(capsys, "predict", *MULT)
     point = [p for p in sw["points"] if p["K"] == 4][0]
     assert point["excess_loss_mean_model"] == pytest.approx(pred["excess_loss_mean_model"], rel=1e-10)

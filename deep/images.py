@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import sys
 
 import torch
@@ -49,7 +50,7 @@ class ImageRun(ClassifierRun):
         if cfg.test_subset:
             test = _subset(test, cfg.test_subset)
         self.train_data, self.test_data = train, test
-        if train.source and self.rank == 0:
+        if train.source and self.rank == 0 and os.path.realpath(train.source) != os.path.realpath(self.data_dir):
             print(f"note: {cfg.dataset} not found under --data-dir {self.data_dir}; reading it from {train.source}",
                   file=sys.stderr)
         self.ood, self.ood_missing = {}, {}

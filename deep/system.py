@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import os
 import platform
-import resource
 import subprocess
 
 import torch
+
+from nqp.resources import format_bytes
+from nqp.resources import memory_limit as machine_memory
 
 from .errors import DeepError
 
@@ -31,39 +33,13 @@ def pick_device(device: str | None) -> torch.device:
     return dev
 
 
-def format_bytes(n: float) -> str:
-    """``n`` bytes in binary units (e.g. 1.5 GiB)."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if abs(n) < 1024 or unit == "PiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} PiB"
-
-
 def memory_limit(device: torch.device) -> int | None:
     """Bytes of memory a run can have on ``device``: a GPU's total memory; for the CPU the physical memory, or less
-    where a cgroup limit or an address-space limit (ulimit -v) is set. None where it cannot be told."""
+    where a cgroup limit or an address-space limit (ulimit -v) is set (:func:`nqp.resources.memory_limit`). None
+    where it cannot be told."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
-    if device.type != "cpu":
-        return None
-    limits = []
-    try:
-        limits.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError):
-        pass
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            with open(path) as f:
-                text = f.read().strip()
-        except OSError:
-            continue
-        if text.isdigit():
-            limits.append(int(text))
-    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
-    if soft != resource.RLIM_INFINITY:
-        limits.append(soft)
-    return min(limits) if limits else None
+    return machine_memory() if device.type == "cpu" else None
 
 
 def check_memory(device: torch.device, needs: list, subject: str = "the run") -> None:

@@ -260,7 +260,7 @@ class Trainer(abc.ABC):
         gamma = cfg.theta_scale
         line = (f"release at epoch {self.epoch + 1} (t = {self.t} minibatches): K={cfg.K} members of {families}, "
                 f"gamma_theta={gamma:g}; each outer step now takes {cfg.K} minibatches")
-        if cfg.K > 1:
+        if cfg.K > 1 and "all" not in cfg.phi:  # phi all: nothing is shared, there is no theta step
             # docs/theory.md §3.1: the additive NQP mean model steps with lr_phi + K gamma_theta lr (SGD: lr)
             ratio = (cfg.phi_lr + cfg.K * gamma * cfg.lr) / cfg.lr
             line += (f"; theta steps along {'the sum' if gamma == 1 else 'a multiple'} of the member gradients: the "

@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .wrn import init_weights
+
 
 def parse_plan(arch: str) -> tuple[tuple[int, ...], ...]:
     """``cnn-32-64x2-128`` -> ((32,), (64, 64), (128,)); raises ValueError for anything else."""
@@ -45,14 +47,7 @@ class CNN(nn.Module):
                 c = w
         self.features = nn.Sequential(*layers)
         self.fc = nn.Linear(c, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        init_weights(self)  # as the WRN
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))

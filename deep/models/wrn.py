@@ -52,6 +52,19 @@ class Block(nn.Module):
         return y + (x if self.shortcut is None else self.shortcut(o))
 
 
+def init_weights(model: nn.Module) -> None:
+    """The reference's initialisation: Kaiming-normal (fan_out) convolutions, BatchNorm gamma = 1 and beta = 0, zero
+    linear bias (the linear weight keeps PyTorch's default)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
+
+
 class WRN(nn.Module):
     def __init__(self, cfg: WRNConfig = WRNConfig()):
         super().__init__()
@@ -67,14 +80,7 @@ class WRN(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.bn = nn.BatchNorm2d(c_in)
         self.fc = nn.Linear(c_in, cfg.num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.blocks(self.conv(x))

@@ -88,7 +88,6 @@ def plot_runs(folders: list, out: str) -> None:
             if cfg.get("swa_start", 0) > 0:
                 ax.axvline(cfg["swa_start"] - 0.5, color=color, ls=":", lw=1, alpha=0.7)
         axes[0][2].set_yscale("log")
-    axes[0][0].legend(fontsize=8)
     axes[0][1].text(0.01, 0.01, "dashed: release at T0; dotted: SWA start", transform=axes[0][1].transAxes,
                     fontsize=8, color="gray")
     if classifiers:
@@ -118,8 +117,16 @@ def plot_runs(folders: list, out: str) -> None:
             ax.set_ylabel("accuracy")
             ax.set_xlim(0, 1)
             ax.set_ylim(0, 1)
-        axes[1][0].legend(fontsize=8)
-    fig.tight_layout()
+    # One legend for all panels (a run has one colour everywhere), below them: inside a panel it hid the curves.
+    handles, labels = [], []
+    for ax in (axes[1][0], axes[0][0]) if classifiers else (axes[0][0],):
+        for h, lbl in zip(*ax.get_legend_handles_labels()):
+            if not any(lbl.split(" [")[0] == seen.split(" [")[0] for seen in labels):
+                handles.append(h)
+                labels.append(lbl)
+    rows = -(-len(labels) // 2)
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.035 * rows + 0.01, 1, 1))
     try:
         fig.savefig(out, dpi=110)
     except OSError as e:

@@ -204,7 +204,7 @@ def _check_lyapunov_memory(a, problem) -> None:
 
 def _given(a, *flags) -> list:
     """The flags among ``flags`` that the command line gave explicitly."""
-    return [f for f in flags if f in a.given]
+    return [f for f in flags if f in getattr(a, "given", ())]
 
 
 def _check_short_time(a):
@@ -410,7 +410,7 @@ def cmd_sweep(a) -> int:
         raise NQPError("--x and --y take a parameter name followed by values")
     for axis, name in (("--x", xn), ("--y", yn)):
         flag = "--K" if name == "K" else "--" + name.replace("_", "-")
-        if flag in a.given:
+        if _given(a, flag):
             raise NQPError(f"{flag} is swept by {axis}; drop {flag} (or sweep another parameter)")
     _check_short_time(a)
     _out_folder(a.out)

@@ -331,7 +331,7 @@ def select_grid(problem, K, gamma_theta, lr_theta, lr_phi, momentum: float = 0.0
     prob = SimpleNamespace(curvature=h, noise=s, optimum=w)
     K, g, et, ep = (np.asarray(a, float) for a in (K, gamma_theta, lr_theta, lr_phi))
     moving = (g * et) > 0
-    # frozen settings get placeholder rates (their balance stays 1); they are restored below
+    # frozen settings get stand-in rates (their balance stays 1); they are restored below
     meth = SimpleNamespace(K=K, gamma_theta=np.where(moving, g, 1.0), lr_theta=np.where(moving, et, 1e-300),
                            lr_phi=ep, momentum=momentum, nesterov=nesterov)
     lo, hi, disc, edge = _interval(prob, meth)

@@ -7,7 +7,7 @@ import subprocess
 
 import torch
 
-from nqp.resources import format_bytes
+from nqp.resources import memory_refusal
 from nqp.resources import memory_limit as machine_memory
 
 from .errors import DeepError
@@ -46,16 +46,10 @@ def check_memory(device: torch.device, needs: list, subject: str = "the run") ->
     """Refuse (one-line DeepError) a run or benchmark whose memory needs cannot fit ``device``: ``needs`` holds
     (what, bytes, flags that change it), lower bounds of what will be allocated. The line names the total, the
     device's memory and the largest needs with their flags."""
-    limit = memory_limit(device)
-    total = sum(b for _, b, _ in needs)
-    if limit is None or total <= limit:
-        return
     where = f"the GPU {device}" if device.type == "cuda" else "this machine"
-    largest = sorted(needs, key=lambda n: -n[1])
-    parts = "; ".join(f"{what}: {format_bytes(b)} ({flags})" for what, b, flags in largest[:3]
-                      if b >= total / 20 or b == largest[0][1])
-    raise DeepError(f"{subject} needs at least {format_bytes(total)} of {device.type.upper()} memory but {where} has "
-                    f"{format_bytes(limit)}: {parts}; lower those settings")
+    line = memory_refusal(needs, subject, memory_limit(device), where, device.type.upper())
+    if line:
+        raise DeepError(line)
 
 
 def keep_freed_memory() -> str:

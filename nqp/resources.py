@@ -48,19 +48,27 @@ def memory_limit() -> int | None:
     return min(limits) if limits else None
 
 
-def check_memory(needs: list, subject: str) -> None:
-    """Refuse a request whose memory cannot fit: `needs` holds (what, bytes, flags that change it), lower bounds of
-    what will be allocated at the same time. The line names the total, the machine's memory and the largest needs."""
+def memory_refusal(needs: list, subject: str, limit: int | None, where: str = "this machine",
+                   kind: str = "") -> str | None:
+    """The one-line refusal of `needs` ((what, bytes, flags that change it), lower bounds of what is allocated at the
+    same time) against `limit` bytes, or None when they fit (or the limit is unknown): the total, the memory `where`
+    has and the largest needs with their flags."""
     needs = [(what, float(b), flags) for what, b, flags in needs]
     total = sum(b for _, b, _ in needs)
-    limit = memory_limit()
     if limit is None or total <= limit:
-        return
+        return None
     largest = sorted(needs, key=lambda n: -n[1])
     parts = "; ".join(f"{what}: {format_bytes(b)} ({flags})" for what, b, flags in largest[:3]
                       if b >= total / 20 or b == largest[0][1])
-    raise NQPError(f"{subject} needs at least {format_bytes(total)} of memory but this machine has "
-                   f"{format_bytes(limit)}: {parts}; lower those settings")
+    return (f"{subject} needs at least {format_bytes(total)} of {kind + ' ' if kind else ''}memory but {where} has "
+            f"{format_bytes(limit)}: {parts}; lower those settings")
+
+
+def check_memory(needs: list, subject: str) -> None:
+    """Refuse (NQPError) a request whose memory cannot fit this machine (see :func:`memory_refusal`)."""
+    line = memory_refusal(needs, subject, memory_limit())
+    if line:
+        raise NQPError(line)
 
 
 def cpu_count() -> int:

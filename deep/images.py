@@ -155,9 +155,16 @@ class ImageRun(ClassifierRun):
             yield dist_utils.shard(x, 1) if self.distributed else x
 
     def epoch_metrics(self) -> dict:
-        """Test accuracy (%) of the current weight-averaged model (the members' mean BatchNorm statistics)."""
-        model = shared.collapse(self.lp.model, bn="mean") if self.lp is not None else self.model
-        return {"test_accuracy": score_plain(model, self.test_batches, {}, self.amp)["accuracy"]}
+        """Test accuracy (%) of the current weight-averaged model (the members' mean BatchNorm statistics); from the
+        SWA start also of the SWA average (``swa_test_accuracy``, with the averaged running statistics): at the
+        constant SWA lr the current weights score well below the average the run delivers."""
+        def accuracy(net):
+            model = shared.collapse(net, bn="mean") if self.lp is not None else net
+            return score_plain(model, self.test_batches, {}, self.amp)["accuracy"]
+        out = {"test_accuracy": accuracy(self.lp.model if self.lp is not None else self.model)}
+        if self.swa is not None:
+            out["swa_test_accuracy"] = accuracy(self.swa.model)
+        return out
 
     def build_spec(self) -> dict:
         return {"builder": "deep.models.image_model", "kwargs": {"arch": self.cfg.arch,

@@ -80,6 +80,9 @@ def plot_runs(folders: list, out: str) -> None:
             ys = [e.get(key) for e in run["log"]] if key else []
             if any(y is not None for y in ys):
                 ax.plot(epochs, ys, "o-", ms=3, color=color, label=label)
+            swa = [e.get("swa_test_accuracy") for e in run["log"]] if key == "test_accuracy" else []
+            if any(y is not None for y in swa):  # the SWA average the run delivers, beside the current weights
+                ax.plot(epochs, swa, "s:", ms=3, color=color)
             ax.set_title(title or "")
             ax.set_xlabel("epoch")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -88,7 +91,8 @@ def plot_runs(folders: list, out: str) -> None:
             if cfg.get("swa_start", 0) > 0:
                 ax.axvline(cfg["swa_start"] - 0.5, color=color, ls=":", lw=1, alpha=0.7)
         axes[0][2].set_yscale("log")
-    axes[0][1].text(0.01, 0.01, "dashed: release at T0; dotted: SWA start", transform=axes[0][1].transAxes,
+    axes[0][1].text(0.01, 0.01, "dashed: release at T0; dotted: SWA start; squares: the SWA average",
+                    transform=axes[0][1].transAxes,
                     fontsize=8, color="gray")
     if classifiers:
         for ax, model in zip(axes[1], ("averaged", "ensemble", "members")):

@@ -26,6 +26,7 @@ SPEC is a named study (``python -m deep study --list``) or a JSON file::
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -37,18 +38,28 @@ from .errors import ConfigError, DeepError
 from .trainer import shareable, write_json
 
 METRICS = ("accuracy", "nll", "ece")
-MODELS = ("averaged", "ensemble", "members")
+# "mc_dropout": an MC-dropout arm's prediction averaged over its stochastic test passes ("averaged" is its
+# deterministic network, dropout off), so both appear side by side in the tables.
+MODELS = ("averaged", "ensemble", "members", "mc_dropout")
 
 
 @dataclass(frozen=True)
 class Arm:
     """One arm: a preset and field overrides (see deep.config); or, with ``ensemble_of``, a deep ensemble assembled
-    from ``size`` runs of another arm (no training of its own: K x that arm's cost)."""
+    from ``size`` runs of another arm (no training of its own: K x that arm's cost). ``seeds``: a subset of the
+    study's seeds for an arm too costly to run on all of them (empty: all); the report says each arm's n."""
     name: str
     config: str = ""
     overrides: dict = field(default_factory=dict)
     ensemble_of: str | None = None
     size: int = 0
+    seeds: tuple = ()
+
+    def seeds_in(self, spec: "StudySpec") -> tuple:
+        """The seeds this arm runs on (a deep ensemble: those of the arm it assembles)."""
+        if self.ensemble_of is not None:
+            return next(a for a in spec.arms if a.name == self.ensemble_of).seeds_in(spec)
+        return self.seeds or spec.seeds
 
     def resolved(self):
         return get_config(self.config, **{k: tuple(v) if isinstance(v, list) else v
@@ -78,11 +89,20 @@ class StudySpec:
             raise ConfigError(f"study {self.name}: rule must be stored or reestimated, got {self.rule!r}")
         trained = {a.name for a in self.arms if a.ensemble_of is None}
         for a in self.arms:
-            if a.ensemble_of is not None and (a.ensemble_of not in trained or not 2 <= a.size <= len(self.seeds)):
+            if len(set(a.seeds)) != len(a.seeds) or not set(a.seeds) <= set(self.seeds) or (
+                    a.seeds and a.ensemble_of is not None):
+                raise ConfigError(f"study {self.name}: the seeds of arm {a.name} must be distinct seeds of the study "
+                                  f"{list(self.seeds)} (a deep ensemble takes those of its arm), got {list(a.seeds)}")
+        for a in self.arms:
+            if a.ensemble_of is not None and (a.ensemble_of not in trained or
+                                              not 2 <= a.size <= len(a.seeds_in(self))):
                 raise ConfigError(f"study {self.name}: the deep ensemble {a.name} needs ensemble_of = a trained arm "
-                                  f"and 2 <= size <= {len(self.seeds)} (the seeds), got {a.ensemble_of!r}, {a.size}")
+                                  f"and 2 <= size <= its seeds, got {a.ensemble_of!r}, {a.size}")
         if self.baseline not in trained:
             raise ConfigError(f"study {self.name}: the baseline must be a trained arm, not {self.baseline!r}")
+        if next(a for a in self.arms if a.name == self.baseline).seeds:
+            raise ConfigError(f"study {self.name}: the baseline {self.baseline} runs on every seed of the study "
+                              f"(every arm is paired with it)")
         kinds = {a.resolved().KIND for a in self.arms if a.ensemble_of is None}  # validates every arm's config
         if len(kinds) != 1:
             raise ConfigError(f"study {self.name}: all arms must be of one kind, got {sorted(kinds)}")
@@ -98,16 +118,18 @@ def _paper_study(name: str, dataset: str) -> StudySpec:
               Arm("swa", f"{dataset}_base_swa"), Arm("late_phase_swa", f"{dataset}_bn_swa")))
 
 
-def _arms_study(name: str, prefix: str, seeds: tuple, description: str) -> StudySpec:
+def _arms_study(name: str, prefix: str, seeds: tuple, description: str, fewer: dict | None = None) -> StudySpec:
     """The paper's other arms (deep.config.ARM_TWINS) beside the base model and late-phase BatchNorm + head, with a
-    deep ensemble of K base runs assembled from the seeds."""
+    deep ensemble of K base runs assembled from the seeds; ``fewer``: arm -> its seeds, for the costly arms."""
     k = min(get_config(f"{prefix}_bn").K, len(seeds))
-    return StudySpec(
-        name=name, seeds=seeds, baseline="base", description=description,
-        arms=(Arm("base", f"{prefix}_base"), Arm("late_phase", f"{prefix}_bn"),
-              Arm("full_ensemble", f"{prefix}_all"), Arm("hypernetwork", f"{prefix}_hyper"),
-              Arm("batchensemble", f"{prefix}_batchensemble"), Arm("mc_dropout", f"{prefix}_mcdropout"),
-              Arm("late_phase_T0_0", f"{prefix}_t0"), Arm("deep_ensemble", ensemble_of="base", size=k)))
+    fewer = fewer or {}
+    arms = (Arm("base", f"{prefix}_base"), Arm("late_phase", f"{prefix}_bn"),
+            Arm("full_ensemble", f"{prefix}_all"), Arm("hypernetwork", f"{prefix}_hyper"),
+            Arm("batchensemble", f"{prefix}_batchensemble"), Arm("mc_dropout", f"{prefix}_mcdropout"),
+            Arm("late_phase_T0_0", f"{prefix}_t0"))
+    return StudySpec(name=name, seeds=seeds, baseline="base", description=description,
+                     arms=tuple(dataclasses.replace(a, seeds=fewer.get(a.name, ())) for a in arms) +
+                     (Arm("deep_ensemble", ensemble_of="base", size=k),))
 
 
 STUDIES = {
@@ -126,9 +148,17 @@ STUDIES = {
               Arm("late_phase_inv_K", "fmnist_cpu_bn", {"gamma_theta": -1.0}),
               Arm("swa", "fmnist_cpu_base_swa"), Arm("late_phase_swa", "fmnist_cpu_bn_swa"),
               Arm("deep_ensemble", ensemble_of="base", size=4))),
-    "fmnist_cpu_arms": _arms_study("fmnist_cpu_arms", "fmnist_cpu", (0, 1),
-                                   "The other arms on the CPU-sized Fashion-MNIST family (two seeds: the arms "
-                                   "trained from step 0 cost 7 late-phase epochs each)."),
+    # The base and late-phase arms are those of fmnist_cpu (same presets and seeds: ~5 min a run); the arms trained
+    # as K members from step 0 (BatchEnsemble, T0 = 0) and MC dropout (slower per image) run on three seeds; the
+    # full ensemble and the hypernetwork (slower per image after the release, and 4x the evaluation) on two.
+    "fmnist_cpu_arms": _arms_study(
+        "fmnist_cpu_arms", "fmnist_cpu", (0, 1, 2, 3, 4),
+        "The other arms on the CPU-sized Fashion-MNIST family, paired with the base model of the same seed: "
+        "base, late-phase BN + head and the deep ensemble of 4 base runs on 5 seeds; BatchEnsemble, MC dropout and "
+        "late-phase from T0 = 0 on 3; the late-phase full ensemble and hypernetwork (slower per image after the "
+        "release on the CPU, see the cost table) on 2.",
+        fewer={"batchensemble": (0, 1, 2), "mc_dropout": (0, 1, 2), "late_phase_T0_0": (0, 1, 2),
+               "full_ensemble": (0, 1), "hypernetwork": (0, 1)}),
 }
 
 
@@ -143,7 +173,8 @@ def load_spec(spec: str) -> StudySpec:
             d = json.load(f)
         arms = tuple(Arm(name, a.get("config", ""), dict(a.get("overrides", {})), a.get("ensemble_of"),
                          int(a.get("size", 0))) if "ensemble_of" in a else Arm(name, a["config"],
-                                                                                dict(a.get("overrides", {})))
+                                                                                dict(a.get("overrides", {})),
+                                                                                seeds=tuple(a.get("seeds", ())))
                      for name, a in d["arms"].items())
         return StudySpec(d.get("name", os.path.splitext(os.path.basename(spec))[0]), arms, tuple(d["seeds"]),
                          d["baseline"], d.get("rule", "reestimated"), d.get("description", "")).validate()
@@ -191,7 +222,8 @@ def run_study(spec: StudySpec, out: str, data_dir: str = "data", device: str | N
     plan = _trunk_plan(spec)
     say = (lambda text: None) if quiet else (lambda text: print(f"[study {spec.name}] {text}",
                                                                 file=stream or sys.stdout, flush=True))
-    todo = [(seed, arm) for seed in spec.seeds for arm in spec.arms if arm.ensemble_of is None]
+    todo = [(seed, arm) for seed in spec.seeds for arm in spec.arms
+            if arm.ensemble_of is None and seed in arm.seeds_in(spec)]
     start = time.perf_counter()
     for i, (seed, arm) in enumerate(todo):
         folder = _folder(out, arm.name, seed)
@@ -279,31 +311,35 @@ def _metric(models: dict, model: str, rule: str, metric: str):
 
 def collect(spec: StudySpec, out: str) -> dict:
     """arm -> seed -> results dict, for the finished runs; a deep-ensemble arm's "seed" s is the ensemble of the
-    runs of ``size`` consecutive seeds of its arm starting at s (cyclically, so ensembles overlap when size > 1)."""
+    runs of ``size`` consecutive seeds of its arm starting at s (cyclically, so ensembles overlap when size > 1;
+    when size equals the number of seeds there is only the one ensemble, reported as n = 1)."""
     found = {}
     for arm in spec.arms:
         if arm.ensemble_of is not None:
             continue
-        for seed in spec.seeds:
+        for seed in arm.seeds_in(spec):
             path = os.path.join(_folder(out, arm.name, seed), "results.json")
             if os.path.exists(path):
                 with open(path) as f:
                     found.setdefault(arm.name, {})[seed] = json.load(f)
     for arm in spec.arms:
         if arm.ensemble_of is not None:
-            ensembles = {s: _deep_ensemble(spec, out, arm, i, found.get(arm.ensemble_of, {}))
-                         for i, s in enumerate(spec.seeds)}
+            # size == the number of seeds: every cyclic window holds the same runs, so there is one ensemble, not n
+            # copies of it (which would report a zero-width confidence interval).
+            seeds = arm.seeds_in(spec)
+            ensembles = {seeds[i]: _deep_ensemble(out, arm, seeds, i, found.get(arm.ensemble_of, {}))
+                         for i in range(len(seeds) if arm.size < len(seeds) else 1)}
             found[arm.name] = {s: r for s, r in ensembles.items() if r is not None}
     return found
 
 
-def _deep_ensemble(spec: StudySpec, out: str, arm: Arm, start: int, runs: dict) -> dict | None:
+def _deep_ensemble(out: str, arm: Arm, seeds: tuple, start: int, runs: dict) -> dict | None:
     """The results of a deep ensemble of the runs of seeds start..start+size-1 (cyclically) of arm.ensemble_of:
     mean of their predicted probabilities (predictions.pt) under every rule, scored like one model; cost: the sum."""
     import torch
 
     from .evaluate import summarize
-    seeds = [spec.seeds[(start + j) % len(spec.seeds)] for j in range(arm.size)]
+    seeds = [seeds[(start + j) % len(seeds)] for j in range(arm.size)]
     paths = [os.path.join(_folder(out, arm.ensemble_of, s), "predictions.pt") for s in seeds]
     if not all(s in runs for s in seeds) or not all(os.path.exists(p) for p in paths):
         return None
@@ -338,11 +374,15 @@ def make_report(spec: StudySpec, out: str) -> dict:
         cfg = (next(a for a in spec.arms if a.name == arm.ensemble_of) if arm.ensemble_of else arm).resolved()
         flops = [r.get("cost", {}).get("training_flops") for r in runs.values()]
         entry = {"config": arm.config or f"deep ensemble of {arm.size} {arm.ensemble_of} runs",
-                 "overrides": arm.overrides, "seeds": sorted(runs), "metrics": {},
+                 "overrides": arm.overrides, "seeds": sorted(runs), "planned_seeds": list(arm.seeds_in(spec)),
+                 "metrics": {},
                  "train_seconds": mean_ci([r["train_seconds"] for r in runs.values()]) if runs else None,
                  "images_per_s": {p: [r.get("images_per_s", {}).get(p) for r in runs.values()] for p in
                                   ("pre", "late")},
                  "late_phase": cfg.late_phase and not arm.ensemble_of, "K": cfg.K if cfg.late_phase else None,
+                 "T0": cfg.T0 if cfg.late_phase else None, "phi": list(cfg.phi) if cfg.late_phase else None,
+                 "dropout": cfg.dropout, "mc_samples": cfg.mc_samples,
+                 "test_passes": _test_passes(arm, cfg),
                  "gamma_theta": cfg.theta_scale if cfg.late_phase else None, "ensemble_of": arm.ensemble_of,
                  "size": arm.size or None,
                  "parameters": next((r.get("cost", {}).get("parameters") for r in runs.values()), None),
@@ -379,6 +419,33 @@ def make_report(spec: StudySpec, out: str) -> dict:
     return report
 
 
+def _test_passes(arm: Arm, cfg) -> dict:
+    """Forward passes per test example of each model an arm reports: the cost of prediction, beside the training
+    cost (the averaged model is one ordinary network; an ensemble runs its K members; MC dropout its N samples)."""
+    if arm.ensemble_of:
+        return {"averaged": arm.size}
+    passes = {"averaged": 1}
+    if cfg.late_phase:
+        passes.update(ensemble=cfg.K, members=1)
+    if cfg.mc_samples:
+        passes["mc_dropout"] = cfg.mc_samples
+    return passes
+
+
+def _what(a: dict) -> str:
+    """One cell naming what an arm trains."""
+    if a["ensemble_of"]:
+        return f"deep ensemble of {a['size']} `{a['ensemble_of']}` runs"
+    bits = []
+    if a["late_phase"]:
+        bits.append(f"late-phase {'+'.join(a.get('phi') or [])} K={a['K']}, gamma_theta={a['gamma_theta']:g}, "
+                    f"T0={a.get('T0')}")
+    if a.get("dropout"):
+        bits.append(f"dropout {a['dropout']:g}" + (f", {a['mc_samples']} passes at test" if a.get("mc_samples")
+                                                   else ""))
+    return "; ".join(bits) or "no late phase"
+
+
 def _json_safe(obj):
     if isinstance(obj, dict):
         return {str(k): _json_safe(v) for k, v in obj.items()}
@@ -405,6 +472,14 @@ def render_report(report: dict, figures: list) -> str:
     lines = [f"# Study {report['study']}", ""]
     if report["description"]:
         lines += [report["description"], ""]
+    fewer = [f"`{n}` {a['planned_seeds']}" for n, a in arms.items()
+             if not a["ensemble_of"] and a.get("planned_seeds", report["seeds"]) != report["seeds"]]
+    missing = [f"`{n}` ({len(a['seeds'])} of {len(a.get('planned_seeds') or [])})" for n, a in arms.items()
+               if not a["ensemble_of"] and len(a["seeds"]) < len(a.get("planned_seeds") or [])]
+    if fewer:
+        lines += ["Arms on fewer seeds (their cost): " + ", ".join(fewer) + ".", ""]
+    if missing:
+        lines += ["Not finished yet: " + ", ".join(missing) + " runs.", ""]
     lines += [f"Seeds {report['seeds']}; baseline arm `{base}`; BatchNorm statistics `{rule}` for every model "
               f"(deep.evaluate); numbers are mean ± 95 % CI over seeds (Student t); members: each seed's mean over "
               f"its members. Accuracy and ECE in %, NLL in nats, AUROC (predictive entropy, OOD positive) in %.", ""]
@@ -433,16 +508,15 @@ def render_report(report: dict, figures: list) -> str:
         lines.append("")
     lines += ["## Cost", "", "Training FLOPs relative to the baseline arm (3 x 2 x forward multiply-accumulates per "
               "example x examples trained on; a deep ensemble sums its runs).", "",
-              "| arm | what | parameters | training FLOPs vs base | train seconds per run | images/s before / after "
-              "the release |", "|---|---|---:|---:|---:|---|"]
+              "| arm | what | parameters | training FLOPs vs base | test passes per example | train seconds per run | "
+              "images/s before / after the release |", "|---|---|---:|---:|---|---:|---|"]
     for name, a in arms.items():
         rates = a["images_per_s"]
         fmt = (lambda xs: ", ".join(f"{x:.0f}" for x in xs if x) or "—")  # noqa: E731
-        what = (f"deep ensemble of {a['size']} `{a['ensemble_of']}` runs" if a["ensemble_of"] else
-                f"late-phase K={a['K']}, gamma_theta={a['gamma_theta']:g}" if a["late_phase"] else "no late phase")
         rel = f"{a['relative_training_flops']:.2f}x" if a["relative_training_flops"] else "—"
         params = f"{a['parameters']:,}" if a["parameters"] else "—"
-        lines.append(f"| {name} | {what} | {params} | {rel} | {_cell(a['train_seconds'], 0)} | "
+        passes = ", ".join(f"{m} {n}" for m, n in (a.get("test_passes") or {}).items()) or "—"
+        lines.append(f"| {name} | {_what(a)} | {params} | {rel} | {passes} | {_cell(a['train_seconds'], 0)} | "
                      f"{fmt(rates.get('pre', []))} / {fmt(rates.get('late', []))} |")
     if any(a["ensemble_of"] for a in arms.values()):
         lines += ["", "Deep-ensemble arms: seed s is the ensemble of the runs of `size` consecutive seeds from s "
@@ -476,7 +550,9 @@ def _plots(spec: StudySpec, out: str, results: dict) -> list:
             continue
         epochs = [e["epoch"] for e in logs[0] if e.get("phase") != "pretrained"]
         for ax, key in zip(axes, ("test_accuracy", "loss")):
-            rows = [[e.get(key) for e in log if e.get("phase") != "pretrained"] for log in logs]
+            # an SWA arm's model is its SWA average from the SWA start on (swa_test_accuracy), not the current weights
+            rows = [[e.get("swa_test_accuracy", e.get(key)) if key == "test_accuracy" else e.get(key)
+                     for e in log if e.get("phase") != "pretrained"] for log in logs]
             if not all(len(r) == len(epochs) and None not in r for r in rows):
                 continue
             mean = [sum(c) / len(c) for c in zip(*rows)]
@@ -490,7 +566,8 @@ def _plots(spec: StudySpec, out: str, results: dict) -> list:
                 ax.axvline(cfg.T0 + 0.5, color=colors[i % len(colors)], ls="--", lw=1, alpha=0.6)
             if cfg.swa:
                 ax.axvline(cfg.swa_start - 0.5, color=colors[i % len(colors)], ls=":", lw=1, alpha=0.6)
-    axes[0].set_title("test accuracy of the averaged model (%), mean over seeds (band: min-max)")
+    axes[0].set_title("test accuracy of the averaged model (SWA arms: of the SWA average) (%), mean over seeds "
+                      "(band: min-max)", fontsize=9)
     axes[1].set_title("training loss, mean over seeds")
     for ax in axes:
         ax.set_xlabel("epoch")
@@ -500,8 +577,11 @@ def _plots(spec: StudySpec, out: str, results: dict) -> list:
     fig.savefig(curves, dpi=110)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
-    for ax, model in zip(axes, MODELS):
+    shown = [m for m in MODELS if any(_pooled_bins(results.get(a.name, {}), m, spec.rule) for a in spec.arms)]
+    shown = shown or ["averaged"]
+    fig, axes = plt.subplots(1, len(shown), figsize=(5 * len(shown), 4.6), squeeze=False)
+    axes = axes[0]
+    for ax, model in zip(axes, shown):
         ax.plot([0, 1], [0, 1], color="gray", lw=1)
         for i, arm in enumerate(spec.arms):
             bins = _pooled_bins(results.get(arm.name, {}), model, spec.rule)

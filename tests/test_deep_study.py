@@ -116,14 +116,15 @@ def test_study_end_to_end_resume_and_report(data_root, tmp_path, capsys):
     members = json.load(open(tmp_path / "late" / "seed0" / "results.json"))["models"]["members"]["reestimated"]
     member_nll = report["arms"]["late"]["metrics"]["reestimated"]["members"]["nll"]["per_seed"][0]
     assert member_nll == pytest.approx(sum(m["nll"] for m in members) / len(members))
-    # the deep ensemble of seed s: the mean of the base runs' probabilities of seeds s and s+1 (cyclically)
+    # the deep ensemble: the mean of the base runs' probabilities of seeds 0 and 1; with size = the number of
+    # seeds every cyclic window holds the same two runs, so it is one ensemble (n = 1), not two copies of it
     import torch
     from deep.evaluate import summarize
     p0, p1 = (torch.load(tmp_path / "base" / f"seed{s}" / "predictions.pt")["reestimated"] for s in (0, 1))
     mean = {"test": (p0["test"].float() + p1["test"].float()) / 2, "labels": p0["labels"]}
     ens = report["arms"]["deep_ensemble"]
-    assert ens["metrics"]["reestimated"]["averaged"]["nll"]["per_seed"][1] == pytest.approx(
-        summarize(mean, [])["nll"])
+    nll = ens["metrics"]["reestimated"]["averaged"]["nll"]
+    assert nll["per_seed"] == {0: pytest.approx(summarize(mean, [])["nll"])} and nll["n"] == 1
     assert ens["relative_training_flops"] == pytest.approx(2.0)
     assert report["arms"]["late"]["relative_training_flops"] == pytest.approx(1.0, rel=0.05)
     md = (tmp_path / "report.md").read_text()
@@ -154,6 +155,13 @@ def test_spec_files_and_cli(data_root, tmp_path, capsys):
         assert main(["study", str(path), "--out", str(tmp_path / "t")]) == 2
         err = capsys.readouterr().err
         assert msg in err and err.count("\n") == 1, err
+    few = {**spec, "seeds": [0, 1], "arms": {**spec["arms"], "late": {"config": "fmnist_bn", "seeds": [1]}}}
+    assert [a.seeds for a in (path.write_text(json.dumps(few)), load_spec(str(path)))[1].arms] == [(), (1,)]
+    for arms, msg in (({"late": {"config": "fmnist_bn", "seeds": [2]}}, "must be distinct seeds of the study"),
+                      ({"base": {"config": "fmnist_base", "seeds": [0]}}, "runs on every seed of the study")):
+        path.write_text(json.dumps({**few, "arms": {**few["arms"], **arms}}))
+        assert main(["study", str(path), "--out", str(tmp_path / "t")]) == 2
+        assert msg in capsys.readouterr().err
     assert main(["study", "nothing", "--out", str(tmp_path / "t")]) == 2
     assert "neither a named study" in capsys.readouterr().err
 
@@ -182,3 +190,34 @@ def test_named_cpu_studies_share_the_first_T0_epochs():
     assert "batchensemble" not in arms and "late_phase_T0_0" not in arms  # trained as K members from step 0
     for name in ("cifar10_arms", "cifar100_arms"):
         assert STUDIES[name].validate().arms[-1].size == 10
+
+
+def test_the_named_arms_study_on_tiny_data(data_root, tmp_path):
+    """Every arm of fmnist_cpu_arms (base, late-phase BN + head, full ensemble, hypernetwork, BatchEnsemble,
+    MC dropout, late-phase from T0 = 0, a deep ensemble) through the study on tiny runs: MC dropout's sampled
+    model has its own rows, and every arm names its training and its test-time cost."""
+    named = STUDIES["fmnist_cpu_arms"]
+    assert named.arms[2].name == "full_ensemble" and named.arms[2].seeds == (0, 1)  # the costly arms: fewer seeds
+    small = dict(TINY, epochs=2, K=2, bn_images=16, ood=())
+    arms = tuple(dataclasses.replace(a, size=2) if a.ensemble_of else dataclasses.replace(
+        a, overrides={**small, **({"T0": 1} if a.resolved().T0 else {})}, seeds=(0,) if len(a.seeds) == 2 else ())
+        for a in named.arms)
+    spec = dataclasses.replace(named, arms=arms, seeds=(0, 1)).validate()
+    report = run_study(spec, str(tmp_path), str(data_root), "cpu", quiet=True)
+    arms = report["arms"]
+    assert set(arms) == {a.name for a in named.arms}
+    assert not (tmp_path / "full_ensemble" / "seed1").exists() and arms["full_ensemble"]["seeds"] == [0]
+    assert all(a["seeds"] == ([0] if a["ensemble_of"] or a["planned_seeds"] == [0] else [0, 1])
+               for a in arms.values())
+    mc = arms["mc_dropout"]
+    assert set(mc["metrics"]["reestimated"]) == {"averaged", "mc_dropout"}
+    assert mc["test_passes"] == {"averaged": 1, "mc_dropout": 10}
+    assert report["paired"]["mc_dropout"]["reestimated"]["mc_dropout"]["accuracy"]["n"] == 2
+    assert arms["late_phase"]["test_passes"] == {"averaged": 1, "ensemble": 2, "members": 1}
+    assert arms["batchensemble"]["T0"] == 0 and arms["late_phase_T0_0"]["T0"] == 0
+    assert arms["full_ensemble"]["parameters"] == 2 * arms["base"]["parameters"]
+    assert arms["deep_ensemble"]["metrics"]["reestimated"]["averaged"]["accuracy"]["n"] == 1  # size 2 of 2 seeds
+    md = (tmp_path / "report.md").read_text()
+    assert "| mc_dropout | mc_dropout |" in md and "dropout 0.1, 10 passes at test" in md
+    assert "late-phase rank1+bn K=2, gamma_theta=1, T0=0" in md and "mc_dropout 10" in md
+    assert "Arms on fewer seeds (their cost): `full_ensemble` [0], `hypernetwork` [0]." in md

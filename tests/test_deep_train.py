@@ -126,6 +126,12 @@ def test_swa_averages_epochs_swa_start_to_the_end_at_a_constant_lr(data_root, tm
     for _ in range(6):
         r.run_epoch()
     assert r.swa.n_averaged == 4
+    # from the SWA start the log also scores the SWA average (what the run delivers), not only the current weights
+    assert ["swa_test_accuracy" in e for e in r.log] == [False, False, True, True, True, True]
+    from deep.evaluate import score_plain
+    import shared
+    assert r.log[-1]["swa_test_accuracy"] == score_plain(shared.collapse(r.swa.model, bn="mean"), r.test_batches, {},
+                                                         r.amp)["accuracy"]
     lrs = [e["lr"] for e in r.log]
     assert lrs == pytest.approx([0.1, 0.1, 0.03, 0.03, 0.03, 0.03])  # epoch 2 (0-based 1): annealing starts at 0.1
     assert [e["lr_phi"] for e in r.log] == pytest.approx(lrs)

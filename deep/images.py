@@ -127,6 +127,9 @@ class ImageRun(ClassifierRun):
     def steps_per_epoch(self, members: int) -> int:
         return len(self.loaders[members])
 
+    def plain_epoch_examples(self) -> int:
+        return len(self.loaders[1]) * self.cfg.batch_size
+
     def epoch_batches(self, epoch: int, members: int):
         loader = self.loaders[members]
         for step in range(len(loader)):

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 from .config import get_config
 from .errors import ConfigError, DeepError
-from .trainer import shareable, write_json
+from .trainer import shareable, test_passes, write_json
 
 METRICS = ("accuracy", "nll", "ece")
 # "mc_dropout": an MC-dropout arm's prediction averaged over its stochastic test passes ("averaged" is its
@@ -382,7 +382,7 @@ def make_report(spec: StudySpec, out: str) -> dict:
                  "late_phase": cfg.late_phase and not arm.ensemble_of, "K": cfg.K if cfg.late_phase else None,
                  "T0": cfg.T0 if cfg.late_phase else None, "phi": list(cfg.phi) if cfg.late_phase else None,
                  "dropout": cfg.dropout, "mc_samples": cfg.mc_samples,
-                 "test_passes": _test_passes(arm, cfg),
+                 "test_passes": {"averaged": arm.size} if arm.ensemble_of else test_passes(cfg),
                  "gamma_theta": cfg.theta_scale if cfg.late_phase else None, "ensemble_of": arm.ensemble_of,
                  "size": arm.size or None,
                  "parameters": next((r.get("cost", {}).get("parameters") for r in runs.values()), None),
@@ -417,19 +417,6 @@ def make_report(spec: StudySpec, out: str) -> dict:
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(render_report(report, figures))
     return report
-
-
-def _test_passes(arm: Arm, cfg) -> dict:
-    """Forward passes per test example of each model an arm reports: the cost of prediction, beside the training
-    cost (the averaged model is one ordinary network; an ensemble runs its K members; MC dropout its N samples)."""
-    if arm.ensemble_of:
-        return {"averaged": arm.size}
-    passes = {"averaged": 1}
-    if cfg.late_phase:
-        passes.update(ensemble=cfg.K, members=1)
-    if cfg.mc_samples:
-        passes["mc_dropout"] = cfg.mc_samples
-    return passes
 
 
 def _what(a: dict) -> str:

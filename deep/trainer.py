@@ -588,15 +588,25 @@ class Trainer(abc.ABC):
     def cost(self) -> dict:
         """What the run cost: parameters (all trained ones -- theta and every member's phi -- and those of one
         network), forward multiply-accumulates per example (Conv/Linear layers of the plain architecture), the
-        examples trained on and the training FLOPs estimated as 3 x 2 x MACs per example (forward and backward)."""
+        examples trained on and the training FLOPs estimated as 3 x 2 x MACs per example (forward and backward);
+        relative to the base model (the plain network trained for the same epochs): examples / (epochs x the
+        examples of a plain epoch), since both count the plain architecture's MACs (rank-1 and hypernetwork
+        weight compositions are not counted); and the forward passes per test example of each reported model."""
         late = self.lp.model if self.lp is not None else self.model
-        examples = sum((e.get(f"{self.UNIT}_per_s") or 0) * e.get("seconds", 0) for e in self.log
-                       if e.get("phase") in ("pre", "late"))
+        epochs = [e for e in self.log if e.get("phase") in ("pre", "late")]
+        examples = sum((e.get(f"{self.UNIT}_per_s") or 0) * e.get("seconds", 0) for e in epochs)
+        plain = self.plain_epoch_examples()
         return {"parameters": sum(p.numel() for p in late.parameters() if p.requires_grad),
                 "network_parameters": sum(p.numel() for p in self._plain_network().parameters()),
                 "members": self.cfg.K if self.lp is not None else 1,
                 "forward_macs_per_example": self.macs, "training_examples": round(examples),
-                "training_flops": 6 * self.macs * round(examples) if self.macs else None}
+                "training_flops": 6 * self.macs * round(examples) if self.macs else None,
+                "training_flops_vs_base": examples / (plain * len(epochs)) if plain and epochs else None,
+                "test_passes": test_passes(self.cfg)}
+
+    def plain_epoch_examples(self) -> int | None:
+        """The examples one epoch of the plain network trains on (None: not known for this kind)."""
+        return None
 
     def _plain_network(self) -> nn.Module:
         return shared.collapse(self.lp.model, bn="mean") if self.lp is not None else self.model
@@ -654,6 +664,17 @@ def shareable(trunk: dict, mine: dict, epochs: int) -> str | None:
 
 
 @torch.no_grad()
+def test_passes(cfg) -> dict:
+    """Forward passes per test example of each model a run reports -- the cost of prediction, beside the training
+    cost: the averaged model is one ordinary network, the ensemble runs its K members, MC dropout its N samples."""
+    passes = {"averaged": 1}
+    if cfg.late_phase and cfg.K > 1:
+        passes.update(ensemble=cfg.K, members=1)
+    if getattr(cfg, "mc_samples", 0):
+        passes["mc_dropout"] = cfg.mc_samples
+    return passes
+
+
 def forward_macs(model: nn.Module, example) -> int | None:
     """Multiply-accumulates of one forward pass per example, counted over the Conv and Linear layers with hooks:
     conv: out_elements * in_channels / groups * prod(kernel); linear: out_elements * in_features. ``example``:

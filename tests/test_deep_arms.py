@@ -41,6 +41,9 @@ def test_late_phase_full_ensemble_replicates_every_weight(data_root, tmp_path):
     assert len(full["models"]["members"]["stored"]) == 2
     ratio = full["cost"]["training_flops"] / base["cost"]["training_flops"]
     assert ratio == pytest.approx(1.0, rel=0.05)  # each member sees 1/K of the data per epoch
+    assert full["cost"]["training_flops_vs_base"] == pytest.approx(ratio, rel=1e-6)  # named in results.json
+    assert base["cost"]["training_flops_vs_base"] == pytest.approx(1.0)
+    assert full["cost"]["test_passes"] == {"averaged": 1, "ensemble": 2, "members": 1}
 
 
 def test_batchensemble_members_start_apart_and_are_an_ensemble(data_root, tmp_path):
@@ -66,6 +69,7 @@ def test_mc_dropout_and_its_cost(data_root, tmp_path):
     assert set(r["models"]) == {"averaged", "mc_dropout"} and set(r["models"]["mc_dropout"]) == {"stored",
                                                                                                   "reestimated"}
     assert r["models"]["mc_dropout"]["stored"]["nll"] != r["models"]["averaged"]["stored"]["nll"]
+    assert r["cost"]["test_passes"] == {"averaged": 1, "mc_dropout": 3}
     with pytest.raises(ValueError, match="needs dropout > 0"):
         get_config("fmnist_base", mc_samples=3)
 

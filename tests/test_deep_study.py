@@ -197,10 +197,11 @@ def test_the_named_arms_study_on_tiny_data(data_root, tmp_path):
     MC dropout, late-phase from T0 = 0, a deep ensemble) through the study on tiny runs: MC dropout's sampled
     model has its own rows, and every arm names its training and its test-time cost."""
     named = STUDIES["fmnist_cpu_arms"]
-    assert named.arms[2].name == "full_ensemble" and named.arms[2].seeds == (0, 1)  # the costly arms: fewer seeds
+    assert named.arms[2].name == "full_ensemble" and named.arms[2].seeds == (0, 1, 2, 3)  # the costly arms: fewer
     small = dict(TINY, epochs=2, K=2, bn_images=16, ood=())
     arms = tuple(dataclasses.replace(a, size=2) if a.ensemble_of else dataclasses.replace(
-        a, overrides={**small, **({"T0": 1} if a.resolved().T0 else {})}, seeds=(0,) if len(a.seeds) == 2 else ())
+        a, overrides={**small, **({"T0": 1} if a.resolved().T0 else {})},
+        seeds=(0,) if a.name in ("full_ensemble", "hypernetwork") else ())
         for a in named.arms)
     spec = dataclasses.replace(named, arms=arms, seeds=(0, 1)).validate()
     report = run_study(spec, str(tmp_path), str(data_root), "cpu", quiet=True)

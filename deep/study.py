@@ -22,7 +22,13 @@ SPEC is a named study (``python -m deep study --list``) or a JSON file::
 
     {"name": "my_study", "seeds": [0, 1, 2, 3, 4], "baseline": "base",
      "arms": {"base": {"config": "fmnist_cpu_base"},
-              "late": {"config": "fmnist_cpu_bn", "overrides": {"gamma_theta": -1}}}}
+              "late": {"config": "fmnist_cpu_bn", "overrides": {"gamma_theta": -1}},
+              "full": {"config": "fmnist_cpu_all", "seeds": [0, 1]},
+              "ens": {"ensemble_of": "base", "size": 4}}}
+
+An arm's own ``seeds`` (a subset of the study's; never the baseline's) run a costly arm on fewer seeds: it is paired
+with the baseline on those, and the report names it. A deep ensemble (``ensemble_of``) trains nothing: seed s is the
+ensemble of ``size`` runs of that arm from seed s on (cyclically; one ensemble when size equals its seeds).
 """
 from __future__ import annotations
 
@@ -551,8 +557,8 @@ def _plots(spec: StudySpec, out: str, results: dict) -> list:
                 ax.axvline(cfg.T0 + 0.5, color=colors[i % len(colors)], ls="--", lw=1, alpha=0.6)
             if cfg.swa:
                 ax.axvline(cfg.swa_start - 0.5, color=colors[i % len(colors)], ls=":", lw=1, alpha=0.6)
-    axes[0].set_title("test accuracy of the averaged model (SWA arms: of the SWA average) (%), mean over seeds "
-                      "(band: min-max)", fontsize=9)
+    axes[0].set_title("test accuracy (%) of the averaged model (SWA arms: the SWA average)\nmean over seeds, "
+                      "band: min-max", fontsize=10)
     axes[1].set_title("training loss, mean over seeds")
     for ax in axes:
         ax.set_xlabel("epoch")

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 
 from .config import get_config
 from .errors import ConfigError, DeepError
-from .trainer import shareable, test_passes, write_json
+from .trainer import prediction_passes, shareable, write_json
 
 METRICS = ("accuracy", "nll", "ece")
 # "mc_dropout": an MC-dropout arm's prediction averaged over its stochastic test passes ("averaged" is its
@@ -386,7 +386,7 @@ def make_report(spec: StudySpec, out: str) -> dict:
                  "late_phase": cfg.late_phase and not arm.ensemble_of, "K": cfg.K if cfg.late_phase else None,
                  "T0": cfg.T0 if cfg.late_phase else None, "phi": list(cfg.phi) if cfg.late_phase else None,
                  "dropout": cfg.dropout, "mc_samples": cfg.mc_samples,
-                 "test_passes": {"averaged": arm.size} if arm.ensemble_of else test_passes(cfg),
+                 "test_passes": {"averaged": arm.size} if arm.ensemble_of else prediction_passes(cfg),
                  "gamma_theta": cfg.theta_scale if cfg.late_phase else None, "ensemble_of": arm.ensemble_of,
                  "size": arm.size or None,
                  "parameters": next((r.get("cost", {}).get("parameters") for r in runs.values()), None),

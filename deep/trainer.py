@@ -602,7 +602,7 @@ class Trainer(abc.ABC):
                 "forward_macs_per_example": self.macs, "training_examples": round(examples),
                 "training_flops": 6 * self.macs * round(examples) if self.macs else None,
                 "training_flops_vs_base": examples / (plain * len(epochs)) if plain and epochs else None,
-                "test_passes": test_passes(self.cfg)}
+                "test_passes": prediction_passes(self.cfg)}
 
     def plain_epoch_examples(self) -> int | None:
         """The examples one epoch of the plain network trains on (None: not known for this kind)."""
@@ -663,8 +663,7 @@ def shareable(trunk: dict, mine: dict, epochs: int) -> str | None:
     return None
 
 
-@torch.no_grad()
-def test_passes(cfg) -> dict:
+def prediction_passes(cfg) -> dict:
     """Forward passes per test example of each model a run reports -- the cost of prediction, beside the training
     cost: the averaged model is one ordinary network, the ensemble runs its K members, MC dropout its N samples."""
     passes = {"averaged": 1}
@@ -675,6 +674,7 @@ def test_passes(cfg) -> dict:
     return passes
 
 
+@torch.no_grad()
 def forward_macs(model: nn.Module, example) -> int | None:
     """Multiply-accumulates of one forward pass per example, counted over the Conv and Linear layers with hooks:
     conv: out_elements * in_channels / groups * prod(kernel); linear: out_elements * in_features. ``example``:

@@ -222,3 +222,6 @@ def test_the_named_arms_study_on_tiny_data(data_root, tmp_path):
     assert "| mc_dropout | mc_dropout |" in md and "dropout 0.1, 10 passes at test" in md
     assert "late-phase rank1+bn K=2, gamma_theta=1, T0=0" in md and "mc_dropout 10" in md
     assert "Arms on fewer seeds (their cost): `full_ensemble` [0], `hypernetwork` [0]." in md
+    (tmp_path / "mc_dropout" / "seed1" / "results.json").unlink()  # an unfinished run is named, not hidden
+    assert make_report(spec, str(tmp_path))["arms"]["mc_dropout"]["seeds"] == [0]
+    assert "Not finished yet: `mc_dropout` (1 of 2) runs." in (tmp_path / "report.md").read_text()

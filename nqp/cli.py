@@ -14,7 +14,7 @@ import numpy as np
 
 from .errors import NQPError
 from .files import Outputs, check_writable
-from .methods import LatePhase, TailAverage, make_method
+from .methods import Block, LatePhase, TailAverage, make_method
 from .problem import Problem
 from .resources import FLOAT, check_memory, check_threads
 
@@ -91,11 +91,21 @@ def _problem_flags(p):
     g.add_argument("--spectrum", choices=["powerlaw"], help="generate h_i = i^-P, i = 1..D")
     g.add_argument("--dim", type=_int, metavar="D", help=f"dimension of the power-law spectrum (default {DEFAULT_DIM})")
     g.add_argument("--power", type=float, metavar="P", help=f"power-law exponent (default {DEFAULT_POWER:g})")
+    g.add_argument("--hessian", metavar="FILE", help="full curvature H (d x d, symmetric positive definite; .npy or "
+                                                     "text numpy.loadtxt reads); --method sgd or block")
+    g.add_argument("--noise-cov", metavar="FILE", help="full target-noise covariance S (d x d, positive "
+                                                       "semi-definite; .npy or text)")
 
 
 def _method_flags(p, method_default="additive", gamma_default=1.0):
     g = p.add_argument_group("method")
-    g.add_argument("--method", choices=["sgd", "additive", "multiplicative"], default=method_default)
+    g.add_argument("--method", choices=["sgd", "additive", "multiplicative", "block"], default=method_default)
+    g.add_argument("--phi-coords", type=_nonneg_int, nargs="+", metavar="I",
+                   help="--method block: the 0-based coordinates that are late-phase weights phi (the others are "
+                        "theta), as BatchNorm and the head are in a network")
+    g.add_argument("--weight-decay", type=float, default=0.0, metavar="LAMBDA",
+                   help="weight decay inside the gradient (torch convention); --method block decays theta once per "
+                        "outer step (sgd and block only)")
     g.add_argument("--K", type=_int, default=None, help="number of late-phase members, or of the runs of --method sgd "
                                                         "--ensemble (default 10)")
     g.add_argument("--gamma-theta", type=float, default=None,
@@ -117,6 +127,28 @@ def _method_flags(p, method_default="additive", gamma_default=1.0):
 
 
 def build_problem(a) -> Problem:
+    """The problem of the flags; --hessian gives the dimension and the curvature, --noise-cov the noise."""
+    from .problem import load_matrix
+
+    H = None if a.hessian is None else load_matrix(a.hessian, "--hessian")
+    S = None if a.noise_cov is None else load_matrix(a.noise_cov, "--noise-cov")
+    if S is not None and "--noise" in getattr(a, "given", ()):
+        raise NQPError("give either --noise or --noise-cov, not both")
+    if S is not None:
+        a.noise = [1.0]  # replaced by S's diagonal
+    if H is None:
+        return _build_diag(a).with_matrices(None, S) if S is not None else _build_diag(a)
+    if a.curvature or a.spectrum or a.dim is not None or a.power is not None:
+        raise NQPError("give either --hessian or --curvature / --spectrum, not both")
+    if H.ndim != 2 or H.shape[0] != H.shape[1]:
+        raise NQPError(f"--hessian must be a square matrix, got shape {H.shape}")
+    if len(a.noise) not in (1, H.shape[0]) or len(a.optimum) not in (1, H.shape[0]):
+        raise NQPError(f"--hessian is {H.shape[0]} x {H.shape[0]}: give --noise and --optimum one value each or "
+                       f"{H.shape[0]}")
+    return Problem.from_values(np.ones(H.shape[0]), _vec(a.noise), _vec(a.optimum)).with_matrices(H, S)
+
+
+def _build_diag(a) -> Problem:
     if a.spectrum and a.curvature:
         raise NQPError("give either --curvature or --spectrum powerlaw, not both")
     if not a.spectrum and (a.dim is not None or a.power is not None) and a.curvature:
@@ -139,11 +171,12 @@ def method_params(a, gamma_default=1.0) -> dict:
     a.K = 10 if a.K is None else a.K
     return dict(K=a.K, gamma_theta=gamma_default if a.gamma_theta is None else a.gamma_theta, lr=a.lr,
                 lr_theta=a.lr_theta, lr_phi=a.lr_phi, momentum=a.momentum, nesterov=a.nesterov,
-                batch=a.batch, ensemble=a.ensemble, swa_window=a.swa_window)
+                batch=a.batch, ensemble=a.ensemble, swa_window=a.swa_window, phi_coords=a.phi_coords,
+                weight_decay=a.weight_decay)
 
 
 def _finite(a):
-    for k in ("lr", "lr_theta", "lr_phi", "momentum", "gamma_theta"):
+    for k in ("lr", "lr_theta", "lr_phi", "momentum", "gamma_theta", "weight_decay"):
         v = getattr(a, k, None)
         if v is not None and not math.isfinite(v):
             raise NQPError(f"--{k.replace('_', '-')} must be finite, got {v}")
@@ -261,14 +294,16 @@ def cmd_predict(a) -> int:
 
     pred = long_run(problem, method, path)
     shown = pred.short_time if a.short_time else pred
-    sgd = SGD(a.lr, a.momentum, a.nesterov)
+    sgd = SGD(a.lr, a.momentum, a.nesterov, weight_decay=a.weight_decay)
     out = {"problem": problem.describe(), **as_dict(pred), "params": _params_dict(method),
            "max_stable": max_stable_lr(problem, method)}
     rows = []
-    if isinstance(method, LatePhase):
+    latephase = isinstance(method, (LatePhase, Block))
+    if latephase:
         out["baselines"] = baselines(problem, method, sgd, None)
         if scan:
-            gammas = sorted({0.0, 1.0 / a.K, 0.5, 1.0})
+            # gamma_theta = 0 freezes the block model's theta (no stationary state): not scanned there
+            gammas = sorted({1.0 / a.K, 0.5, 1.0} | (set() if isinstance(method, Block) else {0.0}))
             out["gamma_theta_scan"] = []
             for gm in gammas:
                 try:
@@ -283,7 +318,7 @@ def cmd_predict(a) -> int:
     print(f"noisy quadratic problem: {problem.describe()}")
     print(f"stationary expected excess loss (summed over coordinates); solution: {shown.path}\n")
     e_sgd = out.get("baselines", {}).get("sgd", {}).get("excess_loss_mean_model")
-    if isinstance(method, LatePhase):
+    if latephase:
         b = out["baselines"]
         rows.append(("SGD", f"lr={a.lr:g}", b["sgd"].get("excess_loss_mean_model"),
                      b["sgd"].get("excess_loss_members")))
@@ -304,6 +339,9 @@ def cmd_predict(a) -> int:
     if e_sgd:
         cols.append(("mean / SGD", lambda r: "-" if r[2] is None else f"{r[2] / e_sgd:.4f}"))
     print(_table(rows, cols))
+    if latephase:
+        out["conclusion"] = conclusion(rows[1:3], rows[3:])
+        print("\n" + out["conclusion"])
     if a.momentum:
         print(f"\nmomentum {a.momentum:g}{' (Nesterov)' if a.nesterov else ''} on every optimizer")
     if _is_multiplicative(method):
@@ -318,6 +356,27 @@ def cmd_predict(a) -> int:
                   f"{st.excess_loss_mean_model:.6g}, members {st.excess_loss_members:.6g}")
         print("check with `python -m nqp simulate` (same flags)")
     return 0
+
+
+def conclusion(baseline_rows, latephase_rows) -> str:
+    """One line: the best late-phase setting against the best fair baseline (the same minibatches per step: SGD with
+    a K-times batch; or K times the cost: an ensemble of K runs), by the mean model's stationary excess."""
+    def best(rows):
+        ok = [r for r in rows if r[2] is not None and math.isfinite(r[2])]
+        return min(ok, key=lambda r: r[2]) if ok else None
+    lp, bl = best(latephase_rows), best(baseline_rows)
+    if lp is None:
+        return "conclusion: no late-phase setting shown is stable"
+    if bl is None or lp[2] <= 0 or bl[2] <= 0:
+        return f"conclusion: best late-phase setting {lp[1]} (mean model {lp[2]:.4g}); no fair baseline to compare"
+    if abs(lp[2] / bl[2] - 1) < 1e-3:
+        return (f"conclusion: the best late-phase setting ({lp[1]}) ties with the fair baseline {bl[0]} "
+                f"({lp[2]:.4g} vs {bl[2]:.4g}): no gain from the members")
+    if lp[2] < bl[2]:
+        return (f"conclusion: late-phase ({lp[1]}) is best, its mean model's excess {lp[2]:.4g} is {bl[2] / lp[2]:.3g}x "
+                f"below the best fair baseline ({bl[0]}: {bl[2]:.4g})")
+    return (f"conclusion: the fair baseline {bl[0]} is best ({bl[2]:.4g}); the best late-phase setting ({lp[1]}) is "
+            f"{lp[2] / bl[2]:.3g}x above it")
 
 
 BURN_IN_UPDATES_CAP = 5e9    # member-coordinate updates the automatic long-run burn-in may spend (about a minute
@@ -461,7 +520,7 @@ def cmd_curve(a) -> int:
     if a.swa_window is not None:
         raise NQPError("curve uses --swa-start (running average from that minibatch), not --swa-window")
     method = make_method(a.method, **method_params(a))
-    sgd = SGD(a.lr, a.momentum, a.nesterov)
+    sgd = SGD(a.lr, a.momentum, a.nesterov, weight_decay=a.weight_decay)
     path = "lyapunov" if a.lyapunov else "closed"
     extra = _given(a, "--runs", "--seed", "--threads")
     if extra and not a.simulate:

@@ -340,6 +340,13 @@ def simulate(problem, method, *, steps: int, burn_in: int | None = None, runs: i
     """
     import time
 
+    from . import block
+    if block.needs_block(problem, method):   # the block model, or SGD / ensembles with weight decay or a full H
+        if burn_in is not None and (int(burn_in) != burn_in or burn_in < 0):
+            raise NQPError(f"--burn-in must be a non-negative integer, got {burn_in}")
+        start_balance(problem, method, start)
+        return block.simulate(problem, method, steps=steps, burn_in=burn_in, runs=runs, seed=seed, threads=threads,
+                              progress=progress, dtype=dtype)
     if int(runs) != runs or runs < 2:
         raise NQPError(f"--runs must be an integer >= 2 (standard errors need two runs), got {runs}")
     _check_seed(seed)

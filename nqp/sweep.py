@@ -115,6 +115,8 @@ def grid(problem, method: str, base: dict, x: tuple, y: tuple, chunk_elements: i
         raise NQPError("--x and --y must name different parameters")
     if method == "sgd" and {xn, yn} & {"K", "gamma_theta", "lr_theta", "lr_phi"}:
         raise NQPError("with --method sgd only lr and momentum can be swept")
+    if method == "block" or base.get("weight_decay") or problem.hessian is not None:
+        return _grid_exact(problem, method, base, (xn, xv), (yn, yv))
     if method == "multiplicative" and np.any(problem.optimum == 0):
         raise NQPError("the multiplicative model needs a nonzero optimum in every coordinate (--optimum)")
     # Validate every grid value once by building the method at the axis extremes.
@@ -213,8 +215,38 @@ def _summed(rates, h_step, weights, mu, nesterov, chunk_elements):
     return out[inverse.reshape(-1)]
 
 
+def _grid_exact(problem, method: str, base: dict, x: tuple, y: tuple) -> SweepResult:
+    """The grid point by point with :func:`nqp.theory.steady_state` (the block model, weight decay, a full H: closed
+    form for diagonal H, else Lyapunov). The comparator is SGD at the same lr, momentum and weight decay."""
+    from .methods import SGD
+    from .theory import steady_state
+
+    (xn, xv), (yn, yv) = x, y
+    shape = (len(yv), len(xv))
+    check_memory([(f"{shape[0] * shape[1]:,} grid points", FLOAT * shape[0] * shape[1] * 4, "--x, --y")], "the sweep")
+    mean, mem, sgd = np.full(shape, np.nan), np.full(shape, np.nan), np.full(shape, np.nan)
+    stable = np.zeros(shape, bool)
+    for j, yy in enumerate(yv):
+        for i, xx in enumerate(xv):
+            p = _point(base, {xn: xx, yn: yy})
+            m = make_method(method, **p)
+            try:
+                pred = steady_state(problem, m)
+                mean[j, i], mem[j, i], stable[j, i] = pred.excess_loss_mean_model, pred.excess_loss_members, True
+            except NQPError:
+                pass
+            try:
+                sgd[j, i] = steady_state(problem, SGD(p.get("lr", 0.1), p.get("momentum", 0.0),
+                                                      bool(p.get("nesterov")),
+                                                      weight_decay=p.get("weight_decay", 0.0))).excess_loss_mean_model
+            except NQPError:
+                pass
+    return SweepResult(xn, xv, yn, yv, mean, mem, sgd, stable)
+
+
 def _point(base: dict, override: dict) -> dict:
-    p = {k: base.get(k) for k in ("K", "gamma_theta", "lr", "lr_theta", "lr_phi", "momentum", "nesterov")}
+    p = {k: base.get(k) for k in ("K", "gamma_theta", "lr", "lr_theta", "lr_phi", "momentum", "nesterov",
+                                  "phi_coords", "weight_decay")}
     p = {k: v for k, v in p.items() if v is not None}
     p.update(override)
     if "K" in p:

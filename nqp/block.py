@@ -35,7 +35,7 @@ import numpy as np
 from . import closed_form as cf
 from .dynamics import optimizer_update
 from .errors import NQPError, UnstableError
-from .methods import Block, Ensemble, LatePhase, TailAverage
+from .methods import SGD, Block, Ensemble, LatePhase, TailAverage
 
 LYAPUNOV_MAX_STATES = 3000   # largest (reduced) state the dense Lyapunov solver is asked to handle
 
@@ -543,3 +543,237 @@ def simulate(problem, method, *, steps: int, burn_in: int | None = None, runs: i
     updates = runs * K * d * (n_burn + n_steps)
     return MCResult(method.name, *stats, runs, n_steps * mpb, n_burn * mpb, int(seed), updates, seconds, per_mean,
                     per_mem, np.dtype(dtype).name)
+
+
+# ----------------------------------------------------------------------------- learning curves
+
+def _augmented(red: Reduced):
+    """z~ = [z; 1]: z~' = A~ z~ + B~ xi, so that the second moment M = E[z~ z~^T] evolves as A~ M A~^T + B~ B~^T."""
+    q = red.A.shape[0]
+    At = np.zeros((q + 1, q + 1))
+    At[:q, :q], At[:q, q], At[q, q] = red.A, red.b, 1.0
+    Bt = np.vstack([red.B, np.zeros((1, red.B.shape[1]))])
+    return At, Bt @ Bt.T
+
+
+class _Propagator:
+    """Second moments after k steps of an augmented system, M -> A^k M A^kT + Q_k, with (A^k, Q_k) by repeated
+    squaring, cached per k (the time grid repeats one jump)."""
+
+    def __init__(self, At, Q):
+        self.At, self.Q, self.cache = At, Q, {}
+
+    def __call__(self, M, k: int):
+        if k == 0:
+            return M
+        if k not in self.cache:
+            from .linear import _power
+            Ak, Qk = _power(self.At[None], self.Q[None], int(k))
+            self.cache[k] = (Ak[0], Qk[0])
+        Ak, Qk = self.cache[k]
+        return Ak @ M @ Ak.T + Qk
+
+
+def _check_size(q: int) -> None:
+    if q > LYAPUNOV_MAX_STATES:
+        raise NQPError(f"the exact curve of the block model propagates a {q} x {q} moment matrix; use fewer "
+                       f"coordinates (d (1 + momentum) <= {LYAPUNOV_MAX_STATES})")
+
+
+def learning_curve(problem, method: Block, sgd: SGD, *, T0: int, horizon: int, w0=0.0, sigma0: float = 0.0,
+                   points: int = 200):
+    """Exact expected excess loss vs t (minibatches): `sgd` from w0 until T0, then the block model released with
+    theta = w[theta], phi_k = w[phi] + sigma0 eps_k (buffers copied from SGD's). Series: sgd (continuing), sgd_batch_K
+    (SGD with a K-times batch from T0), ensemble_K (K independent SGD runs from w0, floor(t/K) steps each),
+    latephase_mean and latephase_members. Moments are propagated exactly on the mean subspace (with the constant
+    term) and on the deviation subspace of the literal step. Returns an :class:`nqp.curves.Curve`."""
+    from .curves import Curve, start_weights, time_grid
+    from .theory import check_stable
+
+    if not isinstance(sgd, SGD) or sgd.batch != 1:
+        raise NQPError("learning_curve needs a batch-1 SGD method")
+    if sigma0 < 0 or not np.isfinite(sigma0):
+        raise NQPError(f"--sigma0 must be >= 0, got {sigma0}")
+    if (sgd.momentum, sgd.nesterov) != (method.momentum, method.nesterov):
+        raise NQPError("SGD and the late-phase method must use the same momentum setting")
+    check_stable(problem, sgd)
+    check_stable(problem, method)
+    K, d = method.K, problem.dim
+    if method.batch != 1:
+        raise NQPError("the block model's curve takes batch 1 per member")
+    t = time_grid(T0, horizon, K, points)
+    w0 = start_weights(w0, d)
+    lay_s = layout(problem, sgd)
+    bs = as_block(problem, sgd)
+    n_s = state_size(bs, lay_s)
+    _check_size(n_s)
+    eye_noise = np.eye(d).reshape(d, 1, d)
+    sys_s = reduce(problem, bs, lay_s, np.eye(n_s), eye_noise)
+    big = SGD(sgd.lr, sgd.momentum, sgd.nesterov, K, sgd.weight_decay)
+    sys_b = reduce(problem, as_block(problem, big), lay_s, np.eye(n_s), eye_noise)
+    prop_s, prop_b = _Propagator(*_augmented(sys_s)), _Propagator(*_augmented(sys_b))
+    H, w = problem.H, problem.optimum
+    Ds = np.hstack([_observe(problem, bs, lay_s, np.eye(n_s))[0], -w[:, None]])     # w - w*, affine in z~
+
+    def excess(D, M):
+        return 0.5 * float(np.sum(H * (D @ M @ D.T)))
+
+    def ensemble(M):
+        S2 = Ds @ M @ Ds.T
+        mu = Ds @ M[:, -1]
+        return 0.5 * float(np.sum(H * (np.outer(mu, mu) + (S2 - np.outer(mu, mu)) / K)))
+
+    M0 = np.zeros((n_s + 1, n_s + 1))
+    M0[:d, :d] = np.outer(w0, w0)
+    M0[:d, -1] = M0[-1, :d] = w0
+    M0[-1, -1] = 1.0
+    # The late-phase systems: mean subspace (affine) and one deviation subspace.
+    lay = layout(problem, method)
+    (Em, Nm), dev = _bases(method, lay)
+    sys_m = reduce(problem, method, lay, Em, Nm)
+    q = sys_m.A.shape[0]
+    _check_size(q)
+    prop_m = _Propagator(*_augmented(sys_m))
+    Dm = np.hstack([_observe(problem, method, lay, Em)[0], -w[:, None]])
+    dt, dp = lay.theta.size, lay.phi.size
+    blocks = 2 if method.momentum else 1
+    T = np.zeros((q + 1, n_s + 1))          # SGD's (w, v, 1) -> the mean subspace's (theta, sqrt(K) phibar, ..., 1)
+    for b in range(blocks):
+        T[b * (dt + dp) + np.arange(dt), b * d + lay.theta] = 1.0
+        T[b * (dt + dp) + dt + np.arange(dp), b * d + lay.phi] = math.sqrt(K)
+    T[-1, -1] = 1.0
+    sys_u = prop_u = None
+    if dev is not None and dp:
+        sys_u = reduce(problem, method, lay, *dev)
+        prop_u = _Propagator(sys_u.A, sys_u.B @ sys_u.B.T)
+    Hpp = H[np.ix_(lay.phi, lay.phi)]
+    series = {k: np.zeros(len(t)) for k in ("sgd", "sgd_batch_K", "ensemble_K", "latephase_mean",
+                                            "latephase_members")}
+    ens_cache = {}
+
+    def ens_at(n):
+        if n not in ens_cache:
+            ens_cache[n] = ensemble(prop_s(M0, n))
+        return ens_cache[n]
+
+    M_s, now = M0, 0
+    M_big = M_m = M_u = None
+    for i, ti in enumerate(t):
+        ti = int(ti)
+        if ti <= T0:
+            M_s, now = prop_s(M_s, ti - now), ti
+            e = excess(Ds, M_s)
+            for k in ("sgd", "sgd_batch_K", "latephase_mean", "latephase_members"):
+                series[k][i] = e
+            if ti == T0:
+                M_big = M_s
+                M_m = T @ M_s @ T.T
+                M_m[dt + np.arange(dp), dt + np.arange(dp)] += sigma0 ** 2
+                if prop_u is not None:
+                    M_u = np.zeros((sys_u.A.shape[0],) * 2)
+                    M_u[np.arange(dp), np.arange(dp)] = sigma0 ** 2
+        else:
+            steps = (ti - now) // K
+            M_s = prop_s(M_s, ti - now)
+            M_big, M_m = prop_b(M_big, steps), prop_m(M_m, steps)
+            now = ti
+            series["sgd"][i] = excess(Ds, M_s)
+            series["sgd_batch_K"][i] = excess(Ds, M_big)
+            series["latephase_mean"][i] = excess(Dm, M_m)
+            extra = 0.0
+            if prop_u is not None:
+                M_u = prop_u(M_u, steps)
+                extra = (K - 1) / K * 0.5 * float(np.sum(Hpp * M_u[:dp, :dp]))
+            series["latephase_members"][i] = series["latephase_mean"][i] + extra
+        series["ensemble_K"][i] = ens_at(ti // K)
+    if not all(np.all(np.isfinite(v)) for v in series.values()):
+        raise NQPError("the predicted loss overflows float64; rescale the problem")
+    return Curve(t, series, int(T0), K, "lyapunov (block model, exact moments)")
+
+
+def simulate_curve(problem, method: Block, sgd: SGD, *, T0: int, horizon: int, w0=0.0, sigma0: float = 0.0,
+                   points: int = 60, runs: int = 32, seed: int = 0, threads: int | None = None,
+                   progress: bool = False):
+    """Monte Carlo of the protocol of :func:`learning_curve` (series sgd, latephase_mean, latephase_members), SGD
+    continuing on its own noise beside the block model after T0. Means over runs with standard errors."""
+    from .curves import Curve, start_weights, time_grid
+    from .montecarlo import TILE_BYTES, DivergedError, _check_seed, _Progress, _rng, _run_tiles
+
+    if int(runs) != runs or runs < 2:
+        raise NQPError(f"--runs must be an integer >= 2, got {runs}")
+    _check_seed(seed)
+    K, d, runs = method.K, problem.dim, int(runs)
+    t = time_grid(T0, horizon, K, points)
+    record = {int(x): i for i, x in enumerate(t)}
+    w0 = start_weights(w0, d)
+    names = ("sgd", "latephase_mean", "latephase_members")
+    out = {k: np.zeros((runs, len(t))) for k in names}
+    lay, lay_s = layout(problem, method), layout(problem, sgd)
+    bs = as_block(problem, sgd)
+    r_block = max(1, min(runs, TILE_BYTES // (8 * K * d)))
+    tiles = [(r0, min(runs, r0 + r_block)) for r0 in range(0, runs, r_block)]
+    bar = _Progress(len(tiles) * int(horizon), progress, "simulate curve")
+    lock = threading.Lock()
+
+    def ex(c, x):
+        return 0.5 * np.sum(x * c.curvature_times(x), axis=-1)
+
+    def run_tile(index):
+        r0, r1 = tiles[index]
+        R = r1 - r0
+        rng = _rng(seed, index)
+        cs, c = Coeffs.of(problem, lay_s), Coeffs.of(problem, lay)
+        s = State(np.broadcast_to(w0, (R, d)).copy(), np.zeros((R, 1, 0)))
+        if sgd.momentum:
+            s.v_theta, s.v_phi = np.zeros((R, d)), np.zeros((R, 1, 0))
+        lp = None
+        local = {k: np.zeros((R, len(t))) for k in names}
+
+        def rec(i):
+            local["sgd"][:, i] = ex(cs, s.theta - cs.wstar)
+            if lp is None:
+                local["latephase_mean"][:, i] = local["latephase_members"][:, i] = local["sgd"][:, i]
+            else:
+                local["latephase_mean"][:, i] = ex(c, mean_model(lp, c) - c.wstar)
+                local["latephase_members"][:, i] = ex(c, members(lp, c) - c.wstar).mean(axis=-1)
+
+        def release():
+            th = s.theta[:, lay.theta].copy()
+            ph = np.repeat(s.theta[:, None, lay.phi], K, axis=1)
+            if sigma0:
+                ph += sigma0 * rng.standard_normal(ph.shape)
+            st = State(th, ph)
+            if method.momentum:
+                st.v_theta = s.v_theta[:, lay.theta].copy()
+                st.v_phi = np.repeat(s.v_theta[:, None, lay.phi], K, axis=1)
+            return st
+
+        now = 0
+        if T0 == 0:
+            lp = release()
+        if 0 in record:
+            rec(record[0])
+        while now < horizon:
+            if lp is None:
+                block_step(s, rng.standard_normal((R, 1, d)), cs, bs)
+                now += 1
+                if now == T0:
+                    lp = release()
+            else:
+                for _ in range(K):
+                    block_step(s, rng.standard_normal((R, 1, d)), cs, bs)
+                block_step(lp, rng.standard_normal((R, K, d)), c, method)
+                now += K
+            if now in record:
+                rec(record[now])
+        bar.update(int(horizon))
+        if not all(np.all(np.isfinite(v)) for v in local.values()):
+            raise DivergedError("simulation diverged (non-finite loss); lower the learning rates or the noise")
+        with lock:
+            for k in names:
+                out[k][r0:r1] = local[k]
+
+    _run_tiles(run_tile, len(tiles), threads, bar)
+    series = {k: v.mean(axis=0) for k, v in out.items()}
+    stderr = {k: v.std(axis=0, ddof=1) / math.sqrt(runs) for k, v in out.items()}
+    return Curve(t, series, int(T0), K, "monte carlo", stderr)

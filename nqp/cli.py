@@ -516,7 +516,7 @@ def cmd_curve(a) -> int:
 
     problem = build_problem(a)
     if a.method == "sgd":
-        raise NQPError("curve compares SGD with a late-phase method: use --method additive or multiplicative")
+        raise NQPError("curve compares SGD with a late-phase method: use --method additive, multiplicative or block")
     if a.swa_window is not None:
         raise NQPError("curve uses --swa-start (running average from that minibatch), not --swa-window")
     method = make_method(a.method, **method_params(a))

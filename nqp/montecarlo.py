@@ -463,7 +463,14 @@ def simulate_curve(problem, method: LatePhase, sgd: SGD, *, T0: int, horizon: in
     SGD continuing beside it on the same noise up to T0). Returns a Curve of the run means with
     standard errors for the series sgd, latephase_mean, latephase_members (and latephase_swa)."""
     from .curves import Curve, start_weights, time_grid
+    from .methods import Block
 
+    if isinstance(method, Block):
+        from . import block
+        if swa_start is not None:
+            raise NQPError("--swa-start is not modelled for --method block")
+        return block.simulate_curve(problem, method, sgd, T0=T0, horizon=horizon, w0=w0, sigma0=sigma0, points=points,
+                                    runs=runs, seed=seed, threads=threads, progress=progress)
     if int(runs) != runs or runs < 2:
         raise NQPError(f"--runs must be an integer >= 2, got {runs}")
     _check_seed(seed)

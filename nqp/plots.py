@@ -61,7 +61,11 @@ def plot_curve(curve, path: str, mc=None, title: str | None = None, logy: bool =
         ax.set_yscale("log")
     ax.set_xlabel("t (minibatches)")
     ax.set_ylabel("expected excess loss")
-    ax.set_title(title or f"learning curve (K={curve.K})" + (", points: simulation ±2 s.e." if mc else ""))
+    simulated = [LABELS.get(n, n).split(",")[0] + ("" if "," not in LABELS.get(n, n) else
+                                                   "," + LABELS.get(n, n).split(",", 1)[1].split("(")[0].rstrip())
+                 for n in curve.series if mc is not None and n in mc.series]
+    ax.set_title(title or f"learning curve (K={curve.K})" + (
+        f"\npoints (simulation, ±2 s.e.): {'; '.join(simulated)}" if simulated else ""), fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return save(fig, path, outputs)

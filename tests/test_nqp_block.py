@@ -215,3 +215,30 @@ def test_cli_sweep_block(capsys, tmp_path):
     assert rc == 0, err
     d = json.loads(out)
     assert len(d["points"]) == 6 and all(p["stable"] for p in d["points"])
+
+
+def test_exact_curve_agrees_with_monte_carlo():
+    m = Block(3, 0.1, 0.2, 0.5, 0.5, False, (1, 3), weight_decay=0.05)
+    sgd = SGD(0.2, 0.5, weight_decay=0.05)
+    kw = dict(T0=100, horizon=400, w0=0.0, sigma0=0.1, points=12)
+    exact = block.learning_curve(DIAG, m, sgd, **kw)
+    mc = block.simulate_curve(DIAG, m, sgd, runs=200, seed=2, **kw)
+    for k, v in mc.series.items():
+        se = mc.stderr[k]
+        ok = se > 1e-9 * np.abs(v)  # t = 0 is deterministic
+        assert np.all(np.abs(v[ok] - exact.series[k][ok]) < 4.5 * se[ok]), k
+    # long after T0 the exact curve reaches the stationary prediction
+    late = block.learning_curve(DIAG, m, sgd, T0=100, horizon=20000, points=5)
+    pred = steady_state(DIAG, m)
+    assert late.series["latephase_mean"][-1] == pytest.approx(pred.excess_loss_mean_model, rel=1e-6)
+    assert late.series["latephase_members"][-1] == pytest.approx(pred.excess_loss_members, rel=1e-6)
+
+
+def test_cli_curve_block_names_the_simulated_series(capsys, tmp_path):
+    rc, out, err = run(capsys, "curve", "--method", "block", "--phi-coords", "0", "--curvature", "1", "0.5", "--K",
+                       "2", "--t0", "20", "--horizon", "60", "--points", "8", "--simulate", "--runs", "4", "--out",
+                       str(tmp_path / "c.png"), "--json")
+    assert rc == 0, err
+    d = json.loads(out)
+    assert set(d["simulation"]["series"]) == {"sgd", "latephase_mean", "latephase_members"}
+    assert (tmp_path / "c.png").exists()

@@ -151,7 +151,8 @@ def block_step(state: State, xi: np.ndarray, c: Coeffs, method: Block) -> None:
     """One outer step of Algorithm 1 on the block model, in place; xi (..., K, d) standard normal.
 
     g_k = H (w_k - c_k), c_k = w* + (S / batch)^(1/2) xi_k, every gradient at the start-of-step weights;
-        phi_k <- U(phi_k, g_k[phi] + lambda phi_k),   theta <- U(theta, gamma_theta sum_k g_k[theta] + lambda theta)
+        phi_k <- U(phi_k, g_k[phi] + lambda phi_k),
+        theta <- U(theta, gamma_theta sum_k g_k[theta] + lambda_theta theta)
     with U torch.optim.SGD's update (lr_phi resp. lr_theta, momentum, Nesterov; weight decay inside the gradient).
     """
     r = members(state, c)
@@ -163,7 +164,8 @@ def block_step(state: State, xi: np.ndarray, c: Coeffs, method: Block) -> None:
     g_theta *= method.gamma_theta
     if method.weight_decay:
         g_phi += method.weight_decay * state.phi
-        g_theta += method.weight_decay * state.theta
+    if method.lambda_theta:
+        g_theta += method.lambda_theta * state.theta
     optimizer_update(state.phi, state.v_phi, g_phi, method.lr_phi, method.momentum, method.nesterov)
     optimizer_update(state.theta, state.v_theta, g_theta, method.lr_theta, method.momentum, method.nesterov)
 
@@ -256,7 +258,7 @@ def _radius(A: np.ndarray) -> float:
 
 def _check_moves(method: Block, lay: Layout) -> None:
     if lay.theta.size and (method.gamma_theta * method.lr_theta == 0 or method.lr_theta == 0) \
-            and not (method.weight_decay and method.lr_theta):
+            and not (method.lambda_theta and method.lr_theta):
         raise NQPError("theta never moves (gamma_theta * lr_theta = 0 and no weight decay), so its stationary value "
                        "is its start: no stationary state to predict; give gamma_theta, lr_theta > 0")
 
@@ -284,8 +286,9 @@ def stability(problem, method) -> list:
     h, lam, out = problem.curvature, bm.weight_decay, []
     wd = " + weight_decay" if lam else ""
     if lay.theta.size:
-        a = bm.K * bm.gamma_theta * h[lay.theta] + lam
-        out.append(Condition(f"lr_theta * (K*gamma_theta*h{wd}) on theta (edge {tail})",
+        a = bm.K * bm.gamma_theta * h[lay.theta] + bm.lambda_theta
+        wdt = " + weight_decay_theta" if bm.lambda_theta else ""
+        out.append(Condition(f"lr_theta * (K*gamma_theta*h{wdt}) on theta (edge {tail})",
                              float(bm.lr_theta * a.max()), edge))
     if lay.phi.size:
         out.append(Condition(f"lr_phi * (h{wd}) on phi (edge {tail})", float(bm.lr_phi * (h[lay.phi] + lam).max()),
@@ -312,7 +315,7 @@ def max_stable_lr(problem, method) -> dict:
     h, lam = problem.curvature, bm.weight_decay
     out = {}
     if lay.theta.size:
-        out["lr_theta"] = edge / float((bm.K * bm.gamma_theta * h[lay.theta] + lam).max() or np.inf)
+        out["lr_theta"] = edge / float((bm.K * bm.gamma_theta * h[lay.theta] + bm.lambda_theta).max() or np.inf)
     if lay.phi.size:
         out["lr_phi"] = edge / float((h[lay.phi] + lam).max())
     return out
@@ -337,10 +340,10 @@ def closed_form(problem, method):
     mean, mem = np.zeros(lay.d), np.zeros(lay.d)
     t, p = lay.theta, lay.phi
     if t.size:
-        kh = bm.K * bm.gamma_theta * h[t]
-        a = kh + lam
+        kh, lt = bm.K * bm.gamma_theta * h[t], bm.lambda_theta
+        a = kh + lt
         V = cf.sgd_variance(bm.lr_theta, a, (kh / a) ** 2 * s[t] / bm.K, mu, nest)
-        mean[t] = mem[t] = 0.5 * h[t] * (V + (lam * w[t] / a) ** 2)
+        mean[t] = mem[t] = 0.5 * h[t] * (V + (lt * w[t] / a) ** 2)
     if p.size:
         a = h[p] + lam
         V = cf.sgd_variance(bm.lr_phi, a, (h[p] / a) ** 2 * s[p], mu, nest)
@@ -428,8 +431,8 @@ def fixed_point(problem, method, lay: Layout):
     bm = as_block(problem, method)
     h, w, lam = problem.curvature, problem.optimum, bm.weight_decay
     if problem.diagonal:
-        kh = bm.K * bm.gamma_theta * h[lay.theta]
-        th = kh * w[lay.theta] / np.where(kh + lam > 0, kh + lam, 1.0)
+        kh, lt = bm.K * bm.gamma_theta * h[lay.theta], bm.lambda_theta
+        th = kh * w[lay.theta] / np.where(kh + lt > 0, kh + lt, 1.0)
         return th, h[lay.phi] * w[lay.phi] / (h[lay.phi] + lam)
     red = reduce(problem, bm, lay, *_bases(bm, lay)[0])
     full = red.E @ np.linalg.solve(np.eye(red.A.shape[0]) - red.A, red.b)
@@ -455,7 +458,7 @@ def spectral_radius(problem, method) -> float:
         h, lam = problem.curvature, bm.weight_decay
         r = [0.0]
         if lay.theta.size:
-            r.append(_sgd_radius(bm.lr_theta, bm.K * bm.gamma_theta * h[lay.theta] + lam, bm.momentum,
+            r.append(_sgd_radius(bm.lr_theta, bm.K * bm.gamma_theta * h[lay.theta] + bm.lambda_theta, bm.momentum,
                                  bm.nesterov).max())
         if lay.phi.size:
             r.append(_sgd_radius(bm.lr_phi, h[lay.phi] + lam, bm.momentum, bm.nesterov).max())

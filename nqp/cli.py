@@ -106,6 +106,8 @@ def _method_flags(p, method_default="additive", gamma_default=1.0):
     g.add_argument("--weight-decay", type=float, default=0.0, metavar="LAMBDA",
                    help="weight decay inside the gradient (torch convention); --method block decays theta once per "
                         "outer step (sgd and block only)")
+    g.add_argument("--weight-decay-theta", type=float, default=None, metavar="LAMBDA",
+                   help="--method block: theta's weight decay per outer step (default --weight-decay)")
     g.add_argument("--K", type=_int, default=None, help="number of late-phase members, or of the runs of --method sgd "
                                                         "--ensemble (default 10)")
     g.add_argument("--gamma-theta", type=float, default=None,
@@ -172,11 +174,11 @@ def method_params(a, gamma_default=1.0) -> dict:
     return dict(K=a.K, gamma_theta=gamma_default if a.gamma_theta is None else a.gamma_theta, lr=a.lr,
                 lr_theta=a.lr_theta, lr_phi=a.lr_phi, momentum=a.momentum, nesterov=a.nesterov,
                 batch=a.batch, ensemble=a.ensemble, swa_window=a.swa_window, phi_coords=a.phi_coords,
-                weight_decay=a.weight_decay)
+                weight_decay=a.weight_decay, weight_decay_theta=a.weight_decay_theta)
 
 
 def _finite(a):
-    for k in ("lr", "lr_theta", "lr_phi", "momentum", "gamma_theta", "weight_decay"):
+    for k in ("lr", "lr_theta", "lr_phi", "momentum", "gamma_theta", "weight_decay", "weight_decay_theta"):
         v = getattr(a, k, None)
         if v is not None and not math.isfinite(v):
             raise NQPError(f"--{k.replace('_', '-')} must be finite, got {v}")

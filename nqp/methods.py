@@ -113,10 +113,11 @@ class Block:
     values), with g_k = H (w_k - c_k) averaged over `batch` minibatches per member:
 
         phi_k <- phi_k - lr_phi (g_k[phi] + weight_decay phi_k)
-        theta <- theta - lr_theta (gamma_theta sum_k g_k[theta] + weight_decay theta)
+        theta <- theta - lr_theta (gamma_theta sum_k g_k[theta] + lambda_theta theta)
 
-    (plain SGD shown; momentum in the torch convention with the decay inside the gradient). theta is decayed once per
-    outer step, i.e. 1/K of SGD's decay per minibatch. One outer step consumes K * batch minibatches.
+    (plain SGD shown; momentum in the torch convention with the decay inside the gradient). lambda_theta is
+    `weight_decay_theta` (default: weight_decay). theta is decayed once per outer step, i.e. 1/K of SGD's decay per
+    minibatch. One outer step consumes K * batch minibatches.
 
     >>> Block(K=4, lr_theta=0.1, lr_phi=0.1, gamma_theta=0.25, phi_coords=(0, 1)).minibatches_per_step
     4
@@ -131,6 +132,7 @@ class Block:
     phi_coords: tuple = ()
     weight_decay: float = 0.0
     batch: int = 1
+    weight_decay_theta: float | None = None
     name: str = field(default="block", init=False)
 
     def __post_init__(self):
@@ -140,6 +142,8 @@ class Block:
         _check_rate("--lr-phi", self.lr_phi)
         _check_rate("--gamma-theta", self.gamma_theta, allow_zero=True)
         _check_rate("--weight-decay", self.weight_decay, allow_zero=True)
+        if self.weight_decay_theta is not None:
+            _check_rate("--weight-decay-theta", self.weight_decay_theta, allow_zero=True)
         _check_momentum(self.momentum, self.nesterov)
         if int(self.batch) != self.batch or self.batch < 1:
             raise NQPError(f"batch must be a positive integer, got {self.batch}")
@@ -153,6 +157,11 @@ class Block:
     @property
     def minibatches_per_step(self) -> int:
         return int(self.K) * int(self.batch)
+
+    @property
+    def lambda_theta(self) -> float:
+        """theta's weight decay per outer step."""
+        return self.weight_decay if self.weight_decay_theta is None else self.weight_decay_theta
 
     def with_(self, **changes) -> "Block":
         return replace(self, **changes)
@@ -210,7 +219,8 @@ class TailAverage:
 def make_method(method: str = "additive", *, K: int = 10, gamma_theta: float = 1.0, lr: float = 0.1,
                 lr_theta: float | None = None, lr_phi: float | None = None, momentum: float = 0.0,
                 nesterov: bool = False, batch: int = 1, ensemble: bool = False,
-                swa_window: int | None = None, phi_coords=None, weight_decay: float = 0.0):
+                swa_window: int | None = None, phi_coords=None, weight_decay: float = 0.0,
+                weight_decay_theta: float | None = None):
     """Build a method from flat parameters (the CLI's flags). lr_theta and lr_phi default to lr.
 
     method "sgd" uses lr, momentum, nesterov, batch; with ensemble=True it is an ensemble of K SGD
@@ -220,6 +230,8 @@ def make_method(method: str = "additive", *, K: int = 10, gamma_theta: float = 1
     _check_rate("--lr", lr)
     if phi_coords is not None and method != "block":
         raise NQPError("--phi-coords applies to --method block")
+    if weight_decay_theta is not None and method != "block":
+        raise NQPError("--weight-decay-theta applies to --method block")
     if weight_decay and method in ("additive", "multiplicative"):
         raise NQPError(f"--weight-decay is modelled for --method sgd and block, not {method} (late-phase weights on "
                        f"their own coordinates, as in a network, are --method block)")
@@ -236,7 +248,7 @@ def make_method(method: str = "additive", *, K: int = 10, gamma_theta: float = 1
             raise NQPError("--method block needs --phi-coords I [I ...] (the 0-based coordinates that are late-phase "
                            "weights)")
         m = Block(K, lr if lr_theta is None else lr_theta, lr if lr_phi is None else lr_phi, gamma_theta, momentum,
-                  nesterov, tuple(phi_coords), weight_decay)
+                  nesterov, tuple(phi_coords), weight_decay, 1, weight_decay_theta)
     elif method in ("additive", "multiplicative"):
         if batch != 1 or ensemble:
             raise NQPError("--batch and --ensemble apply to --method sgd")

@@ -246,7 +246,7 @@ def _grid_exact(problem, method: str, base: dict, x: tuple, y: tuple) -> SweepRe
 
 def _point(base: dict, override: dict) -> dict:
     p = {k: base.get(k) for k in ("K", "gamma_theta", "lr", "lr_theta", "lr_phi", "momentum", "nesterov",
-                                  "phi_coords", "weight_decay")}
+                                  "phi_coords", "weight_decay", "weight_decay_theta")}
     p = {k: v for k, v in p.items() if v is not None}
     p.update(override)
     if "K" in p:

@@ -32,6 +32,7 @@ METHODS = [
     Block(4, 0.1, 0.2, 0.25, 0.6, True, (0, 1, 4), weight_decay=0.1),
     Block(2, 0.3, 0.1, 1.0, 0.3, False, (), weight_decay=0.02, batch=3),
     Block(5, 0.05, 0.3, 1.0, 0.0, False, (0, 1, 2, 3, 4), weight_decay=0.2),
+    Block(4, 0.1, 0.2, 1.0, 0.5, True, (0, 2), weight_decay=0.05, weight_decay_theta=0.3),
 ]
 
 
@@ -63,7 +64,8 @@ def test_reduced_lyapunov_equals_the_full_state_on_a_coupled_problem(method):
     np.testing.assert_allclose(a, b, rtol=1e-9)
 
 
-@pytest.mark.parametrize("method", [Block(3, 0.1, 0.2, 0.5, 0.5, False, (1, 3), weight_decay=0.05),
+@pytest.mark.parametrize("method", [Block(3, 0.1, 0.2, 0.5, 0.5, False, (1, 3), weight_decay=0.05,
+                                          weight_decay_theta=0.2),
                                     Block(2, 0.15, 0.3, 1.0, 0.0, False, (0, 2), weight_decay=0.0)])
 def test_lyapunov_equals_monte_carlo_within_4_standard_errors_on_a_coupled_problem(method):
     p = coupled()

@@ -559,6 +559,33 @@ def cmd_curve(a) -> int:
     return 0
 
 
+def cmd_arms(a) -> int:
+    from . import arms
+
+    problem, phi = arms.block_problem(a.dim, a.phi_count, a.phi)
+    methods = arms.arms(phi, a.K, a.lr, a.momentum, a.nesterov, a.weight_decay)
+    rows = arms.predict(problem, phi, methods)
+    sh = arms.shares(problem, phi)
+    out = {"problem": problem.describe(), "phi_coords": list(phi), "phi_share": sh,
+           "settings": {"K": a.K, "lr": a.lr, "momentum": a.momentum, "nesterov": a.nesterov,
+                        "weight_decay": a.weight_decay}, "arms": rows, "order": arms.order(rows)}
+    if a.json:
+        _dump(out)
+        return 0
+    print(f"block problem: {problem.describe()}, s_i = 1/h_i (gradient noise covariance H); phi = {a.phi} "
+          f"{a.phi_count} coordinates: {sh['curvature']:.0%} of tr H and of SGD's small-step excess")
+    print(f"K={a.K}, lr={a.lr:g}, momentum={a.momentum:g}{' (Nesterov)' if a.nesterov else ''}, "
+          f"weight decay={a.weight_decay:g}; stationary expected excess loss (exact)\n")
+    print(_table(rows, [("arm", lambda r: r["arm"]), ("mean model", lambda r: _g(r["excess_loss_mean_model"])),
+                        ("theta part", lambda r: _g(r["theta_part"])), ("phi part", lambda r: _g(r["phi_part"])),
+                        ("vs base", lambda r: f"{r['vs_base']:.3g}"),
+                        ("members (avg)", lambda r: _g(r["excess_loss_members"])),
+                        ("relaxation (minibatches)", lambda r: f"{r['relaxation_minibatches']:.3g}")]))
+    out["order"] = arms.order(rows)
+    print(f"\norder (mean model, best first): {out['order']}")
+    return 0
+
+
 def cmd_docs(a) -> int:
     from .docs import build
     _out_folder(a.out)
@@ -621,6 +648,20 @@ def make_parser() -> argparse.ArgumentParser:
     sc.add_argument("--out", default="nqp_curve.png", help="PNG path (default nqp_curve.png)")
     sc.add_argument("--json", action="store_true")
     sc.set_defaults(func=cmd_curve)
+
+    sa = sub.add_parser("arms", help="predictions for the deep study's arms on a block problem (BatchNorm + head)")
+    sa.add_argument("--dim", type=_int, default=100, help="coordinates (h_i = 1/i, s_i = 1/h_i; default 100)")
+    sa.add_argument("--phi", choices=["stiffest", "spread", "flattest"], default="stiffest",
+                    help="where the late-phase coordinates sit in the spectrum (default stiffest: the head carries "
+                         "the Hessian's class outliers)")
+    sa.add_argument("--phi-count", type=_int, default=10, help="late-phase coordinates (default 10)")
+    sa.add_argument("--K", type=_int, default=10)
+    sa.add_argument("--lr", type=float, default=0.1)
+    sa.add_argument("--momentum", type=float, default=0.9)
+    sa.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=True)
+    sa.add_argument("--weight-decay", type=float, default=5e-4)
+    sa.add_argument("--json", action="store_true")
+    sa.set_defaults(func=cmd_arms)
 
     sd = sub.add_parser("docs", help="regenerate the theory figures and docs/theory.md")
     sd.add_argument("--out", default="docs", help="docs folder (default docs)")

@@ -244,3 +244,37 @@ def test_cli_curve_block_names_the_simulated_series(capsys, tmp_path):
     d = json.loads(out)
     assert set(d["simulation"]["series"]) == {"sgd", "latephase_mean", "latephase_members"}
     assert (tmp_path / "c.png").exists()
+
+
+@pytest.mark.parametrize("nest", [False, True])
+def test_twin_equals_latephase_gamma1_on_a_coupled_problem(nest):
+    from nqp.arms import arms
+    p = coupled()
+    a = arms((1, 3), K=3, lr=0.05, momentum=0.5, nesterov=nest, weight_decay=0.05)
+    lp, twin = steady_state(p, a["late-phase, gamma_theta = 1"]), steady_state(p, a["large-batch twin"])
+    assert twin.excess_loss_mean_model == pytest.approx(lp.excess_loss_mean_model, rel=1e-9)
+    assert twin.excess_loss_members == pytest.approx(twin.excess_loss_mean_model, rel=1e-12)  # no members
+
+
+@pytest.mark.parametrize("mom", [0.0, 0.9])
+def test_gain_is_at_most_phis_share(mom):
+    from nqp.arms import block_problem
+    for placement in ("stiffest", "spread", "flattest"):
+        p, phi = block_problem(30, 5, placement)
+        e_sgd = steady_state(p, SGD(0.05, mom)).mean_model_per_coordinate
+        for K in (2, 4, 8):
+            got = steady_state(p, Block(K, 0.05, 0.05, 1.0, mom, False, phi)).mean_model_per_coordinate
+            assert got[list(phi)].sum() == pytest.approx(e_sgd[list(phi)].sum() / K, rel=1e-9)
+            assert got.sum() >= e_sgd.sum() - e_sgd[list(phi)].sum() * (1 - 1 / K) - 1e-12
+
+
+def test_cli_arms(capsys):
+    rc, out, err = run(capsys, "arms", "--dim", "20", "--phi-count", "4", "--json")
+    assert rc == 0, err
+    d = json.loads(out)
+    names = [r["arm"] for r in d["arms"]]
+    assert names[0] == "base SGD" and "large-batch twin" in names
+    assert "large-batch twin = late-phase, gamma_theta = 1" in d["order"] or \
+        "late-phase, gamma_theta = 1 = large-batch twin" in d["order"]
+    rc, _, err = run(capsys, "arms", "--phi-count", "100")
+    assert rc == 2 and "--phi-count" in err

@@ -200,6 +200,14 @@ class Reduced:
     B: np.ndarray
     b: np.ndarray
     E: np.ndarray
+    _rho: float | None = None
+
+    @property
+    def rho(self) -> float:
+        """Spectral radius of A (computed once)."""
+        if self._rho is None:
+            self._rho = _radius(self.A)
+        return self._rho
 
 
 def _bases(method: Block, lay: Layout):
@@ -227,18 +235,42 @@ def _bases(method: Block, lay: Layout):
     return (Em, Nm), ((Eu, Nu) if K > 1 else None)
 
 
-def _affine(problem, method: Block, lay: Layout, E: np.ndarray, N: np.ndarray, eps: float = 1e-30):
-    """A E (n, q), B N (n, m) and b (n,) of the literal step, by complex-step differentiation at z = 0, xi = 0
-    (exact for an affine map: the imaginary part carries the linear term without cancellation)."""
+def _affine(problem, method: Block, lay: Layout, E: np.ndarray, N: np.ndarray):
+    """A E (n, q), B N (n, m) and b (n,) of the literal step z' = A z + B xi + b. The step is affine, and its only
+    constant is the optimum w*: with w* = 0 it is linear, so A E and B N are the step of the columns of E (noise 0)
+    and of the noise directions N (state 0) with w* = 0, and b is the step of the zero state with the problem's w*
+    (real arithmetic, no difference of large terms)."""
     n, q = E.shape
     m = N.shape[0]
     c = Coeffs.of(problem, lay)
-    F = np.zeros((q + m, n), dtype=complex)
-    F[:q] += 1j * eps * E.T
-    xi = np.zeros((q + m, method.K, lay.d), dtype=complex)
-    xi[q:] += 1j * eps * N
+    b = np.zeros((1, n))
+    block_step(state_views(b, method, lay), np.zeros((1, method.K, lay.d)), c, method)
+    c.wstar = np.zeros_like(c.wstar)
+    F = np.zeros((q + m, n))
+    F[:q] = E.T
+    xi = np.zeros((q + m, method.K, lay.d))
+    xi[q:] = N
     block_step(state_views(F, method, lay), xi, c, method)
-    return F[:q].imag.T / eps, F[q:].imag.T / eps, F[0].real.copy()
+    return F[:q].T, F[q:].T, b[0]
+
+
+_cache: dict = {}
+
+
+def _reduced(problem, method: Block, lay: Layout, which: str) -> Reduced | None:
+    """The step on the mean ("mean") or one deviation ("dev") subspace, cached per (problem, method): stability,
+    moments and fixed point share one construction."""
+    key = (id(problem), method, which)
+    hit = _cache.get(key)
+    if hit is not None and hit[0] is problem:
+        return hit[1]
+    mean, dev = _bases(method, lay)
+    red = reduce(problem, method, lay, *mean) if which == "mean" else (
+        reduce(problem, method, lay, *dev) if dev is not None and lay.phi.size else None)
+    if len(_cache) > 16:
+        _cache.clear()
+    _cache[key] = (problem, red)
+    return red
 
 
 def reduce(problem, method: Block, lay: Layout, E: np.ndarray, N: np.ndarray) -> Reduced:
@@ -273,12 +305,11 @@ def stability(problem, method) -> list:
     bm = as_block(problem, method)
     _check_moves(bm, lay)
     if not problem.diagonal:
-        mean, dev = _bases(bm, lay)
         out = [Condition("spectral radius of the mean model's step (theta, phibar)",
-                         _radius(reduce(problem, bm, lay, *mean).A), 1.0)]
-        if dev is not None and lay.phi.size:
-            out.append(Condition("spectral radius of the members' deviation step",
-                                 _radius(reduce(problem, bm, lay, *dev).A), 1.0))
+                         _reduced(problem, bm, lay, "mean").rho, 1.0)]
+        dev = _reduced(problem, bm, lay, "dev")
+        if dev is not None:
+            out.append(Condition("spectral radius of the members' deviation step", dev.rho, 1.0))
         return out
     edge = cf.stability_edge(bm.momentum, bm.nesterov)
     tail = {"plain": "2", "heavy": "2(1+momentum)", "nesterov": "2(1+momentum)/(1+2 momentum)"}[
@@ -360,7 +391,7 @@ def _solve(red: Reduced):
     if q > LYAPUNOV_MAX_STATES:
         raise NQPError(f"the Lyapunov path would solve a {q} x {q} system; use the closed form (diagonal --hessian) "
                        f"or fewer coordinates")
-    rho = _radius(red.A)
+    rho = red.rho
     if rho >= 1 - 1e-12:
         raise UnstableError(f"unstable: spectral radius of the step {rho:.6g} must be < 1; lower the learning rate(s)")
     m = np.linalg.solve(np.eye(q) - red.A, red.b)
@@ -390,15 +421,14 @@ def lyapunov_moments(problem, method, full: bool = False) -> Moments:
         xk = Ck @ m - w
         Mk = (Ck @ sig @ np.swapaxes(Ck, -1, -2) + xk[:, :, None] * xk[:, None, :]).mean(axis=0)
         return Moments(Mm, Mk)
-    mean, dev = _bases(bm, lay)
-    red = reduce(problem, bm, lay, *mean)
+    red = _reduced(problem, bm, lay, "mean")
     m, sig = _solve(red)
     Cm, _ = _observe(problem, bm, lay, red.E)
     x = Cm @ m - w
     Mm = Cm @ sig @ Cm.T + np.outer(x, x)
     Mk = Mm.copy()
-    if dev is not None and lay.phi.size:
-        red_u = reduce(problem, bm, lay, *dev)
+    red_u = _reduced(problem, bm, lay, "dev")
+    if red_u is not None:
         mu_u, sig_u = _solve(red_u)
         assert np.abs(mu_u).max() <= 1e-9 * max(1.0, np.abs(m).max()), "deviation subspace has a nonzero mean"
         dp = lay.phi.size
@@ -434,7 +464,7 @@ def fixed_point(problem, method, lay: Layout):
         kh, lt = bm.K * bm.gamma_theta * h[lay.theta], bm.lambda_theta
         th = kh * w[lay.theta] / np.where(kh + lt > 0, kh + lt, 1.0)
         return th, h[lay.phi] * w[lay.phi] / (h[lay.phi] + lam)
-    red = reduce(problem, bm, lay, *_bases(bm, lay)[0])
+    red = _reduced(problem, bm, lay, "mean")
     full = red.E @ np.linalg.solve(np.eye(red.A.shape[0]) - red.A, red.b)
     st = state_views(full, bm, lay)
     return st.theta.copy(), st.phi[0].copy()
@@ -463,11 +493,9 @@ def spectral_radius(problem, method) -> float:
         if lay.phi.size:
             r.append(_sgd_radius(bm.lr_phi, h[lay.phi] + lam, bm.momentum, bm.nesterov).max())
         return float(max(r))
-    mean, dev = _bases(bm, lay)
-    r = _radius(reduce(problem, bm, lay, *mean).A)
-    if dev is not None and lay.phi.size:
-        r = max(r, _radius(reduce(problem, bm, lay, *dev).A))
-    return r
+    r = _reduced(problem, bm, lay, "mean").rho
+    dev = _reduced(problem, bm, lay, "dev")
+    return r if dev is None else max(r, dev.rho)
 
 
 def auto_burn_in(problem, method, tol: float = 1e-6) -> int:

@@ -343,6 +343,20 @@ def cmd_predict(a) -> int:
     print(_table(rows, cols))
     if latephase:
         out["conclusion"] = conclusion(rows[1:3], rows[3:])
+        b = out["baselines"]
+        here = [v.get("excess_loss_mean_model") for v in (b["sgd_batch_K"], b["ensemble_K"])]
+        here = [v for v in here if v is not None]
+        out["other_K"] = _other_K(problem, method, sgd, path, {
+            "K": a.K, "excess_loss_mean_model": shown.excess_loss_mean_model, "best_baseline": min(here) if here
+            else None, "ratio": shown.excess_loss_mean_model / min(here) if here and min(here) else None})
+        if out["other_K"]:
+            print("\nthe same at other K (mean model; baseline: the better of SGD with a K-times batch and the "
+                  "average of K runs):")
+            print(_table(out["other_K"], [("K", lambda r: str(r["K"])),
+                                          ("late-phase", lambda r: _g(r["excess_loss_mean_model"])),
+                                          ("best fair baseline", lambda r: _g(r["best_baseline"])),
+                                          ("late-phase / baseline", lambda r: "-" if r["ratio"] is None
+                                           else f"{r['ratio']:.4f}")]))
         print("\n" + out["conclusion"])
     if a.momentum:
         print(f"\nmomentum {a.momentum:g}{' (Nesterov)' if a.nesterov else ''} on every optimizer")
@@ -358,6 +372,32 @@ def cmd_predict(a) -> int:
                   f"{st.excess_loss_mean_model:.6g}, members {st.excess_loss_members:.6g}")
         print("check with `python -m nqp simulate` (same flags)")
     return 0
+
+
+def _other_K(problem, method, sgd, path, at_K: dict) -> list:
+    """The late-phase mean model at a few K (2, K, 2K) beside the best fair baseline at that K (the method's other
+    settings); `at_K` is the row of the method's own K, already computed."""
+    from .methods import SGD, Ensemble
+    from .theory import long_run
+
+    K = method.K
+    rows = []
+    for k in sorted({2, K, 2 * K} - {1}):
+        if k == K:
+            rows.append(at_K)
+            continue
+        def mean_of(m):
+            try:
+                return long_run(problem, m, path).excess_loss_mean_model
+            except NQPError:
+                return None
+        lp = mean_of(method.with_(K=k))
+        base = [v for v in (mean_of(SGD(sgd.lr, sgd.momentum, sgd.nesterov, k, sgd.weight_decay)),
+                            mean_of(Ensemble(sgd, k))) if v is not None]
+        b = min(base) if base else None
+        rows.append({"K": k, "excess_loss_mean_model": lp, "best_baseline": b,
+                     "ratio": None if (lp is None or not b) else lp / b})
+    return rows
 
 
 def conclusion(baseline_rows, latephase_rows) -> str:
@@ -483,15 +523,23 @@ def cmd_sweep(a) -> int:
         d["prediction"] = "short time (balanced start)" if a.short_time else "long run (noise-selected balance)"
     files = {"json": os.path.join(a.out, "sweep.json"), "csv": os.path.join(a.out, "sweep.csv")}
     header = [xn, yn, "excess_loss_mean_model", "excess_loss_members", "excess_loss_sgd", "gain_over_sgd", "stable"]
+    if res.baseline is not None:
+        header += ["excess_loss_best_baseline", "gain_over_best_baseline"]
     lines = [",".join(header)] + [",".join(str(r[k]) for k in header) for r in res.rows()]
     tag = (", long run" if not a.short_time else ", short time") if a.method == "multiplicative" else ""
-    title = f"{a.method}{tag}: gain over SGD (E_sgd / E_mean); {problem.describe()}"
+    if res.baseline is not None:
+        title = (f"{a.method}{tag}: gain over the best fair baseline (K-times batch or K-run ensemble, "
+                 f"E_baseline / E_mean)\n{problem.describe()}")
+        heat, heat_label = res.gain_over_baseline, "E_baseline / E_mean"
+    else:
+        title = f"{a.method}{tag}: gain over SGD (E_sgd / E_mean); {problem.describe()}"
+        heat, heat_label = res.gain, "E_sgd / E_mean"
     sgd_ref = float(np.nanmean(res.sgd)) if np.all(res.sgd == res.sgd[0, 0]) else None
     with Outputs() as out:  # all four files or none: a failure leaves the earlier set and no temporary file
         out.write_text(files["json"], _json(d))
         out.write_text(files["csv"], "\n".join(lines) + "\n")
-        files["heatmap"] = plots.plot_heatmap(xn, res.x, yn, res.y, res.gain, os.path.join(a.out, "sweep_gain.png"),
-                                              title, "E_sgd / E_mean", outputs=out)
+        files["heatmap"] = plots.plot_heatmap(xn, res.x, yn, res.y, heat, os.path.join(a.out, "sweep_gain.png"),
+                                              title, heat_label, outputs=out)
         files["lines"] = plots.plot_lines(xn, res.x, yn, res.y, {"mean model": res.mean_model,
                                           "members": res.members}, os.path.join(a.out, "sweep_lines.png"),
                                           f"{a.method}: stationary excess loss", hline=sgd_ref, outputs=out)
@@ -503,9 +551,16 @@ def cmd_sweep(a) -> int:
     print(f"sweep of {xn} x {yn}: {res.stable.sum()} of {res.stable.size} points stable")
     if best is None and res.stable.any():
         print("no gain over SGD is defined (SGD's stationary loss is 0 or unstable at every point, e.g. --noise 0)")
+    gb = res.gain_over_baseline
+    if gb is not None and np.isfinite(gb).any():
+        j, i = np.unravel_index(np.nanargmax(np.where(np.isfinite(gb), gb, np.nan)), gb.shape)
+        verdict = "beats" if gb[j, i] > 1 + 1e-9 else ("ties with" if gb[j, i] > 1 - 1e-9 else "never beats")
+        print(f"the late-phase mean model {verdict} the best fair baseline (SGD with a K-times batch, or the average "
+              f"of K runs): best ratio E_baseline / E_mean = {gb[j, i]:.4g} at {xn}={res.x[i]:g}, {yn}={res.y[j]:g}")
     if best is not None:
         j, i = best
-        print(f"largest gain over SGD: {res.gain[j, i]:.4g} at {xn}={res.x[i]:g}, {yn}={res.y[j]:g}")
+        print(f"largest gain over single-batch SGD: {res.gain[j, i]:.4g} at {xn}={res.x[i]:g}, {yn}={res.y[j]:g}"
+              + (" (a K-times batch alone divides the noise by K)" if gb is not None else ""))
     for k, v in files.items():
         print(f"wrote {v}")
     return 0

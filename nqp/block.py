@@ -84,8 +84,9 @@ def layout(problem, method) -> Layout:
     if phi.size and phi.max() >= d:
         raise NQPError(f"--phi-coords: coordinate {int(phi.max())} is out of range (the problem has {d} "
                        f"coordinates, 0..{d - 1})")
-    theta = np.setdiff1d(np.arange(d), phi)
-    return Layout(theta, phi, d)
+    is_theta = np.ones(d, bool)
+    is_theta[phi] = False
+    return Layout(np.flatnonzero(is_theta), phi, d)
 
 
 # ----------------------------------------------------------------------------- the step

@@ -314,11 +314,6 @@ def cmd_predict(a) -> int:
                 except NQPError as e:
                     r = {"unstable": str(e)}
                 out["gamma_theta_scan"].append({"gamma_theta": gm, **r})
-    if a.json:
-        _dump(out)
-        return 0
-    print(f"noisy quadratic problem: {problem.describe()}")
-    print(f"stationary expected excess loss (summed over coordinates); solution: {shown.path}\n")
     e_sgd = out.get("baselines", {}).get("sgd", {}).get("excess_loss_mean_model")
     if latephase:
         b = out["baselines"]
@@ -333,22 +328,26 @@ def cmd_predict(a) -> int:
             rows.append((f"late-phase {a.method}, K={a.K}",
                          f"gamma_theta={r['gamma_theta']:.4g}, lr_theta={method.lr_theta:g}, lr_phi={method.lr_phi:g}",
                          r.get("excess_loss_mean_model"), r.get("excess_loss_members")))
+        out["conclusion"] = conclusion(rows[1:3], rows[3:])
+        here = [v.get("excess_loss_mean_model") for v in (b["sgd_batch_K"], b["ensemble_K"])]
+        here = [v for v in here if v is not None]
+        out["other_K"] = _other_K(problem, method, sgd, path, {
+            "K": a.K, "excess_loss_mean_model": shown.excess_loss_mean_model, "best_baseline": min(here) if here
+            else None, "ratio": shown.excess_loss_mean_model / min(here) if here and min(here) else None})
     else:
         rows.append((method.name, json.dumps(_params_dict(method)), shown.excess_loss_mean_model,
                      shown.excess_loss_members))
+    if a.json:
+        _dump(out)
+        return 0
+    print(f"noisy quadratic problem: {problem.describe()}")
+    print(f"stationary expected excess loss (summed over coordinates); solution: {shown.path}\n")
     cols = [("method", lambda r: r[0]), ("settings", lambda r: r[1]),
             ("mean model", lambda r: _g(r[2])), ("members (avg)", lambda r: _g(r[3]))]
     if e_sgd:
         cols.append(("mean / SGD", lambda r: "-" if r[2] is None else f"{r[2] / e_sgd:.4f}"))
     print(_table(rows, cols))
     if latephase:
-        out["conclusion"] = conclusion(rows[1:3], rows[3:])
-        b = out["baselines"]
-        here = [v.get("excess_loss_mean_model") for v in (b["sgd_batch_K"], b["ensemble_K"])]
-        here = [v for v in here if v is not None]
-        out["other_K"] = _other_K(problem, method, sgd, path, {
-            "K": a.K, "excess_loss_mean_model": shown.excess_loss_mean_model, "best_baseline": min(here) if here
-            else None, "ratio": shown.excess_loss_mean_model / min(here) if here and min(here) else None})
         if out["other_K"]:
             print("\nthe same at other K (mean model; baseline: the better of SGD with a K-times batch and the "
                   "average of K runs):")

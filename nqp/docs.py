@@ -494,7 +494,7 @@ def fig_block_vs_K(path, b: Budget, vals: dict):
     ax.set_xlabel("K (members)")
     ax.set_ylabel("mean model: stationary excess loss")
     ax.set_title(f"block model vs K (lr = {LR}); points: simulation ±2 s.e.", fontsize=10)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="lower left")
     ax.grid(alpha=0.3)
     gammas = np.geomspace(1.0 / K_DEFAULT, 1.0, 30)
     theta = np.setdiff1d(np.arange(p.dim), phi)

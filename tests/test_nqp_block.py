@@ -278,3 +278,28 @@ def test_cli_arms(capsys):
         "late-phase, gamma_theta = 1 = large-batch twin" in d["order"]
     rc, _, err = run(capsys, "arms", "--phi-count", "100")
     assert rc == 2 and "--phi-count" in err
+
+
+def test_cli_sweep_headline_compares_with_the_best_fair_baseline(capsys, tmp_path):
+    rc, out, err = run(capsys, "sweep", "--curvature", "1", "0.5", "--x", "K", "1", "4", "--y", "gamma_theta", "0.25",
+                       "1", "--out", str(tmp_path))
+    assert rc == 0, err
+    assert "best fair baseline" in out and "largest gain over single-batch SGD" in out
+    header = (tmp_path / "sweep.csv").read_text().splitlines()[0].split(",")
+    assert header[-2:] == ["excess_loss_best_baseline", "gain_over_best_baseline"]
+
+
+def test_cli_predict_other_K_rows(capsys):
+    rc, out, _ = run(capsys, "predict", "--method", "block", "--phi-coords", "0", "--curvature", "1", "0.5", "--K",
+                     "4", "--json")
+    d = json.loads(out)
+    assert [r["K"] for r in d["other_K"]] == [2, 4, 8]
+    assert all(r["ratio"] is not None and r["ratio"] > 0 for r in d["other_K"])
+
+
+def test_block_simulation_in_float32_agrees():
+    m = Block(3, 0.1, 0.2, 0.5, 0.5, False, (1, 3), weight_decay=0.05)
+    pred = steady_state(DIAG, m)
+    res = block.simulate(DIAG, m, steps=12000, runs=8, seed=4, dtype=np.float32)
+    assert res.dtype == "float32"
+    assert abs(res.excess_loss_mean_model - pred.excess_loss_mean_model) < 4 * res.excess_loss_mean_model_stderr

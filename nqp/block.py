@@ -218,6 +218,10 @@ def _bases(method: Block, lay: Layout):
     size = dt + K * dp
     blocks = 2 if method.momentum else 1
     n = size * blocks
+    if (dt + dp) * blocks > LYAPUNOV_MAX_STATES:
+        raise NQPError(f"the exact path of this problem solves a {(dt + dp) * blocks} x {(dt + dp) * blocks} system "
+                       f"(d (1 + momentum) > {LYAPUNOV_MAX_STATES}); with a diagonal H use the closed form (no "
+                       f"--lyapunov), else fewer coordinates")
     Em = np.zeros((n, (dt + dp) * blocks))
     Eu = np.zeros((n, dp * blocks)) if K > 1 else None
     for b in range(blocks):

@@ -47,10 +47,15 @@ def needs_block(problem, method) -> bool:
     SGD runs with weight decay or a full curvature (the block model with K = 1 / with every coordinate phi)."""
     if isinstance(method, Block):
         return True
+    if isinstance(method, LatePhase) and method.weight_decay:
+        return True
+    if isinstance(method, TailAverage) and getattr(method.base, "weight_decay", 0):
+        raise NQPError("tail averages are not modelled with --weight-decay")
     if isinstance(method, (LatePhase, TailAverage)):
         if problem.hessian is not None:
-            raise NQPError(f"a full --hessian is modelled for --method sgd and block, not {method.name} "
-                           f"(late-phase weights on their own coordinates, as in a network, are --method block)")
+            raise NQPError(f"a full --hessian is modelled for --method sgd, block and additive with --weight-decay > 0, "
+                           f"not {method.name} (late-phase weights on their own coordinates, as in a network, are "
+                           f"--method block)")
         return False
     base = method.base if isinstance(method, Ensemble) else method
     return problem.hessian is not None or base.weight_decay > 0
@@ -61,6 +66,9 @@ def as_block(problem, method) -> Block:
     members with every coordinate phi. Block methods pass through."""
     if isinstance(method, Block):
         return method
+    if isinstance(method, LatePhase):   # additive with weight decay: theta and phi_k on every coordinate
+        return Block(method.K, method.lr_theta, method.lr_phi, method.gamma_theta, method.momentum, method.nesterov,
+                     tuple(range(problem.dim)), method.weight_decay, shared=True)
     if isinstance(method, Ensemble):
         b = method.base
         return Block(method.K, b.lr, b.lr, 1.0, b.momentum, b.nesterov, tuple(range(problem.dim)), b.weight_decay,
@@ -80,7 +88,10 @@ class Layout:
 
 def layout(problem, method) -> Layout:
     d = problem.dim
-    phi = np.asarray(as_block(problem, method).phi_coords, dtype=int)
+    bm = as_block(problem, method)
+    if bm.shared:
+        return Layout(np.arange(d), np.arange(d), d)
+    phi = np.asarray(bm.phi_coords, dtype=int)
     if phi.size and phi.max() >= d:
         raise NQPError(f"--phi-coords: coordinate {int(phi.max())} is out of range (the problem has {d} "
                        f"coordinates, 0..{d - 1})")
@@ -136,7 +147,7 @@ def members(state: State, c: Coeffs) -> np.ndarray:
     """Member weights w_k = (theta, phi_k), shape (..., K, d)."""
     w = np.zeros(state.phi.shape[:-1] + (c.lay.d,), dtype=np.result_type(state.theta, state.phi))
     w[..., c.lay.theta] = state.theta[..., None, :]
-    w[..., c.lay.phi] = state.phi
+    w[..., c.lay.phi] += state.phi        # += : theta and phi share the coordinates in the additive model
     return w
 
 
@@ -144,7 +155,7 @@ def mean_model(state: State, c: Coeffs) -> np.ndarray:
     """The weight-averaged model (theta, mean_k phi_k), shape (..., d)."""
     w = np.zeros(state.theta.shape[:-1] + (c.lay.d,), dtype=np.result_type(state.theta, state.phi))
     w[..., c.lay.theta] = state.theta
-    w[..., c.lay.phi] = state.phi.mean(axis=-2)
+    w[..., c.lay.phi] += state.phi.mean(axis=-2)
     return w
 
 
@@ -293,6 +304,11 @@ def _radius(A: np.ndarray) -> float:
 
 # ----------------------------------------------------------------------------- stability
 
+def _closed(problem, bm: Block) -> bool:
+    """Whether the per-coordinate closed forms apply: diagonal H and disjoint theta and phi."""
+    return problem.diagonal and not bm.shared
+
+
 def _check_moves(method: Block, lay: Layout) -> None:
     if lay.theta.size and (method.gamma_theta * method.lr_theta == 0 or method.lr_theta == 0) \
             and not (method.lambda_theta and method.lr_theta):
@@ -309,7 +325,7 @@ def stability(problem, method) -> list:
     lay = layout(problem, method)
     bm = as_block(problem, method)
     _check_moves(bm, lay)
-    if not problem.diagonal:
+    if not _closed(problem, bm):
         out = [Condition("spectral radius of the mean model's step (theta, phibar)",
                          _reduced(problem, bm, lay, "mean").rho, 1.0)]
         dev = _reduced(problem, bm, lay, "dev")
@@ -337,7 +353,7 @@ def check_stable(problem, method) -> list:
     for c in conds:
         if not c.ok:
             expr, _, edge = c.expression.partition(" (edge")
-            raise UnstableError(f"unstable: {'max ' if problem.diagonal else ''}{expr} = {c.value:.6g} must be < "
+            raise UnstableError(f"unstable: {'max ' if 'spectral' not in expr else ''}{expr} = {c.value:.6g} must be < "
                                 f"{c.bound:.6g}{' (edge' + edge if edge else ''}; lower the learning rate(s)")
     return conds
 
@@ -345,7 +361,7 @@ def check_stable(problem, method) -> list:
 def max_stable_lr(problem, method) -> dict:
     """Diagonal H: the largest stable lr_theta and lr_phi (others fixed). Full H: None (no closed bound)."""
     lay, bm = layout(problem, method), as_block(problem, method)
-    if not problem.diagonal:
+    if not _closed(problem, bm):
         return {"lr_theta": None, "lr_phi": None}
     edge = cf.stability_edge(bm.momentum, bm.nesterov)
     h, lam = problem.curvature, bm.weight_decay
@@ -371,6 +387,8 @@ class Moments:
 def closed_form(problem, method):
     """Per-coordinate stationary excess (mean model, members) for diagonal H (see the module docstring)."""
     lay, bm = layout(problem, method), as_block(problem, method)
+    if not _closed(problem, bm):
+        raise NQPError("no closed form here (a full H, or theta and phi on the same coordinates): use the Lyapunov path")
     h, s, w = problem.curvature, problem.noise / bm.batch, problem.optimum
     lam, mu, nest = bm.weight_decay, bm.momentum, bm.nesterov
     mean, mem = np.zeros(lay.d), np.zeros(lay.d)
@@ -451,10 +469,12 @@ def per_coordinate(problem, M: np.ndarray) -> np.ndarray:
 def steady_state(problem, method, path: str = "closed"):
     """Per-coordinate stationary excess (mean model, members) and the path used: the closed form for diagonal H
     (path "closed"), else the Lyapunov solution of the literal step."""
-    if path == "closed" and problem.diagonal:
+    if path == "closed" and _closed(problem, as_block(problem, method)):
         return (*closed_form(problem, method), "closed")
     mom = lyapunov_moments(problem, method)
-    label = "lyapunov" if path == "lyapunov" else "lyapunov (full curvature: no closed form)"
+    label = "lyapunov" if path == "lyapunov" else (
+        "lyapunov (additive with weight decay: no closed form)" if problem.diagonal
+        else "lyapunov (full curvature: no closed form)")
     return per_coordinate(problem, mom.mean_model), per_coordinate(problem, mom.members), label
 
 
@@ -465,7 +485,7 @@ def fixed_point(problem, method, lay: Layout):
     phi = h w* / (h + lambda)), else from (I - A) m = b on the mean subspace."""
     bm = as_block(problem, method)
     h, w, lam = problem.curvature, problem.optimum, bm.weight_decay
-    if problem.diagonal:
+    if _closed(problem, bm):
         kh, lt = bm.K * bm.gamma_theta * h[lay.theta], bm.lambda_theta
         th = kh * w[lay.theta] / np.where(kh + lt > 0, kh + lt, 1.0)
         return th, h[lay.phi] * w[lay.phi] / (h[lay.phi] + lam)
@@ -489,7 +509,7 @@ def _sgd_radius(lr, a, mu, nest):
 
 def spectral_radius(problem, method) -> float:
     lay, bm = layout(problem, method), as_block(problem, method)
-    if problem.diagonal:
+    if _closed(problem, bm):
         h, lam = problem.curvature, bm.weight_decay
         r = [0.0]
         if lay.theta.size:
@@ -628,6 +648,8 @@ def learning_curve(problem, method: Block, sgd: SGD, *, T0: int, horizon: int, w
 
     if not isinstance(sgd, SGD) or sgd.batch != 1:
         raise NQPError("learning_curve needs a batch-1 SGD method")
+    if not isinstance(method, Block) or method.shared:
+        raise NQPError("the exact curve models --method block (additive with weight decay has none here)")
     if sigma0 < 0 or not np.isfinite(sigma0):
         raise NQPError(f"--sigma0 must be >= 0, got {sigma0}")
     if (sgd.momentum, sgd.nesterov) != (method.momentum, method.nesterov):

@@ -105,8 +105,8 @@ def _method_flags(p, method_default="additive", gamma_default=1.0):
                    help="--method block: the 0-based coordinates that are late-phase weights phi (the others are "
                         "theta), as BatchNorm and the head are in a network")
     g.add_argument("--weight-decay", type=float, default=0.0, metavar="LAMBDA",
-                   help="weight decay inside the gradient (torch convention); --method block decays theta once per "
-                        "outer step (sgd and block only)")
+                   help="weight decay inside the gradient (torch convention); late-phase methods decay theta once "
+                        "per outer step (sgd, block and additive; not multiplicative)")
     g.add_argument("--weight-decay-theta", type=float, default=None, metavar="LAMBDA",
                    help="--method block: theta's weight decay per outer step (default --weight-decay)")
     g.add_argument("--K", type=_int, default=None, help="number of late-phase members, or of the runs of --method sgd "

@@ -351,10 +351,12 @@ def learning_curve(problem: Problem, method: LatePhase, sgd: SGD, *, T0: int, ho
     "release" keeps it at the release value (lines valid for t - T0 << the relaxation time)."""
     if balance not in ("ode", "release"):
         raise NQPError(f"balance must be 'ode' or 'release', got {balance!r}")
-    if isinstance(method, Block) or problem.hessian is not None or sgd.weight_decay:
+    if isinstance(method, Block) or problem.hessian is not None or sgd.weight_decay or \
+            getattr(method, "weight_decay", 0):
         from .block import learning_curve as block_curve
         if not isinstance(method, Block):
-            raise NQPError(f"a full --hessian and --weight-decay are modelled for --method block, not {method.name}")
+            raise NQPError(f"the curve models a full --hessian and --weight-decay for --method block only, not "
+                           f"{method.name}")
         if swa_start is not None or sgd_after is not None:
             raise NQPError("--swa-start is not modelled for --method block")
         return block_curve(problem, method, sgd, T0=T0, horizon=horizon, w0=w0, sigma0=sigma0, points=points)

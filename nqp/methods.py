@@ -67,6 +67,8 @@ class LatePhase:
     phi_k <- U_phi(phi_k, dl/dphi_k); then theta <- U_theta(theta, gamma_theta * sum_k dl/dtheta|_k),
     theta held fixed inside the loop. Additive: dl/dphi_k = dl/dtheta|_k = g_k.
     Multiplicative: dl/dphi_k = theta * g_k, dl/dtheta|_k = phi_k * g_k.
+    Additive with weight_decay lambda (torch convention, inside each gradient): phi_k's gradient gains lambda phi_k,
+    theta's (once per outer step) lambda theta; computed by :mod:`nqp.block` (no closed form).
     """
 
     K: int
@@ -76,6 +78,7 @@ class LatePhase:
     momentum: float = 0.0
     nesterov: bool = False
     kind: str = "additive"
+    weight_decay: float = 0.0
 
     def __post_init__(self):
         if int(self.K) != self.K or self.K < 1:
@@ -86,6 +89,10 @@ class LatePhase:
         _check_momentum(self.momentum, self.nesterov)
         if self.kind not in ("additive", "multiplicative"):
             raise NQPError(f"late-phase kind must be 'additive' or 'multiplicative', got {self.kind!r}")
+        _check_rate("--weight-decay", self.weight_decay, allow_zero=True)
+        if self.weight_decay and self.kind == "multiplicative":
+            raise NQPError("--weight-decay is not modelled for --method multiplicative (its linearisation about the "
+                           "balanced optimum assumes no decay); use --method additive, block or sgd")
 
     @property
     def name(self) -> str:
@@ -117,7 +124,8 @@ class Block:
 
     (plain SGD shown; momentum in the torch convention with the decay inside the gradient). lambda_theta is
     `weight_decay_theta` (default: weight_decay). theta is decayed once per outer step, i.e. 1/K of SGD's decay per
-    minibatch. One outer step consumes K * batch minibatches.
+    minibatch. One outer step consumes K * batch minibatches. shared=True puts theta on every coordinate too,
+    w_k = theta + phi_k (the additive model; how :mod:`nqp.block` computes it with weight decay).
 
     >>> Block(K=4, lr_theta=0.1, lr_phi=0.1, gamma_theta=0.25, phi_coords=(0, 1)).minibatches_per_step
     4
@@ -133,6 +141,7 @@ class Block:
     weight_decay: float = 0.0
     batch: int = 1
     weight_decay_theta: float | None = None
+    shared: bool = False
     name: str = field(default="block", init=False)
 
     def __post_init__(self):
@@ -232,9 +241,6 @@ def make_method(method: str = "additive", *, K: int = 10, gamma_theta: float = 1
         raise NQPError("--phi-coords applies to --method block")
     if weight_decay_theta is not None and method != "block":
         raise NQPError("--weight-decay-theta applies to --method block")
-    if weight_decay and method in ("additive", "multiplicative"):
-        raise NQPError(f"--weight-decay is modelled for --method sgd and block, not {method} (late-phase weights on "
-                       f"their own coordinates, as in a network, are --method block)")
     if method == "sgd":
         if lr_theta is not None or lr_phi is not None:
             raise NQPError("--lr-theta/--lr-phi apply to late-phase methods; use --lr with --method sgd")
@@ -253,7 +259,7 @@ def make_method(method: str = "additive", *, K: int = 10, gamma_theta: float = 1
         if batch != 1 or ensemble:
             raise NQPError("--batch and --ensemble apply to --method sgd")
         m = LatePhase(K, lr if lr_theta is None else lr_theta, lr if lr_phi is None else lr_phi,
-                      gamma_theta, momentum, nesterov, method)
+                      gamma_theta, momentum, nesterov, method, weight_decay)
     else:
         raise NQPError(f"--method must be one of sgd, additive, multiplicative, block; got {method!r}")
     if swa_window is not None:

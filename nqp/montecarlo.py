@@ -465,6 +465,10 @@ def simulate_curve(problem, method: LatePhase, sgd: SGD, *, T0: int, horizon: in
     from .curves import Curve, start_weights, time_grid
     from .methods import Block
 
+    if getattr(method, "weight_decay", 0) or sgd.weight_decay or problem.hessian is not None:
+        if not isinstance(method, Block):
+            raise NQPError(f"weight decay and a full --hessian are simulated along a curve for --method block only, "
+                           f"not {method.name}")
     if isinstance(method, Block):
         from . import block
         if swa_start is not None:

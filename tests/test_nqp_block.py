@@ -195,7 +195,6 @@ def test_cli_bad_matrix_files_are_one_line(capsys, tmp_path, content, expect):
      "lr_theta * (K*gamma_theta*h) on theta"),
     (["--method", "block", "--phi-coords", "5", "--curvature", "1", "1"], "out of range"),
     (["--method", "block", "--curvature", "1", "1"], "needs --phi-coords"),
-    (["--method", "additive", "--weight-decay", "0.1", "--curvature", "1"], "--weight-decay is modelled"),
     (["--method", "block", "--phi-coords", "0", "--gamma-theta", "0", "--curvature", "1", "1"], "theta never moves"),
 ])
 def test_cli_block_errors_exit_2_in_one_line(capsys, args, expect):
@@ -303,3 +302,27 @@ def test_block_simulation_in_float32_agrees():
     res = block.simulate(DIAG, m, steps=12000, runs=8, seed=4, dtype=np.float32)
     assert res.dtype == "float32"
     assert abs(res.excess_loss_mean_model - pred.excess_loss_mean_model) < 4 * res.excess_loss_mean_model_stderr
+
+
+@pytest.mark.parametrize("mom,nest", [(0.0, False), (0.5, True)])
+def test_additive_with_weight_decay(mom, nest):
+    from nqp.methods import LatePhase
+    m = LatePhase(3, 0.1, 0.2, 0.5, mom, nest, weight_decay=0.05)
+    pred = steady_state(DIAG, m)
+    assert pred.path.startswith("lyapunov")
+    full = block.lyapunov_moments(DIAG, m, full=True)
+    assert pred.excess_loss_mean_model == pytest.approx(totals(DIAG, full)[0], rel=1e-8)
+    assert pred.excess_loss_members == pytest.approx(totals(DIAG, full)[1], rel=1e-8)
+    # a vanishing decay approaches the additive closed form without decay
+    tiny = steady_state(DIAG, LatePhase(3, 0.1, 0.2, 0.5, mom, nest, weight_decay=1e-7))
+    ref = steady_state(DIAG, LatePhase(3, 0.1, 0.2, 0.5, mom, nest))
+    assert tiny.excess_loss_mean_model == pytest.approx(ref.excess_loss_mean_model, rel=1e-3)
+    assert tiny.excess_loss_members == pytest.approx(ref.excess_loss_members, rel=1e-3)
+    res = block.simulate(DIAG, m, steps=30000, runs=16, seed=5)
+    assert abs(res.excess_loss_mean_model - pred.excess_loss_mean_model) < 4 * res.excess_loss_mean_model_stderr
+    assert abs(res.excess_loss_members - pred.excess_loss_members) < 4 * res.excess_loss_members_stderr
+
+
+def test_multiplicative_with_weight_decay_is_refused(capsys):
+    rc, _, err = run(capsys, "predict", "--method", "multiplicative", "--weight-decay", "0.1", "--curvature", "1")
+    assert rc == 2 and "not modelled for --method multiplicative" in err

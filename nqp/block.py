@@ -283,7 +283,7 @@ def _reduced(problem, method: Block, lay: Layout, which: str) -> Reduced | None:
     mean, dev = _bases(method, lay)
     red = reduce(problem, method, lay, *mean) if which == "mean" else (
         reduce(problem, method, lay, *dev) if dev is not None and lay.phi.size else None)
-    if len(_cache) > 16:
+    if len(_cache) > 64:
         _cache.clear()
     _cache[key] = (problem, red)
     return red
@@ -431,7 +431,28 @@ def _observe(problem, method, lay, E):
 
 def lyapunov_moments(problem, method, full: bool = False) -> Moments:
     """Stationary second moments of the literal step (exact): the mean from (I - A) m = b, the covariance from
-    Sigma = A Sigma A^T + B B^T, on the mean and deviation subspaces (default) or on the whole state (full=True)."""
+    Sigma = A Sigma A^T + B B^T, on the mean and deviation subspaces (default) or on the whole state (full=True).
+    Cached per (problem, method) like the reduced systems (predict asks for the same baselines several times)."""
+    key = (id(problem), as_block(problem, method), "moments", full)
+    hit = _cache.get(key)
+    if hit is not None and hit[0] is problem:
+        return hit[1]
+    if isinstance(method, Ensemble) and not full:
+        # K independent runs: the average has the runs' mean and 1/K of their covariance, which is exactly SGD with
+        # a K-times batch (the stationary covariance of a linear step is proportional to the noise covariance).
+        b = method.base
+        one = lyapunov_moments(problem, b)
+        big = lyapunov_moments(problem, SGD(b.lr, b.momentum, b.nesterov, b.batch * method.K, b.weight_decay))
+        out = Moments(big.mean_model, one.members)
+    else:
+        out = _lyapunov_moments(problem, method, full)
+    if len(_cache) > 64:
+        _cache.clear()
+    _cache[key] = (problem, out)
+    return out
+
+
+def _lyapunov_moments(problem, method, full: bool) -> Moments:
     lay, bm = layout(problem, method), as_block(problem, method)
     w = problem.optimum
     if full:

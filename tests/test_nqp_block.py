@@ -326,3 +326,12 @@ def test_additive_with_weight_decay(mom, nest):
 def test_multiplicative_with_weight_decay_is_refused(capsys):
     rc, _, err = run(capsys, "predict", "--method", "multiplicative", "--weight-decay", "0.1", "--curvature", "1")
     assert rc == 2 and "not modelled for --method multiplicative" in err
+
+
+def test_ensemble_shortcut_equals_the_literal_K_member_step():
+    p = coupled()
+    sgd = SGD(0.2, 0.5, True, weight_decay=0.05)
+    block._cache.clear()
+    lit = block._lyapunov_moments(p, Ensemble(sgd, 3), full=False)      # K members, every coordinate phi
+    short = block.lyapunov_moments(p, Ensemble(sgd, 3))                   # SGD with a 3-times batch, and SGD
+    np.testing.assert_allclose(totals(p, short), totals(p, lit), rtol=1e-9)

@@ -8,6 +8,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 
 import numpy as np
@@ -357,7 +358,6 @@ def cmd_predict(a) -> int:
                                           ("best fair baseline", lambda r: _g(r["best_baseline"])),
                                           ("late-phase / baseline", lambda r: "-" if r["ratio"] is None
                                            else f"{r['ratio']:.4f}")]))
-        print("\n" + out["conclusion"])
     if a.momentum:
         print(f"\nmomentum {a.momentum:g}{' (Nesterov)' if a.nesterov else ''} on every optimizer")
     if _is_multiplicative(method):
@@ -371,6 +371,8 @@ def cmd_predict(a) -> int:
             print(f"short-time prediction (t - T0 << the relaxation time, balanced start; --short-time): mean model "
                   f"{st.excess_loss_mean_model:.6g}, members {st.excess_loss_members:.6g}")
         print("check with `python -m nqp simulate` (same flags)")
+    if latephase:
+        print("\n" + out["conclusion"])     # the last line: what to conclude
     return 0
 
 
@@ -415,8 +417,18 @@ def conclusion(baseline_rows, latephase_rows) -> str:
         return (f"conclusion: the best late-phase setting ({lp[1]}) ties with the fair baseline {bl[0]} "
                 f"({lp[2]:.4g} vs {bl[2]:.4g}): no gain from the members")
     if lp[2] < bl[2]:
+        def val(name, text):
+            m = re.search(rf"(?<![a-z_]){name}=([0-9.eE+-]+)", text)
+            return float(m.group(1)) if m else None
+        lr = val("lr", bl[1])
+        slower = [f"{n} < {ref:g}" for n, v, ref in (("gamma_theta", val("gamma_theta", lp[1]), 1.0),
+                                                     ("lr_theta", val("lr_theta", lp[1]), lr),
+                                                     ("lr_phi", val("lr_phi", lp[1]), lr))
+                  if v is not None and ref is not None and v < ref]
+        caveat = (f"; but {', '.join(slower)} lowers a block's step per minibatch, which SGD at a lower lr gets too"
+                  if slower else "")
         return (f"conclusion: late-phase ({lp[1]}) is best, its mean model's excess {lp[2]:.4g} is {bl[2] / lp[2]:.3g}x "
-                f"below the best fair baseline ({bl[0]}: {bl[2]:.4g})")
+                f"below the best fair baseline ({bl[0]}: {bl[2]:.4g}){caveat}")
     return (f"conclusion: the fair baseline {bl[0]} is best ({bl[2]:.4g}); the best late-phase setting ({lp[1]}) is "
             f"{lp[2] / bl[2]:.3g}x above it")
 

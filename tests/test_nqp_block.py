@@ -335,3 +335,13 @@ def test_ensemble_shortcut_equals_the_literal_K_member_step():
     lit = block._lyapunov_moments(p, Ensemble(sgd, 3), full=False)      # K members, every coordinate phi
     short = block.lyapunov_moments(p, Ensemble(sgd, 3))                   # SGD with a 3-times batch, and SGD
     np.testing.assert_allclose(totals(p, short), totals(p, lit), rtol=1e-9)
+
+
+def test_conclusion_names_a_lower_step_as_the_source_of_a_gain(capsys):
+    rc, out, _ = run(capsys, "predict", "--method", "block", "--phi-coords", "0", "1", "2", "--K", "4", "--lr", "0.5",
+                     "--lr-phi", "0.2", "--gamma-theta", "1")
+    last = out.strip().splitlines()[-1]
+    assert rc == 0 and last.startswith("conclusion: late-phase") and "lr_phi < 0.5" in last
+    rc, out, _ = run(capsys, "predict", "--method", "block", "--phi-coords", "0", "1", "2", "--K", "4", "--lr", "0.5",
+                     "--gamma-theta", "1")
+    assert out.strip().splitlines()[-1].startswith("conclusion: the fair baseline SGD, batch x4 is best")

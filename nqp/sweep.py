@@ -18,7 +18,7 @@ from .errors import NQPError
 from .methods import make_method
 from .resources import FLOAT, check_memory
 
-PARAMS = ("K", "gamma_theta", "lr", "lr_theta", "lr_phi", "momentum")
+PARAMS = ("K", "gamma_theta", "lr", "lr_theta", "lr_phi", "momentum", "weight_decay")
 
 
 def parse_values(name: str, tokens) -> np.ndarray:
@@ -127,7 +127,7 @@ def grid(problem, method: str, base: dict, x: tuple, y: tuple, chunk_elements: i
         raise NQPError("--x and --y must name different parameters")
     if method == "sgd" and {xn, yn} & {"K", "gamma_theta", "lr_theta", "lr_phi"}:
         raise NQPError("with --method sgd only lr and momentum can be swept")
-    if method == "block" or base.get("weight_decay") or problem.hessian is not None:
+    if method == "block" or base.get("weight_decay") or "weight_decay" in (xn, yn) or problem.hessian is not None:
         return _grid_exact(problem, method, base, (xn, xv), (yn, yv))
     if method == "multiplicative" and np.any(problem.optimum == 0):
         raise NQPError("the multiplicative model needs a nonzero optimum in every coordinate (--optimum)")

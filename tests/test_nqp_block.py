@@ -345,3 +345,12 @@ def test_conclusion_names_a_lower_step_as_the_source_of_a_gain(capsys):
     rc, out, _ = run(capsys, "predict", "--method", "block", "--phi-coords", "0", "1", "2", "--K", "4", "--lr", "0.5",
                      "--gamma-theta", "1")
     assert out.strip().splitlines()[-1].startswith("conclusion: the fair baseline SGD, batch x4 is best")
+
+
+def test_sweep_over_weight_decay_matches_predict(tmp_path, capsys):
+    rc, out, err = run(capsys, "sweep", "--method", "block", "--phi-coords", "0", "--curvature", "1", "0.5", "--x",
+                       "weight_decay", "0", "0.1", "--y", "K", "2", "4", "--out", str(tmp_path), "--json")
+    assert rc == 0, err
+    pts = {(p["weight_decay"], p["K"]): p for p in json.loads(out)["points"]}
+    ref = steady_state(Problem.from_values([1.0, 0.5]), Block(4, 0.1, 0.1, 1.0, phi_coords=(0,), weight_decay=0.1))
+    assert pts[(0.1, 4.0)]["excess_loss_mean_model"] == pytest.approx(ref.excess_loss_mean_model, rel=1e-12)

@@ -22,6 +22,10 @@ complex-step differentiation. Three exact paths give the stationary excess losse
 
 Excess losses are 1/2 E[(w - w*)^T H (w - w*)] of the mean model (theta, mean_k phi_k) and averaged over the members,
 w* the optimum without weight decay (units: loss). Time counts minibatches: one outer step is K * batch of them.
+
+The same engine computes SGD (K = 1, no phi coordinate) and ensembles of K SGD runs (every coordinate phi) with weight
+decay or a full H, and the additive model with weight decay (`Block.shared`: theta and phi_k on every coordinate,
+w_k = theta + phi_k; exact paths Lyapunov and Monte Carlo, no closed form).
 """
 from __future__ import annotations
 

@@ -543,6 +543,38 @@ def fig_block_weight_decay(path, b: Budget, vals: dict):
     return plots.save(fig, path)
 
 
+def fig_block_curve(path, b: Budget, vals: dict):
+    """After the release: gamma_theta = 1 and 1/K on the block problem, exact lines and simulated points."""
+    from .block import learning_curve as block_curve
+    from .block import simulate_curve as block_sim
+    from .methods import Block
+    plt = plots._plt()
+    p, phi = _block("stiffest")
+    kw = dict(T0=T0, horizon=6 * T0, w0=0.0, sigma0=0.0)
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    base = None
+    for g, tag, col in ((1.0, "gamma_theta = 1", "tab:red"), (1.0 / K_DEFAULT, "gamma_theta = 1/K", "tab:blue")):
+        m = Block(K_DEFAULT, LR, LR, g, phi_coords=phi)
+        c = block_curve(p, m, SGD(LR), points=300, **kw)
+        base = c if base is None else base
+        ax.plot(c.t, c.series["latephase_mean"], color=col, label=f"late-phase mean model, {tag}")
+        mc = block_sim(p, m, SGD(LR), points=25, runs=max(8, b.curve_runs // 8), seed=900 + int(10 * g), **kw)
+        ok = mc.t >= T0
+        ax.errorbar(mc.t[ok], mc.series["latephase_mean"][ok], 2 * mc.stderr["latephase_mean"][ok], fmt="o", ms=3,
+                    color=col, elinewidth=0.8)
+    ax.plot(base.t, base.series["sgd"], color="0.4", label="SGD (continuing)")
+    ax.plot(base.t, base.series["sgd_batch_K"], color="tab:olive", ls="--", label="SGD, K-times batch (from T0)")
+    ax.axvline(T0, color="k", ls=":", lw=1)
+    ax.set_yscale("log")
+    ax.set_xlabel("t (minibatches)")
+    ax.set_ylabel("expected excess loss")
+    ax.set_title(f"block model after the release at T0 = {T0} (K = {K_DEFAULT}, lr = {LR}, phi stiffest)\n"
+                 f"lines exact; points: simulation ±2 s.e. of the late-phase mean models", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return plots.save(fig, path)
+
+
 def _table_arms(vals):
     from . import arms
     out = []
@@ -682,6 +714,7 @@ def build(out: str = "docs", quick: bool = False, progress: bool = False) -> lis
         ("block_vs_K", lambda: fig_block_vs_K(os.path.join(figdir, "block_vs_K.png"), b, vals)),
         ("block_weight_decay", lambda: fig_block_weight_decay(os.path.join(figdir, "block_weight_decay.png"), b,
                                                               vals)),
+        ("block_curve", lambda: fig_block_curve(os.path.join(figdir, "block_curve.png"), b, vals)),
     ]
     written = []
     bar = None

@@ -11,7 +11,10 @@
 - Monte Carlo: member-coordinate updates per second of the simulator on all cores, float64 and float32, additive and
   multiplicative, repeated alternately (the machine may be shared: the median and the best of the repeats are
   printed with the load average); and the float32 path's rounding error against the standard error, from runs of
-  both precisions driven by the same normal variates.
+  both precisions driven by the same normal variates;
+- the block model (`--method block`): `predict` on a full curvature H (d <= 100, K <= 10: the Lyapunov solution of
+  the literal step, reduced exactly to the mean and deviation subspaces), in process and as a fresh process, and its
+  closed form on a diagonal problem of d = 10^4 beside the additive closed form. `--block-only` runs just this part.
 """
 from __future__ import annotations
 
@@ -75,11 +78,89 @@ def _float32_error(runs: int, steps: int):
     return abs(diff) / se, diff, se
 
 
+def _median_time(fn, reps):
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def block_bench(quick: bool) -> dict:
+    """Seconds per block-model prediction (median of repeats), side by side with the additive closed form."""
+    import tempfile
+
+    from nqp import Block
+    from nqp import block as blk
+    from nqp.theory import steady_state
+
+    def fresh(p, m):
+        blk._cache.clear()          # every repeat builds the reduced systems again
+        return steady_state(p, m)
+
+    reps = 3 if quick else 7
+    rng = np.random.default_rng(0)
+    out = {"full_H": []}
+    for d in (20, 50, 100):
+        Q = rng.standard_normal((d, d))
+        H = Q @ Q.T / d + 0.1 * np.eye(d)
+        H /= np.linalg.eigvalsh(H).max()
+        p = Problem.from_values(np.ones(d), 1.0, 1.0).with_matrices(H, H)
+        for K in (2, 10):
+            for share in (0.1, 0.5, 1.0):
+                for mom in (0.0, 0.9):
+                    phi = tuple(range(int(round(share * d))))
+                    m = Block(K, 0.05, 0.05, 1.0 / K, mom, mom > 0, phi, 5e-4)
+                    sec = _median_time(lambda: fresh(p, m), reps)
+                    out["full_H"].append({"d": d, "K": K, "phi_share": share, "momentum": mom, "seconds": sec})
+    big = Problem.powerlaw(1000 if quick else 10_000, 1.0)
+    phi = tuple(range(0, big.dim, 10))
+    out["diagonal_d"] = big.dim
+    out["diagonal_block_s"] = _median_time(lambda: steady_state(big, Block(10, 0.02, 0.02, 1.0, 0.9, True, phi, 5e-4)),
+                                           reps)
+    out["diagonal_additive_s"] = _median_time(lambda: steady_state(big, LatePhase(10, 0.02, 0.02, 1.0, 0.9, True)),
+                                              reps)
+    with tempfile.TemporaryDirectory() as tmp:
+        d = 100
+        Q = rng.standard_normal((d, d))
+        H = Q @ Q.T / d + 0.1 * np.eye(d)
+        np.save(os.path.join(tmp, "H.npy"), H / np.linalg.eigvalsh(H).max())
+        out["predict_full_H_wall_s"] = _predict_wall(
+            ["--method", "block", "--phi-coords", *map(str, range(10)), "--hessian", os.path.join(tmp, "H.npy"),
+             "--K", "10", "--momentum", "0.9", "--nesterov", "--lr", "0.05", "--weight-decay", "5e-4"], reps)
+    return out
+
+
+def print_block(b: dict) -> None:
+    worst = max(b["full_H"], key=lambda r: r["seconds"])
+    print(f"\nblock model, full H (Lyapunov of the literal step), d in (20, 50, 100), K in (2, 10), phi share "
+          f"(0.1, 0.5, 1), momentum (0, 0.9): median {np.median([r['seconds'] for r in b['full_H']]):.3g} s, slowest "
+          f"{worst['seconds']:.3g} s (d = {worst['d']}, K = {worst['K']}, phi share {worst['phi_share']}, momentum "
+          f"{worst['momentum']}); goal well under 1 s -> {'met' if worst['seconds'] < 0.5 else 'NOT met'}")
+    med, best = b["predict_full_H_wall_s"]
+    print(f"`python -m nqp predict --method block --hessian` (d = 100, K = 10, 10 phi coordinates, Nesterov 0.9, "
+          f"gamma_theta scan and baselines): {med:.2f} s wall (median; best {best:.2f} s)")
+    ratio = b["diagonal_block_s"] / b["diagonal_additive_s"]
+    print(f"diagonal d = {b['diagonal_d']}: block closed form {b['diagonal_block_s'] * 1e3:.3g} ms, additive closed "
+          f"form {b['diagonal_additive_s'] * 1e3:.3g} ms (ratio {ratio:.2f})")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--block-only", action="store_true", help="measure only the block model")
     ap.add_argument("--json", help="also write the results to this JSON file")
     a = ap.parse_args()
+    if a.block_only:
+        b = block_bench(a.quick)
+        print(f"nqp block benchmark -- {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
+              f"{os.cpu_count()} cores, numpy {np.__version__}; load average {os.getloadavg()[0]:.1f}")
+        print_block(b)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(b, f, indent=1)
+        return
     d = 1000 if a.quick else 10_000
     n = 50
     lr = 0.02
@@ -141,6 +222,7 @@ def main():
     z32, diff32, se32 = _float32_error(*((64, 2000) if a.quick else (128, 10000)))
     info["float32_error_in_stderr"] = z32
     info["float32_error"] = {"difference": diff32, "stderr": se32}
+    info["block"] = block_bench(a.quick)
     info["load_average_end"] = os.getloadavg()[0]
 
     print(f"nqp cost benchmark -- {info['date']}, {info['machine']}, Python {info['python']}, numpy {info['numpy']}; "
@@ -171,6 +253,7 @@ def main():
           f"{best32:.3g})")
     print(f"float32 rounding error (same normal variates as float64, members' time-averaged excess): "
           f"{z32:.3g} standard errors ({diff32:.3g} against a standard error of {se32:.3g})")
+    print_block(info["block"])
     if a.json:
         with open(a.json, "w") as f:
             json.dump(info, f, indent=1)

@@ -261,13 +261,13 @@ class Trainer(abc.ABC):
         line = (f"release at epoch {self.epoch + 1} (t = {self.t} minibatches): K={cfg.K} members of {families}, "
                 f"gamma_theta={gamma:g}; each outer step now takes {cfg.K} minibatches")
         if cfg.K > 1 and "all" not in cfg.phi:  # phi all: nothing is shared, there is no theta step
-            # docs/theory.md §3.1: the additive NQP mean model steps with lr_phi + K gamma_theta lr (SGD: lr)
-            ratio = (cfg.phi_lr + cfg.K * gamma * cfg.lr) / cfg.lr
-            line += (f"; theta steps along {'the sum' if gamma == 1 else 'a multiple'} of the member gradients: the "
-                     f"mean model's effective step is {ratio:.3g}x the plain one (noisy-quadratic theory, "
-                     f"docs/theory.md section 3.1)")
-            if ratio > 2.5:
-                line += ", so expect a dip in test accuracy right after the release"
+            # docs/theory.md section 3.6 (the block model: theta and phi are disjoint parameter sets). Per minibatch,
+            # theta moves gamma_theta lr_theta / lr times the plain rate, in one K gamma_theta-times step every K
+            # minibatches on the mean of their gradients; the averaged phi moves phi_lr / (K lr) times the plain rate.
+            step = cfg.K * gamma
+            line += (f"; per minibatch theta moves at {gamma:.3g}x the plain rate (one {step:.3g}x step every {cfg.K} "
+                     f"minibatches, on the mean of their gradients) and the members' average phi at "
+                     f"{cfg.phi_lr / (cfg.K * cfg.lr):.3g}x (block model, docs/theory.md section 3.6)")
         return line
 
     # ------------------------------------------------------------------ set-up

@@ -8,17 +8,18 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 
 import numpy as np
 
 from .errors import NQPError
 from .files import Outputs, check_writable
-from .methods import LatePhase, TailAverage, make_method
+from .methods import Block, LatePhase, TailAverage, make_method
 from .problem import Problem
 from .resources import FLOAT, check_memory, check_threads
 
-DEFAULT_DIM, DEFAULT_POWER = 100, 1.0
+DEFAULT_DIM, DEFAULT_POWER = 10, 1.0   # the docs' standard setting (docs/theory.md §1)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -82,7 +83,8 @@ def _out_png(path: str) -> str:
 # ----------------------------------------------------------------------------- flags
 
 def _problem_flags(p):
-    g = p.add_argument_group("problem (default: --spectrum powerlaw --dim 100 --power 1, noise 1, optimum 1)")
+    g = p.add_argument_group("problem (default: --spectrum powerlaw --dim 10 --power 1, noise 1, optimum 1: the docs' "
+                                         "standard setting)")
     g.add_argument("--curvature", type=float, nargs="+", metavar="H", help="curvatures h_i > 0")
     g.add_argument("--noise", type=float, nargs="+", metavar="S", default=[1.0],
                    help="target-noise variances s_i >= 0 (one value broadcasts; default 1)")
@@ -91,11 +93,23 @@ def _problem_flags(p):
     g.add_argument("--spectrum", choices=["powerlaw"], help="generate h_i = i^-P, i = 1..D")
     g.add_argument("--dim", type=_int, metavar="D", help=f"dimension of the power-law spectrum (default {DEFAULT_DIM})")
     g.add_argument("--power", type=float, metavar="P", help=f"power-law exponent (default {DEFAULT_POWER:g})")
+    g.add_argument("--hessian", metavar="FILE", help="full curvature H (d x d, symmetric positive definite; .npy or "
+                                                     "text numpy.loadtxt reads); --method sgd or block")
+    g.add_argument("--noise-cov", metavar="FILE", help="full target-noise covariance S (d x d, positive "
+                                                       "semi-definite; .npy or text)")
 
 
 def _method_flags(p, method_default="additive", gamma_default=1.0):
     g = p.add_argument_group("method")
-    g.add_argument("--method", choices=["sgd", "additive", "multiplicative"], default=method_default)
+    g.add_argument("--method", choices=["sgd", "additive", "multiplicative", "block"], default=method_default)
+    g.add_argument("--phi-coords", type=_nonneg_int, nargs="+", metavar="I",
+                   help="--method block: the 0-based coordinates that are late-phase weights phi (the others are "
+                        "theta), as BatchNorm and the head are in a network")
+    g.add_argument("--weight-decay", type=float, default=0.0, metavar="LAMBDA",
+                   help="weight decay inside the gradient (torch convention); late-phase methods decay theta once "
+                        "per outer step (sgd, block and additive; not multiplicative)")
+    g.add_argument("--weight-decay-theta", type=float, default=None, metavar="LAMBDA",
+                   help="--method block: theta's weight decay per outer step (default --weight-decay)")
     g.add_argument("--K", type=_int, default=None, help="number of late-phase members, or of the runs of --method sgd "
                                                         "--ensemble (default 10)")
     g.add_argument("--gamma-theta", type=float, default=None,
@@ -117,6 +131,28 @@ def _method_flags(p, method_default="additive", gamma_default=1.0):
 
 
 def build_problem(a) -> Problem:
+    """The problem of the flags; --hessian gives the dimension and the curvature, --noise-cov the noise."""
+    from .problem import load_matrix
+
+    H = None if a.hessian is None else load_matrix(a.hessian, "--hessian")
+    S = None if a.noise_cov is None else load_matrix(a.noise_cov, "--noise-cov")
+    if S is not None and "--noise" in getattr(a, "given", ()):
+        raise NQPError("give either --noise or --noise-cov, not both")
+    if S is not None:
+        a.noise = [1.0]  # replaced by S's diagonal
+    if H is None:
+        return _build_diag(a).with_matrices(None, S) if S is not None else _build_diag(a)
+    if a.curvature or a.spectrum or a.dim is not None or a.power is not None:
+        raise NQPError("give either --hessian or --curvature / --spectrum, not both")
+    if H.ndim != 2 or H.shape[0] != H.shape[1]:
+        raise NQPError(f"--hessian must be a square matrix, got shape {H.shape}")
+    if len(a.noise) not in (1, H.shape[0]) or len(a.optimum) not in (1, H.shape[0]):
+        raise NQPError(f"--hessian is {H.shape[0]} x {H.shape[0]}: give --noise and --optimum one value each or "
+                       f"{H.shape[0]}")
+    return Problem.from_values(np.ones(H.shape[0]), _vec(a.noise), _vec(a.optimum)).with_matrices(H, S)
+
+
+def _build_diag(a) -> Problem:
     if a.spectrum and a.curvature:
         raise NQPError("give either --curvature or --spectrum powerlaw, not both")
     if not a.spectrum and (a.dim is not None or a.power is not None) and a.curvature:
@@ -139,11 +175,12 @@ def method_params(a, gamma_default=1.0) -> dict:
     a.K = 10 if a.K is None else a.K
     return dict(K=a.K, gamma_theta=gamma_default if a.gamma_theta is None else a.gamma_theta, lr=a.lr,
                 lr_theta=a.lr_theta, lr_phi=a.lr_phi, momentum=a.momentum, nesterov=a.nesterov,
-                batch=a.batch, ensemble=a.ensemble, swa_window=a.swa_window)
+                batch=a.batch, ensemble=a.ensemble, swa_window=a.swa_window, phi_coords=a.phi_coords,
+                weight_decay=a.weight_decay, weight_decay_theta=a.weight_decay_theta)
 
 
 def _finite(a):
-    for k in ("lr", "lr_theta", "lr_phi", "momentum", "gamma_theta"):
+    for k in ("lr", "lr_theta", "lr_phi", "momentum", "gamma_theta", "weight_decay", "weight_decay_theta"):
         v = getattr(a, k, None)
         if v is not None and not math.isfinite(v):
             raise NQPError(f"--{k.replace('_', '-')} must be finite, got {v}")
@@ -261,14 +298,16 @@ def cmd_predict(a) -> int:
 
     pred = long_run(problem, method, path)
     shown = pred.short_time if a.short_time else pred
-    sgd = SGD(a.lr, a.momentum, a.nesterov)
+    sgd = SGD(a.lr, a.momentum, a.nesterov, weight_decay=a.weight_decay)
     out = {"problem": problem.describe(), **as_dict(pred), "params": _params_dict(method),
            "max_stable": max_stable_lr(problem, method)}
     rows = []
-    if isinstance(method, LatePhase):
+    latephase = isinstance(method, (LatePhase, Block))
+    if latephase:
         out["baselines"] = baselines(problem, method, sgd, None)
         if scan:
-            gammas = sorted({0.0, 1.0 / a.K, 0.5, 1.0})
+            # gamma_theta = 0 freezes the block model's theta (no stationary state): not scanned there
+            gammas = sorted({1.0 / a.K, 0.5, 1.0} | (set() if isinstance(method, Block) else {0.0}))
             out["gamma_theta_scan"] = []
             for gm in gammas:
                 try:
@@ -277,13 +316,8 @@ def cmd_predict(a) -> int:
                 except NQPError as e:
                     r = {"unstable": str(e)}
                 out["gamma_theta_scan"].append({"gamma_theta": gm, **r})
-    if a.json:
-        _dump(out)
-        return 0
-    print(f"noisy quadratic problem: {problem.describe()}")
-    print(f"stationary expected excess loss (summed over coordinates); solution: {shown.path}\n")
     e_sgd = out.get("baselines", {}).get("sgd", {}).get("excess_loss_mean_model")
-    if isinstance(method, LatePhase):
+    if latephase:
         b = out["baselines"]
         rows.append(("SGD", f"lr={a.lr:g}", b["sgd"].get("excess_loss_mean_model"),
                      b["sgd"].get("excess_loss_members")))
@@ -296,14 +330,34 @@ def cmd_predict(a) -> int:
             rows.append((f"late-phase {a.method}, K={a.K}",
                          f"gamma_theta={r['gamma_theta']:.4g}, lr_theta={method.lr_theta:g}, lr_phi={method.lr_phi:g}",
                          r.get("excess_loss_mean_model"), r.get("excess_loss_members")))
+        out["conclusion"] = conclusion(rows[1:3], rows[3:])
+        here = [v.get("excess_loss_mean_model") for v in (b["sgd_batch_K"], b["ensemble_K"])]
+        here = [v for v in here if v is not None]
+        out["other_K"] = _other_K(problem, method, sgd, path, {
+            "K": a.K, "excess_loss_mean_model": shown.excess_loss_mean_model, "best_baseline": min(here) if here
+            else None, "ratio": shown.excess_loss_mean_model / min(here) if here and min(here) else None})
     else:
         rows.append((method.name, json.dumps(_params_dict(method)), shown.excess_loss_mean_model,
                      shown.excess_loss_members))
+    if a.json:
+        _dump(out)
+        return 0
+    print(f"noisy quadratic problem: {problem.describe()}")
+    print(f"stationary expected excess loss (summed over coordinates); solution: {shown.path}\n")
     cols = [("method", lambda r: r[0]), ("settings", lambda r: r[1]),
             ("mean model", lambda r: _g(r[2])), ("members (avg)", lambda r: _g(r[3]))]
     if e_sgd:
         cols.append(("mean / SGD", lambda r: "-" if r[2] is None else f"{r[2] / e_sgd:.4f}"))
     print(_table(rows, cols))
+    if latephase:
+        if out["other_K"]:
+            print("\nthe same at other K (mean model; baseline: the better of SGD with a K-times batch and the "
+                  "average of K runs):")
+            print(_table(out["other_K"], [("K", lambda r: str(r["K"])),
+                                          ("late-phase", lambda r: _g(r["excess_loss_mean_model"])),
+                                          ("best fair baseline", lambda r: _g(r["best_baseline"])),
+                                          ("late-phase / baseline", lambda r: "-" if r["ratio"] is None
+                                           else f"{r['ratio']:.4f}")]))
     if a.momentum:
         print(f"\nmomentum {a.momentum:g}{' (Nesterov)' if a.nesterov else ''} on every optimizer")
     if _is_multiplicative(method):
@@ -317,7 +371,66 @@ def cmd_predict(a) -> int:
             print(f"short-time prediction (t - T0 << the relaxation time, balanced start; --short-time): mean model "
                   f"{st.excess_loss_mean_model:.6g}, members {st.excess_loss_members:.6g}")
         print("check with `python -m nqp simulate` (same flags)")
+    if latephase:
+        print("\n" + out["conclusion"])     # the last line: what to conclude
     return 0
+
+
+def _other_K(problem, method, sgd, path, at_K: dict) -> list:
+    """The late-phase mean model at a few K (2, K, 2K) beside the best fair baseline at that K (the method's other
+    settings); `at_K` is the row of the method's own K, already computed."""
+    from .methods import SGD, Ensemble
+    from .theory import long_run
+
+    K = method.K
+    rows = []
+    for k in sorted({2, K, 2 * K} - {1}):
+        if k == K:
+            rows.append(at_K)
+            continue
+        def mean_of(m):
+            try:
+                return long_run(problem, m, path).excess_loss_mean_model
+            except NQPError:
+                return None
+        lp = mean_of(method.with_(K=k))
+        base = [v for v in (mean_of(SGD(sgd.lr, sgd.momentum, sgd.nesterov, k, sgd.weight_decay)),
+                            mean_of(Ensemble(sgd, k))) if v is not None]
+        b = min(base) if base else None
+        rows.append({"K": k, "excess_loss_mean_model": lp, "best_baseline": b,
+                     "ratio": None if (lp is None or not b) else lp / b})
+    return rows
+
+
+def conclusion(baseline_rows, latephase_rows) -> str:
+    """One line: the best late-phase setting against the best fair baseline (the same minibatches per step: SGD with
+    a K-times batch; or K times the cost: an ensemble of K runs), by the mean model's stationary excess."""
+    def best(rows):
+        ok = [r for r in rows if r[2] is not None and math.isfinite(r[2])]
+        return min(ok, key=lambda r: r[2]) if ok else None
+    lp, bl = best(latephase_rows), best(baseline_rows)
+    if lp is None:
+        return "conclusion: no late-phase setting shown is stable"
+    if bl is None or lp[2] <= 0 or bl[2] <= 0:
+        return f"conclusion: best late-phase setting {lp[1]} (mean model {lp[2]:.4g}); no fair baseline to compare"
+    if abs(lp[2] / bl[2] - 1) < 1e-3:
+        return (f"conclusion: the best late-phase setting ({lp[1]}) ties with the fair baseline {bl[0]} "
+                f"({lp[2]:.4g} vs {bl[2]:.4g}): no gain from the members")
+    if lp[2] < bl[2]:
+        def val(name, text):
+            m = re.search(rf"(?<![a-z_]){name}=([0-9.eE+-]+)", text)
+            return float(m.group(1)) if m else None
+        lr = val("lr", bl[1])
+        slower = [f"{n} < {ref:g}" for n, v, ref in (("gamma_theta", val("gamma_theta", lp[1]), 1.0),
+                                                     ("lr_theta", val("lr_theta", lp[1]), lr),
+                                                     ("lr_phi", val("lr_phi", lp[1]), lr))
+                  if v is not None and ref is not None and v < ref]
+        caveat = (f"; but {', '.join(slower)} lowers a block's step per minibatch, which SGD at a lower lr gets too"
+                  if slower else "")
+        return (f"conclusion: late-phase ({lp[1]}) is best, its mean model's excess {lp[2]:.4g} is {bl[2] / lp[2]:.3g}x "
+                f"below the best fair baseline ({bl[0]}: {bl[2]:.4g}){caveat}")
+    return (f"conclusion: the fair baseline {bl[0]} is best ({bl[2]:.4g}); the best late-phase setting ({lp[1]}) is "
+            f"{lp[2] / bl[2]:.3g}x above it")
 
 
 BURN_IN_UPDATES_CAP = 5e9    # member-coordinate updates the automatic long-run burn-in may spend (about a minute
@@ -422,15 +535,23 @@ def cmd_sweep(a) -> int:
         d["prediction"] = "short time (balanced start)" if a.short_time else "long run (noise-selected balance)"
     files = {"json": os.path.join(a.out, "sweep.json"), "csv": os.path.join(a.out, "sweep.csv")}
     header = [xn, yn, "excess_loss_mean_model", "excess_loss_members", "excess_loss_sgd", "gain_over_sgd", "stable"]
+    if res.baseline is not None:
+        header += ["excess_loss_best_baseline", "gain_over_best_baseline"]
     lines = [",".join(header)] + [",".join(str(r[k]) for k in header) for r in res.rows()]
     tag = (", long run" if not a.short_time else ", short time") if a.method == "multiplicative" else ""
-    title = f"{a.method}{tag}: gain over SGD (E_sgd / E_mean); {problem.describe()}"
+    if res.baseline is not None:
+        title = (f"{a.method}{tag}: gain over the best fair baseline (K-times batch or K-run ensemble, "
+                 f"E_baseline / E_mean)\n{problem.describe()}")
+        heat, heat_label = res.gain_over_baseline, "E_baseline / E_mean"
+    else:
+        title = f"{a.method}{tag}: gain over SGD (E_sgd / E_mean); {problem.describe()}"
+        heat, heat_label = res.gain, "E_sgd / E_mean"
     sgd_ref = float(np.nanmean(res.sgd)) if np.all(res.sgd == res.sgd[0, 0]) else None
     with Outputs() as out:  # all four files or none: a failure leaves the earlier set and no temporary file
         out.write_text(files["json"], _json(d))
         out.write_text(files["csv"], "\n".join(lines) + "\n")
-        files["heatmap"] = plots.plot_heatmap(xn, res.x, yn, res.y, res.gain, os.path.join(a.out, "sweep_gain.png"),
-                                              title, "E_sgd / E_mean", outputs=out)
+        files["heatmap"] = plots.plot_heatmap(xn, res.x, yn, res.y, heat, os.path.join(a.out, "sweep_gain.png"),
+                                              title, heat_label, outputs=out)
         files["lines"] = plots.plot_lines(xn, res.x, yn, res.y, {"mean model": res.mean_model,
                                           "members": res.members}, os.path.join(a.out, "sweep_lines.png"),
                                           f"{a.method}: stationary excess loss", hline=sgd_ref, outputs=out)
@@ -442,9 +563,16 @@ def cmd_sweep(a) -> int:
     print(f"sweep of {xn} x {yn}: {res.stable.sum()} of {res.stable.size} points stable")
     if best is None and res.stable.any():
         print("no gain over SGD is defined (SGD's stationary loss is 0 or unstable at every point, e.g. --noise 0)")
+    gb = res.gain_over_baseline
+    if gb is not None and np.isfinite(gb).any():
+        j, i = np.unravel_index(np.nanargmax(np.where(np.isfinite(gb), gb, np.nan)), gb.shape)
+        verdict = "beats" if gb[j, i] > 1 + 1e-9 else ("ties with" if gb[j, i] > 1 - 1e-9 else "never beats")
+        print(f"the late-phase mean model {verdict} the best fair baseline (SGD with a K-times batch, or the average "
+              f"of K runs): best ratio E_baseline / E_mean = {gb[j, i]:.4g} at {xn}={res.x[i]:g}, {yn}={res.y[j]:g}")
     if best is not None:
         j, i = best
-        print(f"largest gain over SGD: {res.gain[j, i]:.4g} at {xn}={res.x[i]:g}, {yn}={res.y[j]:g}")
+        print(f"largest gain over single-batch SGD: {res.gain[j, i]:.4g} at {xn}={res.x[i]:g}, {yn}={res.y[j]:g}"
+              + (" (a K-times batch alone divides the noise by K)" if gb is not None else ""))
     for k, v in files.items():
         print(f"wrote {v}")
     return 0
@@ -457,11 +585,11 @@ def cmd_curve(a) -> int:
 
     problem = build_problem(a)
     if a.method == "sgd":
-        raise NQPError("curve compares SGD with a late-phase method: use --method additive or multiplicative")
+        raise NQPError("curve compares SGD with a late-phase method: use --method additive, multiplicative or block")
     if a.swa_window is not None:
         raise NQPError("curve uses --swa-start (running average from that minibatch), not --swa-window")
     method = make_method(a.method, **method_params(a))
-    sgd = SGD(a.lr, a.momentum, a.nesterov)
+    sgd = SGD(a.lr, a.momentum, a.nesterov, weight_decay=a.weight_decay)
     path = "lyapunov" if a.lyapunov else "closed"
     extra = _given(a, "--runs", "--seed", "--threads")
     if extra and not a.simulate:
@@ -495,6 +623,33 @@ def cmd_curve(a) -> int:
     print(_table(sorted(last.items(), key=lambda kv: kv[1]),
                  [("series", lambda r: r[0]), (f"E at t={curve.t[-1]}", lambda r: _g(r[1]))]))
     print(f"wrote {png}")
+    return 0
+
+
+def cmd_arms(a) -> int:
+    from . import arms
+
+    problem, phi = arms.block_problem(a.dim, a.phi_count, a.phi)
+    methods = arms.arms(phi, a.K, a.lr, a.momentum, a.nesterov, a.weight_decay)
+    rows = arms.predict(problem, phi, methods)
+    sh = arms.shares(problem, phi)
+    out = {"problem": problem.describe(), "phi_coords": list(phi), "phi_share": sh,
+           "settings": {"K": a.K, "lr": a.lr, "momentum": a.momentum, "nesterov": a.nesterov,
+                        "weight_decay": a.weight_decay}, "arms": rows, "order": arms.order(rows)}
+    if a.json:
+        _dump(out)
+        return 0
+    print(f"block problem: {problem.describe()}, s_i = 1/h_i (gradient noise covariance H); phi = {a.phi} "
+          f"{a.phi_count} coordinates: {sh['curvature']:.0%} of tr H and of SGD's small-step excess")
+    print(f"K={a.K}, lr={a.lr:g}, momentum={a.momentum:g}{' (Nesterov)' if a.nesterov else ''}, "
+          f"weight decay={a.weight_decay:g}; stationary expected excess loss (exact)\n")
+    print(_table(rows, [("arm", lambda r: r["arm"]), ("mean model", lambda r: _g(r["excess_loss_mean_model"])),
+                        ("theta part", lambda r: _g(r["theta_part"])), ("phi part", lambda r: _g(r["phi_part"])),
+                        ("vs base", lambda r: f"{r['vs_base']:.3g}"),
+                        ("members (avg)", lambda r: _g(r["excess_loss_members"])),
+                        ("relaxation (minibatches)", lambda r: f"{r['relaxation_minibatches']:.3g}")]))
+    out["order"] = arms.order(rows)
+    print(f"\norder (mean model, best first): {out['order']}")
     return 0
 
 
@@ -560,6 +715,20 @@ def make_parser() -> argparse.ArgumentParser:
     sc.add_argument("--out", default="nqp_curve.png", help="PNG path (default nqp_curve.png)")
     sc.add_argument("--json", action="store_true")
     sc.set_defaults(func=cmd_curve)
+
+    sa = sub.add_parser("arms", help="predictions for the deep study's arms on a block problem (BatchNorm + head)")
+    sa.add_argument("--dim", type=_int, default=100, help="coordinates (h_i = 1/i, s_i = 1/h_i; default 100)")
+    sa.add_argument("--phi", choices=["stiffest", "spread", "flattest"], default="stiffest",
+                    help="where the late-phase coordinates sit in the spectrum (default stiffest: the head carries "
+                         "the Hessian's class outliers)")
+    sa.add_argument("--phi-count", type=_int, default=10, help="late-phase coordinates (default 10)")
+    sa.add_argument("--K", type=_int, default=10)
+    sa.add_argument("--lr", type=float, default=0.1)
+    sa.add_argument("--momentum", type=float, default=0.9)
+    sa.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=True)
+    sa.add_argument("--weight-decay", type=float, default=5e-4)
+    sa.add_argument("--json", action="store_true")
+    sa.set_defaults(func=cmd_arms)
 
     sd = sub.add_parser("docs", help="regenerate the theory figures and docs/theory.md")
     sd.add_argument("--out", default="docs", help="docs folder (default docs)")

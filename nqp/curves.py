@@ -30,7 +30,7 @@ import numpy as np
 from . import balance as bal
 from . import linear
 from .errors import NQPError
-from .methods import SGD, LatePhase
+from .methods import SGD, Block, LatePhase
 from .problem import Problem
 from .theory import check_stable
 
@@ -351,6 +351,15 @@ def learning_curve(problem: Problem, method: LatePhase, sgd: SGD, *, T0: int, ho
     "release" keeps it at the release value (lines valid for t - T0 << the relaxation time)."""
     if balance not in ("ode", "release"):
         raise NQPError(f"balance must be 'ode' or 'release', got {balance!r}")
+    if isinstance(method, Block) or problem.hessian is not None or sgd.weight_decay or \
+            getattr(method, "weight_decay", 0):
+        from .block import learning_curve as block_curve
+        if not isinstance(method, Block):
+            raise NQPError(f"the curve models a full --hessian and --weight-decay for --method block only, not "
+                           f"{method.name}")
+        if swa_start is not None or sgd_after is not None:
+            raise NQPError("--swa-start is not modelled for --method block")
+        return block_curve(problem, method, sgd, T0=T0, horizon=horizon, w0=w0, sigma0=sigma0, points=points)
     if not isinstance(method, LatePhase) or not isinstance(sgd, SGD) or sgd.batch != 1:
         raise NQPError("learning_curve needs a late-phase method and a batch-1 SGD method")
     if path not in ("closed", "lyapunov"):

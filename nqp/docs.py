@@ -447,6 +447,146 @@ def fig_stability(path, b: Budget, vals: dict):
     return plots.save(fig, path)
 
 
+# ----------------------------------------------------------------------------- the block model
+
+# The block figures' setting: the block problem of `python -m nqp arms` (d = 100, h_i = 1/i, s_i = 1/h_i, w* = 1),
+# plain SGD with lr = LR, K = K_DEFAULT; phi placed on the stiffest / spread / flattest 10 coordinates.
+BLOCK_PLACEMENTS = (("stiffest", "tab:red"), ("spread", "tab:blue"), ("flattest", "tab:green"))
+
+
+def _block(placement="stiffest"):
+    from .arms import block_problem
+    return block_problem(100, 10, placement)
+
+
+def _block_bound(p, phi, K, lr=LR):
+    """SGD's excess minus phi's part of it times (1 - 1/K): the lowest mean-model excess late-phase learning with
+    gamma_theta = 1 can reach (plain SGD or heavy ball, no weight decay)."""
+    e = steady_state(p, SGD(lr)).mean_model_per_coordinate
+    return float(e.sum() - e[list(phi)].sum() * (1 - 1 / K))
+
+
+def fig_block_vs_K(path, b: Budget, vals: dict):
+    from .methods import Block
+    plt = plots._plt()
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.6))
+    Ks = np.arange(1, 31)
+    shares = {}
+    for placement, col in BLOCK_PLACEMENTS:
+        p, phi = _block(placement)
+        from .arms import shares as share_of
+        shares[placement] = share_of(p, phi)["curvature"]
+        lab = f"phi {placement} ({shares[placement]:.0%} of tr H)"
+        ax.plot(Ks, [_excess(p, Block(int(K), LR, LR, 1.0, phi_coords=phi)) for K in Ks], color=col,
+                label=f"gamma_theta = 1, {lab}")
+        ax.plot(Ks, [_block_bound(p, phi, int(K)) for K in Ks], color=col, ls=":", lw=1,
+                label="bound: E_sgd - E_sgd,phi (1 - 1/K)" if placement == "stiffest" else None)
+    p, phi = _block("stiffest")
+    ax.plot(Ks, [_excess(p, Block(int(K), LR, LR, 1.0 / K, phi_coords=phi)) for K in Ks], color="k", ls="--",
+            label="gamma_theta = 1/K (any placement) = SGD with a K-times batch")
+    ax.axhline(_excess(p, SGD(LR)), color="0.4", ls="-.", lw=1, label="SGD (batch 1)")
+    for K in ([2, 10] if not b.quick else [4]):
+        m = Block(K, LR, LR, 1.0, phi_coords=phi)
+        r = simulate(p, m, steps=b.steps_per_member * m.minibatches_per_step, runs=b.runs, seed=700 + K)
+        ax.errorbar(K, r.excess_loss_mean_model, 2 * r.excess_loss_mean_model_stderr, fmt="o", color="tab:red", ms=4)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("K (members)")
+    ax.set_ylabel("mean model: stationary excess loss")
+    ax.set_title(f"block model vs K (lr = {LR}); points: simulation ±2 s.e.", fontsize=10)
+    ax.legend(fontsize=7, loc="lower left")
+    ax.grid(alpha=0.3)
+    gammas = np.geomspace(1.0 / K_DEFAULT, 1.0, 30)
+    theta = np.setdiff1d(np.arange(p.dim), phi)
+    parts = [steady_state(p, Block(K_DEFAULT, LR, LR, g, phi_coords=phi)).mean_model_per_coordinate for g in gammas]
+    sgd = steady_state(p, SGD(LR)).mean_model_per_coordinate
+    bx.plot(gammas, [e[theta].sum() for e in parts], color="tab:purple", label="theta part (late-phase)")
+    bx.plot(gammas, [e[list(phi)].sum() for e in parts], color="tab:orange", label="phi part (late-phase)")
+    bx.axhline(sgd[theta].sum(), color="tab:purple", ls=":", label="theta part (SGD)")
+    bx.axhline(sgd[list(phi)].sum(), color="tab:orange", ls=":", label="phi part (SGD)")
+    bx.set_xscale("log")
+    bx.set_yscale("log")
+    bx.set_xlabel("gamma_theta")
+    bx.set_ylabel("mean model's excess, per block")
+    bx.set_title(f"each block vs gamma_theta, K = {K_DEFAULT}, phi stiffest", fontsize=10)
+    bx.legend(fontsize=7)
+    bx.grid(alpha=0.3)
+    vals["block_shares"] = shares
+    vals["block_parts"] = {"sgd": (float(sgd[theta].sum()), float(sgd[list(phi)].sum())),
+                           "g1": (float(parts[-1][theta].sum()), float(parts[-1][list(phi)].sum())),
+                           "gK": (float(parts[0][theta].sum()), float(parts[0][list(phi)].sum()))}
+    return plots.save(fig, path)
+
+
+def fig_block_weight_decay(path, b: Budget, vals: dict):
+    from .arms import arms
+    plt = plots._plt()
+    p, phi = _block("stiffest")
+    lams = np.geomspace(1e-4, 0.3, 40)
+    names = ["base SGD", "late-phase, gamma_theta = 1", "late-phase, gamma_theta = 1, theta's decay x K",
+             "large-batch twin"]
+    styles = {"base SGD": ("0.3", "-"), "late-phase, gamma_theta = 1": ("tab:red", "-"),
+              "late-phase, gamma_theta = 1, theta's decay x K": ("tab:blue", "--"), "large-batch twin": ("k", ":")}
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    for name in names:
+        ys = [_excess(p, arms(phi, K_DEFAULT, LR, 0.0, False, lam)[name]) for lam in lams]
+        col, ls = styles[name]
+        ax.plot(lams, ys, color=col, ls=ls, label=name)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("weight decay lambda (per step, torch convention)")
+    ax.set_ylabel("mean model: stationary excess loss")
+    ax.set_title(f"weight decay once per outer step (K = {K_DEFAULT}, lr = {LR}, phi stiffest; h in [0.01, 1])",
+                 fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return plots.save(fig, path)
+
+
+def fig_block_curve(path, b: Budget, vals: dict):
+    """After the release: gamma_theta = 1 and 1/K on the block problem, exact lines and simulated points."""
+    from .block import learning_curve as block_curve
+    from .block import simulate_curve as block_sim
+    from .methods import Block
+    plt = plots._plt()
+    p, phi = _block("stiffest")
+    kw = dict(T0=T0, horizon=6 * T0, w0=0.0, sigma0=0.0)
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    base = None
+    for g, tag, col in ((1.0, "gamma_theta = 1", "tab:red"), (1.0 / K_DEFAULT, "gamma_theta = 1/K", "tab:blue")):
+        m = Block(K_DEFAULT, LR, LR, g, phi_coords=phi)
+        c = block_curve(p, m, SGD(LR), points=300, **kw)
+        base = c if base is None else base
+        ax.plot(c.t, c.series["latephase_mean"], color=col, label=f"late-phase mean model, {tag}")
+        mc = block_sim(p, m, SGD(LR), points=25, runs=max(8, b.curve_runs // 8), seed=900 + int(10 * g), **kw)
+        ok = mc.t >= T0
+        ax.errorbar(mc.t[ok], mc.series["latephase_mean"][ok], 2 * mc.stderr["latephase_mean"][ok], fmt="o", ms=3,
+                    color=col, elinewidth=0.8)
+    ax.plot(base.t, base.series["sgd"], color="0.4", label="SGD (continuing)")
+    ax.plot(base.t, base.series["sgd_batch_K"], color="tab:olive", ls="--", label="SGD, K-times batch (from T0)")
+    ax.axvline(T0, color="k", ls=":", lw=1)
+    ax.set_yscale("log")
+    ax.set_xlabel("t (minibatches)")
+    ax.set_ylabel("expected excess loss")
+    ax.set_title(f"block model after the release at T0 = {T0} (K = {K_DEFAULT}, lr = {LR}, phi stiffest)\n"
+                 f"lines exact; points: simulation ±2 s.e. of the late-phase mean models", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return plots.save(fig, path)
+
+
+def _table_arms(vals):
+    from . import arms
+    out = []
+    for placement in ("stiffest", "spread"):
+        p, phi = arms.block_problem(100, 10, placement)
+        rows = arms.predict(p, phi, arms.arms(phi))
+        sh = arms.shares(p, phi)["curvature"]
+        out.append(f"**phi {placement}** (`python -m nqp arms --phi {placement}`; phi holds {sh:.0%} of tr H and of "
+                   f"SGD's small-step excess):\n\n" + arms.table(rows) + f"\n\nOrder: {arms.order(rows)}.")
+    return "\n\n".join(out)
+
+
 # ----------------------------------------------------------------------------- tables and rendering
 
 def _table_baselines(vals):
@@ -521,6 +661,11 @@ def _values(vals) -> dict:
         "map_ratio_min": f"{vals.get('map_ratio_range', (np.nan, np.nan))[0]:.3g}",
         "map_ratio_max": f"{vals.get('map_ratio_range', (np.nan, np.nan))[1]:.3g}",
     }
+    parts = vals.get("block_parts", {})
+    for k, (t, f) in parts.items():
+        out[f"block_{k}_theta"], out[f"block_{k}_phi"] = f"{t:.3g}", f"{f:.3g}"
+    for k, v in vals.get("block_shares", {}).items():
+        out[f"block_share_{k}"] = f"{v:.0%}"
     return out
 
 
@@ -528,7 +673,7 @@ def render(template: str, vals: dict, figdir_rel: str = "figures") -> str:
     tex = cf.latex()
     values = _values(vals)
     tables = {"baselines": _table_baselines, "budget": _table_budget, "mult": _table_mult,
-              "balance": _table_balance}
+              "balance": _table_balance, "arms": _table_arms}
 
     def sub(m):
         kind, name = m.group(1), m.group(2)
@@ -566,6 +711,10 @@ def build(out: str = "docs", quick: bool = False, progress: bool = False) -> lis
         ("mult_table", lambda: _mult_table(b, vals) or []),
         ("gain_heatmap", lambda: fig_heatmap(os.path.join(figdir, "gain_heatmap.png"), b, vals)),
         ("stability", lambda: fig_stability(os.path.join(figdir, "stability.png"), b, vals)),
+        ("block_vs_K", lambda: fig_block_vs_K(os.path.join(figdir, "block_vs_K.png"), b, vals)),
+        ("block_weight_decay", lambda: fig_block_weight_decay(os.path.join(figdir, "block_weight_decay.png"), b,
+                                                              vals)),
+        ("block_curve", lambda: fig_block_curve(os.path.join(figdir, "block_curve.png"), b, vals)),
     ]
     written = []
     bar = None

@@ -33,7 +33,8 @@ def _check_momentum(momentum: float, nesterov: bool) -> None:
 
 @dataclass(frozen=True)
 class SGD:
-    """Minibatch SGD on w: w <- w - lr * grad, grad averaged over `batch` minibatches.
+    """Minibatch SGD on w: w <- w - lr * (grad + weight_decay * w), grad averaged over `batch` minibatches
+    (weight decay inside the gradient, as torch.optim.SGD applies it).
 
     A step with batch B sees target noise of variance s/B and consumes B minibatches of time.
     """
@@ -42,11 +43,13 @@ class SGD:
     momentum: float = 0.0
     nesterov: bool = False
     batch: int = 1
+    weight_decay: float = 0.0
     name: str = field(default="sgd", init=False)
 
     def __post_init__(self):
         _check_rate("--lr", self.lr)
         _check_momentum(self.momentum, self.nesterov)
+        _check_rate("--weight-decay", self.weight_decay, allow_zero=True)
         if int(self.batch) != self.batch or self.batch < 1:
             raise NQPError(f"batch must be a positive integer, got {self.batch}")
 
@@ -64,6 +67,8 @@ class LatePhase:
     phi_k <- U_phi(phi_k, dl/dphi_k); then theta <- U_theta(theta, gamma_theta * sum_k dl/dtheta|_k),
     theta held fixed inside the loop. Additive: dl/dphi_k = dl/dtheta|_k = g_k.
     Multiplicative: dl/dphi_k = theta * g_k, dl/dtheta|_k = phi_k * g_k.
+    Additive with weight_decay lambda (torch convention, inside each gradient): phi_k's gradient gains lambda phi_k,
+    theta's (once per outer step) lambda theta; computed by :mod:`nqp.block` (no closed form).
     """
 
     K: int
@@ -73,6 +78,7 @@ class LatePhase:
     momentum: float = 0.0
     nesterov: bool = False
     kind: str = "additive"
+    weight_decay: float = 0.0
 
     def __post_init__(self):
         if int(self.K) != self.K or self.K < 1:
@@ -83,6 +89,10 @@ class LatePhase:
         _check_momentum(self.momentum, self.nesterov)
         if self.kind not in ("additive", "multiplicative"):
             raise NQPError(f"late-phase kind must be 'additive' or 'multiplicative', got {self.kind!r}")
+        _check_rate("--weight-decay", self.weight_decay, allow_zero=True)
+        if self.weight_decay and self.kind == "multiplicative":
+            raise NQPError("--weight-decay is not modelled for --method multiplicative (its linearisation about the "
+                           "balanced optimum assumes no decay); use --method additive, block or sgd")
 
     @property
     def name(self) -> str:
@@ -98,6 +108,71 @@ class LatePhase:
         return self.lr_phi + self.K * self.gamma_theta * self.lr_theta
 
     def with_(self, **changes) -> "LatePhase":
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Block:
+    """Late-phase weights on their own coordinates (the block model; BatchNorm + head in a network).
+
+    Coordinates `phi_coords` (0-based) are late-phase weights, the others are theta: member k's weights are theta on
+    the theta coordinates and phi_k on the others. One outer step (Algorithm 1, every gradient at the start-of-step
+    values), with g_k = H (w_k - c_k) averaged over `batch` minibatches per member:
+
+        phi_k <- phi_k - lr_phi (g_k[phi] + weight_decay phi_k)
+        theta <- theta - lr_theta (gamma_theta sum_k g_k[theta] + lambda_theta theta)
+
+    (plain SGD shown; momentum in the torch convention with the decay inside the gradient). lambda_theta is
+    `weight_decay_theta` (default: weight_decay). theta is decayed once per outer step, i.e. 1/K of SGD's decay per
+    minibatch. One outer step consumes K * batch minibatches. shared=True puts theta on every coordinate too,
+    w_k = theta + phi_k (the additive model; how :mod:`nqp.block` computes it with weight decay).
+
+    >>> Block(K=4, lr_theta=0.1, lr_phi=0.1, gamma_theta=0.25, phi_coords=(0, 1)).minibatches_per_step
+    4
+    """
+
+    K: int
+    lr_theta: float
+    lr_phi: float
+    gamma_theta: float = 1.0
+    momentum: float = 0.0
+    nesterov: bool = False
+    phi_coords: tuple = ()
+    weight_decay: float = 0.0
+    batch: int = 1
+    weight_decay_theta: float | None = None
+    shared: bool = False
+    name: str = field(default="block", init=False)
+
+    def __post_init__(self):
+        if int(self.K) != self.K or self.K < 1:
+            raise NQPError(f"--K must be a positive integer, got {self.K}")
+        _check_rate("--lr-theta", self.lr_theta, allow_zero=True)
+        _check_rate("--lr-phi", self.lr_phi)
+        _check_rate("--gamma-theta", self.gamma_theta, allow_zero=True)
+        _check_rate("--weight-decay", self.weight_decay, allow_zero=True)
+        if self.weight_decay_theta is not None:
+            _check_rate("--weight-decay-theta", self.weight_decay_theta, allow_zero=True)
+        _check_momentum(self.momentum, self.nesterov)
+        if int(self.batch) != self.batch or self.batch < 1:
+            raise NQPError(f"batch must be a positive integer, got {self.batch}")
+        coords = tuple(int(i) for i in self.phi_coords)
+        if any(i != j for i, j in zip(coords, self.phi_coords)) or any(i < 0 for i in coords):
+            raise NQPError(f"--phi-coords must be non-negative integers, got {list(self.phi_coords)}")
+        if len(set(coords)) != len(coords):
+            raise NQPError(f"--phi-coords lists a coordinate twice: {list(self.phi_coords)}")
+        object.__setattr__(self, "phi_coords", tuple(sorted(coords)))
+
+    @property
+    def minibatches_per_step(self) -> int:
+        return int(self.K) * int(self.batch)
+
+    @property
+    def lambda_theta(self) -> float:
+        """theta's weight decay per outer step."""
+        return self.weight_decay if self.weight_decay_theta is None else self.weight_decay_theta
+
+    def with_(self, **changes) -> "Block":
         return replace(self, **changes)
 
 
@@ -153,27 +228,43 @@ class TailAverage:
 def make_method(method: str = "additive", *, K: int = 10, gamma_theta: float = 1.0, lr: float = 0.1,
                 lr_theta: float | None = None, lr_phi: float | None = None, momentum: float = 0.0,
                 nesterov: bool = False, batch: int = 1, ensemble: bool = False,
-                swa_window: int | None = None):
+                swa_window: int | None = None, phi_coords=None, weight_decay: float = 0.0,
+                weight_decay_theta: float | None = None):
     """Build a method from flat parameters (the CLI's flags). lr_theta and lr_phi default to lr.
 
     method "sgd" uses lr, momentum, nesterov, batch; with ensemble=True it is an ensemble of K SGD
-    runs. "additive"/"multiplicative" build LatePhase. swa_window wraps the result in TailAverage.
+    runs. "additive"/"multiplicative" build LatePhase, "block" builds Block (late-phase weights on the coordinates
+    phi_coords). swa_window wraps the result in TailAverage.
     """
     _check_rate("--lr", lr)
+    if phi_coords is not None and method != "block":
+        raise NQPError("--phi-coords applies to --method block")
+    if weight_decay_theta is not None and method != "block":
+        raise NQPError("--weight-decay-theta applies to --method block")
     if method == "sgd":
         if lr_theta is not None or lr_phi is not None:
             raise NQPError("--lr-theta/--lr-phi apply to late-phase methods; use --lr with --method sgd")
-        m = SGD(lr, momentum, nesterov, batch)
+        m = SGD(lr, momentum, nesterov, batch, weight_decay)
         if ensemble:
             m = Ensemble(m, K)
+    elif method == "block":
+        if batch != 1 or ensemble:
+            raise NQPError("--batch and --ensemble apply to --method sgd")
+        if phi_coords is None:
+            raise NQPError("--method block needs --phi-coords I [I ...] (the 0-based coordinates that are late-phase "
+                           "weights)")
+        m = Block(K, lr if lr_theta is None else lr_theta, lr if lr_phi is None else lr_phi, gamma_theta, momentum,
+                  nesterov, tuple(phi_coords), weight_decay, 1, weight_decay_theta)
     elif method in ("additive", "multiplicative"):
         if batch != 1 or ensemble:
             raise NQPError("--batch and --ensemble apply to --method sgd")
         m = LatePhase(K, lr if lr_theta is None else lr_theta, lr if lr_phi is None else lr_phi,
-                      gamma_theta, momentum, nesterov, method)
+                      gamma_theta, momentum, nesterov, method, weight_decay)
     else:
-        raise NQPError(f"--method must be one of sgd, additive, multiplicative; got {method!r}")
+        raise NQPError(f"--method must be one of sgd, additive, multiplicative, block; got {method!r}")
     if swa_window is not None:
+        if isinstance(m, Block) or weight_decay:
+            raise NQPError("--swa-window is not modelled for --method block or with --weight-decay")
         if isinstance(m, Ensemble):
             raise NQPError("--swa-window does not combine with --ensemble")
         m = TailAverage(m, swa_window)

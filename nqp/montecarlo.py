@@ -340,6 +340,13 @@ def simulate(problem, method, *, steps: int, burn_in: int | None = None, runs: i
     """
     import time
 
+    from . import block
+    if block.needs_block(problem, method):   # the block model, or SGD / ensembles with weight decay or a full H
+        if burn_in is not None and (int(burn_in) != burn_in or burn_in < 0):
+            raise NQPError(f"--burn-in must be a non-negative integer, got {burn_in}")
+        start_balance(problem, method, start)
+        return block.simulate(problem, method, steps=steps, burn_in=burn_in, runs=runs, seed=seed, threads=threads,
+                              progress=progress, dtype=dtype)
     if int(runs) != runs or runs < 2:
         raise NQPError(f"--runs must be an integer >= 2 (standard errors need two runs), got {runs}")
     _check_seed(seed)
@@ -456,7 +463,18 @@ def simulate_curve(problem, method: LatePhase, sgd: SGD, *, T0: int, horizon: in
     SGD continuing beside it on the same noise up to T0). Returns a Curve of the run means with
     standard errors for the series sgd, latephase_mean, latephase_members (and latephase_swa)."""
     from .curves import Curve, start_weights, time_grid
+    from .methods import Block
 
+    if getattr(method, "weight_decay", 0) or sgd.weight_decay or problem.hessian is not None:
+        if not isinstance(method, Block):
+            raise NQPError(f"weight decay and a full --hessian are simulated along a curve for --method block only, "
+                           f"not {method.name}")
+    if isinstance(method, Block):
+        from . import block
+        if swa_start is not None:
+            raise NQPError("--swa-start is not modelled for --method block")
+        return block.simulate_curve(problem, method, sgd, T0=T0, horizon=horizon, w0=w0, sigma0=sigma0, points=points,
+                                    runs=runs, seed=seed, threads=threads, progress=progress)
     if int(runs) != runs or runs < 2:
         raise NQPError(f"--runs must be an integer >= 2, got {runs}")
     _check_seed(seed)

@@ -61,7 +61,11 @@ def plot_curve(curve, path: str, mc=None, title: str | None = None, logy: bool =
         ax.set_yscale("log")
     ax.set_xlabel("t (minibatches)")
     ax.set_ylabel("expected excess loss")
-    ax.set_title(title or f"learning curve (K={curve.K})" + (", points: simulation ±2 s.e." if mc else ""))
+    simulated = [LABELS.get(n, n).split(",")[0] + ("" if "," not in LABELS.get(n, n) else
+                                                   "," + LABELS.get(n, n).split(",", 1)[1].split("(")[0].rstrip())
+                 for n in curve.series if mc is not None and n in mc.series]
+    ax.set_title(title or f"learning curve (K={curve.K})" + (
+        f"\npoints (simulation, ±2 s.e.): {'; '.join(simulated)}" if simulated else ""), fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return save(fig, path, outputs)
@@ -80,11 +84,14 @@ def plot_heatmap(x_name, x_vals, y_name, y_vals, z, path: str, title: str, cbar:
     one = None
     if log and np.all(zz.compressed() > 0) and zz.count():
         lo, hi = float(zz.min()), float(zz.max())
-        if center_one and lo < 1 < hi:
-            norm = TwoSlopeNorm(vcenter=0.0, vmin=np.log10(lo), vmax=np.log10(hi))
+        if center_one and lo < hi:
+            # 1 (no gain) stays white even when every value lies on one side of it: red below 1, blue above
+            llo, lhi = np.log10(lo), np.log10(hi)
+            span = max(abs(llo), abs(lhi))
+            norm = TwoSlopeNorm(vcenter=0.0, vmin=min(llo, -1e-3 * span), vmax=max(lhi, 1e-3 * span))
             zz = np.ma.log10(zz)
             cbar = f"log10 {cbar}"
-            one = 0.0
+            one = 0.0 if lo < 1 < hi else None
         else:
             norm = LogNorm(vmin=lo, vmax=hi)
     cmap = plt.get_cmap("RdBu" if center_one else "viridis").with_extremes(bad="0.55")
@@ -110,16 +117,23 @@ def plot_heatmap(x_name, x_vals, y_name, y_vals, z, path: str, title: str, cbar:
 
 def plot_lines(x_name, x_vals, y_name, y_vals, series: dict, path: str, title: str, mc: dict | None = None,
                ylabel: str = "expected excess loss", hline: float | None = None, outputs=None) -> str:
-    """One line per y value for each named series ({name: (len(y), len(x)) array})."""
+    """One line per y value for each named series ({name: (len(y), len(x)) array}); the y value is the line's colour
+    (a colorbar), the series its line style (the legend)."""
     plt = _plt()
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import LogNorm, Normalize
     fig, ax = plt.subplots(figsize=(7.5, 4.6))
     cmap = plt.get_cmap("viridis")
     styles = ["-", "--", ":", "-."]
+    y_arr = np.asarray(y_vals, float)
+    lo, hi = float(y_arr.min()), float(y_arr.max())
+    if hi == lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    norm = LogNorm(lo, hi) if _is_log(y_arr) else Normalize(lo, hi)
     for j, yv in enumerate(y_vals):
-        col = cmap(j / max(1, len(y_vals) - 1))
+        col = cmap(norm(yv))
         for s, (name, arr) in enumerate(series.items()):
-            ax.plot(x_vals, arr[j], ls=styles[s % 4], color=col,
-                    label=f"{name}, {y_name}={yv:g}" if len(y_vals) <= 6 or j in (0, len(y_vals) - 1) else None)
+            ax.plot(x_vals, arr[j], ls=styles[s % 4], color=col, label=name if j == 0 else None)
             if mc and name in mc:
                 m, e = mc[name]
                 ax.errorbar(x_vals, m[j], yerr=2 * e[j], fmt="o", ms=3, color=col, elinewidth=0.8)
@@ -131,7 +145,8 @@ def plot_lines(x_name, x_vals, y_name, y_vals, series: dict, path: str, title: s
         ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_title(title)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7)
+    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=y_name)
     ax.grid(alpha=0.3)
     return save(fig, path, outputs)
 

@@ -8,6 +8,10 @@ and minibatches, and has loss
 
 The excess loss of a weight vector is E(w) = 1/2 sum_i h_i (w_i - w*_i)^2 (the expected
 minibatch loss minus its minimum 1/2 sum_i h_i s_i). Time t counts minibatches.
+
+A problem may also carry a full curvature H (d x d, symmetric positive definite) and a full noise covariance S
+(d x d, positive semi-definite): l(w; c) = 1/2 (w - c)^T H (w - c), c ~ N(w*, S), E(w) = 1/2 (w - w*)^T H (w - w*).
+Then `curvature` and `noise` hold their diagonals; `hessian` / `noise_cov` are None when the matrix is diagonal.
 """
 from __future__ import annotations
 
@@ -43,6 +47,8 @@ class Problem:
     curvature: np.ndarray
     noise: np.ndarray
     optimum: np.ndarray
+    hessian: np.ndarray | None = None
+    noise_cov: np.ndarray | None = None
 
     def __post_init__(self):
         h, s, w = self.curvature, self.noise, self.optimum
@@ -54,6 +60,41 @@ class Problem:
             raise NQPError(f"noise variance must be >= 0 in every coordinate (min given: {s.min():g})")
         for a in (h, s, w):
             a.setflags(write=False)
+        for name, m in (("hessian", self.hessian), ("noise_cov", self.noise_cov)):
+            if m is not None:
+                if m.shape != (h.size, h.size):
+                    raise NQPError(f"{name} must be {h.size} x {h.size}, got {m.shape}")
+                m.setflags(write=False)
+
+    def with_matrices(self, hessian=None, noise_cov=None) -> "Problem":
+        """This problem with a full curvature H and/or noise covariance S (checked: square, of the problem's size,
+        symmetric; H positive definite, S positive semi-definite). The diagonals replace `curvature` / `noise`."""
+        d = self.dim
+        h, s, H, S = self.curvature, self.noise, self.hessian, self.noise_cov
+        if hessian is not None:
+            H = check_matrix(hessian, "--hessian", d, definite=True)
+            h = np.diag(H).copy()
+            H = None if _is_diagonal(H) else H
+        if noise_cov is not None:
+            S = check_matrix(noise_cov, "--noise-cov", d, definite=False)
+            s = np.diag(S).copy()
+            S = None if _is_diagonal(S) else S
+        return Problem(h, s, self.optimum.copy(), H, S)
+
+    @property
+    def H(self) -> np.ndarray:
+        """The curvature as a d x d matrix."""
+        return np.diag(self.curvature) if self.hessian is None else np.asarray(self.hessian)
+
+    @property
+    def S(self) -> np.ndarray:
+        """The target-noise covariance as a d x d matrix."""
+        return np.diag(self.noise) if self.noise_cov is None else np.asarray(self.noise_cov)
+
+    @property
+    def diagonal(self) -> bool:
+        """True when H is diagonal: the coordinates then decouple (whatever S's off-diagonal)."""
+        return self.hessian is None
 
     @classmethod
     def from_values(cls, curvature, noise=1.0, optimum=1.0) -> "Problem":
@@ -83,15 +124,64 @@ class Problem:
         return int(self.curvature.size)
 
     def excess(self, w: np.ndarray) -> np.ndarray:
-        """E(w) = 1/2 sum_i h_i (w_i - w*_i)^2, summed over the last axis (units: loss)."""
-        return 0.5 * np.sum(self.curvature * (w - self.optimum) ** 2, axis=-1)
+        """E(w) = 1/2 (w - w*)^T H (w - w*), over the last axis (units: loss)."""
+        x = w - self.optimum
+        if self.hessian is None:
+            return 0.5 * np.sum(self.curvature * x ** 2, axis=-1)
+        return 0.5 * np.einsum("...i,ij,...j->...", x, self.hessian, x)
 
     def describe(self) -> str:
         h = self.curvature
-        return (f"d={self.dim}, h in [{h.min():.4g}, {h.max():.4g}], "
+        full = "".join(f", full {n}" for n, m in (("H", self.hessian), ("S", self.noise_cov)) if m is not None)
+        return (f"d={self.dim}{full}, h in [{h.min():.4g}, {h.max():.4g}], "
                 f"s in [{self.noise.min():.4g}, {self.noise.max():.4g}], "
                 f"w* in [{self.optimum.min():.4g}, {self.optimum.max():.4g}]")
 
     def to_dict(self) -> dict:
-        return {"curvature": self.curvature.tolist(), "noise": self.noise.tolist(),
-                "optimum": self.optimum.tolist()}
+        out = {"curvature": self.curvature.tolist(), "noise": self.noise.tolist(), "optimum": self.optimum.tolist()}
+        for k in ("hessian", "noise_cov"):
+            if getattr(self, k) is not None:
+                out[k] = getattr(self, k).tolist()
+        return out
+
+
+def _is_diagonal(m: np.ndarray) -> bool:
+    return not np.any(m - np.diag(np.diag(m)))
+
+
+def check_matrix(value, flag: str, dim: int, definite: bool) -> np.ndarray:
+    """A d x d symmetric matrix, positive definite (definite=True) or semi-definite, as float64 (one-line errors)."""
+    m = np.asarray(value, dtype=float)
+    if m.ndim != 2 or m.shape[0] != m.shape[1]:
+        raise NQPError(f"{flag} must be a square matrix, got shape {m.shape}")
+    if m.shape[0] != dim:
+        raise NQPError(f"{flag} is {m.shape[0]} x {m.shape[0]} but the problem has {dim} coordinates")
+    if not np.all(np.isfinite(m)):
+        raise NQPError(f"{flag} must be finite")
+    scale = max(np.abs(m).max(), np.finfo(float).tiny)
+    if np.abs(m - m.T).max() > 1e-10 * scale:
+        raise NQPError(f"{flag} must be symmetric (largest |M - M^T| = {np.abs(m - m.T).max():.3g})")
+    m = 0.5 * (m + m.T)
+    low = float(np.linalg.eigvalsh(m).min())
+    if definite and low <= 1e-12 * scale:
+        raise NQPError(f"{flag} must be positive definite (smallest eigenvalue {low:.3g})")
+    if not definite and low < -1e-10 * scale:
+        raise NQPError(f"{flag} must be positive semi-definite (smallest eigenvalue {low:.3g})")
+    return m
+
+
+def load_matrix(path: str, flag: str) -> np.ndarray:
+    """Read a matrix from a .npy file (no pickles: reading never runs code) or a text file numpy.loadtxt reads."""
+    try:
+        if str(path).lower().endswith(".npy"):
+            m = np.load(path, allow_pickle=False)
+        else:
+            m = np.loadtxt(path, dtype=float, ndmin=2)
+    except OSError as e:
+        raise NQPError(f"{flag} {path}: cannot read ({e.strerror or e})") from None
+    except (ValueError, TypeError, EOFError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise NQPError(f"{flag} {path}: not a numeric matrix ({first})") from None
+    if m.dtype.kind not in "biuf":
+        raise NQPError(f"{flag} {path}: not a numeric matrix (dtype {m.dtype})")
+    return m

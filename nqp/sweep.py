@@ -18,7 +18,7 @@ from .errors import NQPError
 from .methods import make_method
 from .resources import FLOAT, check_memory
 
-PARAMS = ("K", "gamma_theta", "lr", "lr_theta", "lr_phi", "momentum")
+PARAMS = ("K", "gamma_theta", "lr", "lr_theta", "lr_phi", "momentum", "weight_decay")
 
 
 def parse_values(name: str, tokens) -> np.ndarray:
@@ -76,12 +76,21 @@ class SweepResult:
     members: np.ndarray
     sgd: np.ndarray          # SGD at the same lr / momentum
     stable: np.ndarray       # bool
+    baseline: np.ndarray | None = None   # the best fair baseline: SGD with a K-times batch or a K-run ensemble
 
     @property
     def gain(self) -> np.ndarray:
         """E_sgd / E_mean: > 1 where the late-phase mean model beats SGD."""
         with np.errstate(divide="ignore", invalid="ignore"):
             return self.sgd / self.mean_model
+
+    @property
+    def gain_over_baseline(self) -> np.ndarray | None:
+        """E_baseline / E_mean: > 1 where the mean model beats the best fair baseline at the same K."""
+        if self.baseline is None:
+            return None
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return self.baseline / self.mean_model
 
     def rows(self):
         for j, yv in enumerate(self.y):
@@ -90,7 +99,10 @@ class SweepResult:
                        "excess_loss_mean_model": float(self.mean_model[j, i]),
                        "excess_loss_members": float(self.members[j, i]),
                        "excess_loss_sgd": float(self.sgd[j, i]),
-                       "gain_over_sgd": float(self.gain[j, i]), "stable": bool(self.stable[j, i])}
+                       "gain_over_sgd": float(self.gain[j, i]), "stable": bool(self.stable[j, i]),
+                       **({} if self.baseline is None else {
+                           "excess_loss_best_baseline": float(self.baseline[j, i]),
+                           "gain_over_best_baseline": float(self.gain_over_baseline[j, i])})}
 
     def to_dict(self) -> dict:
         return {"x": {"name": self.x_name, "values": self.x.tolist()},
@@ -115,6 +127,8 @@ def grid(problem, method: str, base: dict, x: tuple, y: tuple, chunk_elements: i
         raise NQPError("--x and --y must name different parameters")
     if method == "sgd" and {xn, yn} & {"K", "gamma_theta", "lr_theta", "lr_phi"}:
         raise NQPError("with --method sgd only lr and momentum can be swept")
+    if method == "block" or base.get("weight_decay") or "weight_decay" in (xn, yn) or problem.hessian is not None:
+        return _grid_exact(problem, method, base, (xn, xv), (yn, yv))
     if method == "multiplicative" and np.any(problem.optimum == 0):
         raise NQPError("the multiplicative model needs a nonzero optimum in every coordinate (--optimum)")
     # Validate every grid value once by building the method at the axis extremes.
@@ -160,8 +174,11 @@ def grid(problem, method: str, base: dict, x: tuple, y: tuple, chunk_elements: i
                        "(smaller --noise, --curvature or --optimum)")
     mean = np.where(stable, mean, np.nan)
     mem = np.where(stable, mem, np.nan)
+    # The fair baselines at each point's K: SGD with a K-times batch and the average of K runs both have 1/K of
+    # SGD's stationary variance (no weight decay: V is proportional to the noise).
+    baseline = None if method == "sgd" else (sgd / P["K"]).reshape(shape)
     return SweepResult(xn, xv, yn, yv, mean.reshape(shape), mem.reshape(shape), sgd.reshape(shape),
-                       stable.reshape(shape))
+                       stable.reshape(shape), baseline)
 
 
 def _long_run(problem, P, nesterov, stable, chunk_elements):
@@ -213,8 +230,44 @@ def _summed(rates, h_step, weights, mu, nesterov, chunk_elements):
     return out[inverse.reshape(-1)]
 
 
+def _grid_exact(problem, method: str, base: dict, x: tuple, y: tuple) -> SweepResult:
+    """The grid point by point with :func:`nqp.theory.steady_state` (the block model, weight decay, a full H: closed
+    form for diagonal H, else Lyapunov). The comparator is SGD at the same lr, momentum and weight decay."""
+    from .methods import SGD, Ensemble
+    from .theory import steady_state
+
+    (xn, xv), (yn, yv) = x, y
+    shape = (len(yv), len(xv))
+    check_memory([(f"{shape[0] * shape[1]:,} grid points", FLOAT * shape[0] * shape[1] * 4, "--x, --y")], "the sweep")
+    mean, mem, sgd = np.full(shape, np.nan), np.full(shape, np.nan), np.full(shape, np.nan)
+    baseline = None if method == "sgd" else np.full(shape, np.nan)
+    stable = np.zeros(shape, bool)
+    for j, yy in enumerate(yv):
+        for i, xx in enumerate(xv):
+            p = _point(base, {xn: xx, yn: yy})
+            m = make_method(method, **p)
+            try:
+                pred = steady_state(problem, m)
+                mean[j, i], mem[j, i], stable[j, i] = pred.excess_loss_mean_model, pred.excess_loss_members, True
+            except NQPError:
+                pass
+            one = SGD(p.get("lr", 0.1), p.get("momentum", 0.0), bool(p.get("nesterov")),
+                      weight_decay=p.get("weight_decay", 0.0))
+            try:
+                sgd[j, i] = steady_state(problem, one).excess_loss_mean_model
+                if baseline is not None:
+                    K = int(p["K"])
+                    big = SGD(one.lr, one.momentum, one.nesterov, K, one.weight_decay)
+                    baseline[j, i] = min(steady_state(problem, big).excess_loss_mean_model,
+                                         steady_state(problem, Ensemble(one, K)).excess_loss_mean_model)
+            except NQPError:
+                pass
+    return SweepResult(xn, xv, yn, yv, mean, mem, sgd, stable, baseline)
+
+
 def _point(base: dict, override: dict) -> dict:
-    p = {k: base.get(k) for k in ("K", "gamma_theta", "lr", "lr_theta", "lr_phi", "momentum", "nesterov")}
+    p = {k: base.get(k) for k in ("K", "gamma_theta", "lr", "lr_theta", "lr_phi", "momentum", "nesterov",
+                                  "phi_coords", "weight_decay", "weight_decay_theta")}
     p = {k: v for k, v in p.items() if v is not None}
     p.update(override)
     if "K" in p:

@@ -51,6 +51,9 @@ def stability(problem: Problem, method) -> list[Condition]:
     (Nesterov). Additive late-phase: the same for lr_phi and for lr_eff = lr_phi + K gamma_theta lr_theta
     (members' deviations and mean model). Multiplicative (linearised): the same with h_i |w*_i|.
     """
+    from . import block
+    if block.needs_block(problem, method):
+        return block.stability(problem, method)
     if isinstance(method, (Ensemble, TailAverage)):
         return stability(problem, method.base)
     edge = cf.stability_edge(method.momentum, method.nesterov)
@@ -84,6 +87,9 @@ def check_stable(problem: Problem, method) -> list[Condition]:
 
 def max_stable_lr(problem: Problem, method) -> dict:
     """The stability region along each learning rate, others fixed: the supremum of stable values."""
+    from . import block
+    if block.needs_block(problem, method):
+        return block.max_stable_lr(problem, method)
     if isinstance(method, (Ensemble, TailAverage)):
         return max_stable_lr(problem, method.base)
     edge = cf.stability_edge(method.momentum, method.nesterov)
@@ -216,6 +222,17 @@ def steady_state(problem: Problem, method, path: str = "closed", balance=None) -
     """
     if path not in ("closed", "lyapunov"):
         raise NQPError(f"path must be 'closed' or 'lyapunov', got {path!r}")
+    from . import block
+    if block.needs_block(problem, method):   # the block model, or SGD / ensembles with weight decay or a full H
+        if balance is not None:
+            raise NQPError("a balance applies to the multiplicative model only")
+        conds = block.check_stable(problem, method)
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            mean, mem, label = block.steady_state(problem, method, path)
+        if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(mem))):
+            raise NQPError("the predicted loss overflows float64 (values near 1e308); rescale the problem "
+                           "(smaller --noise, --curvature or --optimum)")
+        return _pred(method.name, label, mean, mem, conds)
     conds = check_stable(problem, method)
     if balance is not None and not _is_multiplicative(method):
         raise NQPError("a balance applies to the multiplicative model only")
@@ -258,12 +275,12 @@ def long_run(problem: Problem, method, path: str = "closed") -> Prediction:
     return pred
 
 
-def baselines(problem: Problem, method: LatePhase, sgd: SGD, swa_window: int | None = None) -> dict:
+def baselines(problem: Problem, method, sgd: SGD, swa_window: int | None = None) -> dict:
     """Comparison baselines on the same footing as a late-phase method with K members:
     SGD, SGD with a K-times batch, an ensemble of K SGD runs, and (with swa_window minibatches)
     tail averaging of SGD and of the late-phase mean model. Unstable baselines are reported as such."""
     cands = {"sgd": sgd,
-             "sgd_batch_K": SGD(sgd.lr, sgd.momentum, sgd.nesterov, batch=method.K),
+             "sgd_batch_K": SGD(sgd.lr, sgd.momentum, sgd.nesterov, batch=method.K, weight_decay=sgd.weight_decay),
              "ensemble_K": Ensemble(sgd, method.K)}
     if swa_window:
         cands["sgd_tail_average"] = TailAverage(sgd, swa_window)

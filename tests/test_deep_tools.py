@@ -48,7 +48,8 @@ def test_console_lines_without_a_tty(finished):
     assert "pre" in epochs[0] and "late K=2" in epochs[1] and "test " in epochs[0] and "img/s" in epochs[0]
     assert epochs[-1].endswith("ETA 0s")
     release = next(line for line in lines if "release at epoch 2" in line)
-    assert "K=2 members of bn+head" in release and "3x the plain one" in release and "dip" in release
+    assert "K=2 members of bn+head" in release and "theta moves at 1x the plain rate" in release
+    assert "one 2x step every 2 minibatches" in release and "average phi at 0.5x" in release
     assert any("SWA from epoch 3" in line for line in lines)
     assert any("averaged (reestimated)" in line for line in lines)
     assert any(line.endswith("results.json") for line in lines) and any("exported 3 model(s)" in line for line in lines)

@@ -180,7 +180,7 @@ ERRORS = [
     (["sweep", "--x", "bogus", "1", "2"], "cannot sweep 'bogus'"),
     (["sweep", "--x", "K", "a:b"], "cannot read"),
     (["curve", "--t0", "100", "--horizon", "50"], "--horizon (50) must be an integer > --t0 (100)"),
-    (["curve", "--method", "sgd"], "use --method additive or multiplicative"),
+    (["curve", "--method", "sgd"], "use --method additive, multiplicative or block"),
     (["predict", "--short-time"], "--short-time applies to --method multiplicative"),
     (["simulate", "--start", "selected", "--curvature", "1"], "--start applies to --method multiplicative"),
     (["simulate", "--method", "multiplicative", "--short-time", "--start", "selected", "--curvature", "1"],

@@ -129,7 +129,11 @@ def atomic_write(path, write) -> None:
     data = write.encode() if isinstance(write, str) else write
     counting = None
     try:
-        with open(tmp, "wb") as f:
+        try:  # a leftover (or planted) entry of that name, a link included, is removed -- never written through
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        with open(tmp, "xb") as f:  # O_EXCL: created here, so never a link (one planted meanwhile is refused)
             counting = _Counting(f)
             if isinstance(data, (bytes, bytearray)):
                 counting.write(data)

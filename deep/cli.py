@@ -188,12 +188,13 @@ _EVALUATE_WORDING = ((re.compile(r"^--resume with different settings \("), "the 
                      (re.compile(r"; resume with the run's own settings$"), "; the run folder was edited: evaluate an "
                       "unedited copy"),
                      (re.compile(r"^--resume: "), ""),
+                     (re.compile(r"evaluate again with --resume"), "evaluate again"),
                      (re.compile(r"start the run without --resume$"), "give the folder of a run of python -m deep "
                       "train that has finished an epoch"),
                      (re.compile(r"delete it to start afresh, or choose another --out$"), "this run cannot be "
                       "evaluated"),
                      (re.compile(r"choose the run's folder with --out$"), "give the run's folder"),
-                     (re.compile(r"(,|:) (or )?choose another --out$"), r"\1 \2give another run folder"),
+                     (re.compile(r"([,:;]) (or )?choose another --out$"), r"\1 \2give another run folder"),
                      (re.compile(r"^--out "), "the run folder "))
 
 

@@ -29,6 +29,14 @@ SPEC is a named study (``python -m deep study --list``) or a JSON file::
 An arm's own ``seeds`` (a subset of the study's; never the baseline's) run a costly arm on fewer seeds: it is paired
 with the baseline on those, and the report names it. A deep ensemble (``ensemble_of``) trains nothing: seed s is the
 ensemble of ``size`` runs of that arm from seed s on (cyclically; one ensemble when size equals its seeds).
+
+A spec file is checked whole before the first run: unknown keys (with the closest valid one), repeated keys, arm
+names that are not plain folder names (letters, digits, ``_ . -``), seeds outside 0..2**32 - 1 (the range of
+``--seed``), a non-integer ensemble size or an ensemble's own ``seeds`` are one line each. A study reports only runs
+that are what its spec says: each finished run's stored config (evaluation-only fields aside) and seed must be its
+arm's -- otherwise the study refuses to start, naming the arm, seed and field, and ``--report-only`` names the run in
+the report and leaves it out. NaN metrics are noted and left out of the mean and n, and a deep ensemble missing a
+run's predictions is listed as not finished. Nothing in DIR is followed through a symbolic link (deep.untrusted).
 """
 from __future__ import annotations
 

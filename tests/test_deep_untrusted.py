@@ -352,10 +352,13 @@ def test_evaluate_lines_name_its_own_flags_and_refuse_empty_results(exported, da
                  "--ood-folders", f"lsun={tmp_path / 'missing'}"]) == 2
     one_error(capsys, "lsun")
     assert not [f for f in os.listdir(run) if f.startswith("results_")]
-    for damage in ("checkpoint", "config", "nothing"):
+    for damage in ("checkpoint", "config", "nothing", "folder"):
         bad = _copy(exported, tmp_path, damage)
         if damage == "checkpoint":
             (bad / "checkpoint.pt").write_bytes(b"garbage")
+        elif damage == "folder":
+            os.remove(bad / "checkpoint.pt")
+            os.mkdir(bad / "checkpoint.pt")
         elif damage == "config":
             (bad / "config.json").write_text("[")
         else:

@@ -24,7 +24,7 @@ import torch
 from .cnn import CNN, cnn
 from .wrn import WRN, WRNConfig, wrn
 
-__all__ = ["WRN", "WRNConfig", "wrn", "CNN", "cnn", "build", "load_exported", "image_model"]
+__all__ = ["WRN", "WRNConfig", "wrn", "CNN", "cnn", "build", "load_exported", "image_model", "BUILDERS"]
 
 
 def image_model(arch: str, num_classes: int, in_channels: int, dropout: float = 0.0) -> torch.nn.Module:

@@ -7,7 +7,6 @@ the averaged model, the ensemble and the members, under the BatchNorm rule the t
 """
 from __future__ import annotations
 
-import json
 import os
 
 from .errors import DeepError

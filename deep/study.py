@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import io
 import json
 import math
 import os
@@ -55,7 +54,7 @@ from shared.checkpoint import atomic_write
 from .config import SEED_MAX, check_seed, get_config
 from .errors import ConfigError, DeepError
 from .trainer import EVAL_FIELDS, prediction_passes, shareable, write_json
-from .untrusted import loads, read_bytes, read_json, subfolder, write_png
+from .untrusted import loads, read_bytes, read_json, subfolder, torch_load, write_png
 
 METRICS = ("accuracy", "nll", "ece")
 # "mc_dropout": an MC-dropout arm's prediction averaged over its stochastic test passes ("averaged" is its
@@ -519,8 +518,6 @@ def _deep_ensemble(out: str, arm: Arm, seeds: tuple, start: int, runs: dict) -> 
     """(results, None) of a deep ensemble of the runs of seeds start..start+size-1 (cyclically) of arm.ensemble_of:
     mean of their predicted probabilities (predictions.pt) under every rule, scored like one model; cost: the sum.
     (None, why) when a finished run lacks its predictions (or they are damaged); (None, None) while runs are missing."""
-    import torch
-
     from .evaluate import summarize
     seeds = [seeds[(start + j) % len(seeds)] for j in range(arm.size)]
     if not all(s in runs for s in seeds):
@@ -529,7 +526,7 @@ def _deep_ensemble(out: str, arm: Arm, seeds: tuple, start: int, runs: dict) -> 
     for s in seeds:
         path = os.path.join(_folder(out, arm.ensemble_of, s), "predictions.pt")
         try:
-            preds.append(torch.load(io.BytesIO(read_bytes(path)), weights_only=True))
+            preds.append(torch_load(read_bytes(path)))
         except FileNotFoundError:
             return None, (f"{path} is missing (delete that run's results.json and run the study again: it is "
                           f"evaluated again from its checkpoint)")

@@ -7,6 +7,7 @@ truncated or deleted. The helpers here are the few primitives the rest of the pa
 
 * :func:`open_nofollow` -- ``os.open`` that refuses a link (``O_NOFOLLOW``) and anything but a regular file;
 * :func:`read_bytes`, :func:`read_json` -- whole files read that way (JSON with repeated keys refused);
+* :func:`torch_load` -- tensors from such bytes with ``weights_only=True`` (no pickled objects built);
 * :func:`write_png` -- a matplotlib figure written atomically (rendered to memory, then
   :func:`shared.checkpoint.atomic_write`, whose rename replaces a link instead of writing through it);
 * :func:`subfolder` -- a folder below a root, created if missing, refused if it (or a folder between) is a link;
@@ -71,6 +72,18 @@ def read_json(path: str) -> object:
         return loads(data)
     except RecursionError:
         raise ValueError("nested too deeply") from None
+
+
+def torch_load(data: bytes, map_location="cpu"):
+    """``torch.load(weights_only=True)`` of bytes read from an untrusted file: tensors and plain containers only, no
+    object of the file's choosing is built; torch's warning about a foreign pickle's protocol is silenced (the
+    caller turns the failure into one line)."""
+    import warnings
+
+    import torch
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
 
 
 def sha256_file(path: str) -> str:

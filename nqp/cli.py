@@ -464,9 +464,9 @@ def _curve_cost(a, problem) -> float:
     updates = float(a.runs) * problem.dim * (a.K + 2) * a.horizon
     seconds = updates / CURVE_UPDATES_PER_S
     if updates > CURVE_UPDATES_CAP:
-        raise NQPError(f"--simulate up to --horizon {a.horizon} with --runs {a.runs} on {problem.dim} coordinates and "
-                       f"K={a.K} is {updates:.2g} coordinate updates, about {seconds / 3600:.1f} h on two cores, beyond "
-                       f"the bound of {CURVE_UPDATES_CAP:.0e}; lower --runs or --horizon (or --dim)")
+        raise NQPError(f"--simulate up to --horizon {a.horizon} with --runs {a.runs} on {problem.dim} coordinates "
+                       f"and K={a.K} is {updates:.2g} coordinate updates, about {seconds / 3600:.1f} h on two cores, "
+                       f"beyond the bound of {CURVE_UPDATES_CAP:.0e}; lower --runs or --horizon (or --dim)")
     if seconds > CURVE_NOTE_SECONDS:
         print(f"note: --simulate: {updates:.2g} coordinate updates, roughly {_duration(seconds)} (measured rate on "
               f"two cores; fewer --runs or a shorter --horizon take less)", file=sys.stderr, flush=True)

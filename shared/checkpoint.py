@@ -21,6 +21,7 @@ import pickle
 import random
 import re
 import shutil
+import warnings
 
 import numpy as np
 import torch
@@ -217,7 +218,9 @@ def load(path, map_location="cpu", verify: bool = True):
     if os.path.isdir(path):
         raise CheckpointError(f"{path} is a folder, not a checkpoint file", "check the path")
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about a foreign pickle's protocol before refusing it
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, TypeError, KeyError, IndexError,
             AttributeError, OSError) as e:  # what torch.load raises for truncated, damaged or foreign files
         raise CheckpointError(f"{path} cannot be read as a checkpoint ({type(e).__name__}): the file is damaged "

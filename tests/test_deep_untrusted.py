@@ -385,3 +385,36 @@ def test_plot_and_table_of_damaged_runs_are_one_line(exported, tmp_path, capsys)
         json.dump({**r, "config": {**r["config"], field: value}}, open(run / "results.json", "w"))
         assert main(["table", str(run / "results.json")]) == 2
         one_error(capsys, f"config.{field}")
+
+
+class _Payload:
+    """A pickle that would run a command when unpickled by plain pickle (torch.load(weights_only=True) refuses it)."""
+
+    def __init__(self, witness):
+        self.witness = witness
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.witness}",))
+
+
+def test_pickled_payloads_run_nothing_and_are_one_line(exported, data_root, tmp_path, capsys):
+    import pickle
+    witness = tmp_path / "witness"
+    run = _copy(exported, tmp_path)
+    with open(run / "checkpoint.pt", "wb") as f:
+        pickle.dump({"state": _Payload(witness)}, f)
+    assert main(["evaluate", str(run), "--data-dir", str(data_root), "--device", "cpu", "--quiet"]) == 2
+    one_error(capsys, "cannot be read as a checkpoint")  # no torch warning lines before it
+    with open(run / "export" / "averaged.pt", "wb") as f:
+        pickle.dump(_Payload(witness), f)
+    import hashlib
+    manifest = json.load(open(run / "export" / "models.json"))
+    manifest["sha256"]["averaged"] = hashlib.sha256((run / "export" / "averaged.pt").read_bytes()).hexdigest()
+    (run / "export" / "models.json").write_text(json.dumps(manifest))  # a matching digest does not make it trusted
+    with pytest.raises(DeepError, match="does not load"):
+        deep.models.load_exported(str(run))
+    out = _study(tmp_path)
+    with open(out / "base" / "seed0" / "predictions.pt", "wb") as f:
+        pickle.dump(_Payload(witness), f)
+    assert "cannot be read" in make_report(_spec(), str(out))["left_out"]["ens"]["0"]
+    assert not witness.exists()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import io
 import os
 
 import torch
@@ -76,7 +75,7 @@ def load_exported(run: str, which: str = "averaged", map_location="cpu") -> torc
     the one models.json records (a damaged or swapped file is refused); nothing outside ``run/export`` is read and no
     link is followed. Every problem is one DeepError line."""
     from ..errors import DeepError
-    from ..untrusted import read_bytes, read_json
+    from ..untrusted import read_bytes, read_json, torch_load
     folder = os.path.join(run, "export")
     manifest_path = os.path.join(folder, "models.json")
     try:
@@ -105,7 +104,7 @@ def load_exported(run: str, which: str = "averaged", map_location="cpu") -> torc
                         f"replaced; export the run again")
     model = build(manifest.get("build"))
     try:
-        state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+        state = torch_load(data, map_location)
         model.load_state_dict(state)
     except Exception as e:  # noqa: BLE001 -- any failure of a digest-valid file: it is not this architecture's
         line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

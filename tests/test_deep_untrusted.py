@@ -418,3 +418,14 @@ def test_pickled_payloads_run_nothing_and_are_one_line(exported, data_root, tmp_
         pickle.dump(_Payload(witness), f)
     assert "cannot be read" in make_report(_spec(), str(out))["left_out"]["ens"]["0"]
     assert not witness.exists()
+
+
+def test_an_export_without_digests_is_refused_and_exported_again_by_resume(exported, data_root, tmp_path):
+    run = _copy(exported, tmp_path)
+    manifest = json.load(open(run / "export" / "models.json"))
+    del manifest["sha256"]  # as written before digests existed
+    (run / "export" / "models.json").write_text(json.dumps(manifest))
+    with pytest.raises(DeepError, match="train --resume --out"):
+        deep.models.load_exported(str(run))
+    assert main(["train", "--resume", "--out", str(run), "--data-dir", str(data_root), "--quiet"]) == 0
+    assert deep.models.load_exported(str(run)).training is False

@@ -77,18 +77,19 @@ def load_exported(run: str, which: str = "averaged", map_location="cpu") -> torc
     from ..errors import DeepError
     from ..untrusted import read_bytes, read_json, torch_load
     folder = os.path.join(run, "export")
+    again = f"export it again with python -m deep train --resume --out {run} (a finished run is only evaluated)"
     manifest_path = os.path.join(folder, "models.json")
     try:
         manifest = read_json(manifest_path)
     except FileNotFoundError:
         raise DeepError(f"{run} has no exported models (export/models.json); train the run to its end") from None
     except (OSError, ValueError) as e:
-        raise DeepError(f"{manifest_path} is not an export's manifest ({e}); export the run again") from None
+        raise DeepError(f"{manifest_path} is not an export's manifest ({e}); {again}") from None
     files = manifest.get("files") if isinstance(manifest, dict) else None
     digests = manifest.get("sha256") if isinstance(manifest, dict) else None
     if not isinstance(files, dict) or not files or not isinstance(digests, dict):
-        raise DeepError(f"{manifest_path} is not an export's manifest (it needs \"files\" and their \"sha256\"; "
-                        f"exports written before digests existed: train or evaluate the run again to re-export)")
+        raise DeepError(f"{manifest_path} is not an export's manifest (it needs \"files\" and their \"sha256\", "
+                        f"which exports written before digests existed lack); {again}")
     if which not in files:
         raise DeepError(f"{run} exports {', '.join(map(str, files))}, not {which}")
     name = files[which]
@@ -98,10 +99,10 @@ def load_exported(run: str, which: str = "averaged", map_location="cpu") -> torc
     try:
         data = read_bytes(path)
     except OSError as e:
-        raise DeepError(f"cannot read {path}: {e.strerror or e}; export the run again") from None
+        raise DeepError(f"cannot read {path}: {e.strerror or e}; {again}") from None
     if hashlib.sha256(data).hexdigest() != digests.get(which):
         raise DeepError(f"{path} does not match the SHA-256 that models.json records: the file is damaged or was "
-                        f"replaced; export the run again")
+                        f"replaced; {again}")
     model = build(manifest.get("build"))
     try:
         state = torch_load(data, map_location)

@@ -326,10 +326,13 @@ def run_study(spec: StudySpec, out: str, data_dir: str = "data", device: str | N
     start = time.perf_counter()
     for i, (seed, arm) in enumerate(todo):
         folder = _folder(out, arm.name, seed)
-        if os.path.exists(os.path.join(folder, "results.json")):
-            continue
-        subfolder(out, arm.name)  # a link here would put the run outside --out (checked again just before it)
         resume = os.path.exists(os.path.join(folder, "checkpoint.pt"))
+        if os.path.exists(os.path.join(folder, "results.json")):
+            if not resume or os.path.exists(os.path.join(folder, "export", "models.json")):
+                continue
+            # results without exports: a run killed between the two by an earlier version, which wrote results.json
+            # first; resuming its finished checkpoint evaluates and exports it again
+        subfolder(out, arm.name)  # a link here would put the run outside --out (checked again just before it)
         fork = trunk_epoch = None
         if not resume and arm.name in plan:
             epochs, members = plan[arm.name]
@@ -337,8 +340,11 @@ def run_study(spec: StudySpec, out: str, data_dir: str = "data", device: str | N
             fork = next((t for t in trunks if os.path.exists(t)), None)
             if fork is None:
                 trunk_epoch = epochs
-        how = "resuming" if resume else f"forking {os.path.dirname(fork)} at epoch {plan[arm.name][0]}" if fork \
-            else "from scratch"
+        if resume:
+            how = "exporting again: results without exports" if os.path.exists(os.path.join(folder, "results.json")) \
+                else "resuming"
+        else:
+            how = f"forking {os.path.dirname(fork)} at epoch {plan[arm.name][0]}" if fork else "from scratch"
         say(f"run {i + 1}/{len(todo)}: {arm.name} seed {seed} ({how}; {time.perf_counter() - start:.0f} s so far)")
         runner(arm.resolved(), seed, folder, resume, fork, trunk_epoch, data_dir=data_dir, device=device, quiet=quiet,
                stream=stream)

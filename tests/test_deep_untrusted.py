@@ -429,3 +429,22 @@ def test_an_export_without_digests_is_refused_and_exported_again_by_resume(expor
         deep.models.load_exported(str(run))
     assert main(["train", "--resume", "--out", str(run), "--data-dir", str(data_root), "--quiet"]) == 0
     assert deep.models.load_exported(str(run)).training is False
+
+
+def test_a_study_exports_again_a_run_with_results_but_no_exports(tmp_path):
+    """A run killed between results.json and its exports by an earlier version (which wrote the results first) is
+    resumed from its finished checkpoint, which evaluates and exports it again; complete runs are skipped."""
+    out = _study(tmp_path)
+    (out / "late" / "seed1" / "checkpoint.pt").write_bytes(b"finished")
+    for seed in (0, 1):
+        (out / "base" / f"seed{seed}" / "export").mkdir()
+        (out / "base" / f"seed{seed}" / "export" / "models.json").write_text("{}")
+    (out / "late" / "seed0" / "export").mkdir()
+    (out / "late" / "seed0" / "export" / "models.json").write_text("{}")
+    calls = []
+
+    def runner(cfg, seed, folder, resume, fork, trunk_epoch, **kw):
+        calls.append((os.path.relpath(folder, out), resume))
+        _fake_runner(cfg, seed, folder, resume, fork, trunk_epoch)
+    run_study(_spec(), str(out), quiet=True, runner=runner)
+    assert calls == [(os.path.join("late", "seed1"), True)]

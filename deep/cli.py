@@ -212,7 +212,25 @@ def cmd_evaluate(a, cls) -> int:
         raise type(e)(_evaluate_wording(_one_line(e))) from None
 
 
+# The files of a run folder that evaluate must never replace (its --name writes beside them).
+RUN_FILES = ("config.json", "results.json", "log.jsonl", "checkpoint.pt", "trunk.pt", "predictions.pt", "lock",
+             "export")
+
+
+def _check_evaluate_name(name) -> None:
+    """--name: a plain .json file name in the run folder, not one of the run's own files (a re-evaluation written
+    over checkpoint.pt or results.json would destroy the run or change what it reports)."""
+    if name is None:
+        return
+    if not name.endswith(".json") or os.path.basename(name) != name or name.startswith(".") or \
+            any(ord(c) < 32 for c in name):
+        raise DeepError(f"--name {name!r}: give a plain file name ending in .json (it is written in the run folder)")
+    if name in RUN_FILES:
+        raise DeepError(f"--name {name}: that is the run's own file; choose another name, e.g. results_again.json")
+
+
 def _evaluate(a) -> int:
+    _check_evaluate_name(a.name)
     from .finetune import FineTune
     from .images import ImageRun
     from .lm import LMRun
@@ -256,7 +274,7 @@ def _evaluate_run(a, cfg, stored, run, classifier: bool, has_batchnorm) -> int:
     sets = list(cfg.ood) + [n for n, _ in cfg.ood_folder_paths()] if a.ood is not None or a.ood_folders else []
     name = a.name or "results_" + "_".join(a.bn_rule or ("all",)) + (f"_ood-{'-'.join(sets)}" if sets else "") + \
         ".json"
-    result = run.evaluate(a.bn_rule, filename=os.path.basename(name))
+    result = run.evaluate(a.bn_rule, filename=name)
     if run.rank == 0 and a.json:
         print(json.dumps({"config": cfg.name, "seed": stored["seed"], "models": _summary(result)}, indent=1))
     return 0

@@ -352,6 +352,12 @@ def test_evaluate_lines_name_its_own_flags_and_refuse_empty_results(exported, da
                  "--ood-folders", f"lsun={tmp_path / 'missing'}"]) == 2
     one_error(capsys, "lsun")
     assert not [f for f in os.listdir(run) if f.startswith("results_")]
+    before = {f: (run / f).read_bytes() for f in ("checkpoint.pt", "results.json", "config.json")}
+    for name in ("checkpoint.pt", "results.json", "config.json", "../x.json", "x.txt", ""):
+        assert main(["evaluate", str(run), "--data-dir", str(data_root), "--device", "cpu", "--quiet",
+                     "--name", name]) == 2
+        one_error(capsys, "--name")
+    assert before == {f: (run / f).read_bytes() for f in before} and not (tmp_path / "x.json").exists()
     for damage in ("checkpoint", "config", "nothing", "folder"):
         bad = _copy(exported, tmp_path, damage)
         if damage == "checkpoint":

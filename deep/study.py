@@ -360,7 +360,11 @@ def _mismatch(arm: Arm, seed: int, config, stored_seed) -> str | None:
         return f"seed {stored_seed!r} where the spec says {seed}"
     if not isinstance(config, dict):
         return f"a config that is not an object ({type(config).__name__})"
-    want = json.loads(json.dumps(arm.resolved().to_dict()))  # as stored: tuples are lists
+    cfg = arm.resolved()
+    want = json.loads(json.dumps(cfg.to_dict()))  # as stored: tuples are lists
+    # a field the run's version did not have yet holds its default (as RunConfig.from_dict reads it)
+    config = {**json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(cfg)
+                                       if f.default is not dataclasses.MISSING})), **config}
     diff = sorted(k for k in set(want) | set(config) if k not in EVAL_FIELDS and config.get(k) != want.get(k))
     if not diff:
         return None

@@ -274,6 +274,11 @@ def test_a_study_refuses_runs_that_are_not_its_spec(tmp_path):
     with pytest.raises(DeepError, match="arm late, seed 1: .* was run with seed 0 where the spec says 1"):
         run_study(_spec(), str(out), quiet=True, runner=_no_training)
     assert make_report(_spec(), str(out))["arms"]["late"]["seeds"] == [0]
+    # a field that the run's version did not have yet counts as its default (as RunConfig.from_dict reads it)
+    r = json.load(open(out / "late" / "seed0" / "results.json"))
+    del r["config"]["swa_lr"]
+    json.dump(r, open(out / "late" / "seed0" / "results.json", "w"))
+    assert make_report(_spec(), str(out))["arms"]["late"]["seeds"] == [0]
     # an interrupted run (checkpoint, no results) of another config is refused before anything trains
     shutil.rmtree(out / "late" / "seed1")
     os.makedirs(out / "late" / "seed1")

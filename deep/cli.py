@@ -182,25 +182,99 @@ def cmd_finetune(a, cls) -> int:
     return _run(a, *resolve(a, cls, base))
 
 
+# The run-folder checks are shared with train --resume; their advice names train's flags, which evaluate has not.
+_EVALUATE_WORDING = ((re.compile(r"^--resume with different settings \("), "the run's config.json and checkpoint.pt "
+                      "disagree ("),
+                     (re.compile(r"; resume with the run's own settings$"), "; the run folder was edited: evaluate an "
+                      "unedited copy"),
+                     (re.compile(r"^--resume: "), ""),
+                     (re.compile(r"evaluate again with --resume"), "evaluate again"),
+                     (re.compile(r"start the run without --resume$"), "give the folder of a run of python -m deep "
+                      "train that has finished an epoch"),
+                     (re.compile(r"delete it to start afresh, or choose another --out$"), "this run cannot be "
+                      "evaluated"),
+                     (re.compile(r"choose the run's folder with --out$"), "give the run's folder"),
+                     (re.compile(r"([,:;]) (or )?choose another --out$"), r"\1 \2give another run folder"),
+                     (re.compile(r"^--out "), "the run folder "))
+
+
+def _evaluate_wording(message: str) -> str:
+    for pattern, repl in _EVALUATE_WORDING:
+        message = pattern.sub(repl, message)
+    return message
+
+
 def cmd_evaluate(a, cls) -> int:
     """Re-evaluate a finished or interrupted run from its folder alone (its stored config and checkpoint)."""
+    try:
+        return _evaluate(a)
+    except DeepError as e:
+        raise type(e)(_evaluate_wording(_one_line(e))) from None
+
+
+# The files of a run folder that evaluate must never replace (its --name writes beside them).
+RUN_FILES = ("config.json", "results.json", "log.jsonl", "checkpoint.pt", "trunk.pt", "predictions.pt", "lock",
+             "export")
+
+
+def _check_evaluate_name(name) -> None:
+    """--name: a plain .json file name in the run folder, not one of the run's own files (a re-evaluation written
+    over checkpoint.pt or results.json would destroy the run or change what it reports)."""
+    if name is None:
+        return
+    if not name.endswith(".json") or os.path.basename(name) != name or name.startswith(".") or \
+            any(ord(c) < 32 for c in name):
+        raise DeepError(f"--name {name!r}: give a plain file name ending in .json (it is written in the run folder)")
+    if name in RUN_FILES:
+        raise DeepError(f"--name {name}: that is the run's own file; choose another name, e.g. results_again.json")
+
+
+def _evaluate(a) -> int:
+    _check_evaluate_name(a.name)
     from .finetune import FineTune
     from .images import ImageRun
     from .lm import LMRun
+    from .trainer import ClassifierRun, has_batchnorm
     stored = _stored_run(a.run)
-    cfg = CONFIG_CLASSES[stored["kind"]].from_dict(stored["config"]).validate()
+    try:
+        cfg = CONFIG_CLASSES[stored["kind"]].from_dict(stored["config"]).validate()
+    except (ConfigError, TypeError) as e:
+        raise DeepError(f"{os.path.join(a.run, 'config.json')} holds no valid config ({e}); give the folder of a run "
+                        f"of python -m deep train") from None
     run_cls = {"image": ImageRun, "text": LMRun, "finetune": FineTune}[cfg.KIND]
     if a.ood is not None or a.ood_folders is not None:
         if cfg.KIND != "image":
             raise DeepError(f"--ood and --ood-folders apply to image runs; {cfg.name} is a {cfg.KIND} run")
         cfg = with_overrides(cfg, {k: tuple(v) for k, v in (("ood", a.ood), ("ood_folders", a.ood_folders))
                                    if v is not None})
+        for name, path in cfg.ood_folder_paths():
+            if not os.path.isdir(path):
+                raise DeepError(f"--ood-folders {name}={path}: no such folder; give a folder of images")
     run = run_cls(cfg, seed=stored["seed"], data_dir=a.data_dir, out=a.run, device=a.device, resume=True,
                   progress=False, quiet=a.quiet, stream=sys.stderr if a.json else sys.stdout, evaluate_only=True)
+    with run:
+        return _evaluate_run(a, cfg, stored, run, isinstance(run, ClassifierRun), has_batchnorm)
+
+
+def _evaluate_run(a, cfg, stored, run, classifier: bool, has_batchnorm) -> int:
+    if a.ood is not None or a.ood_folders is not None:
+        asked = (a.ood or []) + [n for n, _ in cfg.ood_folder_paths()]
+        missing = [f"{k} ({run.ood_missing[k]})" for k in asked if k in getattr(run, "ood_missing", {})]
+        if missing:  # a results file named after a set it does not hold would be a silent wrong answer
+            raise DeepError(f"the OOD set(s) asked for cannot be read: {'; '.join(missing)}; fix --ood/--ood-folders")
+    if a.bn_rule and classifier:
+        late = run.lp.model if run.lp is not None else None
+        bn = has_batchnorm(late if late is not None else run.model)
+        usable = [r for r in a.bn_rule if (bn or r == "stored") and (r != "reference" or late is not None)]
+        if not usable:
+            why = ("the reference rule is that of the averaged late-phase model, and this run has no late-phase "
+                   "weights (yet)" if late is None and bn else "this model has no BatchNorm: its only rule is stored")
+            raise DeepError(f"--bn-rule {' '.join(a.bn_rule)}: nothing to evaluate: {why}; choose --bn-rule stored"
+                            + (" or reestimated" if bn else ""))
     sets = list(cfg.ood) + [n for n, _ in cfg.ood_folder_paths()] if a.ood is not None or a.ood_folders else []
     name = a.name or "results_" + "_".join(a.bn_rule or ("all",)) + (f"_ood-{'-'.join(sets)}" if sets else "") + \
         ".json"
-    result = run.evaluate(a.bn_rule, filename=os.path.basename(name))
+    result = run.evaluate(a.bn_rule, filename=name)
     if run.rank == 0 and a.json:
         print(json.dumps({"config": cfg.name, "seed": stored["seed"], "models": _summary(result)}, indent=1))
     return 0
@@ -224,6 +298,7 @@ def cmd_study(a, cls) -> int:
         return 0
     if a.spec is None or a.out is None:
         raise ConfigError("study needs SPEC (a named study or a JSON file; --list names them) and --out DIR")
+    a.out = check_out_value(a.out)
     spec = load_spec(a.spec)
     if a.report_only:
         make_report(spec, a.out)

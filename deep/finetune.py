@@ -178,14 +178,20 @@ class FineTune(ClassifierRun):
         cfg = self.cfg
         with torch.device("meta"):
             probe = build_pretrained(cfg.arch, None, num_classes=self.num_classes)
+        self._check_batchnorm(probe)  # before the probe's forward: that error is the one to fix first
         params = sum(p.numel() for p in probe.parameters())
         outputs = []
         hooks = [m.register_forward_hook(lambda m, i, o: outputs.append(o.numel())) for m in probe.modules()
                  if isinstance(m, (nn.Conv2d, nn.Linear))]
-        with torch.no_grad():
-            probe.eval()(torch.empty(1, 3, cfg.crop, cfg.crop, device="meta"))
-        for h in hooks:
-            h.remove()
+        try:
+            with torch.no_grad():
+                probe.eval()(torch.empty(1, 3, cfg.crop, cfg.crop, device="meta"))
+        except RuntimeError as e:  # e.g. a pooling window larger than the feature map of a small crop
+            line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DeepError(f"--crop {cfg.crop} is too small for {cfg.arch} ({line}); use a larger --crop") from None
+        finally:
+            for h in hooks:
+                h.remove()
         element = 2 if self.amp else 4
         step = (cfg.K if cfg.path == "vectorized" else 1) * self.micro
         evals = max(min(cfg.eval_batch_size, len(self.val_data)), 1)
@@ -200,10 +206,13 @@ class FineTune(ClassifierRun):
     def build_model(self) -> nn.Module:
         model = build_model(self.cfg, self.num_classes, self.download)
         model = model.to(self.device, memory_format=self.memory_format)
+        self._check_batchnorm(model)
+        return model
+
+    def _check_batchnorm(self, model: nn.Module) -> None:
         if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
             raise DeepError(f"{self.cfg.arch} has no BatchNorm layer; late-phase BatchNorm fine-tuning needs one "
                             f"(e.g. {', '.join(PAPER_ARCHS)})")
-        return model
 
     def example_input(self):
         return torch.zeros(1, 3, self.cfg.crop, self.cfg.crop, device=self.device).to(

@@ -7,33 +7,54 @@ the averaged model, the ensemble and the members, under the BatchNorm rule the t
 """
 from __future__ import annotations
 
-import json
 import os
 
 from .errors import DeepError
+from .untrusted import loads, read_bytes, read_json, write_png
 
 METRICS = (("test_accuracy", "test accuracy of the averaged model (%)"),
            ("bpc_valid", "validation bits per character (averaged model)"))
 
 
 def _read_run(folder: str) -> dict:
+    """A run folder's log, stored config and results (if any), each checked: a damaged or hand-edited file is one
+    DeepError line naming it (files are read without following links, deep.untrusted)."""
+    from .table import check_result
+    bad = f"{folder} is not a run folder with a readable log.jsonl and config.json"
     try:
-        with open(os.path.join(folder, "log.jsonl")) as f:
-            log = [json.loads(line) for line in f if line.strip()]
-        with open(os.path.join(folder, "config.json")) as f:
-            stored = json.load(f)
-    except (OSError, ValueError):
-        raise DeepError(f"{folder} is not a run folder with a readable log.jsonl and config.json") from None
+        log = [loads(line) for line in read_bytes(os.path.join(folder, "log.jsonl")).splitlines() if line.strip()]
+        stored = read_json(os.path.join(folder, "config.json"))
+    except (OSError, ValueError, RecursionError):
+        raise DeepError(bad) from None
+    if not all(isinstance(e, dict) and _num(e.get("epoch")) is not None for e in log):
+        raise DeepError(f"{os.path.join(folder, 'log.jsonl')} has lines that are not epoch entries (an object with a "
+                        f"numeric epoch); it was damaged or edited")
+    if not isinstance(stored, dict) or not isinstance(stored.get("config"), dict) or \
+            not isinstance(stored["config"].get("name"), str):
+        raise DeepError(f"{os.path.join(folder, 'config.json')} is not a run's config.json (an object with a config "
+                        f"object holding a name)")
+    problem = check_result({"config": stored["config"], "models": {}})
+    if problem:
+        raise DeepError(f"{os.path.join(folder, 'config.json')} is damaged ({problem})")
     results = None
     path = os.path.join(folder, "results.json")
-    if os.path.exists(path):
+    if os.path.lexists(path):
         try:
-            with open(path) as f:
-                results = json.load(f)
+            results = read_json(path)
         except (OSError, ValueError):
             raise DeepError(f"{path} cannot be read as JSON; delete it or re-run `python -m deep evaluate`") from None
+        problem = "not an object with config and models" if not isinstance(results, dict) or \
+            "models" not in results or "config" not in results else check_result(results)
+        if problem:
+            raise DeepError(f"{path} is not a valid results file ({problem}); delete it or re-run `python -m deep "
+                            f"evaluate`")
     return {"folder": folder, "log": [e for e in log if e.get("phase") != "pretrained"], "config": stored["config"],
-            "seed": stored["seed"], "results": results}
+            "seed": stored.get("seed"), "results": results}
+
+
+def _num(v):
+    """``v`` if it is a number (not a bool), else None: a hand-edited file may hold anything."""
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
 LATE_FIELDS = ("K", "T0", "gamma_theta", "sigma0", "lr_phi", "weight_decay_phi", "rank1_layers", "path")
@@ -77,18 +98,18 @@ def plot_runs(folders: list, out: str) -> None:
         cfg = run["config"]
         panels = [("loss", "training loss"), (metric, metric_label), ("lr", "theta's learning rate")]
         for ax, (key, title) in zip(axes[0], panels):
-            ys = [e.get(key) for e in run["log"]] if key else []
+            ys = [_num(e.get(key)) for e in run["log"]] if key else []
             if any(y is not None for y in ys):
                 ax.plot(epochs, ys, "o-", ms=3, color=color, label=label)
-            swa = [e.get("swa_test_accuracy") for e in run["log"]] if key == "test_accuracy" else []
+            swa = [_num(e.get("swa_test_accuracy")) for e in run["log"]] if key == "test_accuracy" else []
             if any(y is not None for y in swa):  # the SWA average the run delivers, beside the current weights
                 ax.plot(epochs, swa, "s:", ms=3, color=color)
             ax.set_title(title or "")
             ax.set_xlabel("epoch")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            if cfg.get("phi") and cfg.get("T0", 0) > 0:
+            if cfg.get("phi") and (_num(cfg.get("T0")) or 0) > 0:
                 ax.axvline(cfg["T0"] + 0.5, color=color, ls="--", lw=1, alpha=0.7)
-            if cfg.get("swa_start", 0) > 0:
+            if (_num(cfg.get("swa_start")) or 0) > 0:
                 ax.axvline(cfg["swa_start"] - 0.5, color=color, ls=":", lw=1, alpha=0.7)
         axes[0][2].set_yscale("log")
     axes[0][1].text(0.01, 0.01, "dashed: release at T0; dotted: SWA start; squares: the SWA average",
@@ -106,10 +127,13 @@ def plot_runs(folders: list, out: str) -> None:
                 rule = default_rule(run["config"])
                 for j, one in enumerate(m if isinstance(m, list) else [m]):
                     rel = one.get("reliability")
-                    if not rel:
+                    try:
+                        pts = [(c, a, f) for c, a, f in zip(rel["confidence"], rel["accuracy"], rel["fraction"])
+                               if c is not None]
+                    except (TypeError, KeyError):
+                        continue  # no diagram (or a damaged one): not drawn
+                    if not pts or not all(_num(x) is not None for p in pts for x in p):
                         continue
-                    pts = [(c, a, f) for c, a, f in zip(rel["confidence"], rel["accuracy"], rel["fraction"])
-                           if c is not None]
                     conf, acc, frac = zip(*pts)
                     color = colors[i % len(colors)]
                     ax.plot(conf, acc, "-", lw=1 if model == "members" else 1.5,
@@ -132,7 +156,7 @@ def plot_runs(folders: list, out: str) -> None:
     fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=9, frameon=False)
     fig.tight_layout(rect=(0, 0.035 * rows + 0.01, 1, 1))
     try:
-        fig.savefig(out, dpi=110)
+        write_png(fig, out, dpi=110)  # atomically: a link at --out is replaced, its target untouched
     except OSError as e:
         raise DeepError(f"--out {out}: cannot write the figure ({e.strerror or e})") from None
     finally:

@@ -5,9 +5,11 @@ pid, host, start time and command as JSON inside (for the message a second run g
 folder -- another process, on this machine or, where the file system supports locks, on another one -- is refused
 with one line naming the owner. The operating system drops the lock when its process ends, however it ends, so a lock
 file left behind by a killed run (its pid no longer running) is simply taken over, with a note. The lock file is
-removed when the run ends normally, with an error or on Ctrl-C. Within one process a new run on a folder that this
-process already holds takes it over (e.g. a notebook re-creating a trainer after an exception). Under torchrun only
-rank 0 holds the lock. On a file system without ``flock`` the pid is checked instead.
+removed when the run ends normally, with an error or on Ctrl-C. The lock file is opened without following a symbolic
+link and must be a regular file (a planted ``lock -> somewhere`` is refused, its target untouched), and what is
+removed is the folder's entry ``lock``, never a link's target (deep.untrusted). Within one process a new run on a
+folder that this process already holds takes it over (e.g. a notebook re-creating a trainer after an exception).
+Under torchrun only rank 0 holds the lock. On a file system without ``flock`` the pid is checked instead.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import sys
 import time
 
 from .errors import DeepError
+from .untrusted import open_nofollow
 
 LOCK_NAME = "lock"
 
@@ -114,7 +117,7 @@ class RunLock:
     def __init__(self, folder: str, command: str | None = None):
         self.folder = folder
         self.path = os.path.join(folder, LOCK_NAME)
-        self.key = os.path.realpath(self.path)
+        self.key = _key(folder)
         self.released = False
         held = _HELD.get(self.key)
         if held is not None and held[2] == os.getpid():
@@ -126,7 +129,9 @@ class RunLock:
     def _acquire(self, command: str | None) -> int:
         while True:
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                fd = open_nofollow(self.path, os.O_RDWR | os.O_CREAT)
+            except DeepError as e:
+                raise DeepError(f"--out {self.folder}: the lock file {e}, or choose another --out") from None
             except OSError as e:
                 raise DeepError(f"cannot create the lock file {self.path}: {e.strerror}; choose another --out") \
                     from None
@@ -142,7 +147,7 @@ class RunLock:
                     raise DeepError(f"cannot lock {self.path}: {e.strerror}; choose another --out") from None
                 self._check_pid(fd)  # no flock on this file system: the pid decides
             try:  # the previous owner may have removed the file between our open and our lock: lock the new one
-                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+                same = os.path.samestat(os.fstat(fd), os.lstat(self.path))
             except FileNotFoundError:
                 same = False
             if not same:
@@ -200,12 +205,18 @@ class RunLock:
             pass
 
 
+def _key(folder: str) -> str:
+    """The lock file's path with the folder resolved but not the name ``lock`` itself: removing it removes the entry,
+    whatever it has become, never a link's target."""
+    return os.path.join(os.path.realpath(folder), LOCK_NAME)
+
+
 def _close(key: str) -> None:
     fd, _, pid = _HELD.pop(key)
     if pid != os.getpid():
         return  # a forked child: the parent still holds the lock
     try:
-        if os.path.samestat(os.fstat(fd), os.stat(key)):
+        if os.path.samestat(os.fstat(fd), os.lstat(key)):
             os.unlink(key)
     except OSError:
         pass
@@ -216,11 +227,11 @@ def _close(key: str) -> None:
 def holder(folder: str) -> dict | None:
     """Who holds the lock of ``folder`` (the lock file's JSON) when another process does, else None."""
     path = os.path.join(folder, LOCK_NAME)
-    if os.path.realpath(path) in _HELD or not os.path.isfile(path):
+    if _key(folder) in _HELD:
         return None
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
+        fd = open_nofollow(path)  # a link or a folder named lock holds nothing (RunLock refuses it)
+    except (OSError, DeepError):
         return None
     try:
         try:

@@ -29,19 +29,32 @@ SPEC is a named study (``python -m deep study --list``) or a JSON file::
 An arm's own ``seeds`` (a subset of the study's; never the baseline's) run a costly arm on fewer seeds: it is paired
 with the baseline on those, and the report names it. A deep ensemble (``ensemble_of``) trains nothing: seed s is the
 ensemble of ``size`` runs of that arm from seed s on (cyclically; one ensemble when size equals its seeds).
+
+A spec file is checked whole before the first run: unknown keys (with the closest valid one), repeated keys, arm
+names that are not plain folder names (letters, digits, ``_ . -``), seeds outside 0..2**32 - 1 (the range of
+``--seed``), a non-integer ensemble size or an ensemble's own ``seeds`` are one line each. A study reports only runs
+that are what its spec says: each finished run's stored config (evaluation-only fields aside) and seed must be its
+arm's -- otherwise the study refuses to start, naming the arm, seed and field, and ``--report-only`` names the run in
+the report and leaves it out. NaN metrics are noted and left out of the mean and n, and a deep ensemble missing a
+run's predictions is listed as not finished. Nothing in DIR is followed through a symbolic link (deep.untrusted).
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field
 
-from .config import get_config
+from shared.checkpoint import atomic_write
+
+from .config import SEED_MAX, check_seed, get_config
 from .errors import ConfigError, DeepError
-from .trainer import prediction_passes, shareable, write_json
+from .trainer import EVAL_FIELDS, prediction_passes, shareable, write_json
+from .untrusted import loads, read_bytes, read_json, subfolder, torch_load, write_png
 
 METRICS = ("accuracy", "nll", "ece")
 # "mc_dropout": an MC-dropout arm's prediction averaged over its stochastic test passes ("averaged" is its
@@ -82,15 +95,31 @@ class StudySpec:
     description: str = ""
 
     def validate(self) -> "StudySpec":
+        """The spec, checked whole before any run starts (a mistake in the last arm costs nothing)."""
+        if not isinstance(self.name, str) or not isinstance(self.description, str):
+            raise ConfigError(f"study {self.name!r}: name and description must be strings")
         if not self.arms or not self.seeds:
             raise ConfigError(f"study {self.name}: needs at least one arm and one seed")
         names = [a.name for a in self.arms]
+        for n in names:
+            if not isinstance(n, str) or not ARM_NAME.match(n):
+                raise ConfigError(f"study {self.name}: the arm name {n!r} is not a plain folder name (letters, digits, "
+                                  f"_ . -, starting with a letter or digit, at most 64); rename the arm")
         if len(set(names)) != len(names):
             raise ConfigError(f"study {self.name}: arm names must be unique, got {names}")
         if self.baseline not in names:
             raise ConfigError(f"study {self.name}: the baseline {self.baseline!r} is not one of its arms {names}")
-        if len(set(self.seeds)) != len(self.seeds) or any(not isinstance(s, int) or s < 0 for s in self.seeds):
+        _check_seeds(self.seeds, f"study {self.name}: seeds")
+        if len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"study {self.name}: seeds must be distinct integers >= 0, got {list(self.seeds)}")
+        for a in self.arms:
+            _check_seeds(a.seeds, f"study {self.name}: arms.{a.name}.seeds")
+            if not isinstance(a.overrides, dict) or not isinstance(a.config, str):
+                raise ConfigError(f"study {self.name}: arm {a.name}: config must be a preset name and overrides an "
+                                  f"object of config fields")
+            if a.ensemble_of is not None and (not isinstance(a.size, int) or isinstance(a.size, bool)):
+                raise ConfigError(f"study {self.name}: the size of the deep ensemble {a.name} must be an integer, "
+                                  f"got {a.size!r}")
         if self.rule not in ("stored", "reestimated"):
             raise ConfigError(f"study {self.name}: rule must be stored or reestimated, got {self.rule!r}")
         trained = {a.name for a in self.arms if a.ensemble_of is None}
@@ -109,10 +138,77 @@ class StudySpec:
         if next(a for a in self.arms if a.name == self.baseline).seeds:
             raise ConfigError(f"study {self.name}: the baseline {self.baseline} runs on every seed of the study "
                               f"(every arm is paired with it)")
-        kinds = {a.resolved().KIND for a in self.arms if a.ensemble_of is None}  # validates every arm's config
+        kinds = set()
+        for a in self.arms:
+            if a.ensemble_of is None:
+                try:
+                    kinds.add(a.resolved().KIND)  # validates every arm's config
+                except ConfigError as e:
+                    raise ConfigError(f"study {self.name}: arm {a.name}: {e}") from None
         if len(kinds) != 1:
             raise ConfigError(f"study {self.name}: all arms must be of one kind, got {sorted(kinds)}")
         return self
+
+
+# An arm's name is a folder of the study: a plain name, never a path (no "..", "/", "" or ".").
+ARM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+SPEC_KEYS = ("name", "description", "seeds", "baseline", "rule", "arms")
+ARM_KEYS = ("config", "overrides", "seeds")
+ENSEMBLE_KEYS = ("ensemble_of", "size")
+
+
+def _check_seeds(seeds, field: str) -> None:
+    """Every seed through the check of --seed, the message naming the spec's field."""
+    for i, s in enumerate(seeds):
+        try:
+            check_seed(s)
+        except ConfigError:
+            raise ConfigError(f"{field}[{i}] must be an integer in 0..{SEED_MAX}, got {s!r}") from None
+
+
+def _check_keys(d, valid: tuple, where: str) -> None:
+    """A DeepError naming the first key of object ``d`` that is not in ``valid``, with the closest valid one."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where} must be an object, got {type(d).__name__}")
+    for k in d:
+        if k not in valid:
+            close = difflib.get_close_matches(str(k), valid, 1, 0.5)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{where}: unknown key {k!r}{hint}; valid keys: {', '.join(valid)}")
+
+
+def parse_spec(d, default_name: str) -> StudySpec:
+    """The StudySpec of a parsed JSON spec ``d`` (see the module doc), every key and type checked; validated."""
+    _check_keys(d, SPEC_KEYS, "the spec")
+    for k in ("seeds", "baseline", "arms"):
+        if k not in d:
+            raise ConfigError(f"not a study spec: it has no {k!r} (it needs seeds, baseline and arms; see python -m "
+                              f"deep study --help)")
+    if not isinstance(d["arms"], dict) or not isinstance(d["seeds"], list):
+        raise ConfigError("the spec's arms must be an object (name -> arm) and its seeds a list of integers")
+    arms = []
+    for name, a in d["arms"].items():
+        where = f"arms.{name}"
+        if isinstance(a, dict) and "ensemble_of" in a:
+            if "seeds" in a:
+                raise ConfigError(f"{where}: a deep ensemble takes the seeds of its arm {a['ensemble_of']!r}; drop its "
+                                  f"'seeds'")
+            _check_keys(a, ENSEMBLE_KEYS, where)
+            if not isinstance(a["ensemble_of"], str):
+                raise ConfigError(f"{where}.ensemble_of must be an arm's name, got {a['ensemble_of']!r}")
+            arms.append(Arm(name, ensemble_of=a["ensemble_of"], size=a.get("size", 0)))
+            continue
+        _check_keys(a, ARM_KEYS, where)
+        if "config" not in a:
+            raise ConfigError(f"{where} has no 'config' (a preset name) and is not a deep ensemble (ensemble_of)")
+        overrides, seeds = a.get("overrides", {}), a.get("seeds", [])
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"{where}.overrides must be an object of config fields, got {overrides!r}")
+        if not isinstance(seeds, list):
+            raise ConfigError(f"{where}.seeds must be a list of seeds of the study, got {seeds!r}")
+        arms.append(Arm(name, a["config"], dict(overrides), seeds=tuple(seeds)))
+    return StudySpec(d.get("name", default_name), tuple(arms), tuple(d["seeds"]), d["baseline"],
+                     d.get("rule", "reestimated"), d.get("description", "")).validate()
 
 
 def _paper_study(name: str, dataset: str) -> StudySpec:
@@ -173,18 +269,15 @@ def load_spec(spec: str) -> StudySpec:
     if not os.path.isfile(spec):
         raise ConfigError(f"study {spec!r} is neither a named study ({', '.join(sorted(STUDIES))}) nor a JSON file")
     try:
-        with open(spec) as f:
-            d = json.load(f)
-        arms = tuple(Arm(name, a.get("config", ""), dict(a.get("overrides", {})), a.get("ensemble_of"),
-                         int(a.get("size", 0))) if "ensemble_of" in a else Arm(name, a["config"],
-                                                                                dict(a.get("overrides", {})),
-                                                                                seeds=tuple(a.get("seeds", ())))
-                     for name, a in d["arms"].items())
-        return StudySpec(d.get("name", os.path.splitext(os.path.basename(spec))[0]), arms, tuple(d["seeds"]),
-                         d["baseline"], d.get("rule", "reestimated"), d.get("description", "")).validate()
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ConfigError(f"{spec}: not a study spec ({type(e).__name__}: {e}); see python -m deep study --help "
-                          f"for the format") from None
+        with open(spec, "rb") as f:
+            d = loads(f.read())  # repeated keys (two arms of one name) are refused, not silently merged
+    except (OSError, ValueError, RecursionError) as e:
+        raise ConfigError(f"{spec}: not a study spec ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else e}); "
+                          f"see python -m deep study --help for the format") from None
+    try:
+        return parse_spec(d, os.path.splitext(os.path.basename(spec))[0])
+    except ConfigError as e:
+        raise ConfigError(f"{spec}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- running
@@ -228,12 +321,18 @@ def run_study(spec: StudySpec, out: str, data_dir: str = "data", device: str | N
                                                                 file=stream or sys.stdout, flush=True))
     todo = [(seed, arm) for seed in spec.seeds for arm in spec.arms
             if arm.ensemble_of is None and seed in arm.seeds_in(spec)]
+    for seed, arm in todo:  # before the first run: every run already there must be this spec's
+        _check_existing(spec, out, arm, seed)
     start = time.perf_counter()
     for i, (seed, arm) in enumerate(todo):
         folder = _folder(out, arm.name, seed)
-        if os.path.exists(os.path.join(folder, "results.json")):
-            continue
         resume = os.path.exists(os.path.join(folder, "checkpoint.pt"))
+        if os.path.exists(os.path.join(folder, "results.json")):
+            if not resume or os.path.exists(os.path.join(folder, "export", "models.json")):
+                continue
+            # results without exports: a run killed between the two by an earlier version, which wrote results.json
+            # first; resuming its finished checkpoint evaluates and exports it again
+        subfolder(out, arm.name)  # a link here would put the run outside --out (checked again just before it)
         fork = trunk_epoch = None
         if not resume and arm.name in plan:
             epochs, members = plan[arm.name]
@@ -241,8 +340,11 @@ def run_study(spec: StudySpec, out: str, data_dir: str = "data", device: str | N
             fork = next((t for t in trunks if os.path.exists(t)), None)
             if fork is None:
                 trunk_epoch = epochs
-        how = "resuming" if resume else f"forking {os.path.dirname(fork)} at epoch {plan[arm.name][0]}" if fork \
-            else "from scratch"
+        if resume:
+            how = "exporting again: results without exports" if os.path.exists(os.path.join(folder, "results.json")) \
+                else "resuming"
+        else:
+            how = f"forking {os.path.dirname(fork)} at epoch {plan[arm.name][0]}" if fork else "from scratch"
         say(f"run {i + 1}/{len(todo)}: {arm.name} seed {seed} ({how}; {time.perf_counter() - start:.0f} s so far)")
         runner(arm.resolved(), seed, folder, resume, fork, trunk_epoch, data_dir=data_dir, device=device, quiet=quiet,
                stream=stream)
@@ -251,12 +353,87 @@ def run_study(spec: StudySpec, out: str, data_dir: str = "data", device: str | N
     return report
 
 
+def _mismatch(arm: Arm, seed: int, config, stored_seed) -> str | None:
+    """How a run's stored config and seed differ from what ``arm`` of the spec asks for (evaluation-only fields,
+    deep.trainer.EVAL_FIELDS, aside), or None."""
+    if stored_seed != seed or isinstance(stored_seed, bool):
+        return f"seed {stored_seed!r} where the spec says {seed}"
+    if not isinstance(config, dict):
+        return f"a config that is not an object ({type(config).__name__})"
+    cfg = arm.resolved()
+    want = json.loads(json.dumps(cfg.to_dict()))  # as stored: tuples are lists
+    # a field the run's version did not have yet holds its default (as RunConfig.from_dict reads it)
+    config = {**json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(cfg)
+                                       if f.default is not dataclasses.MISSING})), **config}
+    diff = sorted(k for k in set(want) | set(config) if k not in EVAL_FIELDS and config.get(k) != want.get(k))
+    if not diff:
+        return None
+    k = diff[0]
+    more = f" (and {len(diff) - 1} more field(s): {', '.join(diff[1:4])})" if len(diff) > 1 else ""
+    return f"{k} {config.get(k)!r} where the spec says {want.get(k)!r}{more}"
+
+
+def _linked(out: str, arm: str, seed: int) -> str | None:
+    """Why a run folder of the study cannot be used because it (or its arm's folder) is a symbolic link."""
+    for path in (os.path.join(out, arm), _folder(out, arm, seed)):
+        if os.path.islink(path):
+            return f"{path} is a symbolic link (a study never reads or writes through one)"
+    return None
+
+
+def _load_run(arm: Arm, seed: int, out: str) -> tuple:
+    """(results, None) for a finished run of ``arm`` and ``seed`` in ``out`` that is what the spec says; (None, why)
+    for one that is not or cannot be read; (None, None) for a run not finished."""
+    from .table import check_result
+    folder = _folder(out, arm.name, seed)
+    path = os.path.join(folder, "results.json")
+    linked = _linked(out, arm.name, seed)
+    if linked:
+        return None, linked
+    if not os.path.lexists(path):
+        return None, None
+    try:
+        r = read_json(path)
+    except DeepError as e:
+        return None, str(e)
+    except (OSError, ValueError) as e:
+        return None, f"{path} cannot be read ({getattr(e, 'strerror', None) or e})"
+    if not isinstance(r, dict) or "models" not in r or "config" not in r:
+        return None, f"{path} is not a run's results (no models or config)"
+    problem = check_result(r)
+    if problem:
+        return None, f"{path} is damaged ({problem})"
+    why = _mismatch(arm, seed, r["config"], r.get("seed"))
+    return (None, f"{folder} was run with {why}") if why else (r, None)
+
+
+def _check_existing(spec: StudySpec, out: str, arm: Arm, seed: int) -> None:
+    """Refuse (one line) a run folder of the study whose finished run or checkpoint is not the spec's ``arm`` and
+    ``seed`` -- e.g. the spec was edited since, or the folder was copied from another seed -- or is damaged."""
+    folder = _folder(out, arm.name, seed)
+    _, why = _load_run(arm, seed, out)
+    if why is None and not os.path.exists(os.path.join(folder, "results.json")) and \
+            os.path.exists(os.path.join(folder, "checkpoint.pt")):
+        try:
+            stored = read_json(os.path.join(folder, "config.json"))
+            problem = _mismatch(arm, seed, stored.get("config"), stored.get("seed")) if isinstance(stored, dict) \
+                else "a config.json that is not an object"
+        except (OSError, ValueError, DeepError) as e:
+            problem = f"an unreadable config.json ({getattr(e, 'strerror', None) or e})"
+        why = f"{folder} was started with {problem}" if problem else None
+    if why:
+        raise DeepError(f"study {spec.name}, arm {arm.name}, seed {seed}: {why}; delete that run folder to run it "
+                        f"again, or choose another --out")
+
+
 def _train(cfg, seed, folder, resume, fork, trunk_epoch, data_dir="data", device=None, quiet=False, stream=None):
     from .finetune import FineTune
     from .images import ImageRun
     from .lm import LMRun
     run_cls = {"image": ImageRun, "text": LMRun, "finetune": FineTune}[cfg.KIND]
-    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    subfolder(os.path.dirname(os.path.dirname(folder)), os.path.basename(os.path.dirname(folder)))
+    if os.path.islink(folder):
+        raise DeepError(f"{folder} is a symbolic link; a study never writes through one: delete it")
     run = run_cls(cfg, seed=seed, data_dir=data_dir, out=folder, device=device, resume=resume, progress=False,
                   quiet=quiet, stream=stream, export="averaged", trunk_epoch=trunk_epoch, fork=fork,
                   save_predictions=True, command=f"python -m deep study (arm {cfg.name}, seed {seed})")
@@ -305,83 +482,122 @@ def _metric(models: dict, model: str, rule: str, metric: str):
             if which == "mean":
                 if not oods:
                     return None
-                vals.append(sum(o[score] for o in oods.values()) / len(oods))
-            elif which in oods:
+                scores = [o.get(score) for o in oods.values()]
+                if None in scores:
+                    return None
+                vals.append(sum(scores) / len(scores))
+            elif (oods.get(which) or {}).get(score) is not None:
                 vals.append(oods[which][score])
         return sum(vals) / len(vals) if vals else None
     vals = [r[metric] for r in rows if r.get(metric) is not None]
     return sum(vals) / len(vals) if vals else None
 
 
-def collect(spec: StudySpec, out: str) -> dict:
-    """arm -> seed -> results dict, for the finished runs; a deep-ensemble arm's "seed" s is the ensemble of the
-    runs of ``size`` consecutive seeds of its arm starting at s (cyclically, so ensembles overlap when size > 1;
-    when size equals the number of seeds there is only the one ensemble, reported as n = 1)."""
+def collect(spec: StudySpec, out: str, skipped: dict | None = None) -> dict:
+    """arm -> seed -> results dict, for the finished runs that are what the spec says (:func:`_load_run`); a
+    deep-ensemble arm's "seed" s is the ensemble of the runs of ``size`` consecutive seeds of its arm starting at s
+    (cyclically, so ensembles overlap when size > 1; when size equals the number of seeds there is only the one
+    ensemble, reported as n = 1). ``skipped`` (if given) receives arm -> seed -> why for the runs left out: not the
+    spec's, damaged, or (deep ensembles) missing predictions."""
     found = {}
+    skipped = {} if skipped is None else skipped
     for arm in spec.arms:
         if arm.ensemble_of is not None:
             continue
         for seed in arm.seeds_in(spec):
-            path = os.path.join(_folder(out, arm.name, seed), "results.json")
-            if os.path.exists(path):
-                with open(path) as f:
-                    found.setdefault(arm.name, {})[seed] = json.load(f)
+            r, why = _load_run(arm, seed, out)
+            if r is not None:
+                found.setdefault(arm.name, {})[seed] = r
+            elif why:
+                skipped.setdefault(arm.name, {})[seed] = why
     for arm in spec.arms:
         if arm.ensemble_of is not None:
             # size == the number of seeds: every cyclic window holds the same runs, so there is one ensemble, not n
             # copies of it (which would report a zero-width confidence interval).
             seeds = arm.seeds_in(spec)
-            ensembles = {seeds[i]: _deep_ensemble(out, arm, seeds, i, found.get(arm.ensemble_of, {}))
-                         for i in range(len(seeds) if arm.size < len(seeds) else 1)}
-            found[arm.name] = {s: r for s, r in ensembles.items() if r is not None}
+            for i in range(len(seeds) if arm.size < len(seeds) else 1):
+                r, why = _deep_ensemble(out, arm, seeds, i, found.get(arm.ensemble_of, {}))
+                if r is not None:
+                    found.setdefault(arm.name, {})[seeds[i]] = r
+                elif why:
+                    skipped.setdefault(arm.name, {})[seeds[i]] = why
     return found
 
 
-def _deep_ensemble(out: str, arm: Arm, seeds: tuple, start: int, runs: dict) -> dict | None:
-    """The results of a deep ensemble of the runs of seeds start..start+size-1 (cyclically) of arm.ensemble_of:
-    mean of their predicted probabilities (predictions.pt) under every rule, scored like one model; cost: the sum."""
-    import torch
-
+def _deep_ensemble(out: str, arm: Arm, seeds: tuple, start: int, runs: dict) -> tuple:
+    """(results, None) of a deep ensemble of the runs of seeds start..start+size-1 (cyclically) of arm.ensemble_of:
+    mean of their predicted probabilities (predictions.pt) under every rule, scored like one model; cost: the sum.
+    (None, why) when a finished run lacks its predictions (or they are damaged); (None, None) while runs are missing."""
     from .evaluate import summarize
     seeds = [seeds[(start + j) % len(seeds)] for j in range(arm.size)]
-    paths = [os.path.join(_folder(out, arm.ensemble_of, s), "predictions.pt") for s in seeds]
-    if not all(s in runs for s in seeds) or not all(os.path.exists(p) for p in paths):
-        return None
-    preds = [torch.load(p, weights_only=True) for p in paths]
-    models = {}
-    for rule in preds[0]:
-        keys = [k for k in preds[0][rule] if k != "labels"]
-        mean = {k: sum(p[rule][k].float() for p in preds) / len(preds) for k in keys}
-        mean["labels"] = preds[0][rule]["labels"]
-        models.setdefault("averaged", {})[rule] = summarize(mean, [k for k in keys if k != "test"])
-    costs = [runs[s].get("cost") or {} for s in seeds]
-    return {"models": models, "train_seconds": sum(runs[s]["train_seconds"] for s in seeds),
+    if not all(s in runs for s in seeds):
+        return None, None
+    preds = []
+    for s in seeds:
+        path = os.path.join(_folder(out, arm.ensemble_of, s), "predictions.pt")
+        try:
+            preds.append(torch_load(read_bytes(path)))
+        except FileNotFoundError:
+            return None, (f"{path} is missing (delete that run's results.json and run the study again: it is "
+                          f"evaluated again from its checkpoint)")
+        except Exception as e:  # noqa: BLE001 -- a damaged file of any kind: one line, the arm left out
+            return None, f"{path} cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    try:
+        models = {}
+        for rule in preds[0]:
+            keys = [k for k in preds[0][rule] if k != "labels"]
+            mean = {k: sum(p[rule][k].float() for p in preds) / len(preds) for k in keys}
+            mean["labels"] = preds[0][rule]["labels"]
+            models.setdefault("averaged", {})[rule] = summarize(mean, [k for k in keys if k != "test"])
+    except Exception as e:  # noqa: BLE001 -- predictions of different shapes, not tensors, ...: damaged
+        return None, (f"the predictions.pt files of {arm.ensemble_of} seeds {seeds} do not fit together "
+                      f"({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+    costs = [runs[s].get("cost") if isinstance(runs[s].get("cost"), dict) else {} for s in seeds]
+    return {"models": models, "train_seconds": sum(_number(runs[s].get("train_seconds")) or 0 for s in seeds),
             "images_per_s": {}, "ensemble_seeds": seeds,
-            "cost": {"training_flops": sum(c.get("training_flops") or 0 for c in costs) or None,
-                     "parameters": sum(c.get("parameters") or 0 for c in costs) or None}}
+            "cost": {"training_flops": sum(_number(c.get("training_flops")) or 0 for c in costs) or None,
+                     "parameters": sum(_number(c.get("parameters")) or 0 for c in costs) or None}}, None
+
+
+def _number(v):
+    """``v`` if it is a finite number (not a bool), else None: hand-edited results may hold anything."""
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def _part(r: dict, key: str) -> dict:
+    """r[key] if it is an object, else {} (hand-edited results may hold anything)."""
+    v = r.get(key)
+    return v if isinstance(v, dict) else {}
 
 
 def make_report(spec: StudySpec, out: str) -> dict:
-    """report.json, report.md and the plots of the finished runs of ``spec`` in ``out``."""
-    results = collect(spec, out)
+    """report.json, report.md and the plots of the finished runs of ``spec`` in ``out``: only runs that are what the
+    spec says (the others are named in the report and left out), NaN or infinite metrics noted and left out of the
+    mean and n (as deep.table does)."""
+    skipped: dict = {}
+    results = collect(spec, out, skipped)
     if not results:
-        raise DeepError(f"no finished runs of study {spec.name} in {out}")
+        why = [f"{a} seed {s}: {w}" for a, by_seed in skipped.items() for s, w in by_seed.items()]
+        raise DeepError(f"no finished runs of study {spec.name} in {out}" + (f" that are what the spec says ("
+                                                                            f"{why[0]})" if why else ""))
     oods = sorted({o for runs in results.values() for r in runs.values()
-                   for o in ((r["models"].get("averaged") or {}).get("stored") or {}).get("ood", {})})
+                   for o in _part(_part(_part(r, "models"), "averaged").get("stored") or {}, "ood")})
     metrics = list(METRICS) + [f"ood:{o}:auroc_entropy" for o in oods] + (["ood:mean:auroc_entropy"] if oods else [])
     report = {"study": spec.name, "description": spec.description, "baseline": spec.baseline, "rule": spec.rule,
-              "seeds": list(spec.seeds), "arms": {}, "paired": {}}
-    base_flops = [r.get("cost", {}).get("training_flops") for r in results.get(spec.baseline, {}).values()]
+              "seeds": list(spec.seeds), "arms": {}, "paired": {},
+              "left_out": {a: {str(s): w for s, w in by_seed.items()} for a, by_seed in skipped.items()}}
+    base_flops = [_number(_part(r, "cost").get("training_flops")) for r in results.get(spec.baseline, {}).values()]
     base_flops = [f for f in base_flops if f]
     for arm in spec.arms:
         runs = results.get(arm.name, {})
         cfg = (next(a for a in spec.arms if a.name == arm.ensemble_of) if arm.ensemble_of else arm).resolved()
-        flops = [r.get("cost", {}).get("training_flops") for r in runs.values()]
+        flops = [_number(_part(r, "cost").get("training_flops")) for r in runs.values()]
+        seconds = [v for r in runs.values() if (v := _number(r.get("train_seconds"))) is not None]
         entry = {"config": arm.config or f"deep ensemble of {arm.size} {arm.ensemble_of} runs",
                  "overrides": arm.overrides, "seeds": sorted(runs), "planned_seeds": list(arm.seeds_in(spec)),
-                 "metrics": {},
-                 "train_seconds": mean_ci([r["train_seconds"] for r in runs.values()]) if runs else None,
-                 "images_per_s": {p: [r.get("images_per_s", {}).get(p) for r in runs.values()] for p in
+                 "metrics": {}, "not_finite": [],
+                 "train_seconds": mean_ci(seconds) if seconds else None,
+                 "images_per_s": {p: [_number(_part(r, "images_per_s").get(p)) for r in runs.values()] for p in
                                   ("pre", "late")},
                  "late_phase": cfg.late_phase and not arm.ensemble_of, "K": cfg.K if cfg.late_phase else None,
                  "T0": cfg.T0 if cfg.late_phase else None, "phi": list(cfg.phi) if cfg.late_phase else None,
@@ -389,7 +605,7 @@ def make_report(spec: StudySpec, out: str) -> dict:
                  "test_passes": {"averaged": arm.size} if arm.ensemble_of else prediction_passes(cfg),
                  "gamma_theta": cfg.theta_scale if cfg.late_phase else None, "ensemble_of": arm.ensemble_of,
                  "size": arm.size or None,
-                 "parameters": next((r.get("cost", {}).get("parameters") for r in runs.values()), None),
+                 "parameters": next((_number(_part(r, "cost").get("parameters")) for r in runs.values()), None),
                  "relative_training_flops": (sum(f for f in flops if f) / max(len([f for f in flops if f]), 1)) /
                  (sum(base_flops) / len(base_flops)) if base_flops and any(flops) else None}
         for rule in (spec.rule, "stored"):
@@ -397,6 +613,9 @@ def make_report(spec: StudySpec, out: str) -> dict:
                 for metric in metrics:
                     per_seed = {s: v for s, r in runs.items()
                                 if (v := _metric(r["models"], model, rule, metric)) is not None}
+                    bad = sorted(s for s, v in per_seed.items() if not math.isfinite(v))
+                    entry["not_finite"] += [f"seed {s}: {model} {metric} ({rule})" for s in bad]
+                    per_seed = {s: v for s, v in per_seed.items() if s not in bad}  # as deep.table: out of mean and n
                     if per_seed:
                         entry["metrics"].setdefault(rule, {}).setdefault(model, {})[metric] = {
                             **mean_ci(list(per_seed.values())), "per_seed": per_seed}
@@ -418,8 +637,7 @@ def make_report(spec: StudySpec, out: str) -> dict:
                             metric] = d
     write_json(os.path.join(out, "report.json"), _json_safe(report))
     figures = _plots(spec, out, results)
-    with open(os.path.join(out, "report.md"), "w") as f:
-        f.write(render_report(report, figures))
+    atomic_write(os.path.join(out, "report.md"), render_report(report, figures))  # a link there is replaced
     return report
 
 
@@ -471,6 +689,18 @@ def render_report(report: dict, figures: list) -> str:
         lines += ["Arms on fewer seeds (their cost): " + ", ".join(fewer) + ".", ""]
     if missing:
         lines += ["Not finished yet: " + ", ".join(missing) + " runs.", ""]
+    left = report.get("left_out", {})
+    ensembles = [f"`{n}` seed {s} ({why})" for n, a in arms.items() if a["ensemble_of"]
+                 for s, why in left.get(n, {}).items()]
+    if ensembles:
+        lines += ["Not finished yet (deep ensembles): " + "; ".join(ensembles) + ".", ""]
+    wrong = [f"`{n}` seed {s}: {why}" for n, a in arms.items() if not a["ensemble_of"]
+             for s, why in left.get(n, {}).items()]
+    if wrong:
+        lines += ["Left out, not the runs this spec asks for (or damaged): " + "; ".join(wrong) + ".", ""]
+    bad = [f"`{n}` {x}" for n, a in arms.items() for x in a.get("not_finite", [])]
+    if bad:
+        lines += ["Not finite (a diverged run?), left out of the means and n: " + ", ".join(bad) + ".", ""]
     lines += [f"Seeds {report['seeds']}; baseline arm `{base}`; BatchNorm statistics `{rule}` for every model "
               f"(deep.evaluate); numbers are mean ± 95 % CI over seeds (Student t); members: each seed's mean over "
               f"its members. Accuracy and ECE in %, NLL in nats, AUROC (predictive entropy, OOD positive) in %.", ""]
@@ -533,10 +763,8 @@ def _plots(spec: StudySpec, out: str, results: dict) -> list:
     for i, arm in enumerate(spec.arms):
         if arm.ensemble_of is not None:
             continue
-        logs = []
-        for seed in results.get(arm.name, {}):
-            with open(os.path.join(_folder(out, arm.name, seed), "log.jsonl")) as f:
-                logs.append([json.loads(line) for line in f if line.strip()])
+        logs = [log for seed in results.get(arm.name, {})
+                if (log := _read_log(os.path.join(_folder(out, arm.name, seed), "log.jsonl"))) is not None]
         if not logs:
             continue
         epochs = [e["epoch"] for e in logs[0] if e.get("phase") != "pretrained"]
@@ -544,7 +772,8 @@ def _plots(spec: StudySpec, out: str, results: dict) -> list:
             # an SWA arm's model is its SWA average from the SWA start on (swa_test_accuracy), not the current weights
             rows = [[e.get("swa_test_accuracy", e.get(key)) if key == "test_accuracy" else e.get(key)
                      for e in log if e.get("phase") != "pretrained"] for log in logs]
-            if not all(len(r) == len(epochs) and None not in r for r in rows):
+            if not all(len(r) == len(epochs) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                     for v in r) for r in rows):
                 continue
             mean = [sum(c) / len(c) for c in zip(*rows)]
             lo = [min(c) for c in zip(*rows)]
@@ -562,10 +791,11 @@ def _plots(spec: StudySpec, out: str, results: dict) -> list:
     axes[1].set_title("training loss, mean over seeds")
     for ax in axes:
         ax.set_xlabel("epoch")
-    axes[0].legend(fontsize=8)
+    if axes[0].get_legend_handles_labels()[0]:  # no curve at all (damaged logs): no empty legend
+        axes[0].legend(fontsize=8)
     fig.tight_layout()
     curves = os.path.join(out, "curves.png")
-    fig.savefig(curves, dpi=110)
+    write_png(fig, curves, dpi=110)  # atomically: a link there is replaced, its target untouched
     plt.close(fig)
 
     shown = [m for m in MODELS if any(_pooled_bins(results.get(a.name, {}), m, spec.rule) for a in spec.arms)]
@@ -584,24 +814,42 @@ def _plots(spec: StudySpec, out: str, results: dict) -> list:
         ax.set_ylabel("accuracy")
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
-    axes[0].legend(fontsize=8)
+    if axes[0].get_legend_handles_labels()[0]:  # no curve at all (damaged logs): no empty legend
+        axes[0].legend(fontsize=8)
     fig.tight_layout()
     reliability = os.path.join(out, "reliability.png")
-    fig.savefig(reliability, dpi=110)
+    write_png(fig, reliability, dpi=110)
     plt.close(fig)
     return [curves, reliability]
+
+
+def _read_log(path: str) -> list | None:
+    """The entries of a run's log.jsonl, or None (that run's curve is not drawn) when the file is missing, a link or
+    damaged: not JSON lines, or entries without a numeric epoch."""
+    try:
+        log = [loads(line) for line in read_bytes(path).splitlines() if line.strip()]
+    except (OSError, ValueError, DeepError, RecursionError):
+        return None
+    if not all(isinstance(e, dict) and _number(e.get("epoch")) is not None for e in log):
+        return None
+    return log
 
 
 def _pooled_bins(runs: dict, model: str, rule: str) -> list:
     """(mean confidence, accuracy) per confidence bin, pooled over runs (and members) by example counts."""
     totals: dict = {}
     for r in runs.values():
-        m = (r["models"].get(model) or {}).get(rule)
+        m = _part(r["models"], model).get(rule)
         for one in (m if isinstance(m, list) else [m] if m else []):
-            rel = one.get("reliability")
-            if not rel:
+            rel = one.get("reliability") if isinstance(one, dict) else None
+            try:
+                rows = list(zip(rel["fraction"], rel["confidence"], rel["accuracy"]))
+                if not all(_number(f) is not None and (c is None or _number(c) is not None and _number(a) is not None)
+                           for f, c, a in rows):
+                    continue  # a hand-edited or damaged diagram: not drawn
+            except (TypeError, KeyError):
                 continue
-            for b, (f, c, a) in enumerate(zip(rel["fraction"], rel["confidence"], rel["accuracy"])):
+            for b, (f, c, a) in enumerate(rows):
                 if c is not None:
                     w, sc, sa = totals.get(b, (0.0, 0.0, 0.0))
                     totals[b] = (w + f, sc + f * c, sa + f * a)

@@ -94,6 +94,14 @@ def check_result(d: dict) -> str | None:
     member)}, metric values numbers or null, and ood an object of OOD set -> object of numbers."""
     if not isinstance(d["config"], dict) or not isinstance(d["config"].get("name"), str):
         return "'config' must be an object with a string 'name'"
+    for k in ("epochs", "swa_start", "T0", "K"):  # the fields the tables and plots compute with
+        if d["config"].get(k) is not None and not _is_number(d["config"][k]):
+            return f"config.{k} must be a number, got {d['config'][k]!r}"
+    phi = d["config"].get("phi")
+    if phi is not None and not (isinstance(phi, list) and all(isinstance(p, str) for p in phi)):
+        return f"config.phi must be a list of family names, got {phi!r}"
+    if d.get("epochs_trained") is not None and not _is_number(d["epochs_trained"]):
+        return f"'epochs_trained' must be a number, got {d['epochs_trained']!r}"
     if d.get("seed") is not None and not (isinstance(d["seed"], int) and not isinstance(d["seed"], bool)):
         return f"'seed' must be an integer, got {d['seed']!r}"
     if not isinstance(d["models"], dict):

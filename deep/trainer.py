@@ -33,6 +33,8 @@ import abc
 import contextlib
 import copy
 import fnmatch
+import hashlib
+import io
 import json
 import os
 import sys
@@ -50,6 +52,7 @@ from .config import check_seed
 from .errors import DeepError
 from .runfolder import RunLock, check_out_value, default_out, holder, in_use
 from .system import check_memory, hardware, keep_freed_memory, pick_device, sync
+from .untrusted import subfolder
 
 SCHEMA = "late-phase-results/2"
 FORMAT = "deep-run/2"
@@ -460,10 +463,9 @@ class Trainer(abc.ABC):
         results.json)."""
         while self.epoch < self.cfg.epochs:
             self.run_epoch()
-        result = self.evaluate()
-        if self.rank == 0 and self.export_what != "none":
-            self.export()
-        return result
+        # the exports are written before results.json: a run killed in between has no results and finishes (and
+        # exports again) when resumed, so a finished run always has its exports
+        return self.evaluate(export=self.rank == 0 and self.export_what != "none")
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> None:
@@ -566,9 +568,9 @@ class Trainer(abc.ABC):
                 "hardware": hardware(self.device, self.amp, self.channels_last), "world_size": self.world,
                 "malloc": self.malloc, "epochs_trained": self.epoch}
 
-    def evaluate(self, rules=None, filename: str = "results.json") -> dict:
+    def evaluate(self, rules=None, filename: str = "results.json", export: bool = False) -> dict:
         """Evaluate the final models (see :meth:`evaluate_models`; ``rules``: the BatchNorm rules, default all) and
-        write ``filename`` in the run folder."""
+        write ``filename`` in the run folder; with ``export``, :meth:`export` the final networks just before."""
         start = time.perf_counter()
         self.say(f"evaluating the final models ({self.cfg.name}, epoch {self.epoch}/{self.cfg.epochs})")
         models = self.evaluate_models(tuple(rules) if rules else RULES)
@@ -579,6 +581,8 @@ class Trainer(abc.ABC):
                   rate: {"pre": median([e.get(rate) for e in self.log if e.get("phase") == "pre"]),
                          "late": median([e.get(rate) for e in self.log if e.get("phase") == "late"])},
                   **self.result_extra()}
+        if export:
+            self.export()
         if self.rank == 0:
             with self._writing("free space, then evaluate again with --resume (the trained run is in the checkpoint)"):
                 write_json(os.path.join(self.out, filename), result)
@@ -628,16 +632,19 @@ class Trainer(abc.ABC):
         nets = self.final_models()
         if not nets:
             return
-        folder = os.path.join(self.out, "export")
-        os.makedirs(folder, exist_ok=True)
+        folder = subfolder(self.out, "export")  # refused if a link: the files would land outside the run folder
         files = {"averaged": "averaged.pt"}
         members = nets.get("members", []) if self.export_what == "all" else []
         files.update({f"member_{k}": f"member_{k}.pt" for k in range(len(members))})
+        digests = {}
         for name, net in zip(files, [nets["averaged"]] + members):  # plain torch.save files: torch.load reads them
-            atomic_write(os.path.join(folder, files[name]), lambda f, sd=net.state_dict(): torch.save(sd, f))
+            buf = io.BytesIO()
+            torch.save(net.state_dict(), buf)
+            digests[name] = hashlib.sha256(buf.getvalue()).hexdigest()  # checked by deep.models.load_exported
+            atomic_write(os.path.join(folder, files[name]), buf.getvalue())
         write_json(os.path.join(folder, "models.json"),
                    {"kind": self.cfg.KIND, "config": self.cfg.name, "seed": self.seed, "epoch": self.epoch,
-                    "bn_rule": nets.get("bn_rule"), "build": self.build_spec(), "files": files})
+                    "bn_rule": nets.get("bn_rule"), "build": self.build_spec(), "files": files, "sha256": digests})
         self.say(f"exported {len(files)} model(s) to {folder}")
 
 

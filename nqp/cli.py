@@ -578,6 +578,34 @@ def cmd_sweep(a) -> int:
     return 0
 
 
+# The simulated curve advances runs x dim x (K + 2) coordinates (theta, the K phi_k and SGD beside them) per minibatch;
+# 1.7-2.1e8 of them a second were measured on two cores (dim 100, K 10, 200 runs, horizons 2e4 and 6e4). Beyond
+# CURVE_UPDATES_CAP (about an hour there) the request is refused: fewer --runs, a shorter --horizon or a smaller
+# problem give the same picture.
+CURVE_UPDATES_PER_S = 1.5e8
+CURVE_UPDATES_CAP = 5e11
+CURVE_NOTE_SECONDS = 10.0  # longer simulations say their estimate up front and, off a terminal, print progress lines
+
+
+def _curve_cost(a, problem) -> float:
+    """The estimated seconds of ``curve --simulate``, said up front when long; refused beyond CURVE_UPDATES_CAP."""
+    updates = float(a.runs) * problem.dim * (a.K + 2) * a.horizon
+    seconds = updates / CURVE_UPDATES_PER_S
+    if updates > CURVE_UPDATES_CAP:
+        raise NQPError(f"--simulate up to --horizon {a.horizon} with --runs {a.runs} on {problem.dim} coordinates "
+                       f"and K={a.K} is {updates:.2g} coordinate updates, about {seconds / 3600:.1f} h on two cores, "
+                       f"beyond the bound of {CURVE_UPDATES_CAP:.0e}; lower --runs or --horizon (or --dim)")
+    if seconds > CURVE_NOTE_SECONDS:
+        print(f"note: --simulate: {updates:.2g} coordinate updates, roughly {_duration(seconds)} (measured rate on "
+              f"two cores; fewer --runs or a shorter --horizon take less)", file=sys.stderr, flush=True)
+    return seconds
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else \
+        f"{seconds / 3600:.1f} h"
+
+
 def cmd_curve(a) -> int:
     from . import plots
     from .curves import learning_curve
@@ -608,9 +636,12 @@ def cmd_curve(a) -> int:
     mc = None
     if a.simulate:
         from .montecarlo import simulate_curve
+        seconds = _curve_cost(a, problem)
+        tty = sys.stderr.isatty()
         mc = simulate_curve(problem, method, sgd, T0=a.t0, horizon=a.horizon, w0=_vec(a.w0), sigma0=a.sigma0,
                             points=min(a.points, 60), swa_start=a.swa_start, runs=a.runs, seed=a.seed,
-                            threads=a.threads, progress=not a.json and sys.stderr.isatty())
+                            threads=a.threads, progress=(not a.json and tty) or (
+                                "lines" if not tty and seconds > CURVE_NOTE_SECONDS else False))
     png = plots.plot_curve(curve, a.out, mc)
     out = {"problem": problem.describe(), "params": _params_dict(method), "png": png, **curve.to_dict()}
     if mc is not None:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -218,17 +220,32 @@ def _rng(seed: int, index: int) -> np.random.Generator:
 
 
 class _Progress:
-    def __init__(self, total: int, enabled: bool, desc: str):
+    """A tqdm bar (``enabled`` True, for a terminal), one line per tenth done on stderr with the time left
+    (``enabled == "lines"``: a log file or a pipe), or nothing."""
+
+    def __init__(self, total: int, enabled, desc: str):
         self.bar = None
-        if enabled:
+        self.lines = enabled == "lines"
+        if enabled and not self.lines:
             from tqdm.auto import tqdm
             self.bar = tqdm(total=total, desc=desc, unit="upd", unit_scale=True, leave=False)
         self.lock = threading.Lock()
+        self.total, self.done, self.tenth, self.desc, self.start = max(int(total), 1), 0, 0, desc, time.perf_counter()
 
     def update(self, n: int):
         if self.bar is not None:
             with self.lock:
                 self.bar.update(n)
+        elif self.lines:
+            with self.lock:
+                self.done += n
+                tenth = 10 * self.done // self.total
+                if tenth > self.tenth and tenth < 10:
+                    self.tenth = tenth
+                    spent = time.perf_counter() - self.start
+                    left = spent * (self.total - self.done) / max(self.done, 1)
+                    print(f"{self.desc}: {10 * tenth}% after {spent:.0f} s, about {left:.0f} s left", file=sys.stderr,
+                          flush=True)
 
     def close(self):
         if self.bar is not None:

@@ -260,6 +260,8 @@ def long_run(problem: Problem, method, path: str = "closed") -> Prediction:
     from . import balance as bal
 
     base = method.base if isinstance(method, TailAverage) else method
+    if path == "closed" and isinstance(method, TailAverage) and base.momentum:
+        path = "lyapunov"  # no closed form for tail averages with momentum: as steady_state does
     short = steady_state(problem, method, path)       # also checks stability at the release
     sel = bal.select(problem, base, path)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):

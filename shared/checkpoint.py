@@ -21,6 +21,7 @@ import pickle
 import random
 import re
 import shutil
+import warnings
 
 import numpy as np
 import torch
@@ -129,7 +130,11 @@ def atomic_write(path, write) -> None:
     data = write.encode() if isinstance(write, str) else write
     counting = None
     try:
-        with open(tmp, "wb") as f:
+        try:  # a leftover (or planted) entry of that name, a link included, is removed -- never written through
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        with open(tmp, "xb") as f:  # O_EXCL: created here, so never a link (one planted meanwhile is refused)
             counting = _Counting(f)
             if isinstance(data, (bytes, bytearray)):
                 counting.write(data)
@@ -213,7 +218,9 @@ def load(path, map_location="cpu", verify: bool = True):
     if os.path.isdir(path):
         raise CheckpointError(f"{path} is a folder, not a checkpoint file", "check the path")
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about a foreign pickle's protocol before refusing it
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, TypeError, KeyError, IndexError,
             AttributeError, OSError) as e:  # what torch.load raises for truncated, damaged or foreign files
         raise CheckpointError(f"{path} cannot be read as a checkpoint ({type(e).__name__}): the file is damaged "

@@ -287,10 +287,11 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     two, ref = (json.load(open(tmp_path / d / "results.json")) for d in ("ddp", "one"))
     assert two["world_size"] == 2 and len(two["models"]["members"]["stored"]) == 2
     assert not (tmp_path / "ddp" / "lock").exists()  # rank 0 held the run folder (alone: no rank was refused)
+    # Losses, not accuracies: after two epochs on random labels the model is at chance, and its argmax ties flip
+    # with the summation order (2 of 32 test images on an AVX-512 CPU), while the losses agree to 1e-3.
     for model in ("averaged", "ensemble"):
         for rule in ("stored", "reestimated"):
-            for key in ("nll", "accuracy"):
-                assert two["models"][model][rule][key] == pytest.approx(ref["models"][model][rule][key], rel=1e-3)
+            assert two["models"][model][rule]["nll"] == pytest.approx(ref["models"][model][rule]["nll"], rel=1e-3)
     import shared
     a, b = (shared.load(tmp_path / d / "checkpoint.pt")["latephase"]["model"] for d in ("ddp", "one"))
     assert any("running_mean" in k for k in a)

@@ -266,6 +266,7 @@ def test_fashion_mnist_fallback_is_reported(data_root, tmp_path, monkeypatch, ca
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.kernels
 def test_torchrun_two_processes_equal_one(tmp_path):
     """`torchrun --nproc_per_node 2 -m deep train` on the CPU (gloo): each member's minibatch is sharded over the two
     ranks and BatchNorm statistics are synchronised, so the weights, every BatchNorm buffer (members' and shared)

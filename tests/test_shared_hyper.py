@@ -45,6 +45,7 @@ def test_template_banks_follow_the_reference_layout():
     assert abs(T[1:].std().item() / (2 / 400) ** 0.5 - 1) < 0.01  # 360000 draws: relative s.e. ~ 0.1 %
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("families", ["hyper", "hyper+bn+head"])
 def test_release_reproduces_the_trained_network(families):
     model = convnet()

@@ -324,7 +324,8 @@ class Trainer(abc.ABC):
         Evaluation's forms of the model (eval mode under no_grad, the averaged network, each member, every
         BatchNorm rule, the evaluation batch size) would each add a graph -- a recompile apiece, for passes that run
         once per epoch -- and fill the cache of compiled graphs past its limit."""
-        return torch.compiler.set_stance("force_eager") if self.cfg.compile else contextlib.nullcontext()
+        stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6; older ones compile evaluation too
+        return stance("force_eager") if self.cfg.compile and stance else contextlib.nullcontext()
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp) if self.amp else contextlib.nullcontext()

@@ -205,7 +205,7 @@ def test_hyper_starts_as_the_layer_and_keeps_the_bias():
     x = torch.randn(4, 3)
     # A batched matmul (the hypernetwork layer) against a plain one: other BLAS kernels on some CPUs (one ulp apart
     # on AVX-512 MKL), so the float32 rounding bound of a dot product of 3 terms plus the bias.
-    scale = float(x.abs().max() * w.abs().max() + b.abs().max())
+    scale = float(x.abs().max() * w.abs().max() + b.detach().abs().max())
     torch.testing.assert_close(m(x), x @ w.T + b, **rounding_tol(n=4, scale=scale))
     with pytest.raises(LatePhaseError, match="does not fit"):
         LateHyper(nn.Linear(2, 2), 2, T, 0)

@@ -322,6 +322,14 @@ class Trainer(abc.ABC):
         shared.LatePhase(copy.deepcopy(self.model), cfg.K, _families(cfg), path=cfg.path, check_finite_every=0,
                          distributed=False)
 
+    def _eager(self):
+        """Under --compile, evaluation runs eagerly: only the training steps are compiled (one graph per phase).
+        Evaluation's forms of the model (eval mode under no_grad, the averaged network, each member, every
+        BatchNorm rule, the evaluation batch size) would each add a graph -- a recompile apiece, for passes that run
+        once per epoch -- and fill the cache of compiled graphs past its limit."""
+        stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6; older ones compile evaluation too
+        return stance("force_eager") if self.cfg.compile and stance else contextlib.nullcontext()
+
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp) if self.amp else contextlib.nullcontext()
 
@@ -346,7 +354,10 @@ class Trainer(abc.ABC):
             inherit_optimizer_state=self.opt if self.steps > 0 else None,
             generator=torch.Generator().manual_seed(self.seed + 12345), check_finite_every=0, autocast=self.amp)
         if cfg.compile:
-            self.lp.model.compile()  # recompile after the surgery (late-phase layers replaced the originals)
+            # The surgery replaced layers, so the plain model's graphs can never run again: drop them, and the late
+            # phase compiles afresh (instead of a recompile that tests the stale guards first on every call).
+            torch.compiler.reset()
+            self.lp.model.compile()
         self.opt = self.sched = None
 
     def start_swa(self) -> None:
@@ -450,7 +461,8 @@ class Trainer(abc.ABC):
                  "K": members, "lr": lrs[0], "lr_phi": lrs[-1], "loss": float(total) / max(n, 1),
                  f"{self.UNIT}_per_s": examples / seconds if seconds > 0 else None, "seconds": seconds}
         self.epoch += 1
-        entry.update(self.epoch_metrics())
+        with self._eager():
+            entry.update(self.epoch_metrics())
         entry["wall_seconds"] = time.perf_counter() - wall
         self.log.append(entry)
         if self.rank == 0:
@@ -573,7 +585,8 @@ class Trainer(abc.ABC):
         write ``filename`` in the run folder; with ``export``, :meth:`export` the final networks just before."""
         start = time.perf_counter()
         self.say(f"evaluating the final models ({self.cfg.name}, epoch {self.epoch}/{self.cfg.epochs})")
-        models = self.evaluate_models(tuple(rules) if rules else RULES)
+        with self._eager():
+            models = self.evaluate_models(tuple(rules) if rules else RULES)
         rate = f"{self.UNIT}_per_s"
         result = {**self.header(), "models": models, "cost": self.cost(),
                   "train_seconds": sum(e["seconds"] for e in self.log if "seconds" in e),

@@ -182,6 +182,33 @@ class _SliceBatchNorm(torch.autograd.Function):
         return (gx if need_x else None, gw if need_w else None, gb if need_b else None, None, None, None)
 
 
+def _traced_slices(x, weight, bias, K, eps, stats):
+    """What :class:`_SliceBatchNorm` computes, in plain tensor operations that torch.compile traces into its graph
+    (the eager Function writes each slice into preallocated tensors through out= kernels, which dynamo cannot trace:
+    it would break the graph at every late-phase BatchNorm layer and recompile the code between the breaks once per
+    layer). Slice k of x, viewed as (K, B, C, rest): mu_kc, var_kc = mean and biased variance over B and rest (n
+    values), y = w_kc (x - mu_kc) / sqrt(var_kc + eps) + b_kc, and r <- (1 - m) r + m s with s = mu_kc and the
+    unbiased variance var_kc n / (n - 1), in the order of ``stats``. Statistics in float32 or better, as nn.BatchNorm
+    computes them for bf16 input. Equal to the eager Function up to float rounding (tested)."""
+    C = x.shape[1]
+    xs = x.reshape(K, x.shape[0] // K, C, -1)
+    if x.dtype not in _EXACT:
+        xs = xs.float()
+    var, mean = torch.var_mean(xs, dim=(1, 3), correction=0, keepdim=True)
+    y = (xs - mean) * torch.rsqrt(var + eps)
+    if weight is not None:
+        y = y * weight.reshape(K, 1, C, 1)
+    if bias is not None:
+        y = y + bias.reshape(K, 1, C, 1)
+    n = xs.shape[1] * xs.shape[3]
+    with torch.no_grad():
+        for k, (rm, rv, m) in enumerate(stats):
+            if rm is not None:
+                rm.mul_(1 - m).add_(mean[k].reshape(C), alpha=m)
+                rv.mul_(1 - m).add_(var[k].reshape(C), alpha=m * n / max(n - 1, 1))
+    return y.to(x.dtype).reshape(x.shape)
+
+
 class LateBatchNorm(LateModule):
     """BatchNorm with per-slice statistics in stacked mode; late (phi) or shared (theta) scale and shift.
 
@@ -292,6 +319,8 @@ class LateBatchNorm(LateModule):
             if self.training and n <= 1:
                 raise LatePhaseError(f"BatchNorm needs more than 1 value per channel in each member's minibatch when "
                                      f"training (got {n}); use a per-member batch of at least 2")
+            if torch.compiler.is_compiling():
+                return _traced_slices(x, weight, bias, K, self.eps, self._slice_stats(update))
             return _SliceBatchNorm.apply(x, weight, bias, K, self.eps, self._slice_stats(update))
         x5 = x.reshape(K, B, C, -1)
         invstd = torch.rsqrt(rv + self.eps)

@@ -13,6 +13,7 @@ from deep.config import PRESETS, get_config
 from deep.images import ImageRun
 
 from data_files import write_cifar10, write_cifar100, write_fashion, write_svhn
+from tolerances import rounding_tol
 
 IMAGE_CONFIGS = sorted(n for n, c in PRESETS.items() if c.dataset in ("cifar10", "cifar100", "fashion_mnist"))
 TINY = dict(arch="wrn-10-1", epochs=3, batch_size=4, eval_batch_size=16, anneal_start=1, anneal_end=2)
@@ -266,6 +267,7 @@ def test_fashion_mnist_fallback_is_reported(data_root, tmp_path, monkeypatch, ca
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.kernels
 def test_torchrun_two_processes_equal_one(tmp_path):
     """`torchrun --nproc_per_node 2 -m deep train` on the CPU (gloo): each member's minibatch is sharded over the two
     ranks and BatchNorm statistics are synchronised, so the weights, every BatchNorm buffer (members' and shared)
@@ -273,9 +275,12 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     plain PyTorch training in NHWC and in NCHW, one process, already part at 1e-3 after 5 steps -- a rounding
     difference of 1e-7 crossing a ReLU kink -- so the layouts' rounding, not the sharding, would be compared.)"""
     CL = "false"
+    # lr 0.01, not the preset's 0.1: at 0.1 this random-label problem is chaotic -- a float32 rounding difference
+    # (2 partial sums vs 1) grows to 2e-2 in the first conv's weights within the 12 steps (AVX-512 kernels), so the
+    # trajectories, not the sharding, would be compared. At 0.01 they part by 2e-7, at the rounding.
     flags = ["--config", "synthetic_bench", "--no-progress", "--arch", "wrn-10-1", "--epochs", "2", "--T0", "1",
              "--K", "2", "--batch-size", "8", "--phi", "bn", "head", "--synthetic-size", "64", "--eval-batch-size",
-             "32", "--device", "cpu", "--augment", "false", "--channels-last", CL]
+             "32", "--device", "cpu", "--augment", "false", "--channels-last", CL, "--lr", "0.01"]
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "deep",
            "train", "--out", str(tmp_path / "ddp")] + flags
@@ -287,15 +292,19 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     two, ref = (json.load(open(tmp_path / d / "results.json")) for d in ("ddp", "one"))
     assert two["world_size"] == 2 and len(two["models"]["members"]["stored"]) == 2
     assert not (tmp_path / "ddp" / "lock").exists()  # rank 0 held the run folder (alone: no rank was refused)
+    # Losses, not accuracies: after two epochs on random labels the model is at chance, and its argmax ties flip
+    # with the summation order (2 of 32 test images on an AVX-512 CPU), while the losses agree to 1e-3.
     for model in ("averaged", "ensemble"):
         for rule in ("stored", "reestimated"):
-            for key in ("nll", "accuracy"):
-                assert two["models"][model][rule][key] == pytest.approx(ref["models"][model][rule][key], rel=1e-3)
+            assert two["models"][model][rule]["nll"] == pytest.approx(ref["models"][model][rule]["nll"], rel=1e-3)
     import shared
     a, b = (shared.load(tmp_path / d / "checkpoint.pt")["latephase"]["model"] for d in ("ddp", "one"))
     assert any("running_mean" in k for k in a)
+    # the largest sums: a BatchNorm statistic over a member's minibatch, 8 images x 32 x 32 values (split 4 + 4 over
+    # the ranks); weights and statistics are O(1)
+    tol = rounding_tol(8 * 32 * 32)
     for k in a:
-        torch.testing.assert_close(a[k].double(), b[k].double(), rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(a[k].double(), b[k].double(), **tol, msg=lambda m, k=k: f"{k}: {m}")
 
 
 def test_annealing_per_step_interpolates_within_epochs(data_root, tmp_path):

@@ -415,6 +415,7 @@ def test_lm_resume_is_bit_identical(stop_after, text_root, tmp_path):
     assert r_full["models"] == r_res["models"]
 
 
+@pytest.mark.kernels
 def test_lm_torchrun_two_processes_equals_one(text_root, tmp_path):
     """`torchrun --nproc_per_node 2 -m deep train --config enwik8_lstm_lp_swa` on the CPU (gloo): each member's rows
     are split over the ranks (each carries the state of its rows); the results equal a one-process run up to float32
@@ -451,6 +452,7 @@ def _lstm_lp(path, K=3, B=2):
     return lp
 
 
+@pytest.mark.kernels
 def test_rank1_lstm_vectorized_equals_sequential_float64():
     """Two windows with the state carried per member, clipping active: theta, every phi_k, the optimizer states and
     the carried state agree between the stacked and the member-by-member path."""

@@ -109,6 +109,7 @@ def assert_same_state(a: LatePhase, b: LatePhase):
                 torch.testing.assert_close(torch.as_tensor(da[i][key]), torch.as_tensor(db[i][key]), **TOL)
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_vectorized_outer_step_equals_sequential(case, opt):
@@ -364,6 +365,7 @@ def test_sgd_factory_defaults_are_the_reference_settings():
     assert (g["lr"], g["momentum"], g["nesterov"], g["weight_decay"]) == (0.1, 0.9, True, 5e-4)
 
 
+@pytest.mark.kernels
 def test_bf16_autocast_step_on_cpu():
     """The autocast option (bf16 forward passes, full-precision updates): both paths agree to bf16 accuracy and the
     rank-1, head and BatchNorm layers keep the activations in bf16."""

@@ -156,6 +156,7 @@ def assert_states_equal(got: dict, want: dict, what: str) -> None:
         torch.testing.assert_close(got[k], want[k], **TOL, msg=lambda m, k=k: f"{what}, {k}: {m}")
 
 
+@pytest.mark.kernels
 def test_two_processes_equal_one(tmp_path):
     """Head + rank-1 factors on an MLP; and a conv net with BatchNorm: plain SGD with sync_batchnorm, then the release
     (late-phase BatchNorm and head, one shared BatchNorm, inherited momentum) -- on both paths, every weight and every
@@ -200,6 +201,7 @@ def one_rank(tmp_path):
 SHAPES = {"1d-flat": (), "1d-seq": (5,), "2d": (3, 4), "2d-cl": (3, 4), "3d": (2, 3, 2)}
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 @pytest.mark.parametrize("momentum,shared", [(0.3, False), (None, True)])
 def test_batch_norm_over_ranks_equals_batch_norm_per_slice(one_rank, shape, momentum, shared):
@@ -250,6 +252,7 @@ def test_batch_norm_over_ranks_low_precision_and_checks(one_rank):
         batch_norm_over_ranks(torch.randn(4, 3), None, None, 3)
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("late", [True, False])
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_synced_late_batchnorm_equals_unsynced_on_one_rank(one_rank, late, momentum):

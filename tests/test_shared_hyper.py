@@ -12,6 +12,7 @@ import shared
 from shared import BatchNorm, Head, Hypernetwork, LatePhase, LatePhaseError
 from shared.modules import LateHyper, late_modules
 from test_shared_core import B, K, TOL, convnet, data, mlp, tiny_wrn
+from tolerances import rounding_tol
 
 
 def hyper_layers(model):
@@ -44,6 +45,7 @@ def test_template_banks_follow_the_reference_layout():
     assert abs(T[1:].std().item() / (2 / 400) ** 0.5 - 1) < 0.01  # 360000 draws: relative s.e. ~ 0.1 %
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("families", ["hyper", "hyper+bn+head"])
 def test_release_reproduces_the_trained_network(families):
     model = convnet()
@@ -60,7 +62,10 @@ def test_release_reproduces_the_trained_network(families):
             for k in range(K):
                 xk = x[k * B:(k + 1) * B]
                 with shared.member_mode(lp.model, k):
-                    torch.testing.assert_close(lp.model(xk), plain(xk), rtol=0, atol=0)
+                    # W_k = sum_j T_j c_kj is exactly W at the release (c_k = e_i, asserted above), but the layer
+                    # is another code path (the composed weight's layout may pick another kernel): up to the
+                    # float64 rounding of the network's sums (36 terms per conv output, 4 layers in a row)
+                    torch.testing.assert_close(lp.model(xk), plain(xk), **rounding_tol(36, "float64", 10.0, 4))
             stacked = lp.model(x)
             torch.testing.assert_close(stacked, torch.cat([plain(x[k * B:(k + 1) * B]) for k in range(K)]), **TOL)
 

@@ -428,8 +428,9 @@ _TEXT = {
 }
 # ImageNet fine-tuning (the reference ImageNet script): late-phase BatchNorm at step 0, K = 10, 20 epochs, SGD with
 # momentum 0.9 (no Nesterov), weight decay 1e-4, lr 0.001, theta along the mean member gradient (gamma_theta = 1/K),
-# theta's lr x0.1 from epoch 10; the _base twin is the same fine-tuning with one member. As that script does, gamma_theta
-# = 1/K divides theta's learning rate (and so its weight decay) by K, and the members start at zero momentum.
+# theta's lr x0.1 from epoch 10; the _base twin is the same fine-tuning with one member. As that script does,
+# gamma_theta = 1/K divides theta's learning rate (and so its weight decay) by K, and the members start at zero
+# momentum.
 PAPER_ARCHS = ("resnet50", "resnet152", "densenet161")
 _FINETUNE = dict(dataset="imagenet", epochs=20, batch_size=256, lr=0.001, momentum=0.9, nesterov=False,
                  weight_decay=1e-4, K=10, phi=("bn",), T0=0, gamma_theta=-1.0, gamma_theta_scales="lr",

@@ -278,7 +278,8 @@ class Trainer(abc.ABC):
     def preflight(self) -> None:
         """Build now what the release would build, on a meta-device copy of the model (:func:`late_phase_sizes`): a
         family that selects nothing, a rank-1 pattern that matches no layer, or K member copies that cannot fit in
-        memory fail in seconds, not after T0 epochs. (SWA vs T0 and every field's range are checked by the config's validate().)"""
+        memory fail in seconds, not after T0 epochs. (SWA vs T0 and every field's range are checked by the config's
+        validate().)"""
         cfg = self.cfg
         if not cfg.late_phase:
             return
@@ -290,13 +291,12 @@ class Trainer(abc.ABC):
                     raise DeepError(f"--rank1-layers pattern {pattern!r} matches no Linear or Conv layer of the "
                                     f"{cfg.arch} model (its layers: {', '.join(layers[:6])}"
                                     f"{', ...' if len(layers) > 6 else ''}); fix the pattern")
-        per_member, buffers, new_theta = late_phase_sizes(self.model, families.build(cfg), cfg.K, cfg.path)
+        per_member, buffers, growth = late_phase_sizes(self.model, families.build(cfg), cfg.K, cfg.path)
         copies = 2 + (cfg.momentum > 0)  # values, gradients, momentum
         check_memory(self.device, self._needs + [
-            (f"{cfg.K} member copies of {per_member:,} late-phase values", 4 * copies * cfg.K * per_member,
-             "--K, --phi"),
-            (f"{cfg.K} member copies of {buffers:,} BatchNorm statistics", 4 * cfg.K * buffers, "--K, --phi"),
-            (f"{new_theta:,} more shared values (template banks)", 4 * copies * new_theta, "--phi")])
+            (f"{cfg.K} member copies of {per_member:,} late-phase values (the model grows by {growth:,} values)",
+             4 * copies * max(growth, 0), "--K, --phi"),
+            (f"{cfg.K} member copies of {buffers:,} BatchNorm statistics", 4 * cfg.K * buffers, "--K, --phi")])
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp) if self.amp else contextlib.nullcontext()
@@ -655,22 +655,20 @@ def prediction_passes(cfg) -> dict:
 
 @torch.no_grad()
 def late_phase_sizes(model: nn.Module, fams: list, K: int, path: str = "vectorized") -> tuple[int, int, int]:
-    """(phi values per member, BatchNorm statistics per member, theta values added net of those replaced, e.g. template
-    banks minus the weights they replace) that the release of ``fams`` brings to ``model``, counted on the real surgery (:class:`shared.LatePhase`) of a meta-device copy: exact for every
-    family, nothing allocated, and any refusal of the release (a family selecting nothing) raised now. The global
-    RNG is left as it was (a hypernetwork bank draws its new templates)."""
+    """(phi values per member, BatchNorm statistics per member, growth of the parameter count) of the release of
+    ``fams`` on ``model``, counted on the real surgery (:class:`shared.LatePhase`) of a meta-device copy: exact for
+    every family (the growth includes the K member copies and new theta tensors such as template banks, net of the
+    weights they replace), nothing allocated, and any refusal of the release (a family selecting nothing) raised
+    now. The global RNG is left as it was (a hypernetwork bank draws its new templates)."""
     with torch.random.fork_rng(devices=[]):
         meta = copy.deepcopy(model).to("meta")
-        before = {id(p): p.numel() for p in meta.parameters()}
+        before = sum(p.numel() for p in meta.parameters())
         lp = shared.LatePhase(meta, K, fams, theta_optimizer=shared.sgd(), phi_optimizer=shared.sgd(), path=path,
                               check_finite_every=0, distributed=False)
     per_member = sum(p.numel() for p in lp.phi_params[0])
     late_bns = [m for m in meta.modules() if isinstance(m, LateBatchNorm) and m.late]
     buffers = sum(b.numel() for m in late_bns for b in m.buffers(recurse=False)) // K
-    after = {id(p) for p in meta.parameters()}
-    added = sum(p.numel() for p in lp.theta_params if id(p) not in before)
-    replaced = sum(n for i, n in before.items() if i not in after and i not in {id(p) for p in lp.theta_params})
-    return per_member, buffers, max(0, added - replaced)
+    return per_member, buffers, sum(p.numel() for p in meta.parameters()) - before
 
 
 def forward_macs(model: nn.Module, example) -> int | None:

@@ -53,7 +53,9 @@ class LatePhase:
     phi_1..phi_K of their late-phase weights (initialised as phi_k = phi + sigma0 * RMS(phi) * eps_k per tensor,
     eps_k ~ N(0, 1); sigma0 = 0 gives identical members; BatchNorm running statistics are copied), and every other
     nn.BatchNorm layer gets per-member batch statistics for the vectorized path while its gamma, beta and running
-    statistics stay shared (theta). theta keeps its Parameter objects.
+    statistics stay shared (theta). theta keeps its Parameter objects. From then on a plain forward of ``model``
+    raises LatePhaseError (it holds K networks): evaluate with :meth:`collapse`, :meth:`ensemble_probs`,
+    :meth:`member_model` or :func:`shared.member_mode`. Gradients left from the pre-release loop are cleared.
 
     Example::
 

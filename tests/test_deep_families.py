@@ -58,6 +58,9 @@ def test_presets_release_as_the_reference():
         if name.startswith(("cifar", "imagenet", "fmnist_bn")):
             assert cfg.phi_momentum == "zero", name
         assert cfg.gamma_theta_scales == ("lr" if name.startswith("imagenet") else "gradient"), name
+    for field, bad in (("phi_momentum", "fresh"), ("gamma_theta_scales", "weights")):
+        with pytest.raises(ConfigError, match=f"{field} must be"):
+            get_config("cifar10_bn", **{field: bad})
     cfg = get_config("imagenet_resnet50", K=2)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9)

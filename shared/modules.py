@@ -78,7 +78,8 @@ class LateModule(nn.Module):
 
     * ``K`` and ``member`` (set by :func:`member_mode`): k runs member k on its own minibatch; None runs the stacked
       batch, slice k with phi_k, and must compute slice by slice exactly what member mode computes (use
-      :meth:`stacked_rows` to get the per-member size B; it also refuses inputs whose dim 0 is not the batch);
+      :meth:`stacked_rows` to get the per-member size B; it also refuses inputs whose dim 0 is not the batch, and any
+      stacked forward outside :func:`member_mode` after the release);
     * :meth:`phi_lists`: (name, ``nn.ParameterList`` of K Parameters) per late-phase tensor; a name equal to the name of
       a parameter the family selected ties the copies to that original (its pre-T0 optimizer state and hyperparameters
       are inherited); other names are new tensors (e.g. rank-1 factors);

@@ -132,8 +132,8 @@ def main(args) -> int:
 
     runs = {"plain SGD": plain_round}
     for path in ("sequential", "vectorized"):
-        lp = LatePhase(copy.deepcopy(base), K, [BatchNorm(), Head()], path=path, autocast=autocast,
-                       check_finite_every=1 if device.type == "cpu" else 50)
+        lp = LatePhase(copy.deepcopy(base), K, [BatchNorm(), Head()], theta_optimizer=sgd(), phi_optimizer=sgd(),
+                       path=path, autocast=autocast, check_finite_every=1 if device.type == "cpu" else 50)
         if args.compile:
             lp.model.compile()
         runs[f"late-phase {path}"] = (lambda lp=lp: lp.step(x, y, F.cross_entropy))

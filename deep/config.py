@@ -23,9 +23,10 @@ import re
 import typing
 from dataclasses import dataclass, fields, replace
 
+from . import families
 from .errors import ConfigError
 
-FAMILIES = ("bn", "head", "rank1", "hyper", "all")  # hyper: hypernetwork coefficients; all: every weight
+FAMILIES = families.NAMES  # the --phi names (deep.families.REGISTRY)
 FLOAT32_MAX = 3.4028234663852886e38  # float values must fit the float32 parameters and optimizer arguments
 OOD_NAMES = ("svhn", "cifar10", "cifar100", "digits")  # every OOD set of deep.data.OOD_SETS
 IMAGE_SIDE = {"cifar10": 32, "cifar100": 32, "fashion_mnist": 28, "synthetic": 32}  # image height = width (pixels)
@@ -97,10 +98,13 @@ class RunConfig:
     grad_clip: float = 0.0            # clip by the norm of the (mean member's) gradient; 0: off
     # --- late-phase weights (Algorithm 1)
     K: int = 10
-    phi: tuple[str, ...] = ("bn", "head")   # late-phase families: bn, head, rank1, hyper, all; none: no late phase
+    phi: tuple[str, ...] = ("bn", "head")   # late-phase families (deep.families): bn, head, rank1, hyper, all; none
     rank1_layers: tuple[str, ...] = ()      # module-name patterns that get rank-1 factors (family rank1)
     T0: int = 120                     # plain epochs before the release of the late-phase weights
     gamma_theta: float = 1.0          # theta <- U_theta(theta, gamma_theta * sum_k grad_theta L(M_k)); < 0: 1/K
+    gamma_theta_scales: str = "gradient"  # gradient | lr: gamma_theta on theta's gradient, or on its lr (and so on
+                                          # its weight decay: the reference ImageNet script)
+    phi_momentum: str = "inherit"     # inherit | zero: the members' optimizer state at the release (zero: reference)
     sigma0: float = 0.0               # relative noise on the member copies at the release
     path: str = "vectorized"          # vectorized | sequential
     # --- SWA
@@ -170,19 +174,13 @@ class RunConfig:
         _need(self.lr > 0, f"lr must be > 0, got {self.lr}")
         _need(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
         _need(not (self.nesterov and self.momentum == 0), "nesterov needs momentum > 0 (or --nesterov false)")
-        _need(all(f in FAMILIES for f in self.phi), f"phi families must be among {', '.join(FAMILIES)} (or none), "
-                                                    f"got {' '.join(self.phi)}")
-        _need("rank1" not in self.phi or self.rank1_layers, "phi family rank1 needs --rank1-layers (module names)")
-        _need("all" not in self.phi or len(self.phi) == 1, f"phi all (every weight) combines with no other family, "
-                                                           f"got {' '.join(self.phi)}")
-        _need(not ({"hyper", "rank1"} <= set(self.phi)) and not ({"hyper", "head"} <= set(self.phi)),
-              f"phi hyper makes every Linear/Conv weight a template combination: it combines with bn only, got "
-              f"{' '.join(self.phi)}")
-        _need(not self.phi or "rank1" in self.phi or not self.rank1_layers,
-              f"rank1_layers ({' '.join(self.rank1_layers)}) apply to the phi family rank1, which phi "
-              f"({' '.join(self.phi)}) does not include: add rank1 to --phi or drop --rank1-layers")
+        for problem in families.problems(self.phi, self.rank1_layers):
+            _need(False, problem)
         _need(all(p.strip() for p in self.rank1_layers), "rank1_layers must be module-name patterns, not empty")
-        _need(len(set(self.phi)) == len(self.phi), f"phi names a family twice: {' '.join(self.phi)}")
+        _need(self.gamma_theta_scales in ("gradient", "lr"),
+              f"gamma_theta_scales must be gradient or lr, got {self.gamma_theta_scales!r}")
+        _need(self.phi_momentum in ("inherit", "zero"),
+              f"phi_momentum must be inherit or zero, got {self.phi_momentum!r}")
         _need(self.path in ("vectorized", "sequential"), f"path must be vectorized or sequential, got {self.path!r}")
         _need(not self.late_phase or self.T0 < self.epochs,
               f"T0 ({self.T0}) must be < epochs ({self.epochs}) for a late-phase run: the members would never train; "
@@ -396,7 +394,7 @@ CONFIG_CLASSES = {cls.KIND: cls for cls in (ImageConfig, TextConfig, FinetuneCon
 # ----------------------------------------------------------------------------- presets
 
 _CIFAR = dict(epochs=200, batch_size=128, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4, K=10,
-              phi=("bn", "head"), gamma_theta=1.0, sigma0=0.0)
+              phi=("bn", "head"), gamma_theta=1.0, sigma0=0.0, phi_momentum="zero")  # members start at zero momentum
 _SGD = dict(T0=120, anneal_start=100, anneal_end=180, anneal_end_lr=0.001)
 _SWA = dict(T0=100, anneal_start=80, anneal_end=144, anneal_end_lr=0.05, swa_start=161, swa_lr=0.05)
 _WRN14 = dict(arch="wrn-28-14", epochs=300, T0=120, anneal_start=80, anneal_end=240, anneal_end_lr=0.05,
@@ -430,10 +428,13 @@ _TEXT = {
 }
 # ImageNet fine-tuning (the reference ImageNet script): late-phase BatchNorm at step 0, K = 10, 20 epochs, SGD with
 # momentum 0.9 (no Nesterov), weight decay 1e-4, lr 0.001, theta along the mean member gradient (gamma_theta = 1/K),
-# theta's lr x0.1 from epoch 10; the _base twin is the same fine-tuning with one member.
+# theta's lr x0.1 from epoch 10; the _base twin is the same fine-tuning with one member. As that script does,
+# gamma_theta = 1/K divides theta's learning rate (and so its weight decay) by K, and the members start at zero
+# momentum.
 PAPER_ARCHS = ("resnet50", "resnet152", "densenet161")
 _FINETUNE = dict(dataset="imagenet", epochs=20, batch_size=256, lr=0.001, momentum=0.9, nesterov=False,
-                 weight_decay=1e-4, K=10, phi=("bn",), T0=0, gamma_theta=-1.0, eval_batch_size=128, bn_images=51200)
+                 weight_decay=1e-4, K=10, phi=("bn",), T0=0, gamma_theta=-1.0, gamma_theta_scales="lr",
+                 phi_momentum="zero", eval_batch_size=128, bn_images=51200)
 
 
 def _baseline_name(name: str) -> str:

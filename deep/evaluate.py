@@ -112,7 +112,7 @@ def score_members(late_model: nn.Module, test: Batches, ood: dict, autocast=None
 def reference_averaged(late_model: nn.Module) -> nn.Module:
     """The reference code's averaged model (see the module doc): a plain model, eval mode, with the members' mean
     weights, whose late-phase BatchNorm layers compute the mean of the members' eval-mode outputs."""
-    plain = shared.collapse(late_model, bn="mean")
+    plain = shared.collapse(late_model)
     for name, m in late_modules(late_model):
         if not (isinstance(m, LateBatchNorm) and m.late and m.running_mean is not None):
             continue

@@ -42,6 +42,7 @@ averaged over ranks; the validation set is sharded and the metric sums are reduc
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from pathlib import Path
@@ -65,46 +66,27 @@ from .trainer import ClassifierRun
 
 def accumulated_step(lp: shared.LatePhase, micro_batches: Iterable, loss_fn: Callable, accum: int,
                      prepare: Callable | None = None, grad_clip: float = 0.0) -> torch.Tensor:
-    """One outer step of Algorithm 1 from ``accum`` micro-steps; returns the K member losses (detached, shape (K,)).
+    """One outer step of Algorithm 1 from ``accum`` micro-steps, as nanoGPT accumulates; returns the K member losses
+    (detached, shape (K,)): each member's mean loss over its whole minibatch.
 
     ``micro_batches`` yields ``accum`` pairs (x, y), each holding the K members' micro-batches stacked along dim 0
-    (slice k = member k's next micro-batch, as :meth:`shared.LatePhase.step` expects); they are consumed one at a
-    time, so only one micro-batch is in memory. Each micro-step's losses are scaled by 1/accum and its gradients added
-    up, so afterwards phi_k.grad = grad_phi_k of the mean loss over member k's whole minibatch and theta.grad = the
-    sum over members of those means -- exactly what one step on the whole minibatches gives when the per-sample
-    losses do not interact (BatchNorm's batch statistics are the micro-batch's, over all ranks). Then the
-    gradients are clipped (``grad_clip``, :meth:`shared.LatePhase.clip_grad_norm_`) and the optimizers step once
-    (:meth:`shared.LatePhase.update`). ``prepare(x, y)`` moves a micro-batch to the device.
-    """
-    scaled = (lambda out, y: loss_fn(out, y) / accum) if accum > 1 else loss_fn
-    params = [p for p in lp.model.parameters() if p.requires_grad]
-    sums: list = [None] * len(params)
-    losses = None
-    done = 0
-    for x, y in micro_batches:
-        if prepare is not None:
-            x, y = prepare(x, y)
-        member_losses = lp.forward_backward(x, y, scaled)  # zeroes the gradients first
-        losses = member_losses if losses is None else losses + member_losses
-        if accum > 1:
-            for i, p in enumerate(params):
-                if p.grad is not None:
-                    if sums[i] is None:
-                        sums[i] = p.grad
-                    else:
-                        sums[i].add_(p.grad)
+    (slice k = member k's next micro-batch); they are consumed one at a time, so only one is in memory.
+    :meth:`shared.LatePhase.forward_backward` adds each micro-step's gradients of loss / accum to ``.grad``, so
+    afterwards phi_k.grad = grad_phi_k of member k's mean loss over its whole minibatch and theta.grad = the sum over
+    members of those -- one step on the whole minibatches when the per-sample losses do not interact (BatchNorm's
+    batch statistics are the micro-batch's, over all ranks). Then the gradients are clipped (``grad_clip``) and
+    :meth:`shared.LatePhase.update` steps and clears them. ``prepare(x, y)`` moves a micro-batch to the device."""
+    losses, done = 0, 0
+    for x, y in itertools.islice(micro_batches, accum):
+        x, y = prepare(x, y) if prepare is not None else (x, y)
+        losses = losses + lp.forward_backward(x, y, lambda out, t: loss_fn(out, t) / accum)
         done += 1
-        if done == accum:
-            break
     if done != accum:
         raise DeepError(f"an outer step needs {accum} micro-batches, got {done}")
-    if accum > 1:
-        for p, g in zip(params, sums):
-            p.grad = g
     if grad_clip:
         lp.clip_grad_norm_(grad_clip)
     lp.update()
-    return losses  # the sum of the micro-steps' scaled losses: each member's mean loss over its minibatch
+    return losses
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -273,7 +255,7 @@ class FineTune(ClassifierRun):
         return out
 
     def epoch_metrics(self) -> dict:
-        return self._quick(shared.collapse(self.lp.model, bn="mean"), self.lp.model)
+        return self._quick(shared.collapse(self.lp.model), self.lp.model)
 
     def build_spec(self) -> dict:
         return {"builder": "torchvision.models.get_model", "name": self.cfg.arch,

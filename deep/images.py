@@ -162,7 +162,7 @@ class ImageRun(ClassifierRun):
         SWA start also of the SWA average (``swa_test_accuracy``, with the averaged running statistics): at the
         constant SWA lr the current weights score well below the average the run delivers."""
         def accuracy(net):
-            model = shared.collapse(net, bn="mean") if self.lp is not None else net
+            model = shared.collapse(net) if self.lp is not None else net
             return score_plain(model, self.test_batches, {}, self.amp)["accuracy"]
         out = {"test_accuracy": accuracy(self.lp.model if self.lp is not None else self.model)}
         if self.swa is not None:

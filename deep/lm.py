@@ -254,7 +254,7 @@ class LMRun(Trainer):
     def _plain(self) -> StatefulLM:
         late = self._late()
         if late is not None:
-            return shared.collapse(late, None, "mean")
+            return shared.collapse(late)
         return self.swa.model if self.swa is not None else self.model
 
     def _bpc(self, model: StatefulLM, data: torch.Tensor) -> float:
@@ -296,7 +296,7 @@ class LMRun(Trainer):
         out = {"averaged": self._plain().eval(), "bn_rule": None}
         late = self._late()
         if late is not None and self.cfg.K > 1:
-            out["members"] = [shared.collapse(late, None, "mean", [k]) for k in range(self.cfg.K)]
+            out["members"] = [shared.collapse(late, members=[k]) for k in range(self.cfg.K)]
         return out
 
     def build_spec(self) -> dict:

@@ -47,7 +47,9 @@ import torch.nn.functional as F
 import shared
 from shared import distributed as dist_utils
 from shared.checkpoint import WriteError, atomic_write, remove_stale_temporaries
+from shared.modules import LateBatchNorm
 
+from . import families
 from .config import check_seed
 from .errors import DeepError
 from .runfolder import RunLock, check_out_value, default_out, holder, in_use
@@ -69,23 +71,6 @@ def write_json(path: str, obj) -> None:
 def median(xs):
     xs = sorted(x for x in xs if x is not None)
     return xs[len(xs) // 2] if xs else None
-
-
-def _families(cfg) -> list:
-    """The late-phase weight families named by cfg.phi."""
-    out = []
-    for name in cfg.phi:
-        if name == "bn":
-            out.append(shared.BatchNorm())
-        elif name == "head":
-            out.append(shared.Head())
-        elif name == "rank1":
-            out.append(shared.Rank1(*cfg.rank1_layers))
-        elif name == "hyper":  # every Linear/Conv weight W_k = sum_j T_j c_kj, coefficients c_k per member
-            out.append(shared.Hypernetwork())
-        else:  # all: every weight late-phase, a late-phase full ensemble
-            out += [shared.BatchNorm(), shared.Custom(types=(nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))]
-    return out
 
 
 class Trainer(abc.ABC):
@@ -131,7 +116,7 @@ class Trainer(abc.ABC):
             dist_utils.broadcast_module(self.model)
             # BatchNorm over each whole minibatch on all ranks, as in one process (LatePhase keeps doing so)
             self.model = dist_utils.sync_batchnorm(self.model)
-        self.fams = _families(cfg) if cfg.late_phase else []
+        self.fams = families.build(cfg) if cfg.late_phase else []
         self.macs = forward_macs(self.model, self.example_input())
         self.preflight()
         if cfg.compile:
@@ -259,9 +244,9 @@ class Trainer(abc.ABC):
 
     def _release_line(self) -> str:
         cfg = self.cfg
-        families = "+".join(cfg.phi) + (f" ({', '.join(cfg.rank1_layers)})" if "rank1" in cfg.phi else "")
+        names = "+".join(cfg.phi) + (f" ({', '.join(cfg.rank1_layers)})" if "rank1" in cfg.phi else "")
         gamma = cfg.theta_scale
-        line = (f"release at epoch {self.epoch + 1} (t = {self.t} minibatches): K={cfg.K} members of {families}, "
+        line = (f"release at epoch {self.epoch + 1} (t = {self.t} minibatches): K={cfg.K} members of {names}, "
                 f"gamma_theta={gamma:g}; each outer step now takes {cfg.K} minibatches")
         if cfg.K > 1 and "all" not in cfg.phi:  # phi all: nothing is shared, there is no theta step
             # docs/theory.md section 3.6 (the block model: theta and phi are disjoint parameter sets). Per minibatch,
@@ -294,9 +279,10 @@ class Trainer(abc.ABC):
                             f"choose another --out")
 
     def preflight(self) -> None:
-        """Build now what the release would build, on a copy of the model: a family that selects nothing, a rank-1
-        pattern that matches no layer, or K member copies that cannot fit in memory fail in seconds, not after T0
-        epochs. (SWA vs T0 and every field's range are checked by the config's validate().)"""
+        """Build now what the release would build, on a meta-device copy of the model (:func:`late_phase_sizes`): a
+        family that selects nothing, a rank-1 pattern that matches no layer, or K member copies that cannot fit in
+        memory fail in seconds, not after T0 epochs. (SWA vs T0 and every field's range are checked by the config's
+        validate().)"""
         cfg = self.cfg
         if not cfg.late_phase:
             return
@@ -308,19 +294,12 @@ class Trainer(abc.ABC):
                     raise DeepError(f"--rank1-layers pattern {pattern!r} matches no Linear or Conv layer of the "
                                     f"{cfg.arch} model (its layers: {', '.join(layers[:6])}"
                                     f"{', ...' if len(layers) > 6 else ''}); fix the pattern")
-        per_member = 0
-        for family in _families(cfg):
-            for sel in family.select(self.model):
-                if sel.params:
-                    per_member += sum(getattr(sel.module, p).numel() for p in sel.params)
-                    per_member += sum(b.numel() for b in sel.module.buffers(recurse=False))
-                else:  # rank-1 factors: one per output and one per input feature
-                    per_member += sum(sel.module.weight.shape[:2])
+        per_member, buffers, growth = late_phase_sizes(self.model, families.build(cfg), cfg.K, cfg.path)
         copies = 2 + (cfg.momentum > 0)  # values, gradients, momentum
-        check_memory(self.device, self._needs + [(f"{cfg.K} member copies of {per_member:,} late-phase values",
-                                                  4 * copies * cfg.K * per_member, "--K, --phi")])
-        shared.LatePhase(copy.deepcopy(self.model), cfg.K, _families(cfg), path=cfg.path, check_finite_every=0,
-                         distributed=False)
+        check_memory(self.device, self._needs + [
+            (f"{cfg.K} member copies of {per_member:,} late-phase values (the model grows by {growth:,} values)",
+             4 * copies * max(growth, 0), "--K, --phi"),
+            (f"{cfg.K} member copies of {buffers:,} BatchNorm statistics", 4 * cfg.K * buffers, "--K, --phi")])
 
     def _eager(self):
         """Under --compile, evaluation runs eagerly: only the training steps are compiled (one graph per phase).
@@ -347,11 +326,11 @@ class Trainer(abc.ABC):
             return lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda e: cfg.lr_factor(e + cfg.T0, part))
 
         self.lp = shared.LatePhase(
-            self.model, cfg.K, self.fams, gamma_theta=cfg.theta_scale, sigma0=cfg.sigma0,
-            theta_optimizer=shared.sgd(cfg.lr, cfg.momentum, cfg.nesterov, cfg.weight_decay),
+            self.model, cfg.K, self.fams, gamma_theta=cfg.theta_scale, gamma_theta_scales=cfg.gamma_theta_scales,
+            sigma0=cfg.sigma0, theta_optimizer=shared.sgd(cfg.lr, cfg.momentum, cfg.nesterov, cfg.weight_decay),
             phi_optimizer=shared.sgd(cfg.phi_lr, cfg.momentum, cfg.nesterov, cfg.phi_weight_decay),
             theta_scheduler=schedule("theta"), phi_scheduler=schedule("phi"), path=cfg.path, T0=self.steps,
-            inherit_optimizer_state=self.opt if self.steps > 0 else None,
+            inherit_optimizer_state=self.opt if self.steps > 0 else None, phi_momentum=cfg.phi_momentum,
             generator=torch.Generator().manual_seed(self.seed + 12345), check_finite_every=0, autocast=self.amp)
         if cfg.compile:
             # The surgery replaced layers, so the plain model's graphs can never run again: drop them, and the late
@@ -626,7 +605,7 @@ class Trainer(abc.ABC):
         return None
 
     def _plain_network(self) -> nn.Module:
-        return shared.collapse(self.lp.model, bn="mean") if self.lp is not None else self.model
+        return shared.collapse(self.lp.model) if self.lp is not None else self.model
 
     # ------------------------------------------------------------------ exported models
     def final_models(self) -> dict:
@@ -663,8 +642,8 @@ class Trainer(abc.ABC):
 
 # Fields that do not affect the plain (pre-release) epochs: two runs that differ only in these, with the same seed,
 # train exactly alike until the first of them releases its late-phase weights or starts SWA.
-LATE_OR_SWA_FIELDS = ("name", "phi", "K", "rank1_layers", "T0", "gamma_theta", "sigma0", "lr_phi", "weight_decay_phi",
-                      "path", "swa_start", "swa_lr")
+LATE_OR_SWA_FIELDS = ("name", "phi", "K", "rank1_layers", "T0", "gamma_theta", "gamma_theta_scales", "phi_momentum",
+                      "sigma0", "lr_phi", "weight_decay_phi", "path", "swa_start", "swa_lr")
 
 
 def shareable(trunk: dict, mine: dict, epochs: int) -> str | None:
@@ -695,6 +674,23 @@ def prediction_passes(cfg) -> dict:
 
 
 @torch.no_grad()
+def late_phase_sizes(model: nn.Module, fams: list, K: int, path: str = "vectorized") -> tuple[int, int, int]:
+    """(phi values per member, BatchNorm statistics per member, growth of the parameter count) of the release of
+    ``fams`` on ``model``, counted on the real surgery (:class:`shared.LatePhase`) of a meta-device copy: exact for
+    every family (the growth includes the K member copies and new theta tensors such as template banks, net of the
+    weights they replace), nothing allocated, and any refusal of the release (a family selecting nothing) raised
+    now. The global RNG is left as it was (a hypernetwork bank draws its new templates)."""
+    with torch.random.fork_rng(devices=[]):
+        meta = copy.deepcopy(model).to("meta")
+        before = sum(p.numel() for p in meta.parameters())
+        lp = shared.LatePhase(meta, K, fams, theta_optimizer=shared.sgd(), phi_optimizer=shared.sgd(), path=path,
+                              check_finite_every=0, distributed=False)
+    per_member = sum(p.numel() for p in lp.phi_params[0])
+    late_bns = [m for m in meta.modules() if isinstance(m, LateBatchNorm) and m.late]
+    buffers = sum(b.numel() for m in late_bns for b in m.buffers(recurse=False)) // K
+    return per_member, buffers, sum(p.numel() for p in meta.parameters()) - before
+
+
 def forward_macs(model: nn.Module, example) -> int | None:
     """Multiply-accumulates of one forward pass per example, counted over the Conv and Linear layers with hooks:
     conv: out_elements * in_channels / groups * prod(kernel); linear: out_elements * in_features. ``example``:
@@ -785,13 +781,13 @@ class ClassifierRun(Trainer):
                 shared.update_bn(self.bn_batches(), net)
             cache[rule] = {"averaged": net.eval(), "late": None}
         elif rule == "stored":
-            cache[rule] = {"averaged": shared.collapse(late, bn="mean"), "late": late}
+            cache[rule] = {"averaged": shared.collapse(late), "late": late}
         elif rule == "reference":
             cache[rule] = {"averaged": reference_averaged(late), "late": None}
         else:
             again = copy.deepcopy(late)
             shared.update_bn(self.bn_batches(), again)
-            cache[rule] = {"averaged": shared.collapse(late, self.bn_batches(), "data"), "late": again}
+            cache[rule] = {"averaged": shared.collapse(late, self.bn_batches()), "late": again}
         return cache[rule]
 
     def evaluate_models(self, rules: tuple = RULES) -> dict:
@@ -829,5 +825,5 @@ class ClassifierRun(Trainer):
         nets = self._networks(rule)
         out = {"averaged": nets["averaged"], "bn_rule": rule}
         if nets["late"] is not None and self.cfg.K > 1:
-            out["members"] = [shared.collapse(nets["late"], bn="mean", members=[k]) for k in range(self.cfg.K)]
+            out["members"] = [shared.collapse(nets["late"], members=[k]) for k in range(self.cfg.K)]
         return out

@@ -4,11 +4,12 @@ These functions take any model carrying member-aware layers (``LatePhase.model``
 :class:`shared.swa.SWA`).
 
 * :func:`collapse` -- one plain ``nn.Module`` of the original architecture with phi_bar = (1/K) sum_k phi_k
-  (the "spatial average in weight space"); no late-phase overhead at inference. BatchNorm statistics re-estimated
-  from data (torch.optim.swa_utils.update_bn), or the mean of the members' statistics.
+  (the "spatial average in weight space"); no late-phase overhead at inference.
 * :func:`ensemble_logits` / :func:`ensemble_probs` -- the K members as an ensemble: per-member outputs (K, N, ...)
   from one stacked forward in eval mode, and the average of their predicted probabilities
   p(y|x) = (1/K) sum_k softmax(f_k(x)).
+* One BatchNorm rule for all of them: the stored running statistics by default (with K = 1 the ensemble is the
+  collapsed model), or, given a ``loader``, statistics re-estimated from its data (torch.optim.swa_utils.update_bn).
 * :func:`update_bn` -- recompute BatchNorm statistics from data: of a plain model, or of every member of a
   late-phase model (e.g. after SWA), vectorized by feeding K stacked copies of each batch.
 """
@@ -36,18 +37,18 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent), leaf, new)
 
 
-def collapse(model: nn.Module, loader: Iterable | None = None, bn: str = "data",
-             members: Sequence[int] | None = None, device=None) -> nn.Module:
+def collapse(model: nn.Module, loader: Iterable | None = None, members: Sequence[int] | None = None,
+             device=None) -> nn.Module:
     """A plain copy of ``model`` with every member-aware layer replaced by its original class holding
     phi_bar = (1/|S|) sum_{k in S} phi_k over the members S (default: all K), returned in eval mode (ready to
     evaluate; call ``.train()`` to train it further).
 
-    BatchNorm: gamma_bar, beta_bar; running statistics re-estimated by one pass over ``loader`` (bn="data",
-    :func:`update_bn`: cumulative average over the loader's batches) or the members' mean running
-    mean and mean running variance (bn="mean"). Head: W_bar, b_bar. Rank-1: W o (r_bar s_bar^T) folded into the
-    original Linear/Conv. Hypernetwork: W_bar = sum_j T_j c_bar_j (the members' mean weight) in the original layer.
-    Custom: the original module with phi_bar. ``model`` itself is not changed.
-    With a single member (``members=[k]``) and bn="mean" the result is exactly member k's network.
+    BatchNorm (the rule :func:`ensemble_logits` follows too): without ``loader``, the stored statistics -- the members'
+    mean running mean and mean running variance; with ``loader``, re-estimated by one pass over its data
+    (:func:`update_bn`: cumulative average over the loader's batches). gamma_bar, beta_bar either way. Head: W_bar,
+    b_bar. Rank-1: W o (r_bar s_bar^T) folded into the original Linear/Conv. Hypernetwork: W_bar = sum_j T_j c_bar_j
+    (the members' mean weight) in the original layer. Custom: the original module with phi_bar. ``model`` itself is
+    not changed. With a single member (``members=[k]``) the result is exactly member k's network.
 
     Example::
 
@@ -58,17 +59,13 @@ def collapse(model: nn.Module, loader: Iterable | None = None, bn: str = "data",
     members = list(range(K)) if members is None else [int(k) for k in members]
     if not members or any(not 0 <= k < K for k in members):
         raise LatePhaseError(f"members must be a non-empty list of indices in 0..{K - 1}, got {members}")
-    if bn not in ("data", "mean"):
-        raise LatePhaseError(f"bn must be 'data' (re-estimate from a loader) or 'mean' (average the members' "
-                             f"statistics), got {bn!r}")
+    if isinstance(loader, str):
+        raise LatePhaseError(f"collapse(model, loader): the BatchNorm rule is the loader (None: the stored "
+                             f"statistics; a loader: re-estimated from its data), got the string {loader!r}")
     plain = copy.deepcopy(model)
     for name, m in late_modules(plain):
         _replace(plain, name, m.to_plain(members))
-    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in plain.modules())
-    if bn == "data" and has_bn:
-        if loader is None:
-            raise LatePhaseError("collapse(bn='data') re-estimates BatchNorm statistics from data: pass a loader "
-                                 "(e.g. the training loader), or use bn='mean'")
+    if loader is not None:
         with torch.no_grad():
             update_bn(loader, plain, device)
     return plain.eval()
@@ -91,10 +88,17 @@ def _per_member(out, K: int, N: int):
 
 
 @torch.no_grad()
-def ensemble_logits(model: nn.Module, x: torch.Tensor):
+def ensemble_logits(model: nn.Module, x: torch.Tensor, loader: Iterable | None = None, device=None):
     """Per-member outputs f_k(x), shape (K, N, ...), computed in eval mode by one forward in stacked mode of K copies
     of ``x``; a structured output (tuple, list or dict of tensors) keeps its structure with every batch tensor
-    reshaped to (K, N, ...). The model's training flag and modes are restored afterwards."""
+    reshaped to (K, N, ...). The model's training flag and modes are restored afterwards.
+
+    BatchNorm, the rule of :func:`collapse`: without ``loader`` every member's stored running statistics; with
+    ``loader`` every member's statistics re-estimated from its data (:func:`update_bn` on a copy of the model, one
+    pass per call: for many batches re-estimate once, ``shared.update_bn(loader, lp.model)``, and call without)."""
+    if loader is not None:
+        model = copy.deepcopy(model)
+        update_bn(loader, model, device)
     K = _late(model)[0][1].K
     was_training = model.training
     model.eval()
@@ -107,11 +111,13 @@ def ensemble_logits(model: nn.Module, x: torch.Tensor):
 
 
 @torch.no_grad()
-def ensemble_probs(model: nn.Module, x: torch.Tensor, dim: int = -1, output: Callable | None = None) -> torch.Tensor:
+def ensemble_probs(model: nn.Module, x: torch.Tensor, loader: Iterable | None = None, dim: int = -1,
+                   output: Callable | None = None, device=None) -> torch.Tensor:
     """The ensemble's predictive distribution p(y|x) = (1/K) sum_k softmax(f_k(x)) along ``dim`` (float32 or
-    wider), shape (N, ...). ``output`` picks the logits from a structured output (applied to the (K, N, ...) outputs
-    of :func:`ensemble_logits`), e.g. ``output=lambda o: o["logits"]``."""
-    logits = ensemble_logits(model, x)
+    wider), shape (N, ...), under the BatchNorm rule of :func:`ensemble_logits` (``loader``). ``output`` picks the
+    logits from a structured output (applied to the (K, N, ...) outputs of :func:`ensemble_logits`), e.g.
+    ``output=lambda o: o["logits"]``."""
+    logits = ensemble_logits(model, x, loader, device)
     if output is not None:
         logits = output(logits)
     if not isinstance(logits, torch.Tensor):

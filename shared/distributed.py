@@ -22,6 +22,7 @@ Running buffers then stay equal on all ranks; they also follow rank 0 at the sta
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from typing import Sequence
@@ -98,6 +99,20 @@ def allreduce_grads(params) -> None:
 
 
 # ----------------------------------------------------------------------------- BatchNorm statistics over ranks
+
+@contextlib.contextmanager
+def synced_statistics(batchnorms: Sequence):
+    """During this block (the forward and backward passes of one step) the given member-aware BatchNorm layers take
+    their training-mode statistics over each member's whole minibatch on all ranks, the single-process protocol
+    (``LateBatchNorm.sync``). Outside steps, e.g. BatchNorm re-estimation on one rank, they stay per process."""
+    for m in batchnorms:
+        m.sync = True
+    try:
+        yield
+    finally:
+        for m in batchnorms:
+            m.sync = False
+
 
 def _dense_format(x: torch.Tensor):
     """The memory format x is dense in (channels_last for NHWC/NDHWC tensors, else contiguous)."""

@@ -52,6 +52,11 @@ def stacked_rows(x: torch.Tensor, K: int, rows: int | None, where: str) -> int:
     return n // K
 
 
+NOT_A_NETWORK = ("after the release the model holds K members, so a plain forward is refused: evaluate with "
+                 "lp.collapse() (one network, the mean phi), lp.ensemble_probs(x) (the ensemble) or "
+                 "`with shared.member_mode(lp.model, k):` (member k); training steps go through lp.step")
+
+
 def _members_of(p: torch.Tensor, K: int, requires_grad: bool | None = None) -> nn.ParameterList:
     grad = p.requires_grad if requires_grad is None else requires_grad
     return nn.ParameterList([nn.Parameter(p.detach().clone(), requires_grad=grad) for _ in range(K)])
@@ -73,7 +78,8 @@ class LateModule(nn.Module):
 
     * ``K`` and ``member`` (set by :func:`member_mode`): k runs member k on its own minibatch; None runs the stacked
       batch, slice k with phi_k, and must compute slice by slice exactly what member mode computes (use
-      :meth:`stacked_rows` to get the per-member size B; it also refuses inputs whose dim 0 is not the batch);
+      :meth:`stacked_rows` to get the per-member size B; it also refuses inputs whose dim 0 is not the batch, and any
+      stacked forward outside :func:`member_mode` after the release);
     * :meth:`phi_lists`: (name, ``nn.ParameterList`` of K Parameters) per late-phase tensor; a name equal to the name of
       a parameter the family selected ties the copies to that original (its pre-T0 optimizer state and hyperparameters
       are inherited); other names are new tensors (e.g. rank-1 factors);
@@ -90,6 +96,9 @@ class LateModule(nn.Module):
         self.K = int(K)
         self.member: int | None = None
         self.rows: int | None = None  # size of the stacked batch of the current forward (set by member_mode)
+        # False after the release (set by LatePhase) until member_mode sets a mode: a forward of the model the user
+        # holds would silently compute K networks on slices of the batch, so it is refused (see stacked_rows)
+        self.mode_set = True
 
     def phi_lists(self) -> list[tuple[str, nn.ParameterList]]:
         """(name, ParameterList over members) for every late-phase tensor of this layer, in a fixed order."""
@@ -100,7 +109,10 @@ class LateModule(nn.Module):
         return [plist[k] for _, plist in self.phi_lists()]
 
     def stacked_rows(self, x: torch.Tensor) -> int:
-        """B for a stacked-mode input x of K B rows (see :func:`stacked_rows`)."""
+        """B for a stacked-mode input x of K B rows (see :func:`stacked_rows`); refuses a forward outside
+        :func:`member_mode` after the release."""
+        if not self.mode_set:
+            raise LatePhaseError(NOT_A_NETWORK)
         return stacked_rows(x, self.K, self.rows, type(self).__name__)
 
     def extra_repr(self) -> str:
@@ -682,7 +694,14 @@ def set_member(modules, member: int | None, rows: int | None = None) -> None:
     if isinstance(modules, nn.Module):
         modules = [m for _, m in late_modules(modules)]
     for m in modules:
-        m.member, m.rows = member, rows
+        m.member, m.rows, m.mode_set = member, rows, True
+
+
+def refuse_plain_forward(model: nn.Module) -> None:
+    """After the release: a forward of ``model`` in stacked mode outside :func:`member_mode` (or a step) raises
+    LatePhaseError naming the ways to evaluate, instead of computing K networks on slices of the batch."""
+    for _, m in late_modules(model):
+        m.member, m.rows, m.mode_set = None, None, False
 
 
 @contextlib.contextmanager
@@ -700,10 +719,10 @@ def member_mode(model: nn.Module, member: int | None, rows: int | None = None):
     mods = [m for _, m in late_modules(model)]
     if member is not None and mods and not 0 <= member < mods[0].K:
         raise LatePhaseError(f"member must be in 0..{mods[0].K - 1} or None (stacked), got {member}")
-    prev = [(m.member, m.rows) for m in mods]
+    prev = [(m.member, m.rows, m.mode_set) for m in mods]
     set_member(mods, member, rows)
     try:
         yield model
     finally:
-        for m, (k, r) in zip(mods, prev):
-            m.member, m.rows = k, r
+        for m, (k, r, on) in zip(mods, prev):
+            m.member, m.rows, m.mode_set = k, r, on

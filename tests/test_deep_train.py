@@ -89,7 +89,7 @@ def test_the_reference_averaged_model_averages_the_members_batchnorm_outputs():
     from deep.evaluate import reference_averaged
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.BatchNorm2d(3))
-    lp = shared.LatePhase(model, 3, [shared.BatchNorm("1")], sigma0=0.5)
+    lp = shared.LatePhase(model, 3, [shared.BatchNorm("1")], sigma0=0.5, theta_optimizer=shared.sgd(), phi_optimizer=shared.sgd())
     for _ in range(2):
         lp.step(torch.randn(12, 2, 6, 6), torch.zeros(12), lambda o, t: o.pow(2).mean())
     x = torch.randn(5, 2, 6, 6)
@@ -131,7 +131,7 @@ def test_swa_averages_epochs_swa_start_to_the_end_at_a_constant_lr(data_root, tm
     assert ["swa_test_accuracy" in e for e in r.log] == [False, False, True, True, True, True]
     from deep.evaluate import score_plain
     import shared
-    assert r.log[-1]["swa_test_accuracy"] == score_plain(shared.collapse(r.swa.model, bn="mean"), r.test_batches, {},
+    assert r.log[-1]["swa_test_accuracy"] == score_plain(shared.collapse(r.swa.model), r.test_batches, {},
                                                          r.amp)["accuracy"]
     lrs = [e["lr"] for e in r.log]
     assert lrs == pytest.approx([0.1, 0.1, 0.03, 0.03, 0.03, 0.03])  # epoch 2 (0-based 1): annealing starts at 0.1

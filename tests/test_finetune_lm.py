@@ -104,8 +104,9 @@ def test_finetune_late_phase_and_baseline_end_to_end(image_root, tmp_path, capsy
     assert [e["epoch"] for e in log] == [0, 1, 2] and log[0]["phase"] == "pretrained"
     # 24 images per epoch, K = 2 member minibatches of 4 per outer step: 3 outer steps, t = 6 minibatches
     assert [e["t"] for e in log[1:]] == [6, 12]
-    # theta's lr drops by 10 after --lr-drop-epoch 1; phi's stays
-    assert [e["lr"] for e in log[1:]] == pytest.approx([0.05, 0.005])
+    # theta's lr carries gamma_theta = 1/K (as the reference ImageNet script) and drops by 10 after --lr-drop-epoch 1;
+    # phi's stays
+    assert [e["lr"] for e in log[1:]] == pytest.approx([0.05 / 2, 0.005 / 2])
     assert [e["lr_phi"] for e in log[1:]] == [0.05, 0.05]
     assert all(len(e["members_accuracy"]) == 2 and "ensemble_accuracy" in e for e in log[1:])
 

@@ -30,6 +30,7 @@ def batches(n=3, seed=0):
 
 
 def trained(families, steps=3, **kw):
+    kw = {"theta_optimizer": shared.sgd(), "phi_optimizer": shared.sgd(), **kw}
     lp = LatePhase(convnet(), K, families, sigma0=0.3, generator=torch.Generator().manual_seed(0), **kw)
     for x, y in batches(steps):
         lp.step(x, y, F.cross_entropy)
@@ -39,7 +40,7 @@ def trained(families, steps=3, **kw):
 def test_collapse_is_the_original_architecture_with_mean_weights():
     lp = trained([BatchNorm(), Head(), Rank1("3")])
     before = copy.deepcopy(lp.model.state_dict())
-    plain = lp.collapse(bn="mean")
+    plain = lp.collapse()
     assert [type(m) for m in plain.modules()] == [type(m) for m in convnet().modules()]
     assert not any(isinstance(m, LateModule) for m in plain.modules())
     assert sum(p.numel() for p in plain.parameters()) == sum(p.numel() for p in convnet().parameters())
@@ -58,15 +59,15 @@ def test_collapse_reestimates_batchnorm_from_data():
     lp = trained([BatchNorm(), Head()])
     loader = [x for x, _ in batches(2, seed=5)]
     plain = lp.collapse(loader)
-    reference = lp.collapse(bn="mean")
+    reference = lp.collapse()
     update_bn(loader, reference)
     for a, b in zip(plain.buffers(), reference.buffers()):
         torch.testing.assert_close(a, b, **TOL)
-    assert not torch.allclose(plain[1].running_mean, lp.collapse(bn="mean")[1].running_mean)
-    with pytest.raises(LatePhaseError, match="pass a loader"):
-        lp.collapse()
+    assert not torch.allclose(plain[1].running_mean, lp.collapse()[1].running_mean)
+    with pytest.raises(LatePhaseError, match="the BatchNorm rule is the loader"):
+        lp.collapse("data")
     with pytest.raises(LatePhaseError, match="members"):
-        lp.collapse(bn="mean", members=[K])
+        lp.collapse(members=[K])
 
 
 def test_ensemble_members_are_the_member_networks():

@@ -15,6 +15,8 @@ import torch.nn as nn
 import shared
 from shared import BatchNorm, Head, LatePhase, LatePhaseError
 
+SGD = dict(theta_optimizer=shared.sgd(), phi_optimizer=shared.sgd())  # the paper's SGD (LatePhase never guesses one)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # One training run, written as a script so that it can also run (and be killed) in a fresh process. Data come from
@@ -154,14 +156,14 @@ def test_loading_a_mismatched_checkpoint_is_refused(tmp_path):
     ns = run_namespace()
     lp = ns["make"]()
     state = lp.state_dict()
-    other = LatePhase(nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4)), 3)
+    other = LatePhase(nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4)), 3, **SGD)
     with pytest.raises(LatePhaseError, match="K=2"):
         other.load_state_dict(state)
     with pytest.raises(LatePhaseError, match="schedulers"):
-        LatePhase(nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4)), 2).load_state_dict(state)
+        LatePhase(nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4)), 2, **SGD).load_state_dict(state)
     different = LatePhase(nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5), nn.Linear(5, 3)), 2,
                           [BatchNorm(), Head()], theta_scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, 2),
-                          phi_scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, 2))
+                          phi_scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, 2), **SGD)
     with pytest.raises(LatePhaseError, match="does not fit"):
         different.load_state_dict(state)
     with pytest.raises(LatePhaseError, match="not a LatePhase checkpoint"):

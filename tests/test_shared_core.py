@@ -10,6 +10,8 @@ import torch.nn.functional as F
 import shared
 from shared import BatchNorm, Custom, Head, Hypernetwork, LatePhase, LatePhaseError, Rank1
 
+SGD = dict(theta_optimizer=shared.sgd(), phi_optimizer=shared.sgd())  # the paper's SGD (LatePhase never guesses one)
+
 TOL = dict(rtol=1e-9, atol=1e-11)
 K, B = 3, 4
 
@@ -176,7 +178,7 @@ def test_release_copies_weights_and_statistics():
         model[1].running_mean.normal_()
         model[1].weight.normal_()
     conv_w, bn_w, bn_rm = model[0].weight, model[1].weight.detach().clone(), model[1].running_mean.clone()
-    lp = LatePhase(model, K, [BatchNorm(), Head()])
+    lp = LatePhase(model, K, [BatchNorm(), Head()], **SGD)
     assert lp.model is model and model[0].weight is conv_w
     assert any(p is conv_w for p in lp.theta_params)
     for k in range(K):
@@ -193,7 +195,7 @@ def test_release_noise_is_relative_per_tensor():
         model[0].weight.mul_(7.0)
     w = model[0].weight.detach().clone()
     rms = w.pow(2).mean().sqrt()
-    LatePhase(model, 4, [Head()], sigma0=0.05, generator=torch.Generator().manual_seed(0))
+    LatePhase(model, 4, [Head()], sigma0=0.05, generator=torch.Generator().manual_seed(0), **SGD)
     devs = torch.stack([(p.detach() - w) / rms for p in model[0].weight])
     assert abs(devs.std().item() - 0.05) < 0.05 * 0.05  # 8000 draws: relative s.e. ~ 0.8 %
     assert not torch.allclose(devs[0], devs[1])
@@ -237,7 +239,7 @@ def test_list_of_member_minibatches_equals_stacked():
 def test_schedulers_and_optimizer_lists():
     lp = LatePhase(convnet(), K, [BatchNorm()],
                    theta_scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, 1, gamma=0.5),
-                   phi_scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, 1, gamma=0.1))
+                   phi_scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, 1, gamma=0.1), **SGD)
     assert len(lp.optimizers) == K + 1 and len(lp.schedulers) == K + 1
     lp.step(*data("image"), F.cross_entropy)
     lp.step_schedulers()
@@ -246,9 +248,10 @@ def test_schedulers_and_optimizer_lists():
 
 
 def test_rank1_without_ensembling_K1():
-    lp = LatePhase(mlp(), 1, [Rank1()])
+    lp = LatePhase(mlp(), 1, [Rank1()], **SGD)
     x, y = data("vector")
-    before = lp.model(x).detach()
+    with shared.member_mode(lp.model, 0):
+        before = lp.model(x).detach()
     torch.testing.assert_close(before, mlp()(x))
     lp.step(x, y, F.cross_entropy)
     assert lp.collapse().__class__ is nn.Sequential
@@ -258,7 +261,7 @@ def test_torchvision_resnet_batchnorm():
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=4)
-    lp = LatePhase(model, 2, [BatchNorm()])
+    lp = LatePhase(model, 2, [BatchNorm()], **SGD)
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 4, (4,))
     loss = lp.step(x, y, F.cross_entropy)
     assert torch.isfinite(loss)
@@ -273,21 +276,21 @@ def test_torchvision_resnet_batchnorm():
 @pytest.mark.parametrize("bad", [0, -1, 2.5, True, "3"])
 def test_bad_K(bad):
     with pytest.raises(LatePhaseError, match="K must be an integer"):
-        LatePhase(convnet(), bad)
+        LatePhase(convnet(), bad, **SGD)
 
 
 def test_no_late_phase_parameters():
     with pytest.raises(LatePhaseError, match="no module"):
-        LatePhase(mlp(), K, [BatchNorm()])
+        LatePhase(mlp(), K, [BatchNorm()], **SGD)
     model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3, affine=False))
     with pytest.raises(LatePhaseError, match="no late-phase parameters"):
-        LatePhase(model, K, [BatchNorm()])
+        LatePhase(model, K, [BatchNorm()], **SGD)
     with pytest.raises(LatePhaseError, match="selected no parameter"):
-        LatePhase(mlp(), K, [Custom(names="nothing.*")])
+        LatePhase(mlp(), K, [Custom(names="nothing.*")], **SGD)
     with pytest.raises(LatePhaseError, match="selected by both"):
-        LatePhase(mlp(), K, [Head(), Rank1()])
+        LatePhase(mlp(), K, [Head(), Rank1()], **SGD)
     with pytest.raises(LatePhaseError, match="families"):
-        LatePhase(mlp(), K, [])
+        LatePhase(mlp(), K, [], **SGD)
 
 
 def test_bad_batches():
@@ -332,31 +335,32 @@ def test_nan_loss_deferred_check_names_the_step():
 
 def test_bad_construction_arguments():
     with pytest.raises(LatePhaseError, match="gamma_theta"):
-        LatePhase(convnet(), K, gamma_theta=-1.0)
+        LatePhase(convnet(), K, gamma_theta=-1.0, **SGD)
     with pytest.raises(LatePhaseError, match="sigma0"):
-        LatePhase(convnet(), K, sigma0=float("nan"))
+        LatePhase(convnet(), K, sigma0=float("nan"), **SGD)
     with pytest.raises(LatePhaseError, match="path"):
-        LatePhase(convnet(), K, path="fast")
+        LatePhase(convnet(), K, path="fast", **SGD)
     with pytest.raises(LatePhaseError, match="torch.optim.Optimizer"):
-        LatePhase(convnet(), K, theta_optimizer=lambda p: None)
+        LatePhase(convnet(), K, theta_optimizer=lambda p: None, phi_optimizer=shared.sgd())
     with pytest.raises(LatePhaseError, match="exactly the parameters"):
-        LatePhase(convnet(), K, phi_optimizer=lambda p: torch.optim.SGD(convnet().parameters(), lr=0.1))
+        LatePhase(convnet(), K, phi_optimizer=lambda p: torch.optim.SGD(convnet().parameters(), lr=0.1),
+                  theta_optimizer=shared.sgd())
     with pytest.raises(LatePhaseError, match="model itself"):
-        LatePhase(nn.Linear(3, 2), K, [Head()])
-    lp = LatePhase(convnet(), K)
+        LatePhase(nn.Linear(3, 2), K, [Head()], **SGD)
+    lp = LatePhase(convnet(), K, **SGD)
     with pytest.raises(LatePhaseError, match="already has late-phase"):
-        LatePhase(lp.model, K)
+        LatePhase(lp.model, K, **SGD)
 
 
 def test_batch_coupling_layer_forces_sequential():
     model = nn.Sequential(nn.Linear(4, 4), nn.SyncBatchNorm(4), nn.Linear(4, 2))
-    lp = LatePhase(model, 2, [Head()])
+    lp = LatePhase(model, 2, [Head()], **SGD)
     assert lp.path == "sequential"
     with pytest.raises(LatePhaseError, match="SyncBatchNorm"):
         LatePhase(nn.Sequential(nn.Linear(4, 4), nn.SyncBatchNorm(4), nn.Linear(4, 2)), 2, [Head()],
-                  path="vectorized")
+                  path="vectorized", **SGD)
     with pytest.raises(LatePhaseError, match="SyncBatchNorm"):
-        LatePhase(nn.Sequential(nn.Linear(4, 4), nn.SyncBatchNorm(4), nn.Linear(4, 2)), 2, [BatchNorm()])
+        LatePhase(nn.Sequential(nn.Linear(4, 4), nn.SyncBatchNorm(4), nn.Linear(4, 2)), 2, [BatchNorm()], **SGD)
 
 
 def test_sgd_factory_defaults_are_the_reference_settings():
@@ -373,11 +377,11 @@ def test_bf16_autocast_step_on_cpu():
     model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
                           nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                           nn.Linear(4, 3))
-    lp = LatePhase(model, K, [BatchNorm(), Head(), Rank1("3")], sigma0=0.1, autocast=torch.bfloat16)
+    lp = LatePhase(model, K, [BatchNorm(), Head(), Rank1("3")], sigma0=0.1, autocast=torch.bfloat16, **SGD)
     seq = copy.deepcopy(lp)
     x, y = data("image")
     x = x.float().to(memory_format=torch.channels_last)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16), shared.member_mode(lp.model, None):
         assert lp.model(x).dtype == torch.bfloat16
     lv = lp.step(x, y, F.cross_entropy, path="vectorized")
     ls = seq.step(x, y, F.cross_entropy, path="sequential")
@@ -386,4 +390,4 @@ def test_bf16_autocast_step_on_cpu():
     for p, q in zip(lp.model.parameters(), seq.model.parameters()):
         torch.testing.assert_close(p, q, rtol=2e-2, atol=2e-3)
     with pytest.raises(LatePhaseError, match="autocast"):
-        LatePhase(convnet(), K, autocast="bf16")
+        LatePhase(convnet(), K, autocast="bf16", **SGD)

@@ -7,7 +7,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import shared
 from shared import BatchNorm, Head, LatePhase, LatePhaseError, Rank1
+
+SGD = dict(theta_optimizer=shared.sgd(), phi_optimizer=shared.sgd())  # the paper's SGD (LatePhase never guesses one)
 
 pytestmark = pytest.mark.cuda
 K, B = 3, 4
@@ -33,7 +36,7 @@ def test_cuda_vectorized_equals_sequential_float64(channels_last):
     model = convnet(torch.float64)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    lp = LatePhase(model, K, [BatchNorm(), Head(), Rank1("3")], sigma0=0.2, check_finite_every=1)
+    lp = LatePhase(model, K, [BatchNorm(), Head(), Rank1("3")], sigma0=0.2, check_finite_every=1, **SGD)
     lp.step(*batch(torch.float64, channels_last), F.cross_entropy)
     seq = copy.deepcopy(lp)
     x, y = batch(torch.float64, channels_last)
@@ -48,7 +51,7 @@ def test_cuda_bf16_autocast_channels_last():
     from deep.models import wrn
     torch.manual_seed(0)
     model = wrn(10, 2, num_classes=5).cuda().to(memory_format=torch.channels_last)
-    lp = LatePhase(model, K, [BatchNorm(), Head()], autocast=torch.bfloat16)
+    lp = LatePhase(model, K, [BatchNorm(), Head()], autocast=torch.bfloat16, **SGD)
     seq = copy.deepcopy(lp)
     x, y = batch(torch.float32, channels_last=True)
     lv = lp.step(x, y, F.cross_entropy, path="vectorized")
@@ -61,7 +64,7 @@ def test_cuda_bf16_autocast_channels_last():
 
 
 def test_cuda_rng_state_roundtrip():
-    lp = LatePhase(convnet(torch.float32), K, [BatchNorm()])
+    lp = LatePhase(convnet(torch.float32), K, [BatchNorm()], **SGD)
     torch.cuda.manual_seed_all(3)
     state = lp.state_dict()
     assert len(state["rng"]["cuda"]) == torch.cuda.device_count()
@@ -72,7 +75,7 @@ def test_cuda_rng_state_roundtrip():
 
 
 def test_cuda_nan_check_is_deferred():
-    lp = LatePhase(convnet(torch.float32), K, [BatchNorm()])
+    lp = LatePhase(convnet(torch.float32), K, [BatchNorm()], **SGD)
     assert lp._guard.every == 50  # the default on accelerators: a deferred check
     x, y = batch(torch.float32)
     x[0] = float("nan")

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import shared
 from shared import BatchNorm, Head, Hypernetwork, LatePhase, LatePhaseError
 from shared.modules import LateHyper, late_modules
-from test_shared_core import B, K, TOL, convnet, data, mlp, tiny_wrn
+from test_shared_core import B, K, SGD, TOL, convnet, data, mlp, tiny_wrn
 from tolerances import rounding_tol
 
 
@@ -24,7 +24,7 @@ def test_template_banks_follow_the_reference_layout():
     T_i = W_i and kaiming-normal new templates; every member's coefficients start at e_i."""
     model = tiny_wrn()
     weights = {n: m.weight.detach().clone() for n, m in model.named_modules() if hasattr(m, "weight")}
-    LatePhase(model, K, [Hypernetwork(templates=3), BatchNorm()])
+    LatePhase(model, K, [Hypernetwork(templates=3), BatchNorm()], **SGD)
     layers = hyper_layers(model)
     assert len(layers) == 10
     shared_bank = layers["blocks.0.conv1"].T
@@ -34,12 +34,12 @@ def test_template_banks_follow_the_reference_layout():
         assert torch.equal(m.T[m.index].detach(), weights[name])
         assert all(torch.equal(c.detach(), torch.eye(m.J, dtype=c.dtype)[m.index]) for c in m.c)
     assert (layers["blocks.0.conv1"].index, layers["blocks.0.conv2"].index) == (0, 1)
-    own = LatePhase(tiny_wrn(), K, [Hypernetwork(templates=3, share=False)])
+    own = LatePhase(tiny_wrn(), K, [Hypernetwork(templates=3, share=False)], **SGD)
     assert len({id(m.T) for m in hyper_layers(own.model).values()}) == 10
 
     torch.manual_seed(0)
     lin = nn.Sequential(nn.Linear(400, 100))
-    LatePhase(lin, 2, [Hypernetwork()])
+    LatePhase(lin, 2, [Hypernetwork()], **SGD)
     T = lin[0].T.detach()
     assert T.shape == (10, 100, 400)
     assert abs(T[1:].std().item() / (2 / 400) ** 0.5 - 1) < 0.01  # 360000 draws: relative s.e. ~ 0.1 %
@@ -53,7 +53,7 @@ def test_release_reproduces_the_trained_network(families):
         model[1].running_mean.normal_()
     plain = copy.deepcopy(model)
     fams = {"hyper": [Hypernetwork()], "hyper+bn+head": [Hypernetwork(exclude="8"), BatchNorm(), Head()]}[families]
-    lp = LatePhase(model, K, fams)
+    lp = LatePhase(model, K, fams, **SGD)
     x, _ = data("image")
     torch.testing.assert_close(lp.ensemble_logits(x[:B]), plain.eval()(x[:B]).expand(K, -1, -1), **TOL)
     for train in (False, True):  # eval first: the training passes below move the running statistics
@@ -66,7 +66,8 @@ def test_release_reproduces_the_trained_network(families):
                     # is another code path (the composed weight's layout may pick another kernel): up to the
                     # float64 rounding of the network's sums (36 terms per conv output, 4 layers in a row)
                     torch.testing.assert_close(lp.model(xk), plain(xk), **rounding_tol(36, "float64", 10.0, 4))
-            stacked = lp.model(x)
+            with shared.member_mode(lp.model, None):
+                stacked = lp.model(x)
             torch.testing.assert_close(stacked, torch.cat([plain(x[k * B:(k + 1) * B]) for k in range(K)]), **TOL)
 
 
@@ -104,10 +105,10 @@ def test_collapse_is_the_original_network_with_the_mean_weights():
     head the members' means; the outputs equal a plain network built by hand."""
     original = tiny_wrn()
     lp = LatePhase(copy.deepcopy(original), K, [Hypernetwork(exclude="fc", templates=3), BatchNorm(), Head()],
-                   sigma0=0.3, generator=torch.Generator().manual_seed(0))
+                   sigma0=0.3, generator=torch.Generator().manual_seed(0), **SGD)
     for s in range(2):
         lp.step(*data("image", seed=s), F.cross_entropy)
-    final = lp.collapse(bn="mean")
+    final = lp.collapse()
     by_hand = copy.deepcopy(original)
     with torch.no_grad():
         for name, m in late_modules(lp.model):
@@ -159,8 +160,8 @@ def test_banks_join_the_weight_group_and_checkpoints_round_trip():
 
 def test_clear_errors():
     with pytest.raises(LatePhaseError, match="selected no module"):
-        LatePhase(convnet(), K, [Hypernetwork("nothing")])
+        LatePhase(convnet(), K, [Hypernetwork("nothing")], **SGD)
     with pytest.raises(LatePhaseError, match="number J >= 1 of templates"):
         Hypernetwork(templates=0)
     with pytest.raises(LatePhaseError, match="selected by both"):
-        LatePhase(convnet(), K, [Hypernetwork(), Head()])
+        LatePhase(convnet(), K, [Hypernetwork(), Head()], **SGD)

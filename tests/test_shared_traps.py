@@ -12,6 +12,8 @@ import shared
 from shared import BatchNorm, Head, LatePhase, LatePhaseError, Rank1
 from shared.modules import late_modules
 
+SGD = dict(theta_optimizer=shared.sgd(), phi_optimizer=shared.sgd())  # the paper's SGD (LatePhase never guesses one)
+
 K, B = 3, 4
 
 
@@ -101,11 +103,11 @@ def test_inherited_run_equals_the_hand_built_one():
 # ----------------------------------------------------------------------------- end-of-training models
 
 def test_collapse_and_member_model_are_ready_to_evaluate():
-    lp = LatePhase(convnet(), K, [BatchNorm(), Head()])
+    lp = LatePhase(convnet(), K, [BatchNorm(), Head()], **SGD)
     lp.step(*images(), F.cross_entropy)
     assert lp.model.training
     x, _ = images(n=5)
-    for plain in (lp.collapse([images()[0]]), lp.collapse(bn="mean"), lp.member_model(1)):
+    for plain in (lp.collapse([images()[0]]), lp.collapse(), lp.member_model(1)):
         assert not plain.training
         assert plain(x).shape == (5, 3)  # any batch size: one ordinary network
     assert lp.model.training  # the late-phase model itself is unchanged
@@ -123,7 +125,7 @@ class DictNet(nn.Module):
 
 def test_structured_outputs_in_steps_and_ensembles():
     torch.manual_seed(0)
-    lp = LatePhase(DictNet().double(), K, [Head("fc")])
+    lp = LatePhase(DictNet().double(), K, [Head("fc")], **SGD)
     seq = copy.deepcopy(lp)
     x, y = torch.randn(K * B, 4, dtype=torch.float64), torch.randint(0, 3, (K * B,))
     loss = lambda o, t: F.cross_entropy(o["logits"], t) + 0.1 * o["features"].pow(2).mean() * o["scale"]  # noqa
@@ -156,7 +158,7 @@ def test_time_major_activations_are_refused_on_the_vectorized_path():
     torch.manual_seed(0)
     x, y = torch.randint(0, 7, (K * B, 6)), torch.randint(0, 7, (K * B, 6))
     loss = lambda o, t: F.cross_entropy(o.reshape(-1, 7), t.reshape(-1))  # noqa: E731
-    lp = LatePhase(TimeMajor().double(), K, [Head("fc")])
+    lp = LatePhase(TimeMajor().double(), K, [Head("fc")], **SGD)
     with pytest.raises(LatePhaseError, match=r"dim 0 of its input has 6 entries but the stacked batch has 12.*"
                                              r"batch_first=True.*path='sequential'"):
         lp.step(x, y, loss)
@@ -175,7 +177,7 @@ def test_batch_major_flattening_before_the_head_is_exact():
             return self.fc(self.emb(x).reshape(-1, 4)).reshape(x.shape[0], x.shape[1], 7)
 
     torch.manual_seed(0)
-    lp = LatePhase(Flat().double(), K, [Head("fc")], sigma0=0.1)
+    lp = LatePhase(Flat().double(), K, [Head("fc")], sigma0=0.1, **SGD)
     seq = copy.deepcopy(lp)
     x, y = torch.randint(0, 7, (K * B, 6)), torch.randint(0, 7, (K * B, 6))
     loss = lambda o, t: F.cross_entropy(o.reshape(-1, 7), t.reshape(-1))  # noqa: E731
@@ -191,14 +193,14 @@ def test_outputs_must_be_batch_first():
         def forward(self, x):
             return self.fc(x).T
 
-    lp = LatePhase(nn.Sequential(Transposed()), K, [Head("0.fc")])
+    lp = LatePhase(nn.Sequential(Transposed()), K, [Head("0.fc")], **SGD)
     with pytest.raises(LatePhaseError, match="batch-first outputs"):
         lp.step(torch.randn(K * B, 4), torch.randint(0, 3, (K * B,)), lambda o, t: o.mean())
 
 
 @pytest.mark.parametrize("path", ["vectorized", "sequential"])
 def test_the_model_is_in_stacked_mode_after_every_step(path):
-    lp = LatePhase(convnet(), K, [BatchNorm(), Head()], path=path)
+    lp = LatePhase(convnet(), K, [BatchNorm(), Head()], path=path, **SGD)
     lp.step(*images(), F.cross_entropy)
     assert all(m.member is None for _, m in late_modules(lp.model))
     with shared.member_mode(lp.model, 2):
@@ -235,19 +237,19 @@ def test_clip_grad_norm_is_the_mean_members_gradient_norm():
     plain_norm = nn.utils.clip_grad_norm_(plain.parameters(), 0.05)
     plain_grads = [p.grad.clone() for p in plain.parameters()]
 
-    lp1 = LatePhase(convnet(), 1, [BatchNorm(), Head()])
+    lp1 = LatePhase(convnet(), 1, [BatchNorm(), Head()], **SGD)
     lp1.forward_backward(x, y, F.cross_entropy)
     torch.testing.assert_close(lp1.clip_grad_norm_(0.05), plain_norm.double())
     lp1.update()
 
-    lpK = LatePhase(convnet(), K, [BatchNorm(), Head()])
+    lpK = LatePhase(convnet(), K, [BatchNorm(), Head()], **SGD)
     lpK.forward_backward(torch.cat([x] * K), torch.cat([y] * K), F.cross_entropy)
     torch.testing.assert_close(lpK.clip_grad_norm_(0.05), plain_norm.double())
     mine = dict(lpK.model.named_parameters())
     for (n, _), g in zip(plain.named_parameters(), plain_grads):  # theta: the members' mean; phi: member 0's
         torch.testing.assert_close(mine[n].grad / K if n in mine else mine[n + ".0"].grad, g)
 
-    lp = LatePhase(convnet(), K, [BatchNorm(), Head()], sigma0=0.3)
+    lp = LatePhase(convnet(), K, [BatchNorm(), Head()], sigma0=0.3, **SGD)
     lp.forward_backward(*images(), F.cross_entropy)
     theta = torch.cat([p.grad.reshape(-1) for p in lp.theta_params])
     phis = [torch.cat([p.grad.reshape(-1) for p in ps]) for ps in lp.phi_params]
@@ -283,7 +285,7 @@ def test_a_family_is_a_select_method():
     exec(_doc_family(), ns)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 3)).double()
-    lp = LatePhase(model, K, [ns["LayerNorm"](), Head()], sigma0=0.2, generator=torch.Generator().manual_seed(0))
+    lp = LatePhase(model, K, [ns["LayerNorm"](), Head()], sigma0=0.2, generator=torch.Generator().manual_seed(0), **SGD)
     seq = copy.deepcopy(lp)
     x, y = torch.randn(K * B, 4, dtype=torch.float64), torch.randint(0, 3, (K * B,))
     for s in range(2):

@@ -36,7 +36,6 @@ import dataclasses
 import json
 import math
 import os
-import time
 from dataclasses import dataclass, field
 
 from .config import get_config
@@ -220,35 +219,66 @@ def run_study(spec: StudySpec, out: str, data_dir: str = "data", device: str | N
               stream=None, runner=None) -> dict:
     """Run every arm x seed of ``spec`` that has no results yet (resuming or forking where it can), then write the
     report; returns the report. ``runner(cfg, seed, folder, resume, fork, trunk_epoch)`` trains one run (default:
-    the trainer of the config's kind)."""
+    the trainer of the config's kind). The runs are taken one by one in :func:`study_runs` order by
+    :func:`deep.launch.work`, so another study process on the same ``out`` shares them (deep.launch)."""
     import sys
-    runner = runner or _train
-    plan = _trunk_plan(spec)
+
+    from .launch import work
     say = (lambda text: None) if quiet else (lambda text: print(f"[study {spec.name}] {text}",
                                                                 file=stream or sys.stdout, flush=True))
-    todo = [(seed, arm) for seed in spec.seeds for arm in spec.arms
-            if arm.ensemble_of is None and seed in arm.seeds_in(spec)]
-    start = time.perf_counter()
-    for i, (seed, arm) in enumerate(todo):
-        folder = _folder(out, arm.name, seed)
-        if os.path.exists(os.path.join(folder, "results.json")):
-            continue
-        resume = os.path.exists(os.path.join(folder, "checkpoint.pt"))
-        fork = trunk_epoch = None
-        if not resume and arm.name in plan:
-            epochs, members = plan[arm.name]
-            trunks = [os.path.join(_folder(out, m, seed), "trunk.pt") for m in members if m != arm.name]
-            fork = next((t for t in trunks if os.path.exists(t)), None)
-            if fork is None:
-                trunk_epoch = epochs
-        how = "resuming" if resume else f"forking {os.path.dirname(fork)} at epoch {plan[arm.name][0]}" if fork \
-            else "from scratch"
-        say(f"run {i + 1}/{len(todo)}: {arm.name} seed {seed} ({how}; {time.perf_counter() - start:.0f} s so far)")
-        runner(arm.resolved(), seed, folder, resume, fork, trunk_epoch, data_dir=data_dir, device=device, quiet=quiet,
-               stream=stream)
+    work(spec, out, data_dir=data_dir, device=device, quiet=quiet, stream=stream, runner=runner, say=say)
     report = make_report(spec, out)
     say(f"report: {os.path.join(out, 'report.md')}")
     return report
+
+
+def study_runs(spec: StudySpec) -> list:
+    """Every (seed, arm) of ``spec`` that trains, in dependency order: seed by seed, the arms in the spec's order,
+    so a seed's trunk-owning run (the first arm of its family, see :func:`_trunk_plan`) comes before the arms that
+    fork it. Deep ensembles train nothing: the report assembles them."""
+    return [(seed, arm) for seed in spec.seeds for arm in spec.arms
+            if arm.ensemble_of is None and seed in arm.seeds_in(spec)]
+
+
+def finished(out: str, arm: str, seed: int) -> bool:
+    """Whether run ``arm`` x ``seed`` of the study in ``out`` has its results."""
+    return os.path.exists(os.path.join(_folder(out, arm, seed), "results.json"))
+
+
+def trunk_owner(spec: StudySpec, plan: dict, arm: Arm, seed: int) -> str | None:
+    """The arm whose run of ``seed`` keeps the trunk that ``arm`` forks (the first arm of its family on that seed),
+    or None when ``arm`` owns it or shares no epochs."""
+    if arm.name not in plan:
+        return None
+    on_seed = [a.name for a in spec.arms if a.name in plan[arm.name][1] and seed in a.seeds_in(spec)]
+    return on_seed[0] if on_seed[0] != arm.name else None
+
+
+def run_one(spec: StudySpec, out: str, seed: int, arm: Arm, plan: dict | None = None, runner=None, say=None,
+            **kw) -> bool:
+    """Train run ``arm`` x ``seed`` of the study in ``out`` unless it is finished; returns whether it trained. It
+    resumes its checkpoint, or forks a trunk of its family that exists, or trains from scratch, keeping its trunk
+    for the others when it is in a family. ``plan``: :func:`_trunk_plan` (computed when None); ``say(how)``
+    announces it; ``kw`` go to ``runner`` (default: the trainer of the config's kind)."""
+    runner = runner or _train
+    plan = _trunk_plan(spec) if plan is None else plan
+    folder = _folder(out, arm.name, seed)
+    if finished(out, arm.name, seed):
+        return False
+    resume = os.path.exists(os.path.join(folder, "checkpoint.pt"))
+    fork = trunk_epoch = None
+    if arm.name in plan:
+        epochs, members = plan[arm.name]
+        trunks = [os.path.join(_folder(out, m, seed), "trunk.pt") for m in members if m != arm.name]
+        fork = None if resume else next((t for t in trunks if os.path.exists(t)), None)
+        if fork is None and not any(os.path.exists(t) for t in trunks):
+            trunk_epoch = epochs  # a resumed run still before its epoch E keeps the trunk too
+    how = "resuming" if resume else f"forking {os.path.dirname(fork)} at epoch {plan[arm.name][0]}" if fork \
+        else "from scratch"
+    if say is not None:
+        say(how)
+    runner(arm.resolved(), seed, folder, resume, fork, trunk_epoch, **kw)
+    return True
 
 
 def _train(cfg, seed, folder, resume, fork, trunk_epoch, data_dir="data", device=None, quiet=False, stream=None):

@@ -56,7 +56,7 @@ def parse_run_id(spec: StudySpec, text: str) -> tuple:
     """(seed, Arm) of run id ``text`` of ``spec``; a DeepError naming the valid ids otherwise."""
     runs = {run_id(arm.name, seed): (seed, arm) for seed, arm in study_runs(spec)}
     if text not in runs:
-        raise DeepError(f"--run {text!r} is not a run of study {spec.name}; runs are ARM/seedS, e.g. "
+        raise DeepError(f"--only {text!r} is not a run of study {spec.name}; runs are ARM/seedS, e.g. "
                         f"{', '.join(list(runs)[:3])}")
     return runs[text]
 
@@ -157,7 +157,11 @@ def run_local(spec: StudySpec, out: str, workers: int | None = None, devices: li
     import multiprocessing
 
     import torch
+
+    from .system import pick_device
     devs = local_devices(device, devices)
+    for d in devs:
+        pick_device(d)  # a device that is not here: one line now, not N failing workers
     n = workers or len(devs)
     threads = max(1, torch.get_num_threads() // n)
     say = _sayer(spec, quiet)
@@ -298,14 +302,15 @@ class StudyJob:
         import subprocess
         for i in self.ids:
             if not finished(self.out, *_split(i)):
+                # no flag here may abbreviate one of torchrun's: its parser matches prefixes among the script's
+                # arguments too (--run would be taken for --run-path)
                 subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                                 f"--nproc_per_node={self.gpus}", "-m", "deep", "study", self.spec_path, "--out",
-                                self.out, "--data-dir", self.data_dir, "--run", i], check=True)
+                                self.out, "--data-dir", self.data_dir, "--only", i], check=True)
         return self.ids
 
     def checkpoint(self):
-        import submitit
-        return submitit.helpers.DelayedSubmission(StudyJob(self.spec_path, self.out, self.ids, self.data_dir,
+        return _submitit().helpers.DelayedSubmission(StudyJob(self.spec_path, self.out, self.ids, self.data_dir,
                                                            self.gpus, self.poll))
 
 
@@ -314,12 +319,22 @@ def _split(i: str) -> tuple:
     return arm, int(seed)
 
 
-def _executor(folder: str, cluster: str, name: str, partition, gpus_per_run: int, minutes, array_parallelism,
-              slurm_args: dict):
+def _submitit():
+    """submitit (the optional extra ``.[cluster]``), imported under the process's own stdout: its logging handler
+    keeps the sys.stdout of its import, and deep.cli's wrapper of it raises at exit where logging expects OSError."""
+    stdout, sys.stdout = sys.stdout, sys.__stdout__ or sys.stdout
     try:
         import submitit
     except ModuleNotFoundError:
-        raise DeepError("--launcher slurm needs submitit: pip install -e '.[cluster]'") from None
+        raise DeepError("--launcher needs submitit: pip install -e '.[cluster]'") from None
+    finally:
+        sys.stdout = stdout
+    return submitit
+
+
+def _executor(folder: str, cluster: str, name: str, partition, gpus_per_run: int, minutes, array_parallelism,
+              slurm_args: dict):
+    submitit = _submitit()
     try:
         ex = submitit.AutoExecutor(folder=folder, cluster=cluster)
         params = {"name": f"study-{name}", "timeout_min": minutes or 7 * 24 * 60, "gpus_per_node": gpus_per_run,
@@ -343,7 +358,8 @@ def submit(spec: StudySpec, out: str, cluster: str = "slurm", per: str = "chain"
     (submitit's LocalExecutor)."""
     say = _sayer(spec, quiet)
     folder = os.path.join(out, "slurm")
-    os.makedirs(folder, exist_ok=True)
+    ex = _executor(folder, cluster, spec.name, partition, gpus_per_run, minutes, array_parallelism,
+                   slurm_args or {})  # first: a wrong parameter or no SLURM here writes nothing
     spec_path = os.path.join(folder, "spec.json")
     text = spec_json(spec)
     if os.path.exists(spec_path):
@@ -364,8 +380,6 @@ def submit(spec: StudySpec, out: str, cluster: str = "slurm", per: str = "chain"
             make_report(spec, out)
         return []
     groups = chains(spec, set(todo))
-    ex = _executor(folder, cluster, spec.name, partition, gpus_per_run, minutes, array_parallelism,
-                   slurm_args or {})
     if per == "chain":
         batches = [groups]
     else:  # one job per run: the forks after the jobs of their owners (afterany: a failed owner leaves the trunk
@@ -425,8 +439,7 @@ def _job_state(folder: str, job: dict) -> str:
             from .runfolder import _alive
             pid = int(str(job["job_id"]).split("_")[0])
             return "RUNNING" if _alive(pid) else "FINISHED"
-        import submitit
-        return submitit.SlurmJob(folder=folder, job_id=str(job["job_id"])).state
+        return _submitit().SlurmJob(folder=folder, job_id=str(job["job_id"])).state
     except Exception:
         return "UNKNOWN"
 
@@ -454,7 +467,7 @@ def status(spec: StudySpec, out: str) -> list:
         job = last.get(i)
         if job is not None:
             state = states.setdefault(job["job_id"], _job_state(folder, job))
-            if state.split()[0] in _QUEUED:
+            if (state.split() or ["UNKNOWN"])[0] in _QUEUED:
                 rows.append((i, "queued", f"job {job['job_id']} {state}"))
                 continue
             if state != "UNKNOWN":
@@ -508,7 +521,7 @@ def add_arguments(p) -> None:
                    help="with --launcher: wait for the jobs, then write the report (default: return after submitting)")
     p.add_argument("--status", action="store_true", help="list the runs done / running / queued / failed / todo, "
                                                          "from the folder and the scheduler")
-    p.add_argument("--run", action="append", default=None, metavar="ARM/seedS",
+    p.add_argument("--only", action="append", default=None, metavar="ARM/seedS",
                    help="train only this run of the study (repeatable), without the report (what a job runs under "
                         "torchrun)")
 
@@ -528,9 +541,9 @@ def check_flags(a) -> None:
                         f"from the scheduler (--gpus-per-run)")
     if a.devices and a.device:
         raise DeepError("give either --device (one process) or --devices (one worker each), not both")
-    for modal, others in (("report_only", ("workers", "devices", "launcher", "status", "run")),
-                          ("status", ("workers", "devices", "launcher", "run")),
-                          ("run", ("workers", "devices", "launcher"))):
+    for modal, others in (("report_only", ("workers", "devices", "launcher", "status", "only")),
+                          ("status", ("workers", "devices", "launcher", "only")),
+                          ("only", ("workers", "devices", "launcher"))):
         clash = _given(a, others) if getattr(a, modal) else []
         if clash:
             raise DeepError(f"--{modal.replace('_', '-')} cannot be combined with {' '.join(clash)}")
@@ -553,8 +566,8 @@ def study_command(a, spec: StudySpec) -> int:
         return 0
     if a.report_only:
         make_report(spec, a.out)
-    elif a.run:
-        runs = [parse_run_id(spec, i) for i in a.run]
+    elif a.only:
+        runs = [parse_run_id(spec, i) for i in a.only]
         for seed, arm in runs:
             run_one(spec, a.out, seed, arm, data_dir=a.data_dir, device=a.device, quiet=a.quiet)
         return 0

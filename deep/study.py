@@ -6,7 +6,8 @@ span several sittings. Arms whose first epochs are identical -- same seed and ev
 epochs equal, see :func:`deep.trainer.shareable` (e.g. the base model and late-phase arms released at the same T0,
 with SWA starting later) -- share them: the first such arm of a seed keeps its state after those epochs (trunk.pt) and
 the others start from it. A forked run is bit-identical to the same run trained from scratch (tested), so sharing
-saves time without changing any result.
+saves time without changing any result. Several processes share a study -- local workers, a second ``study`` on the
+same DIR, SLURM jobs -- each taking the next ready run under its folder's lock (deep.launch).
 
 The report (DIR/report.md, DIR/report.json, DIR/*.png) gives, under one BatchNorm rule for every arm (default
 ``reestimated``, valid for SWA arms too; ``stored`` is reported as well):

@@ -9,7 +9,7 @@ import signal
 import pytest
 
 from deep.cli import main
-from deep.launch import chains, parse_time, run_local, status, submit, work
+from deep.launch import StudyJob, chains, parse_time, run_local, status, submit, work
 from deep.study import Arm, StudySpec, _train, load_spec, run_study
 
 from data_files import write_fashion
@@ -24,17 +24,17 @@ def data_root(tmp_path_factory):
     return root
 
 
-def _spec():
-    """Two seeds of a base arm that owns the trunk, a late-phase arm forking it, a late-phase arm of its own
-    (another lr: no shared epochs), and a deep ensemble."""
+def _spec(other: bool = False):
+    """Two seeds of a base arm that owns the trunk and a late-phase arm forking it, and a deep ensemble; ``other``:
+    with a late-phase arm of its own (another lr: no shared epochs)."""
     arms = (Arm("base", "fmnist_base", dict(TINY)),
             Arm("late", "fmnist_bn", dict(TINY, T0=1, K=2)),
-            Arm("late_lr", "fmnist_bn", dict(TINY, T0=1, K=2, lr=0.05)),
+            *([Arm("late_lr", "fmnist_bn", dict(TINY, T0=1, K=2, lr=0.05))] if other else []),
             Arm("deep_ensemble", ensemble_of="base", size=2))
     return StudySpec(name="tiny", arms=arms, seeds=(0, 1), baseline="base").validate()
 
 
-RUNS = {f"{a}/seed{s}" for a in ("base", "late", "late_lr") for s in (0, 1)}
+RUNS = {f"{a}/seed{s}" for a in ("base", "late") for s in (0, 1)}
 
 
 def logged(cfg, seed, folder, resume, fork, trunk_epoch, **kw):
@@ -84,8 +84,8 @@ def sequential(data_root, tmp_path_factory):
 def test_the_sequential_study_forks_in_dependency_order(sequential):
     _, out = sequential
     taken = _taken(out)
-    assert [t[0] for t in taken] == [f"{a}/seed{s}" for s in (0, 1) for a in ("base", "late", "late_lr")]
-    assert [t[3] for t in taken] == [False, True, False] * 2  # late forks base's trunk
+    assert [t[0] for t in taken] == ["base/seed0", "late/seed0", "base/seed1", "late/seed1"]
+    assert [t[3] for t in taken] == [False, True] * 2  # late forks base's trunk
 
 
 def test_two_workers_give_the_sequential_report(sequential, data_root, tmp_path):
@@ -145,10 +145,27 @@ def test_work_waits_for_a_run_held_elsewhere_and_for_trunks(data_root, tmp_path)
     assert status(spec, str(tmp_path))[:2] == [("base/seed0", "todo", ""), ("late/seed0", "done", "")]
 
 
+def test_status_names_the_jobs_of_unfinished_runs(tmp_path):
+    pytest.importorskip("submitit")
+    spec = _spec()
+    dead = multiprocessing.get_context("spawn").Process(target=print)
+    dead.start()
+    dead.join()
+    (tmp_path / "slurm").mkdir()
+    (tmp_path / "slurm" / "jobs.json").write_text(json.dumps([
+        {"job_id": str(dead.pid), "cluster": "local", "runs": ["base/seed0", "late/seed0"]},
+        {"job_id": str(os.getpid()), "cluster": "local", "runs": ["base/seed1"]}]))
+    (tmp_path / "late" / "seed1").mkdir(parents=True)
+    (tmp_path / "late" / "seed1" / "checkpoint.pt").write_bytes(b"")
+    rows = {i: (st, d) for i, st, d in status(spec, str(tmp_path))}
+    assert rows["base/seed0"][0] == "failed" and f"{dead.pid}_0_log.err" in rows["base/seed0"][1]
+    assert rows["base/seed1"][0] == "queued" and rows["late/seed1"][0] == "interrupted"
+
+
 def test_chains_follow_the_trunks():
-    assert chains(_spec()) == [["base/seed0", "late/seed0"], ["late_lr/seed0"], ["base/seed1", "late/seed1"],
-                               ["late_lr/seed1"]]
-    assert chains(_spec(), {"late/seed1", "late_lr/seed0"}) == [["late_lr/seed0"], ["late/seed1"]]
+    assert chains(_spec(other=True)) == [["base/seed0", "late/seed0"], ["late_lr/seed0"],
+                                         ["base/seed1", "late/seed1"], ["late_lr/seed1"]]
+    assert chains(_spec(other=True), {"late/seed1", "late_lr/seed0"}) == [["late_lr/seed0"], ["late/seed1"]]
     assert [parse_time(t) for t in ("90", "1:30:00", "1-00:00:00", "0:00:30")] == [90, 90, 1440, 1]
 
 
@@ -157,14 +174,24 @@ def test_submitit_local_jobs_give_the_sequential_report(sequential, data_root, t
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the jobs' threads: those of the sequential study
     spec = _spec()
     jobs = submit(spec, str(tmp_path), cluster="local", data_dir=str(data_root), quiet=True, poll=0.1, wait=True)
-    assert len(jobs) == 4  # one per chain
+    assert len(jobs) == 2  # one per chain
     assert _numbers(json.load(open(tmp_path / "report.json"))) == _numbers(json.loads(json.dumps(sequential[0])))
     rows = status(spec, str(tmp_path))
-    assert {r[1] for r in rows} == {"done"} and len(rows) == 6
+    assert {r[1] for r in rows} == {"done"} and len(rows) == 4
     assert (tmp_path / "slurm" / "spec.json").exists() and load_spec(str(tmp_path / "slurm" / "spec.json")) \
         .arms[1].resolved() == spec.arms[1].resolved()
     assert list((tmp_path / "slurm").glob("*_log.out"))  # the jobs' logs
     assert submit(spec, str(tmp_path), cluster="local", quiet=True) == []  # nothing left to submit
+
+
+def test_a_job_with_several_gpus_trains_under_torchrun(data_root, tmp_path):
+    """What a SLURM job with --gpus-per-run 2 runs, here with two CPU processes: the run under torchrun."""
+    spec = {"name": "one", "seeds": [0], "baseline": "base",
+            "arms": {"base": {"config": "fmnist_base", "overrides": dict(TINY, epochs=1)}}}
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    assert StudyJob(str(path), str(tmp_path / "s"), ["base/seed0"], str(data_root), gpus=2)() == ["base/seed0"]
+    assert json.load(open(tmp_path / "s" / "base" / "seed0" / "results.json"))["world_size"] == 2
 
 
 def test_cli_flags(data_root, tmp_path, capsys):
@@ -181,7 +208,9 @@ def test_cli_flags(data_root, tmp_path, capsys):
            (["--device", "cpu", "--devices", "cpu"], "either --device"),
            (["--launcher", "slurm", "--time", "soon"], "--time 'soon'"),
            (["--launcher", "submitit-local", "--slurm-arg", "bogus"], "KEY=VALUE"),
-           (["--run", "nope/seed0"], "is not a run of study one")]
+           (["--only", "nope/seed0"], "is not a run of study one"),
+           (["--devices", "cpu", "cuda:99"], "--device cuda:99"),
+           (["--launcher", "submitit-local", "--slurm-arg", "bogus=1"], "Unknown argument 'bogus'")]
     for flags, msg in bad:
         assert main(["study", str(path), "--out", out, *flags]) == 2, flags
         err = capsys.readouterr().err
@@ -189,7 +218,7 @@ def test_cli_flags(data_root, tmp_path, capsys):
     assert main(["study", str(path), "--out", out, "--status"]) == 0
     assert "todo         base/seed0" in capsys.readouterr().out
     assert main(["study", str(path), "--out", out, "--data-dir", str(data_root), "--device", "cpu", "--quiet",
-                 "--run", "base/seed0"]) == 0
+                 "--only", "base/seed0"]) == 0
     assert os.path.exists(os.path.join(out, "base", "seed0", "results.json"))
     assert not os.path.exists(os.path.join(out, "report.md"))
     assert main(["study", str(path), "--out", out, "--status"]) == 0

@@ -510,13 +510,14 @@ def add_arguments(p) -> None:
                    help="one job per run chain (a seed's trunk owner and the arms forking it; default) or per run")
     p.add_argument("--partition", default=None, help="SLURM partition")
     p.add_argument("--gpus-per-run", type=int, default=None,
-                   help="GPUs of each job (default 1); above 1 each run trains under torchrun with that many processes")
+                   help="GPUs of each job (default 1; 0: CPU jobs); above 1 each run trains under torchrun with that "
+                        "many processes")
     p.add_argument("--time", default=None, help="wall-clock limit of a job: MINUTES or HH:MM:SS (needed for slurm; "
                                                 "a job that reaches it is requeued and resumes)")
     p.add_argument("--array-parallelism", type=int, default=None, help="at most this many jobs of an array at once")
     p.add_argument("--slurm-arg", action="append", default=None, metavar="KEY=VALUE",
                    help="any other submitit SLURM parameter (slurm_KEY), repeatable: --slurm-arg qos=high "
-                        "--slurm-arg mem_gb=64 --slurm-arg constraint=a100")
+                        "--slurm-arg mem=64G --slurm-arg constraint=a100")
     p.add_argument("--wait", action="store_true", default=None,
                    help="with --launcher: wait for the jobs, then write the report (default: return after submitting)")
     p.add_argument("--status", action="store_true", help="list the runs done / running / queued / failed / todo, "
@@ -527,7 +528,8 @@ def add_arguments(p) -> None:
 
 
 def _given(a, names) -> list:
-    return ["--" + n.replace("_", "-") for n in names if getattr(a, n, None) not in (None, False)]
+    return ["--" + n.replace("_", "-") for n in names if getattr(a, n, None) is not None and
+            getattr(a, n) is not False]  # (0 is given: --gpus-per-run 0)
 
 
 def check_flags(a) -> None:
@@ -547,10 +549,10 @@ def check_flags(a) -> None:
         clash = _given(a, others) if getattr(a, modal) else []
         if clash:
             raise DeepError(f"--{modal.replace('_', '-')} cannot be combined with {' '.join(clash)}")
-    for name in ("workers", "gpus_per_run", "array_parallelism"):
+    for name, least in (("workers", 1), ("gpus_per_run", 0), ("array_parallelism", 1)):
         value = getattr(a, name)
-        if value is not None and value < 1:
-            raise DeepError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if value is not None and value < least:
+            raise DeepError(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
     if a.launcher == "slurm" and a.time is None:
         raise DeepError("--launcher slurm needs --time (a job's wall-clock limit, e.g. --time 24:00:00; a job that "
                         "reaches it is requeued and resumes its run)")
@@ -573,9 +575,9 @@ def study_command(a, spec: StudySpec) -> int:
         return 0
     elif a.launcher:
         minutes = parse_time(a.time) if a.time else None
-        submit(spec, a.out, "slurm" if a.launcher == "slurm" else "local", a.job_per or "chain", a.partition,
-                      a.gpus_per_run or 1, minutes, a.array_parallelism, parse_slurm_args(a.slurm_arg),
-                      a.data_dir, bool(a.wait), a.quiet)
+        gpus = 1 if a.gpus_per_run is None else a.gpus_per_run
+        submit(spec, a.out, "slurm" if a.launcher == "slurm" else "local", a.job_per or "chain", a.partition, gpus,
+               minutes, a.array_parallelism, parse_slurm_args(a.slurm_arg), a.data_dir, bool(a.wait), a.quiet)
         if not a.wait:
             return 0
     elif a.workers or a.devices:

@@ -1,10 +1,12 @@
 """A study on several processes (deep.launch): local workers, two study processes on one folder, a killed worker,
 and the SLURM path through submitit's local executor all give the one-process report, number for number (timings
 aside), with each run trained once."""
+import importlib.util
 import json
 import multiprocessing
 import os
 import signal
+import sys
 
 import pytest
 
@@ -194,6 +196,15 @@ def test_a_job_with_several_gpus_trains_under_torchrun(data_root, tmp_path):
     assert json.load(open(tmp_path / "s" / "base" / "seed0" / "results.json"))["world_size"] == 2
 
 
+def test_without_submitit_the_launcher_names_the_extra(tmp_path, capsys, monkeypatch):
+    """submitit is an optional extra: deep imports without it, and --launcher says how to install it."""
+    monkeypatch.setitem(sys.modules, "submitit", None)
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"seeds": [0], "baseline": "base", "arms": {"base": {"config": "fmnist_base"}}}))
+    assert main(["study", str(spec), "--out", str(tmp_path / "s"), "--launcher", "submitit-local"]) == 2
+    assert "pip install -e '.[cluster]'" in capsys.readouterr().err
+
+
 def test_cli_flags(data_root, tmp_path, capsys):
     spec = {"name": "one", "seeds": [0], "baseline": "base",
             "arms": {"base": {"config": "fmnist_base", "overrides": dict(TINY, epochs=1)}}}
@@ -202,6 +213,7 @@ def test_cli_flags(data_root, tmp_path, capsys):
     out = str(tmp_path / "s")
     bad = [(["--workers", "2", "--launcher", "slurm", "--time", "10"], "apply to runs on this machine"),
            (["--partition", "gpu"], "apply to --launcher slurm"),
+           (["--gpus-per-run", "0"], "--gpus-per-run apply to --launcher slurm"),
            (["--launcher", "slurm"], "needs --time"),
            (["--workers", "0"], "--workers must be >= 1"),
            (["--report-only", "--workers", "2"], "--report-only cannot be combined with --workers"),
@@ -223,5 +235,8 @@ def test_cli_flags(data_root, tmp_path, capsys):
     assert not os.path.exists(os.path.join(out, "report.md"))
     assert main(["study", str(path), "--out", out, "--status"]) == 0
     assert "1 runs: 1 done" in capsys.readouterr().out
+    if importlib.util.find_spec("submitit"):  # nothing left to submit: the report
+        assert main(["study", str(path), "--out", out, "--launcher", "submitit-local", "--wait", "--quiet"]) == 0
+        assert os.path.exists(os.path.join(out, "report.md")) and capsys.readouterr().out.strip().endswith("report.md")
     assert main(["study", str(path), "--out", out, "--workers", "2", "--devices", "cpu", "--quiet"]) == 0
     assert capsys.readouterr().out.strip().endswith("report.md")

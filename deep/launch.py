@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 
@@ -213,6 +214,8 @@ def _worker(i, spec, out, device, threads, data_dir, quiet, runner, poll, errors
 
     import torch
     torch.set_num_threads(threads)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))  # also for what runs on "the" current GPU (synchronize, caches)
 
     def stop(signum, frame):
         raise KeyboardInterrupt("terminated")
@@ -386,6 +389,8 @@ def submit(spec: StudySpec, out: str, cluster: str = "slurm", per: str = "chain"
         # to the fork, which then trains those epochs itself)
         batches = [[g[:1] for g in groups], [[i] for g in groups for i in g[1:]]]
     jobs, record = [], _jobs_record(folder)
+    # a job may start in another folder than this one (sbatch --chdir, a requeue): absolute paths
+    spec_path, out, data_dir = os.path.abspath(spec_path), os.path.abspath(out), os.path.abspath(data_dir)
     for batch in batches:
         if not batch:
             continue
@@ -421,8 +426,9 @@ def _jobs_record(folder: str) -> list:
     try:
         with open(path) as f:
             record = json.load(f)
-        return [r for r in record if isinstance(r, dict) and isinstance(r.get("runs"), list)] \
-            if isinstance(record, list) else []
+        # an untrusted file: only well-formed entries (a job id is what sacct is asked about)
+        return [r for r in record if isinstance(r, dict) and isinstance(r.get("runs"), list) and
+                re.fullmatch(r"\d+(_\d+)?", str(r.get("job_id")))] if isinstance(record, list) else []
     except (OSError, ValueError):
         return []
 

@@ -156,7 +156,8 @@ def test_status_names_the_jobs_of_unfinished_runs(tmp_path):
     (tmp_path / "slurm").mkdir()
     (tmp_path / "slurm" / "jobs.json").write_text(json.dumps([
         {"job_id": str(dead.pid), "cluster": "local", "runs": ["base/seed0", "late/seed0"]},
-        {"job_id": str(os.getpid()), "cluster": "local", "runs": ["base/seed1"]}]))
+        {"job_id": str(os.getpid()), "cluster": "local", "runs": ["base/seed1"]},
+        {"job_id": "1; rm -rf x", "cluster": "slurm", "runs": ["late/seed1"]}]))  # not a job id: ignored
     (tmp_path / "late" / "seed1").mkdir(parents=True)
     (tmp_path / "late" / "seed1" / "checkpoint.pt").write_bytes(b"")
     rows = {i: (st, d) for i, st, d in status(spec, str(tmp_path))}

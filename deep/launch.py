@@ -247,6 +247,15 @@ def chains(spec: StudySpec, ids: list | None = None) -> list:
     return list(groups.values())
 
 
+def job_batches(groups: list, per: str) -> list:
+    """The job arrays to submit, each a list of jobs (a list of run ids): one array of the chains (``per`` chain),
+    or (``per`` run) one of the chains' first runs and one of the forks, submitted to start after the first."""
+    if per == "chain":
+        return [groups]
+    # afterany: a failed owner leaves its trunk to the fork, which then trains those epochs itself
+    return [b for b in ([g[:1] for g in groups], [[i] for g in groups for i in g[1:]]) if b]
+
+
 def spec_json(spec: StudySpec) -> dict:
     """``spec`` as the JSON that :func:`deep.study.load_spec` reads back (what the jobs load)."""
     arms = {}
@@ -376,24 +385,28 @@ def submit(spec: StudySpec, out: str, cluster: str = "slurm", per: str = "chain"
                             f"another --out")
     else:
         write_json(spec_path, text)
+    record = _jobs_record(folder)
+    states: dict = {}
+    queued = {i for job in record if (states.setdefault(job["job_id"], _job_state(folder, job)).split() or
+                                      ["UNKNOWN"])[0] in _QUEUED for i in job["runs"]}
     todo = [run_id(a.name, s) for s, a in study_runs(spec) if not finished(out, a.name, s)]
+    again = [i for i in todo if i in queued]
+    if again:  # a second submission would only wait for the first one's runs
+        say(f"{len(again)} run(s) already in queued or running jobs (--status): not submitted again")
+    todo = [i for i in todo if i not in queued]
     if not todo:
-        say("every run is finished")
-        if wait:
+        say("every run is finished" if not again else "nothing to submit")
+        if wait and not again:
             make_report(spec, out)
+        elif wait:
+            raise DeepError(f"--wait: {len(again)} run(s) belong to jobs of an earlier submission; wait for those "
+                            f"(--status), then --report-only")
         return []
-    groups = chains(spec, set(todo))
-    if per == "chain":
-        batches = [groups]
-    else:  # one job per run: the forks after the jobs of their owners (afterany: a failed owner leaves the trunk
-        # to the fork, which then trains those epochs itself)
-        batches = [[g[:1] for g in groups], [[i] for g in groups for i in g[1:]]]
-    jobs, record = [], _jobs_record(folder)
+    batches = job_batches(chains(spec, set(todo)), per)
+    jobs = []
     # a job may start in another folder than this one (sbatch --chdir, a requeue): absolute paths
     spec_path, out, data_dir = os.path.abspath(spec_path), os.path.abspath(out), os.path.abspath(data_dir)
     for batch in batches:
-        if not batch:
-            continue
         if jobs and cluster == "slurm":
             ex.update_parameters(slurm_dependency="afterany:" + ":".join(sorted({j.job_id.split("_")[0]
                                                                                   for j in jobs})))

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from deep.cli import main
-from deep.launch import StudyJob, chains, parse_time, run_local, status, submit, work
+from deep.launch import StudyJob, chains, job_batches, parse_time, run_local, status, submit, work
 from deep.study import Arm, StudySpec, _train, load_spec, run_study
 
 from data_files import write_fashion
@@ -165,10 +165,26 @@ def test_status_names_the_jobs_of_unfinished_runs(tmp_path):
     assert rows["base/seed1"][0] == "queued" and rows["late/seed1"][0] == "interrupted"
 
 
+def test_runs_in_queued_jobs_are_not_submitted_again(tmp_path):
+    pytest.importorskip("submitit")
+    from deep.errors import DeepError
+    (tmp_path / "slurm").mkdir()
+    (tmp_path / "slurm" / "jobs.json").write_text(json.dumps([{"job_id": str(os.getpid()), "cluster": "local",
+                                                                "runs": sorted(RUNS)}]))
+    assert submit(_spec(), str(tmp_path), cluster="local", quiet=True) == []
+    with pytest.raises(DeepError, match="belong to jobs of an earlier submission"):
+        submit(_spec(), str(tmp_path), cluster="local", quiet=True, wait=True)
+
+
 def test_chains_follow_the_trunks():
     assert chains(_spec(other=True)) == [["base/seed0", "late/seed0"], ["late_lr/seed0"],
                                          ["base/seed1", "late/seed1"], ["late_lr/seed1"]]
     assert chains(_spec(other=True), {"late/seed1", "late_lr/seed0"}) == [["late_lr/seed0"], ["late/seed1"]]
+    groups = chains(_spec(other=True))
+    assert job_batches(groups, "chain") == [groups]
+    assert job_batches(groups, "run") == [[["base/seed0"], ["late_lr/seed0"], ["base/seed1"], ["late_lr/seed1"]],
+                                          [["late/seed0"], ["late/seed1"]]]
+    assert job_batches([["late/seed1"]], "run") == [[["late/seed1"]]]  # its owner is done: no second array
     assert [parse_time(t) for t in ("90", "1:30:00", "1-00:00:00", "0:00:30")] == [90, 90, 1440, 1]
 
 

@@ -199,7 +199,11 @@ def test_submitit_local_jobs_give_the_sequential_report(sequential, data_root, t
     assert {r[1] for r in rows} == {"done"} and len(rows) == 4
     assert (tmp_path / "slurm" / "spec.json").exists() and load_spec(str(tmp_path / "slurm" / "spec.json")) \
         .arms[1].resolved() == spec.arms[1].resolved()
-    assert list((tmp_path / "slurm").glob("*_log.out"))  # the jobs' logs
+    logs = "".join(p.read_text() for p in (tmp_path / "slurm").glob("*_log.out"))  # the jobs' logs
+    for arm in ("base", "late"):  # each run trained once, the late-phase runs forking their seed's trunk
+        for seed in (0, 1):
+            assert logs.count(f"] {arm} seed {seed} (") == 1, logs
+    assert logs.count("(forking") == 2
     assert submit(spec, str(tmp_path), cluster="local", quiet=True) == []  # nothing left to submit
 
 

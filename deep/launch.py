@@ -45,7 +45,7 @@ from .study import (
 )
 from .trainer import write_json
 
-POLL_SECONDS = 5.0   # how often a process with nothing ready looks again
+POLL_SECONDS = 2.0   # how often a process with nothing ready looks again (a few stat and flock calls per run)
 
 
 def run_id(arm: str, seed: int) -> str:

@@ -357,7 +357,7 @@ def _executor(folder: str, cluster: str, name: str, partition, gpus_per_run: int
             params["slurm_array_parallelism"] = array_parallelism
         ex.update_parameters(**params)
     except (NameError, ValueError, TypeError, RuntimeError) as e:
-        raise DeepError(f"submitit: {str(e).strip().splitlines()[0]}") from None
+        raise DeepError(f"submitit ({cluster} cluster): {str(e).strip().splitlines()[0]}") from None
     return ex
 
 
@@ -556,10 +556,10 @@ def check_flags(a) -> None:
     slurm = _given(a, _SLURM_FLAGS)
     local = _given(a, ("workers", "devices", "device"))
     if slurm and not a.launcher:
-        raise DeepError(f"{' '.join(slurm)} apply to --launcher slurm; add it, or drop them to run on this machine")
+        raise DeepError(f"{' '.join(slurm)}: only with --launcher slurm; add it, or drop them to run on this machine")
     if a.launcher and local:
-        raise DeepError(f"{' '.join(local)} apply to runs on this machine; under --launcher each job gets its GPUs "
-                        f"from the scheduler (--gpus-per-run)")
+        raise DeepError(f"{' '.join(local)}: only for runs on this machine; under --launcher each job gets its "
+                        f"GPUs from the scheduler (--gpus-per-run)")
     if a.devices and a.device:
         raise DeepError("give either --device (one process) or --devices (one worker each), not both")
     for modal, others in (("report_only", ("workers", "devices", "launcher", "status", "only")),

@@ -232,9 +232,9 @@ def test_cli_flags(data_root, tmp_path, capsys):
     path = tmp_path / "spec.json"
     path.write_text(json.dumps(spec))
     out = str(tmp_path / "s")
-    bad = [(["--workers", "2", "--launcher", "slurm", "--time", "10"], "apply to runs on this machine"),
-           (["--partition", "gpu"], "apply to --launcher slurm"),
-           (["--gpus-per-run", "0"], "--gpus-per-run apply to --launcher slurm"),
+    bad = [(["--workers", "2", "--launcher", "slurm", "--time", "10"], "only for runs on this machine"),
+           (["--partition", "gpu"], "--partition: only with --launcher slurm"),
+           (["--gpus-per-run", "0"], "--gpus-per-run: only with --launcher slurm"),
            (["--launcher", "slurm"], "needs --time"),
            (["--workers", "0"], "--workers must be >= 1"),
            (["--report-only", "--workers", "2"], "--report-only cannot be combined with --workers"),

@@ -225,10 +225,12 @@ def _worker(i, spec, out, device, threads, data_dir, quiet, runner, poll, errors
              say=_sayer(spec, quiet, f" worker {i}"))
     except KeyboardInterrupt:
         sys.exit(130)
-    except Exception as e:  # one line for the parent; the traceback for the user
-        errors.put(f"worker {i} failed: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+    except Exception as e:  # one line now and for the parent's summary; the traceback too where it is a bug
+        line = f"worker {i} failed: {(str(e).strip().splitlines() or [type(e).__name__])[0]}"
+        errors.put(line)
         if not isinstance(e, DeepError):
             raise
+        print(f"error: {line}", file=sys.stderr, flush=True)
         sys.exit(2)
 
 

@@ -63,6 +63,11 @@ def dies_once(cfg, seed, folder, resume, fork, trunk_epoch, **kw):
     logged(cfg, seed, folder, resume, fork, trunk_epoch, **kw)
 
 
+def fails(cfg, seed, folder, *args, **kw):
+    from deep.errors import DeepError
+    raise DeepError(f"no data for {os.path.basename(folder)}")
+
+
 def _taken(out) -> list:
     with open(os.path.join(out, "taken.log")) as f:
         return [json.loads(line) for line in f]
@@ -108,6 +113,14 @@ def test_a_killed_worker_s_run_is_resumed_by_another(sequential, data_root, tmp_
     late1 = [t for t in _taken(tmp_path) if t[0] == "late/seed1"]
     assert len(late1) == 2 and late1[1][2] and late1[0][1] != late1[1][1]  # resumed, in the other worker
     assert not (tmp_path / "late" / "seed1" / "lock").exists()
+
+
+def test_failing_workers_are_one_line(data_root, tmp_path, capfd):
+    from deep.errors import DeepError
+    with pytest.raises(DeepError, match=r"4 run\(s\) unfinished .*worker \d failed: no data for seed\d; worker"):
+        run_local(_spec(), str(tmp_path), workers=2, device="cpu", data_dir=str(data_root), quiet=True, runner=fails,
+                  poll=0.1)
+    assert "error: worker" in capfd.readouterr().err
 
 
 def _study_process(spec, out, data_root):

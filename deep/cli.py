@@ -288,7 +288,7 @@ def cmd_plot(a, cls) -> int:
 
 
 def cmd_study(a, cls) -> int:
-    from .study import STUDIES, load_spec, make_report, run_study
+    from .study import STUDIES, load_spec
     if a.list:
         for name, spec in sorted(STUDIES.items()):
             arms = ", ".join(f"{arm.name}=ensemble of {arm.size} {arm.ensemble_of} runs" if arm.ensemble_of else
@@ -299,13 +299,8 @@ def cmd_study(a, cls) -> int:
     if a.spec is None or a.out is None:
         raise ConfigError("study needs SPEC (a named study or a JSON file; --list names them) and --out DIR")
     a.out = check_out_value(a.out)
-    spec = load_spec(a.spec)
-    if a.report_only:
-        make_report(spec, a.out)
-    else:
-        run_study(spec, a.out, a.data_dir, a.device, a.quiet)
-    print(os.path.join(a.out, "report.md"))
-    return 0
+    from .launch import study_command
+    return study_command(a, load_spec(a.spec))
 
 
 def cmd_table(a, cls) -> int:
@@ -379,6 +374,8 @@ def make_parser(train_cls: type = ImageConfig) -> argparse.ArgumentParser:
     st.add_argument("--quiet", action="store_true", help="no console lines")
     st.add_argument("--report-only", action="store_true", help="only (re)write the report of the finished runs")
     st.add_argument("--list", action="store_true", help="list the named studies")
+    from .launch import add_arguments as launch_arguments  # --workers, --devices, --launcher slurm, --status
+    launch_arguments(st)
     st.set_defaults(func=cmd_study, cls=None)
 
     tb = sub.add_parser("table", help="aggregate results.json files over seeds into markdown tables")

@@ -6,7 +6,8 @@ span several sittings. Arms whose first epochs are identical -- same seed and ev
 epochs equal, see :func:`deep.trainer.shareable` (e.g. the base model and late-phase arms released at the same T0,
 with SWA starting later) -- share them: the first such arm of a seed keeps its state after those epochs (trunk.pt) and
 the others start from it. A forked run is bit-identical to the same run trained from scratch (tested), so sharing
-saves time without changing any result.
+saves time without changing any result. Several processes share a study -- local workers, a second ``study`` on the
+same DIR, SLURM jobs -- each taking the next ready run under its folder's lock (deep.launch).
 
 The report (DIR/report.md, DIR/report.json, DIR/*.png) gives, under one BatchNorm rule for every arm (default
 ``reestimated``, valid for SWA arms too; ``stored`` is reported as well):
@@ -46,7 +47,6 @@ import json
 import math
 import os
 import re
-import time
 from dataclasses import dataclass, field
 
 from shared.checkpoint import atomic_write
@@ -313,41 +313,14 @@ def run_study(spec: StudySpec, out: str, data_dir: str = "data", device: str | N
               stream=None, runner=None) -> dict:
     """Run every arm x seed of ``spec`` that has no results yet (resuming or forking where it can), then write the
     report; returns the report. ``runner(cfg, seed, folder, resume, fork, trunk_epoch)`` trains one run (default:
-    the trainer of the config's kind)."""
+    the trainer of the config's kind). The runs are taken one by one in :func:`study_runs` order by
+    :func:`deep.launch.work`, so another study process on the same ``out`` shares them (deep.launch)."""
     import sys
-    runner = runner or _train
-    plan = _trunk_plan(spec)
+
+    from .launch import work
     say = (lambda text: None) if quiet else (lambda text: print(f"[study {spec.name}] {text}",
                                                                 file=stream or sys.stdout, flush=True))
-    todo = [(seed, arm) for seed in spec.seeds for arm in spec.arms
-            if arm.ensemble_of is None and seed in arm.seeds_in(spec)]
-    for seed, arm in todo:  # before the first run: every run already there must be this spec's
-        _check_existing(spec, out, arm, seed)
-    start = time.perf_counter()
-    for i, (seed, arm) in enumerate(todo):
-        folder = _folder(out, arm.name, seed)
-        resume = os.path.exists(os.path.join(folder, "checkpoint.pt"))
-        if os.path.exists(os.path.join(folder, "results.json")):
-            if not resume or os.path.exists(os.path.join(folder, "export", "models.json")):
-                continue
-            # results without exports: a run killed between the two by an earlier version, which wrote results.json
-            # first; resuming its finished checkpoint evaluates and exports it again
-        subfolder(out, arm.name)  # a link here would put the run outside --out (checked again just before it)
-        fork = trunk_epoch = None
-        if not resume and arm.name in plan:
-            epochs, members = plan[arm.name]
-            trunks = [os.path.join(_folder(out, m, seed), "trunk.pt") for m in members if m != arm.name]
-            fork = next((t for t in trunks if os.path.exists(t)), None)
-            if fork is None:
-                trunk_epoch = epochs
-        if resume:
-            how = "exporting again: results without exports" if os.path.exists(os.path.join(folder, "results.json")) \
-                else "resuming"
-        else:
-            how = f"forking {os.path.dirname(fork)} at epoch {plan[arm.name][0]}" if fork else "from scratch"
-        say(f"run {i + 1}/{len(todo)}: {arm.name} seed {seed} ({how}; {time.perf_counter() - start:.0f} s so far)")
-        runner(arm.resolved(), seed, folder, resume, fork, trunk_epoch, data_dir=data_dir, device=device, quiet=quiet,
-               stream=stream)
+    work(spec, out, data_dir=data_dir, device=device, quiet=quiet, stream=stream, runner=runner, say=say)
     report = make_report(spec, out)
     say(f"report: {os.path.join(out, 'report.md')}")
     return report
@@ -424,6 +397,70 @@ def _check_existing(spec: StudySpec, out: str, arm: Arm, seed: int) -> None:
     if why:
         raise DeepError(f"study {spec.name}, arm {arm.name}, seed {seed}: {why}; delete that run folder to run it "
                         f"again, or choose another --out")
+
+
+def study_runs(spec: StudySpec) -> list:
+    """Every (seed, arm) of ``spec`` that trains, in dependency order: seed by seed, the arms in the spec's order,
+    so a seed's trunk-owning run (the first arm of its family, see :func:`_trunk_plan`) comes before the arms that
+    fork it. Deep ensembles train nothing: the report assembles them."""
+    return [(seed, arm) for seed in spec.seeds for arm in spec.arms
+            if arm.ensemble_of is None and seed in arm.seeds_in(spec)]
+
+
+def finished(out: str, arm: str, seed: int) -> bool:
+    """Whether run ``arm`` x ``seed`` of the study in ``out`` is complete: its results, and its exports unless the
+    checkpoint that could write them is gone (a run killed between the two by an earlier version, which wrote
+    results.json first, is resumed to export again)."""
+    folder = _folder(out, arm, seed)
+    if not os.path.exists(os.path.join(folder, "results.json")):
+        return False
+    return (not os.path.exists(os.path.join(folder, "checkpoint.pt"))
+            or os.path.exists(os.path.join(folder, "export", "models.json")))
+
+
+def check_existing(spec: StudySpec, out: str) -> None:
+    """Before the first run: refuse (one line) any run folder of ``out`` that holds a finished run or a checkpoint
+    that is not what ``spec`` says (see :func:`_check_existing`)."""
+    for seed, arm in study_runs(spec):
+        _check_existing(spec, out, arm, seed)
+
+
+def trunk_owner(spec: StudySpec, plan: dict, arm: Arm, seed: int) -> str | None:
+    """The arm whose run of ``seed`` keeps the trunk that ``arm`` forks (the first arm of its family on that seed),
+    or None when ``arm`` owns it or shares no epochs."""
+    if arm.name not in plan:
+        return None
+    on_seed = [a.name for a in spec.arms if a.name in plan[arm.name][1] and seed in a.seeds_in(spec)]
+    return on_seed[0] if on_seed[0] != arm.name else None
+
+
+def run_one(spec: StudySpec, out: str, seed: int, arm: Arm, plan: dict | None = None, runner=None, say=None,
+            **kw) -> bool:
+    """Train run ``arm`` x ``seed`` of the study in ``out`` unless it is finished; returns whether it trained. It
+    resumes its checkpoint, or forks a trunk of its family that exists, or trains from scratch, keeping its trunk
+    for the others when it is in a family. ``plan``: :func:`_trunk_plan` (computed when None); ``say(how)``
+    announces it; ``kw`` go to ``runner`` (default: the trainer of the config's kind)."""
+    runner = runner or _train
+    plan = _trunk_plan(spec) if plan is None else plan
+    folder = _folder(out, arm.name, seed)
+    if finished(out, arm.name, seed):
+        return False
+    subfolder(out, arm.name)  # a link here would put the run outside --out (checked again just before it)
+    resume = os.path.exists(os.path.join(folder, "checkpoint.pt"))
+    fork = trunk_epoch = None
+    if arm.name in plan:
+        epochs, members = plan[arm.name]
+        trunks = [os.path.join(_folder(out, m, seed), "trunk.pt") for m in members if m != arm.name]
+        fork = None if resume else next((t for t in trunks if os.path.exists(t)), None)
+        if fork is None and not any(os.path.exists(t) for t in trunks):
+            trunk_epoch = epochs  # a resumed run still before its epoch E keeps the trunk too
+    how = "exporting again: results without exports" if resume and os.path.exists(
+        os.path.join(folder, "results.json")) else "resuming" if resume else f"forking {os.path.dirname(fork)} at epoch {plan[arm.name][0]}" if fork \
+        else "from scratch"
+    if say is not None:
+        say(how)
+    runner(arm.resolved(), seed, folder, resume, fork, trunk_epoch, **kw)
+    return True
 
 
 def _train(cfg, seed, folder, resume, fork, trunk_epoch, data_dir="data", device=None, quiet=False, stream=None):

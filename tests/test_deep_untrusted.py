@@ -457,5 +457,8 @@ def test_a_study_exports_again_a_run_with_results_but_no_exports(tmp_path):
     def runner(cfg, seed, folder, resume, fork, trunk_epoch, **kw):
         calls.append((os.path.relpath(folder, out), resume))
         _fake_runner(cfg, seed, folder, resume, fork, trunk_epoch)
+        os.makedirs(os.path.join(folder, "export"), exist_ok=True)  # as the trainer's resume exports again
+        with open(os.path.join(folder, "export", "models.json"), "w") as f:
+            f.write("{}")
     run_study(_spec(), str(out), quiet=True, runner=runner)
     assert calls == [(os.path.join("late", "seed1"), True)]

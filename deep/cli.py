@@ -132,6 +132,8 @@ def resolve(a: argparse.Namespace, cls: type, base=None):
         wanted = base.name if base is not None else a.config
         clash = [f"config: {cfg.name} -> {wanted}"] if wanted not in (None, cfg.name) else []
         clash += [f"seed: {seed} -> {a.seed}"] if a.seed not in (None, seed) else []
+        if "eval_every" in given:  # how often the epochs are evaluated changes no weight: a resumed run may change it
+            cfg = dataclasses.replace(cfg, eval_every=given.pop("eval_every"))
         clash += [f"{k}: {getattr(cfg, k)!r} -> {v!r}" for k, v in given.items() if getattr(cfg, k) != v]
         if clash:
             raise DeepError(f"--resume with different settings ({', '.join(clash[:4])}); drop those flags to "
@@ -228,7 +230,9 @@ def cmd_study(a, cls) -> int:
     if a.report_only:
         make_report(spec, a.out)
     else:
-        run_study(spec, a.out, a.data_dir, a.device, a.quiet)
+        if a.eval_every is not None and a.eval_every < 1:
+            raise ConfigError(f"--eval-every must be >= 1 (epochs between test evaluations), got {a.eval_every}")
+        run_study(spec, a.out, a.data_dir, a.device, a.quiet, eval_every=a.eval_every)
     print(os.path.join(a.out, "report.md"))
     return 0
 
@@ -303,6 +307,9 @@ def make_parser(train_cls: type = ImageConfig) -> argparse.ArgumentParser:
     st.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     st.add_argument("--quiet", action="store_true", help="no console lines")
     st.add_argument("--report-only", action="store_true", help="only (re)write the report of the finished runs")
+    st.add_argument("--eval-every", type=int, default=None, metavar="N",
+                    help="the per-epoch test metrics of every run every N epochs (the last epoch and the final "
+                         "evaluation always run; default: each arm's eval_every)")
     st.add_argument("--list", action="store_true", help="list the named studies")
     st.set_defaults(func=cmd_study, cls=None)
 

@@ -163,6 +163,21 @@ STUDIES = {
         "late-phase full ensemble, hypernetwork, BatchEnsemble, MC dropout and late-phase from T0 = 0 on 4.",
         fewer={a: (0, 1, 2, 3) for a in ("full_ensemble", "hypernetwork", "batchensemble", "mc_dropout",
                                          "late_phase_T0_0")}),
+    # The paper's schedule shape on Fashion-MNIST (deep.config: the fmnist_paper_shape presets), with the ablations
+    # that separate the ensemble of phi from theta's changed dynamics; every arm shares its seed's first T0 = 36 epochs.
+    "fmnist_paper_shape": StudySpec(
+        name="fmnist_paper_shape", seeds=(0, 1, 2, 3, 4), baseline="base",
+        description="Fashion-MNIST in the paper's schedule shape (15,000 training images, 60 epochs, T0 = 36, lr "
+                    "constant to epoch 30 then annealed per epoch to 0.001 at 54; batch 128 per member; 696 steps "
+                    "per member after the release): base; late-phase BatchNorm + head with K = 4 and gamma_theta = 1 "
+                    "or 1/K; the large-batch twin (after T0 no members: batches of K B, theta along K times its mean "
+                    "gradient, phi along its mean gradient: Algorithm 1's mean-model dynamics without an ensemble); "
+                    "late-phase with theta's weight decay x K after the release; a deep ensemble of 4 base runs.",
+        arms=(Arm("base", "fmnist_paper_shape_base"), Arm("late_phase", "fmnist_paper_shape_bn"),
+              Arm("late_phase_inv_K", "fmnist_paper_shape_bn", {"gamma_theta": -1.0}),
+              Arm("large_batch_twin", "fmnist_paper_shape_twin"),
+              Arm("late_phase_wd_K", "fmnist_paper_shape_wdK"),
+              Arm("deep_ensemble", ensemble_of="base", size=4))),
 }
 
 
@@ -217,10 +232,11 @@ def _mutual(a: dict, b: dict, epochs: int) -> bool:
 
 
 def run_study(spec: StudySpec, out: str, data_dir: str = "data", device: str | None = None, quiet: bool = False,
-              stream=None, runner=None) -> dict:
+              stream=None, runner=None, eval_every: int | None = None) -> dict:
     """Run every arm x seed of ``spec`` that has no results yet (resuming or forking where it can), then write the
     report; returns the report. ``runner(cfg, seed, folder, resume, fork, trunk_epoch)`` trains one run (default:
-    the trainer of the config's kind)."""
+    the trainer of the config's kind). ``eval_every``: the per-epoch test metrics of every run every N epochs (and
+    at its last epoch) instead of the arms' own setting; it changes no weight, so runs resume and fork across it."""
     import sys
     runner = runner or _train
     plan = _trunk_plan(spec)
@@ -244,7 +260,10 @@ def run_study(spec: StudySpec, out: str, data_dir: str = "data", device: str | N
         how = "resuming" if resume else f"forking {os.path.dirname(fork)} at epoch {plan[arm.name][0]}" if fork \
             else "from scratch"
         say(f"run {i + 1}/{len(todo)}: {arm.name} seed {seed} ({how}; {time.perf_counter() - start:.0f} s so far)")
-        runner(arm.resolved(), seed, folder, resume, fork, trunk_epoch, data_dir=data_dir, device=device, quiet=quiet,
+        cfg = arm.resolved()
+        if eval_every is not None:
+            cfg = dataclasses.replace(cfg, eval_every=eval_every).validate()
+        runner(cfg, seed, folder, resume, fork, trunk_epoch, data_dir=data_dir, device=device, quiet=quiet,
                stream=stream)
     report = make_report(spec, out)
     say(f"report: {os.path.join(out, 'report.md')}")
@@ -528,41 +547,64 @@ def _plots(spec: StudySpec, out: str, results: dict) -> list:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    # test accuracy, training loss, and (late-phase arms) whether the members diverge at all: their disagreement on
+    # the test set and the spread of their late-phase weights
+    panels = (("test_accuracy", "test accuracy (%), averaged model", "SWA arms: the SWA average"),
+              ("loss", "training loss", None),
+              ("members_disagreement", "members' disagreement on the test set (%)", "mean over member pairs"),
+              ("phi_spread", "spread of phi: mean_k |phi_k - phi_bar| / |phi_bar|", None))
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.4))
+    axes = axes.ravel()
+    marks = {}
     for i, arm in enumerate(spec.arms):
         if arm.ensemble_of is not None:
             continue
         logs = []
         for seed in results.get(arm.name, {}):
             with open(os.path.join(_folder(out, arm.name, seed), "log.jsonl")) as f:
-                logs.append([json.loads(line) for line in f if line.strip()])
+                logs.append([e for e in (json.loads(line) for line in f if line.strip())
+                             if e.get("phase") != "pretrained"])
         if not logs:
             continue
-        epochs = [e["epoch"] for e in logs[0] if e.get("phase") != "pretrained"]
-        for ax, key in zip(axes, ("test_accuracy", "loss")):
+        color = colors[i % len(colors)]
+        for ax, (key, _title, _note) in zip(axes, panels):
             # an SWA arm's model is its SWA average from the SWA start on (swa_test_accuracy), not the current weights
-            rows = [[e.get("swa_test_accuracy", e.get(key)) if key == "test_accuracy" else e.get(key)
-                     for e in log if e.get("phase") != "pretrained"] for log in logs]
-            if not all(len(r) == len(epochs) and None not in r for r in rows):
+            def value(e, key=key):
+                return e.get("swa_test_accuracy", e.get(key)) if key == "test_accuracy" else e.get(key)
+            # the epochs every seed has the value at (test metrics are logged every eval_every epochs)
+            epochs = sorted(set.intersection(*({e["epoch"] for e in log if value(e) is not None} for log in logs)))
+            if not epochs:
                 continue
+            rows = [[value(e) for e in log if e["epoch"] in epochs] for log in logs]
             mean = [sum(c) / len(c) for c in zip(*rows)]
-            lo = [min(c) for c in zip(*rows)]
-            hi = [max(c) for c in zip(*rows)]
-            ax.plot(epochs, mean, "o-", ms=3, color=colors[i % len(colors)], label=f"{arm.name} (n={len(rows)})")
-            ax.fill_between(epochs, lo, hi, color=colors[i % len(colors)], alpha=0.15)
+            ax.plot(epochs, mean, "o-", ms=3, color=color, label=f"{arm.name} (n={len(rows)})")
+            ax.fill_between(epochs, [min(c) for c in zip(*rows)], [max(c) for c in zip(*rows)], color=color,
+                            alpha=0.15)
         cfg = arm.resolved()
         for ax in axes:
             if cfg.late_phase and cfg.T0:
-                ax.axvline(cfg.T0 + 0.5, color=colors[i % len(colors)], ls="--", lw=1, alpha=0.6)
+                ax.axvline(cfg.T0 + 0.5, color=color, ls="--", lw=1, alpha=0.6)
+                marks["--"] = "release of the late-phase weights (T0)"
             if cfg.swa:
-                ax.axvline(cfg.swa_start - 0.5, color=colors[i % len(colors)], ls=":", lw=1, alpha=0.6)
-    axes[0].set_title("test accuracy (%) of the averaged model (SWA arms: the SWA average)\nmean over seeds, "
-                      "band: min-max", fontsize=10)
-    axes[1].set_title("training loss, mean over seeds")
-    for ax in axes:
+                ax.axvline(cfg.swa_start - 0.5, color=color, ls=":", lw=1, alpha=0.6)
+                marks[":"] = "SWA start"
+    for ax, (key, title, note) in zip(axes, panels):
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch")
-    axes[0].legend(fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        foot = "mean over seeds, band: min-max" + (f"; {note}" if note else "")
+        if not ax.lines:
+            foot = "no late-phase arm with K > 1 logged it" if key in ("members_disagreement", "phi_spread") \
+                else "not logged"
+        ax.text(0.01, 0.01, foot, transform=ax.transAxes, fontsize=8, color="gray", va="bottom")
+    handles, labels = axes[0].get_legend_handles_labels()
+    for ls, what in marks.items():  # name the vertical lines (each arm's, in its colour)
+        handles.append(Line2D([], [], color="gray", ls=ls, lw=1))
+        labels.append(what)
+    axes[0].legend(handles, labels, fontsize=8, loc="best")
     fig.tight_layout()
     curves = os.path.join(out, "curves.png")
     fig.savefig(curves, dpi=110)
@@ -579,7 +621,8 @@ def _plots(spec: StudySpec, out: str, results: dict) -> list:
             if bins:
                 ax.plot([b[0] for b in bins], [b[1] for b in bins], "o-", ms=3, color=colors[i % len(colors)],
                         label=arm.name)
-        ax.set_title(f"reliability: {model} ({spec.rule}), pooled over seeds")
+        ax.set_title(f"reliability: {model} ({spec.rule})", fontsize=10)
+        ax.text(0.99, 0.01, "pooled over seeds", transform=ax.transAxes, fontsize=8, color="gray", ha="right")
         ax.set_xlabel("confidence")
         ax.set_ylabel("accuracy")
         ax.set_xlim(0, 1)

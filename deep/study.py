@@ -407,6 +407,9 @@ def make_report(spec: StudySpec, out: str) -> dict:
                  "dropout": cfg.dropout, "mc_samples": cfg.mc_samples,
                  "test_passes": {"averaged": arm.size} if arm.ensemble_of else prediction_passes(cfg),
                  "gamma_theta": cfg.theta_scale if cfg.late_phase else None, "ensemble_of": arm.ensemble_of,
+                 "batch_size_late": cfg.late_batch_size if cfg.late_phase else None,
+                 "weight_decay_theta": cfg.theta_weight_decay if cfg.late_phase else None,
+                 "batch_size": cfg.batch_size, "weight_decay": cfg.weight_decay,
                  "size": arm.size or None,
                  "parameters": next((r.get("cost", {}).get("parameters") for r in runs.values()), None),
                  "relative_training_flops": (sum(f for f in flops if f) / max(len([f for f in flops if f]), 1)) /
@@ -450,6 +453,10 @@ def _what(a: dict) -> str:
     if a["late_phase"]:
         bits.append(f"late-phase {'+'.join(a.get('phi') or [])} K={a['K']}, gamma_theta={a['gamma_theta']:g}, "
                     f"T0={a.get('T0')}")
+        if a.get("batch_size_late") not in (None, a.get("batch_size")):
+            bits.append(f"minibatch {a['batch_size_late']} after T0")
+        if a.get("weight_decay_theta") not in (None, a.get("weight_decay")):
+            bits.append(f"theta's weight decay {a['weight_decay_theta']:g} after T0")
     if a.get("dropout"):
         bits.append(f"dropout {a['dropout']:g}" + (f", {a['mc_samples']} passes at test" if a.get("mc_samples")
                                                    else ""))

@@ -185,6 +185,9 @@ def test_log_diagnostics_every_n_epochs_and_resume_with_another_n(data_root, tmp
     lines = [line for line in printed.splitlines() if line.startswith("[fmnist_paper_shape_bn]   ")]
     assert [line.split()[1] for line in lines[-3:]] == ["averaged", "ensemble", "members"]
     assert "reestimated: acc" in lines[-3] and "mean of 2 acc" in lines[-1]
+    assert main(["evaluate", str(out), "--bn-rule", "stored", "--device", "cpu", "--data-dir", str(data_root)]) == 0
+    shown = [line.split()[1] for line in capsys.readouterr().out.splitlines() if "stored: " in line]
+    assert shown == ["averaged", "ensemble", "members"]  # deep evaluate prints them too
     result = json.loads((out / "results.json").read_text())
     steps = result["eval_step_seconds"]
     assert "averaged (stored)" in steps and "networks for the reestimated rule" in steps
@@ -264,6 +267,10 @@ def test_a_study_rebuilds_and_continues_from_small_files(data_root, tmp_path, ca
     run_study(spec, str(copy_dir), str(data_root), "cpu", quiet=True, runner=runner)
     assert calls == [("fmnist_paper_shape_bn", 1, False)]
     assert make_report(spec, str(copy_dir))["arms"]["late_phase"]["seeds"] == [0, 1]
+    md = (copy_dir / "report.md").read_text()
+    assert "| large_batch_twin | late-phase bn+head K=1, gamma_theta=2, T0=1; minibatch 8 after T0 |" in md
+    assert "| late_phase_wd_K | late-phase bn+head K=2, gamma_theta=1, T0=1; theta's weight decay 0.002 after T0 |" \
+        in md
 
 
 def test_presets_are_listed():

@@ -451,7 +451,7 @@ class Trainer(abc.ABC):
                  "K": members, "lr": lrs[0], "lr_phi": lrs[-1], "loss": float(total) / max(n, 1),
                  f"{self.UNIT}_per_s": examples / seconds if seconds > 0 else None, "seconds": seconds}
         self.epoch += 1
-        if self.epoch % getattr(cfg, "eval_every", 1) == 0 or self.epoch == cfg.epochs:
+        if self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs:  # the last epoch always
             evaluated = time.perf_counter()
             entry.update(self.epoch_metrics())
             entry["eval_seconds"] = time.perf_counter() - evaluated

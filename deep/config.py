@@ -81,7 +81,10 @@ def check_seed(seed) -> int:
 @dataclass(frozen=True)
 class RunConfig:
     """What every run shares. ``lr_phi`` / ``weight_decay_phi`` < 0 mean: the same as ``lr`` / ``weight_decay``;
-    they apply to the member copies after the release only (before it every parameter is in one optimizer)."""
+    they apply to the member copies after the release only (before it every parameter is in one optimizer), as
+    ``weight_decay_theta`` (< 0: ``weight_decay``) and ``batch_size_late`` (0: ``batch_size``) apply to theta's
+    optimizer and to each member's minibatch after the release (see :attr:`theta_weight_decay`,
+    :attr:`late_batch_size`)."""
     name: str = "custom"
     dataset: str = "cifar10"
     arch: str = "wrn-28-10"

@@ -227,7 +227,16 @@ def _tiny_paper_study(seeds=(0, 1)) -> StudySpec:
 def test_a_study_rebuilds_and_continues_from_small_files(data_root, tmp_path, capsys):
     spec = _tiny_paper_study()
     first = tmp_path / "first"
-    report = run_study(spec, str(first), str(data_root), "cpu", quiet=True, eval_every=1)
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps({"name": spec.name, "seeds": list(spec.seeds), "baseline": "base",
+                                     "description": spec.description,
+                                     "arms": {a.name: ({"ensemble_of": a.ensemble_of, "size": a.size}
+                                                       if a.ensemble_of else
+                                                       {"config": a.config, "overrides": a.overrides})
+                                              for a in spec.arms}}))
+    assert main(["study", str(spec_file), "--out", str(first), "--data-dir", str(data_root), "--device", "cpu",
+                 "--eval-every", "1", "--quiet"]) == 0
+    report = json.loads((first / "report.json").read_text())
     assert set(report["arms"]) == {a.name for a in spec.arms}
     log = [json.loads(x) for x in (first / "late_phase" / "seed0" / "log.jsonl").read_text().splitlines()]
     assert all("test_accuracy" in e for e in log)  # --eval-every 1 over the arms' eval_every 2
@@ -242,13 +251,6 @@ def test_a_study_rebuilds_and_continues_from_small_files(data_root, tmp_path, ca
             shutil.copy(f, target)
             kept += 1
     assert kept == 4 * 5 * 2  # 5 trained arms x 2 seeds x 4 files (every run of a study keeps its predictions)
-    spec_file = tmp_path / "spec.json"
-    spec_file.write_text(json.dumps({"name": spec.name, "seeds": list(spec.seeds), "baseline": "base",
-                                     "description": spec.description,
-                                     "arms": {a.name: ({"ensemble_of": a.ensemble_of, "size": a.size}
-                                                       if a.ensemble_of else
-                                                       {"config": a.config, "overrides": a.overrides})
-                                              for a in spec.arms}}))
     assert main(["study", str(spec_file), "--report-only", "--out", str(copy_dir), "--quiet"]) == 0
     capsys.readouterr()
     again = json.loads((copy_dir / "report.json").read_text())

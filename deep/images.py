@@ -71,9 +71,10 @@ class ImageRun(ClassifierRun):
                   pad=cfg.pad if cfg.augment else 0, flip=cfg.augment, cutout=cfg.cutout, channels_last=self.channels_last)
         late = cfg.late_batch_size if cfg.late_phase else cfg.batch_size
         if cfg.members * late > len(train):
-            raise DataError(f"K {cfg.members} member minibatches of {late} images (--batch-size, --batch-size-late) "
-                            f"need {cfg.members * late} training images per step, the training set has "
-                            f"{len(train)}; lower --K or the batch size (or use more data)")
+            what = ("batch_size", "--batch-size") if late == cfg.batch_size else ("batch_size_late", "--batch-size-late")
+            raise DataError(f"K {cfg.members} member minibatches of {what[0]} {late} need {cfg.members * late} "
+                            f"training images per step, the training set has {len(train)}; lower --K or {what[1]} "
+                            f"(or use more data)")
         # before the release one minibatch of batch_size per step; after it K member minibatches of B' (the twin's
         # single member may draw a K0-times larger one), one loader per phase
         self.loaders = {"pre": GPULoader(train, cfg.batch_size, **kw),

@@ -279,3 +279,12 @@ def test_presets_are_listed():
     for name in ("fmnist_paper_shape_base", "fmnist_paper_shape_bn", "fmnist_paper_shape_twin",
                  "fmnist_paper_shape_wdK"):
         assert name in PRESETS and PRESETS[name].eval_every == 3
+
+
+def test_a_late_batch_larger_than_the_data_fails_at_once(data_root, tmp_path):
+    from deep.data import DataError
+    cfg = get_config("fmnist_paper_shape_twin", **{**TINY, "T0": 1, "batch_size_late": 64})
+    with pytest.raises(DataError, match="minibatches of batch_size_late 64 need 64 training images per step, the "
+                                        "training set has 48; lower --K or --batch-size-late"):
+        _run(cfg, data_root, tmp_path / "big")
+    assert not (tmp_path / "big").exists()

@@ -251,11 +251,12 @@ def run_study(spec: StudySpec, out: str, data_dir: str = "data", device: str | N
             continue
         resume = os.path.exists(os.path.join(folder, "checkpoint.pt"))
         fork = trunk_epoch = None
-        if not resume and arm.name in plan:
+        if arm.name in plan:
             epochs, members = plan[arm.name]
             trunks = [os.path.join(_folder(out, m, seed), "trunk.pt") for m in members if m != arm.name]
-            fork = next((t for t in trunks if os.path.exists(t)), None)
-            if fork is None:
+            existing = next((t for t in trunks if os.path.exists(t)), None)
+            fork = None if resume else existing
+            if existing is None:  # this run keeps the shared epochs for the others (also when it resumes before them)
                 trunk_epoch = epochs
         how = "resuming" if resume else f"forking {os.path.dirname(fork)} at epoch {plan[arm.name][0]}" if fork \
             else "from scratch"

@@ -16,7 +16,7 @@ from deep.config import PRESETS, describe, get_config
 from deep.errors import ConfigError
 from deep.evaluate import member_disagreement, phi_spread
 from deep.images import ImageRun
-from deep.study import STUDIES, StudySpec, _trunk_plan, make_report, run_study
+from deep.study import STUDIES, Arm, StudySpec, _trunk_plan, make_report, run_study
 from deep.trainer import final_lines
 
 from data_files import write_fashion
@@ -288,3 +288,23 @@ def test_a_late_batch_larger_than_the_data_fails_at_once(data_root, tmp_path):
                                         "training set has 48; lower --K or --batch-size-late"):
         _run(cfg, data_root, tmp_path / "big")
     assert not (tmp_path / "big").exists()
+
+
+def test_a_resumed_lead_run_still_keeps_the_trunk(data_root, tmp_path):
+    """The run that trains a seed's shared first T0 epochs keeps them (trunk.pt) for the other arms also when it was
+    interrupted before T0 and resumed, so the late-phase arms fork instead of training those epochs again."""
+    arms = (Arm("base", "fmnist_paper_shape_base", dict(TINY, epochs=3)),
+            Arm("late_phase", "fmnist_paper_shape_bn", dict(TINY, epochs=3, T0=2, K=2)))
+    spec = StudySpec(name="lead", arms=arms, seeds=(0,), baseline="base").validate()
+    first = _run(arms[0].resolved(), data_root, tmp_path / "base" / "seed0", seed=0)
+    first.run_epoch()  # interrupted after one of the two shared epochs
+    first.close()
+    calls = []
+
+    def runner(cfg, seed, folder, resume, fork, trunk_epoch, **kw):
+        calls.append((cfg.name, resume, fork is not None, trunk_epoch))
+        from deep.study import _train
+        _train(cfg, seed, folder, resume, fork, trunk_epoch, **kw)
+
+    run_study(spec, str(tmp_path), str(data_root), "cpu", quiet=True, runner=runner)
+    assert calls == [("fmnist_paper_shape_base", True, False, 2), ("fmnist_paper_shape_bn", False, True, None)]

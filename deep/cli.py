@@ -132,6 +132,8 @@ def resolve(a: argparse.Namespace, cls: type, base=None):
         wanted = base.name if base is not None else a.config
         clash = [f"config: {cfg.name} -> {wanted}"] if wanted not in (None, cfg.name) else []
         clash += [f"seed: {seed} -> {a.seed}"] if a.seed not in (None, seed) else []
+        if "eval_every" in given:  # how often the epochs are evaluated changes no weight: a resumed run may change it
+            cfg = dataclasses.replace(cfg, eval_every=given.pop("eval_every"))
         clash += [f"{k}: {getattr(cfg, k)!r} -> {v!r}" for k, v in given.items() if getattr(cfg, k) != v]
         if clash:
             raise DeepError(f"--resume with different settings ({', '.join(clash[:4])}); drop those flags to "
@@ -373,6 +375,9 @@ def make_parser(train_cls: type = ImageConfig) -> argparse.ArgumentParser:
     st.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     st.add_argument("--quiet", action="store_true", help="no console lines")
     st.add_argument("--report-only", action="store_true", help="only (re)write the report of the finished runs")
+    st.add_argument("--eval-every", type=int, default=None, metavar="N",
+                    help="the per-epoch test metrics of every run every N epochs (the last epoch and the final "
+                         "evaluation always run; default: each arm's eval_every)")
     st.add_argument("--list", action="store_true", help="list the named studies")
     from .launch import add_arguments as launch_arguments  # --workers, --devices, --launcher slurm, --status
     launch_arguments(st)

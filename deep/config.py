@@ -82,7 +82,10 @@ def check_seed(seed) -> int:
 @dataclass(frozen=True)
 class RunConfig:
     """What every run shares. ``lr_phi`` / ``weight_decay_phi`` < 0 mean: the same as ``lr`` / ``weight_decay``;
-    they apply to the member copies after the release only (before it every parameter is in one optimizer)."""
+    they apply to the member copies after the release only (before it every parameter is in one optimizer), as
+    ``weight_decay_theta`` (< 0: ``weight_decay``) and ``batch_size_late`` (0: ``batch_size``) apply to theta's
+    optimizer and to each member's minibatch after the release (see :attr:`theta_weight_decay`,
+    :attr:`late_batch_size`)."""
     name: str = "custom"
     dataset: str = "cifar10"
     arch: str = "wrn-28-10"
@@ -95,6 +98,7 @@ class RunConfig:
     nesterov: bool = True
     weight_decay: float = 5e-4
     weight_decay_phi: float = -1.0    # the members' weight decay after the release; < 0: same as weight_decay
+    weight_decay_theta: float = -1.0  # theta's weight decay after the release; < 0: same as weight_decay
     grad_clip: float = 0.0            # clip by the norm of the (mean member's) gradient; 0: off
     # --- late-phase weights (Algorithm 1)
     K: int = 10
@@ -105,6 +109,7 @@ class RunConfig:
     gamma_theta_scales: str = "gradient"  # gradient | lr: gamma_theta on theta's gradient, or on its lr (and so on
                                           # its weight decay: the reference ImageNet script)
     phi_momentum: str = "inherit"     # inherit | zero: the members' optimizer state at the release (zero: reference)
+    batch_size_late: int = 0          # each member's minibatch B' after the release; 0: batch_size
     sigma0: float = 0.0               # relative noise on the member copies at the release
     path: str = "vectorized"          # vectorized | sequential
     # --- SWA
@@ -114,6 +119,7 @@ class RunConfig:
     train_subset: int = 0             # use only the first N training examples (0: all)
     test_subset: int = 0              # evaluate on the first N test examples (0: all)
     eval_batch_size: int = 1000
+    eval_every: int = 1               # the per-epoch test metrics of log.jsonl every N epochs (and the last epoch)
     bn_images: int = 0                # training examples for BatchNorm re-estimation (0: one pass over all)
     # --- execution
     bf16: bool = True                 # bf16 autocast on CUDA (the reference is fp32: --bf16 false to match it)
@@ -134,6 +140,22 @@ class RunConfig:
     @property
     def phi_weight_decay(self) -> float:
         return self.weight_decay if self.weight_decay_phi < 0 else self.weight_decay_phi
+
+    @property
+    def theta_weight_decay(self) -> float:
+        """lambda_theta, theta's weight decay after the release. torch's SGD decays inside each step of theta's
+        optimizer, theta <- theta - eta (gamma_theta sum_k g_k + lambda_theta theta), i.e. once per outer step of K
+        minibatches: per example theta gets lambda_theta / K of the base model's decay lambda per example
+        (lambda_theta = K lambda, the ``late_phase_wd_K`` arm, restores the base model's decay per example)."""
+        return self.weight_decay if self.weight_decay_theta < 0 else self.weight_decay_theta
+
+    @property
+    def late_batch_size(self) -> int:
+        """B', each member's minibatch after the release (an outer step draws K B' examples). With K = 1 and
+        gamma_theta = K0, B' = K0 B this is the "large-batch twin" of a late-phase run with K0 members: theta steps
+        eta (K0 mean_{K0 B} grad_theta + lambda theta), phi steps eta (mean_{K0 B} grad_phi + lambda phi), which is
+        what Algorithm 1 does to theta and to phi-bar = mean_k phi_k per outer step, without an ensemble."""
+        return self.batch_size_late or self.batch_size
 
     @property
     def swa(self) -> bool:
@@ -166,10 +188,10 @@ class RunConfig:
                 _need(_finite32(v), f"{f.name} must be a finite number (float32: |x| <= 3.4e38), got {text}")
         _need(bool(NAME_RE.fullmatch(self.name)), f"name must be letters, digits, '.', '_' or '-' (it names the run "
                                                   f"folder), got {self.name!r}")
-        for key in ("epochs", "batch_size", "eval_batch_size", "K"):
+        for key in ("epochs", "batch_size", "eval_batch_size", "eval_every", "K"):
             _need(getattr(self, key) >= 1, f"{key} must be >= 1, got {getattr(self, key)}")
         for key in ("weight_decay", "grad_clip", "sigma0", "swa_lr", "T0", "train_subset",
-                    "test_subset", "bn_images"):
+                    "test_subset", "bn_images", "batch_size_late"):
             _need(getattr(self, key) >= 0, f"{key} must be >= 0, got {getattr(self, key)}")
         _need(self.lr > 0, f"lr must be > 0, got {self.lr}")
         _need(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
@@ -181,6 +203,10 @@ class RunConfig:
               f"gamma_theta_scales must be gradient or lr, got {self.gamma_theta_scales!r}")
         _need(self.phi_momentum in ("inherit", "zero"),
               f"phi_momentum must be inherit or zero, got {self.phi_momentum!r}")
+        _need(len(set(self.phi)) == len(self.phi), f"phi names a family twice: {' '.join(self.phi)}")
+        _need(self.late_phase or (self.batch_size_late == 0 and self.weight_decay_theta < 0),
+              "batch_size_late and weight_decay_theta apply after the release of late-phase weights; this run has "
+              "none (phi none): drop them, or give --phi")
         _need(self.path in ("vectorized", "sequential"), f"path must be vectorized or sequential, got {self.path!r}")
         _need(not self.late_phase or self.T0 < self.epochs,
               f"T0 ({self.T0}) must be < epochs ({self.epochs}) for a late-phase run: the members would never train; "
@@ -338,6 +364,7 @@ class TextConfig(_Annealing, RunConfig):
               f"{' '.join(map(str, self.phi)) if isinstance(self.phi, tuple) else self.phi!r}")
         super().validate()
         _validate_annealing(self)
+        _need(self.batch_size_late == 0, "batch_size_late is implemented for image runs only; drop it")
         _need(not self.compile, "compile is not supported for the enwik8 LSTM (its state changes shape at T0)")
         _need(len(self.text_split) in (0, 3) and all(n >= 2 for n in self.text_split),
               f"text_split must be three byte counts >= 2 (train valid test) or empty, got {self.text_split}")
@@ -376,6 +403,7 @@ class FinetuneConfig(RunConfig):
         _need(not self.name.endswith("_base") or self.K == 1,
               f"{self.name} is the baseline (one member); --K {self.K} would make it a late-phase run: drop "
               f"--baseline to fine-tune with {self.K} members")
+        _need(self.batch_size_late == 0, "batch_size_late is implemented for image runs only; drop it")
         _need(self.accum >= 1, f"accum must be >= 1, got {self.accum}")
         _need(self.batch_size % (self.accum * world) == 0,
               f"batch_size {self.batch_size} (one member minibatch, all ranks together) must split into accum "
@@ -475,6 +503,26 @@ for _late in ("cifar10_bn", "cifar100_bn", "fmnist_cpu_bn"):
     for _arm, _kw in ARM_TWINS.items():
         _name = _late.replace("_bn", "_" + _arm)
         PRESETS[_name] = replace(PRESETS[_late], name=_name, **_kw)
+# Fashion-MNIST in the paper's schedule shape (cifar10_bn: 200 epochs, T0 = 120, lr constant to 100, annealed to
+# 0.001 at 180), sized for two CPU cores: 15,000 training images, 60 epochs, T0 = 36, lr constant to epoch 30 and
+# annealed per epoch to 0.001 at epoch 54 in the reference's convention (annealing_lr: 0-based epochs 0-30 at lr,
+# 54-59 at the floor: 6 epochs, 174 steps per member at 0.001), batch 128 per member, K = 4. After
+# the release an epoch is 15000 // (4 x 128) = 29 outer steps: 24 x 29 = 696 steps per member (the paper: 3,120),
+# each member seeing the data 24 / 4 = 6 times (the paper: 8). Evaluated every 3 epochs (the final epoch always).
+# Twins of the late-phase preset (same data, schedule and release):
+#   _twin  the large-batch twin: after T0 no members (K = 1) but batches of K B = 512, theta along gamma_theta = K
+#          times its mean gradient, phi along its mean gradient, each with the decay step eta lambda per step: the
+#          mean model's dynamics of Algorithm 1 (theta and phi-bar per outer step) without an ensemble
+#   _wdK   late-phase with theta's weight decay x K after the release (per example, the base model's decay)
+# The reference's release: the members (and the twin's phi) start at zero momentum; theta keeps its optimizer state.
+_FMNIST_PAPER = dict(_FMNIST_CPU, epochs=60, T0=36, anneal_start=30, anneal_end=54, anneal_end_lr=0.001,
+                     anneal_per_step=False, train_subset=15000, eval_every=3, phi_momentum="zero")
+PRESETS["fmnist_paper_shape_base"] = ImageConfig(name="fmnist_paper_shape_base", **{**_FMNIST_PAPER, "phi": ()})
+PRESETS["fmnist_paper_shape_bn"] = ImageConfig(name="fmnist_paper_shape_bn", **_FMNIST_PAPER)
+PRESETS["fmnist_paper_shape_twin"] = replace(PRESETS["fmnist_paper_shape_bn"], name="fmnist_paper_shape_twin", K=1,
+                                             gamma_theta=4.0, batch_size_late=4 * 128)
+PRESETS["fmnist_paper_shape_wdK"] = replace(PRESETS["fmnist_paper_shape_bn"], name="fmnist_paper_shape_wdK",
+                                            weight_decay_theta=4 * _FMNIST_PAPER["weight_decay"])
 PRESETS["synthetic_bench"] = ImageConfig(name="synthetic_bench", dataset="synthetic", arch="wrn-28-10", epochs=1,
                                          phi=(), T0=0, synthetic_size=4096)
 for _name, _kw in _TEXT.items():
@@ -558,9 +606,18 @@ def describe() -> str:
         lp = (f"K={c.K} phi={'+'.join(c.phi)} T0={c.T0} gamma_theta={gamma}" if c.late_phase
               else "no late-phase")
         swa = f", SWA from epoch {c.swa_start}" if c.swa else ""
+        if c.late_phase and c.batch_size_late:
+            lp += f" B'={c.batch_size_late}"
+        if c.late_phase and c.weight_decay_theta >= 0:
+            lp += f" lambda_theta={c.weight_decay_theta:g}"
         lines.append(f"{name:26s} {c.dataset:13s} {c.arch:11s} {c.epochs:4d} epochs, {lp}{swa}")
     lines += ["", "gamma_theta = 1 (the reference CIFAR setting) steps theta along the sum of the K member gradients: in "
                   "the noisy-quadratic theory the mean model's step becomes (lr_phi + K lr) instead of lr (docs/theory.md "
                   "section 3.1), so test accuracy dips right after the release before it recovers; gamma_theta = 1/K "
-                  "(--gamma-theta -1) keeps the step at 2 lr."]
+                  "(--gamma-theta -1) keeps the step at 2 lr.",
+              "", "B' (--batch-size-late): each member's minibatch after the release; with K=1, gamma_theta=K0 and "
+                  "B'=K0 B a run is the large-batch twin of a K0-member run: theta <- theta - lr (K0 g_theta + "
+                  "lambda theta), phi <- phi - lr (g_phi + lambda phi) per step of K0 B examples. lambda_theta "
+                  "(--weight-decay-theta): theta's weight decay after the release, applied once per outer step of K "
+                  "minibatches (K lambda: the base model's decay per example)."]
     return "\n".join(lines)

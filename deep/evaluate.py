@@ -131,3 +131,47 @@ def reference_averaged(late_model: nn.Module) -> nn.Module:
         parent, _, leaf = name.rpartition(".")
         setattr(plain.get_submodule(parent), leaf, bn)
     return plain
+
+
+@torch.no_grad()
+def phi_spread(late_model: nn.Module) -> float:
+    """How far the members' late-phase weights have moved apart: the mean over members of the relative distance
+
+        spread = (1/K) sum_k ||phi_k - phi_bar|| / ||phi_bar||,   phi_bar = (1/K) sum_k phi_k,
+
+    the norms taken over all late-phase parameters of the model together (BatchNorm gamma/beta, head weights, ...;
+    not the running statistics). 0 right after a release with sigma0 = 0."""
+    layers = late_modules(late_model)
+    K = layers[0][1].K
+    stacked = [torch.stack([p.detach().double() for p in plist]) for _, m in layers for _, plist in m.phi_lists()]
+    bars = [s.mean(0) for s in stacked]
+    bar_sq = sum(float((b ** 2).sum()) for b in bars)
+    dist = [sum(float(((s[k] - b) ** 2).sum()) for s, b in zip(stacked, bars)) ** 0.5 for k in range(K)]
+    return sum(dist) / K / max(bar_sq ** 0.5, 1e-30)
+
+
+@torch.no_grad()
+def member_disagreement(late_model: nn.Module, test: Batches, autocast=None) -> dict:
+    """Whether the members predict differently on the test set (each member with its own BatchNorm statistics, one
+    stacked eval forward per batch): ``disagreement`` = the mean over member pairs k < l of the fraction of test
+    examples whose top-1 classes differ, P(argmax f_k(x) != argmax f_l(x)), in %; and the ensemble's test accuracy
+    (%), p = (1/K) sum_k softmax(f_k). Reduced over ranks under torch.distributed."""
+    K = late_modules(late_model)[0][1].K
+    differ = torch.zeros((), dtype=torch.float64)
+    correct = torch.zeros((), dtype=torch.float64)
+    n = torch.zeros((), dtype=torch.float64)
+    pairs = [(k, j) for k in range(K) for j in range(k + 1, K)]
+    for x, y in test():
+        with _autocast(x.device, autocast):
+            pk = _probs(shared.ensemble_logits(late_model, x))
+        top = pk.argmax(-1).cpu()  # (K, N)
+        if pairs:
+            differ += sum(float((top[k] != top[j]).sum()) for k, j in pairs) / len(pairs)
+        correct += float((pk.mean(0).argmax(-1).cpu() == y.cpu()).sum())
+        n += y.shape[0]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        both = torch.stack([differ, correct, n])
+        torch.distributed.all_reduce(both)
+        differ, correct, n = both
+    n = max(float(n), 1.0)
+    return {"disagreement": 100.0 * float(differ) / n, "ensemble_accuracy": 100.0 * float(correct) / n}

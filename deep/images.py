@@ -69,11 +69,16 @@ class ImageRun(ClassifierRun):
                     print(f"note: OOD set {k} skipped: {why}", file=sys.stderr)
         kw = dict(train=True, device=self.device, seed=self.seed, mean=train.mean, std=train.std,
                   pad=cfg.pad if cfg.augment else 0, flip=cfg.augment, cutout=cfg.cutout, channels_last=self.channels_last)
-        if cfg.members * cfg.batch_size > len(train):
-            raise DataError(f"K {cfg.members} member minibatches of batch_size {cfg.batch_size} need "
-                            f"{cfg.members * cfg.batch_size} training images per step, the training set has "
-                            f"{len(train)}; lower --K or --batch-size (or use more data)")
-        self.loaders = {m: GPULoader(train, m * cfg.batch_size, **kw) for m in {1, cfg.members}}
+        late = cfg.late_batch_size if cfg.late_phase else cfg.batch_size
+        if cfg.members * late > len(train):
+            what = ("batch_size", "--batch-size") if late == cfg.batch_size else ("batch_size_late", "--batch-size-late")
+            raise DataError(f"K {cfg.members} member minibatches of {what[0]} {late} need {cfg.members * late} "
+                            f"training images per step, the training set has {len(train)}; lower --K or {what[1]} "
+                            f"(or use more data)")
+        # before the release one minibatch of batch_size per step; after it K member minibatches of B' (the twin's
+        # single member may draw a K0-times larger one), one loader per phase
+        self.loaders = {"pre": GPULoader(train, cfg.batch_size, **kw),
+                        "late": GPULoader(train, cfg.members * late, **kw)}
         # BatchNorm re-estimation: the augmented training data in minibatches of batch_size (as update_bn on the
         # training loader), at most bn_images of them.
         self.bn_loader = GPULoader(train, cfg.batch_size, **{**kw, "seed": self.seed + 1})
@@ -103,7 +108,7 @@ class ImageRun(ClassifierRun):
         c, h, w = self.train_data.shape
         size = self.model_size()
         element = 2 if self.amp else 4
-        step = max(cfg.members * cfg.batch_size // self.world, 1)
+        step = max(cfg.members * max(cfg.batch_size, cfg.late_batch_size) // self.world, 1)
         evals = max(min(cfg.eval_batch_size, len(self.test_data)), 1)
         images = len(self.train_data) + len(self.test_data) + sum(len(v) for v in self.ood.values())
         copies = 2 + (cfg.momentum > 0) + cfg.swa  # weights, gradients, momentum, the SWA average
@@ -124,14 +129,18 @@ class ImageRun(ClassifierRun):
         return torch.zeros(1, *self.train_data.images.shape[1:], device=self.device), 1
 
     # ------------------------------------------------------------------ training batches
+    def _loader(self, members: int):
+        # the phase decides (the large-batch twin has one member after the release, with K0 B images per step)
+        return self.loaders["late" if self.lp is not None else "pre"]
+
     def steps_per_epoch(self, members: int) -> int:
-        return len(self.loaders[members])
+        return len(self._loader(members))
 
     def plain_epoch_examples(self) -> int:
-        return len(self.loaders[1]) * self.cfg.batch_size
+        return len(self.loaders["pre"]) * self.cfg.batch_size
 
     def epoch_batches(self, epoch: int, members: int):
-        loader = self.loaders[members]
+        loader = self._loader(members)
         for step in range(len(loader)):
             x, y = loader.batch(epoch, step)
             if self.distributed:
@@ -158,13 +167,21 @@ class ImageRun(ClassifierRun):
             yield dist_utils.shard(x, 1) if self.distributed else x
 
     def epoch_metrics(self) -> dict:
-        """Test accuracy (%) of the current weight-averaged model (the members' mean BatchNorm statistics); from the
-        SWA start also of the SWA average (``swa_test_accuracy``, with the averaged running statistics): at the
-        constant SWA lr the current weights score well below the average the run delivers."""
+        """Test accuracy (%) of the current weight-averaged model (the members' mean BatchNorm statistics); after a
+        release with K > 1 also the members' diagnostics: ``members_disagreement`` (% of test examples on which two
+        members' top-1 classes differ, mean over pairs), ``ensemble_test_accuracy`` (%) and ``phi_spread``
+        (mean_k ||phi_k - phi_bar|| / ||phi_bar||; see :mod:`deep.evaluate`); from the SWA start also the SWA
+        average's accuracy (``swa_test_accuracy``, with the averaged running statistics): at the constant SWA lr the
+        current weights score well below the average the run delivers."""
         def accuracy(net):
             model = shared.collapse(net) if self.lp is not None else net
             return score_plain(model, self.test_batches, {}, self.amp)["accuracy"]
         out = {"test_accuracy": accuracy(self.lp.model if self.lp is not None else self.model)}
+        if self.lp is not None and self.lp.K > 1:  # do the members diverge at all?
+            from .evaluate import member_disagreement, phi_spread
+            d = member_disagreement(self.lp.model, self.test_batches, self.amp)
+            out.update(members_disagreement=d["disagreement"], ensemble_test_accuracy=d["ensemble_accuracy"],
+                       phi_spread=phi_spread(self.lp.model))
         if self.swa is not None:
             out["swa_test_accuracy"] = accuracy(self.swa.model)
         return out

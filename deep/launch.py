@@ -30,7 +30,7 @@ import re
 import sys
 import time
 
-from .errors import DeepError
+from .errors import ConfigError, DeepError
 from .runfolder import RunLock, holder
 from .study import (
     StudySpec,
@@ -270,7 +270,8 @@ def spec_json(spec: StudySpec) -> dict:
         arms[a.name] = ({"ensemble_of": a.ensemble_of, "size": a.size} if a.ensemble_of is not None else
                         {"config": a.config, "overrides": a.overrides, **({"seeds": list(a.seeds)} if a.seeds else {})})
     return {"name": spec.name, "seeds": list(spec.seeds), "baseline": spec.baseline, "rule": spec.rule,
-            "description": spec.description, "arms": arms}
+            "description": spec.description, "arms": arms,
+            **({"eval_every": spec.eval_every} if spec.eval_every is not None else {})}
 
 
 def parse_time(text: str) -> int:
@@ -588,8 +589,11 @@ def check_flags(a) -> None:
 def study_command(a, spec: StudySpec) -> int:
     """``python -m deep study SPEC --out DIR [...]`` once the spec is loaded: the report, the status, some runs,
     local workers, SLURM jobs, or the study in this process (which shares the runs with other study processes)."""
-    from .study import run_study
+    from .study import run_study, with_eval_every
     check_flags(a)
+    if a.eval_every is not None and a.eval_every < 1:
+        raise ConfigError(f"--eval-every must be >= 1 (epochs between test evaluations), got {a.eval_every}")
+    spec = with_eval_every(spec, a.eval_every)
     if a.status:
         print(render_status(status(spec, a.out)))
         return 0

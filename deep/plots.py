@@ -57,7 +57,8 @@ def _num(v):
     return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
-LATE_FIELDS = ("K", "T0", "gamma_theta", "sigma0", "lr_phi", "weight_decay_phi", "rank1_layers", "path")
+LATE_FIELDS = ("K", "T0", "gamma_theta", "sigma0", "lr_phi", "weight_decay_phi", "weight_decay_theta",
+               "batch_size_late", "rank1_layers", "path")
 
 
 def _effective(cfg: dict) -> dict:
@@ -98,12 +99,15 @@ def plot_runs(folders: list, out: str) -> None:
         cfg = run["config"]
         panels = [("loss", "training loss"), (metric, metric_label), ("lr", "theta's learning rate")]
         for ax, (key, title) in zip(axes[0], panels):
-            ys = [_num(e.get(key)) for e in run["log"]] if key else []
-            if any(y is not None for y in ys):
-                ax.plot(epochs, ys, "o-", ms=3, color=color, label=label)
-            swa = [_num(e.get("swa_test_accuracy")) for e in run["log"]] if key == "test_accuracy" else []
-            if any(y is not None for y in swa):  # the SWA average the run delivers, beside the current weights
-                ax.plot(epochs, swa, "s:", ms=3, color=color)
+            # the epochs that have the value (test metrics are logged every eval_every epochs; a hand-edited log may
+            # hold anything: only numbers are drawn)
+            pts = [(x, _num(e.get(key))) for x, e in zip(epochs, run["log"]) if key and _num(e.get(key)) is not None]
+            if pts:
+                ax.plot(*zip(*pts), "o-", ms=3, color=color, label=label)
+            swa = [(x, _num(e.get("swa_test_accuracy"))) for x, e in zip(epochs, run["log"])
+                   if key == "test_accuracy" and _num(e.get("swa_test_accuracy")) is not None]
+            if swa:  # the SWA average the run delivers, beside the current weights
+                ax.plot(*zip(*swa), "s:", ms=3, color=color)
             ax.set_title(title or "")
             ax.set_xlabel("epoch")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -140,7 +144,7 @@ def plot_runs(folders: list, out: str) -> None:
                             alpha=0.4 if model == "members" else 1.0, color=color,
                             label=f"{_label(run, runs)} [{rule}]" if j == 0 else None)
                     ax.scatter(conf, acc, s=[8 + 300 * f for f in frac], color=color, alpha=0.6, zorder=3)
-            ax.set_title(f"reliability: {model} (marker area: share of examples)")
+            ax.set_title(f"reliability: {model}\n(marker area: share of examples)", fontsize=10)  # within the panel
             ax.set_xlabel("confidence")
             ax.set_ylabel("accuracy")
             ax.set_xlim(0, 1)

@@ -93,11 +93,16 @@ class StudySpec:
     baseline: str
     rule: str = "reestimated"
     description: str = ""
+    eval_every: int | None = None  # every training arm's per-epoch test metrics every N epochs (None: the arm's own)
 
     def validate(self) -> "StudySpec":
         """The spec, checked whole before any run starts (a mistake in the last arm costs nothing)."""
         if not isinstance(self.name, str) or not isinstance(self.description, str):
             raise ConfigError(f"study {self.name!r}: name and description must be strings")
+        if self.eval_every is not None and (not isinstance(self.eval_every, int) or isinstance(self.eval_every, bool)
+                                            or self.eval_every < 1):
+            raise ConfigError(f"study {self.name!r}: eval_every must be an integer >= 1 (epochs between test "
+                              f"evaluations), got {self.eval_every!r}")
         if not self.arms or not self.seeds:
             raise ConfigError(f"study {self.name}: needs at least one arm and one seed")
         names = [a.name for a in self.arms]
@@ -152,7 +157,7 @@ class StudySpec:
 
 # An arm's name is a folder of the study: a plain name, never a path (no "..", "/", "" or ".").
 ARM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
-SPEC_KEYS = ("name", "description", "seeds", "baseline", "rule", "arms")
+SPEC_KEYS = ("name", "description", "seeds", "baseline", "rule", "arms", "eval_every")
 ARM_KEYS = ("config", "overrides", "seeds")
 ENSEMBLE_KEYS = ("ensemble_of", "size")
 
@@ -208,7 +213,7 @@ def parse_spec(d, default_name: str) -> StudySpec:
             raise ConfigError(f"{where}.seeds must be a list of seeds of the study, got {seeds!r}")
         arms.append(Arm(name, a["config"], dict(overrides), seeds=tuple(seeds)))
     return StudySpec(d.get("name", default_name), tuple(arms), tuple(d["seeds"]), d["baseline"],
-                     d.get("rule", "reestimated"), d.get("description", "")).validate()
+                     d.get("rule", "reestimated"), d.get("description", ""), d.get("eval_every")).validate()
 
 
 def _paper_study(name: str, dataset: str) -> StudySpec:
@@ -259,6 +264,21 @@ STUDIES = {
         "late-phase full ensemble, hypernetwork, BatchEnsemble, MC dropout and late-phase from T0 = 0 on 4.",
         fewer={a: (0, 1, 2, 3) for a in ("full_ensemble", "hypernetwork", "batchensemble", "mc_dropout",
                                          "late_phase_T0_0")}),
+    # The paper's schedule shape on Fashion-MNIST (deep.config: the fmnist_paper_shape presets), with the ablations
+    # that separate the ensemble of phi from theta's changed dynamics; every arm shares its seed's first T0 = 36 epochs.
+    "fmnist_paper_shape": StudySpec(
+        name="fmnist_paper_shape", seeds=(0, 1, 2, 3, 4), baseline="base",
+        description="Fashion-MNIST in the paper's schedule shape (15,000 training images, 60 epochs, T0 = 36, lr "
+                    "constant to epoch 30 then annealed per epoch to 0.001 at 54; batch 128 per member; 696 steps "
+                    "per member after the release): base; late-phase BatchNorm + head with K = 4 and gamma_theta = 1 "
+                    "or 1/K; the large-batch twin (after T0 no members: batches of K B, theta along K times its mean "
+                    "gradient, phi along its mean gradient: Algorithm 1's mean-model dynamics without an ensemble); "
+                    "late-phase with theta's weight decay x K after the release; a deep ensemble of 4 base runs.",
+        arms=(Arm("base", "fmnist_paper_shape_base"), Arm("late_phase", "fmnist_paper_shape_bn"),
+              Arm("late_phase_inv_K", "fmnist_paper_shape_bn", {"gamma_theta": -1.0}),
+              Arm("large_batch_twin", "fmnist_paper_shape_twin"),
+              Arm("late_phase_wd_K", "fmnist_paper_shape_wdK"),
+              Arm("deep_ensemble", ensemble_of="base", size=4))),
 }
 
 
@@ -310,17 +330,20 @@ def _mutual(a: dict, b: dict, epochs: int) -> bool:
 
 
 def run_study(spec: StudySpec, out: str, data_dir: str = "data", device: str | None = None, quiet: bool = False,
-              stream=None, runner=None) -> dict:
+              stream=None, runner=None, eval_every: int | None = None) -> dict:
     """Run every arm x seed of ``spec`` that has no results yet (resuming or forking where it can), then write the
     report; returns the report. ``runner(cfg, seed, folder, resume, fork, trunk_epoch)`` trains one run (default:
     the trainer of the config's kind). The runs are taken one by one in :func:`study_runs` order by
-    :func:`deep.launch.work`, so another study process on the same ``out`` shares them (deep.launch)."""
+    :func:`deep.launch.work`, so another study process on the same ``out`` shares them (deep.launch).
+    ``eval_every``: the per-epoch test metrics of every run every N epochs (and at its last epoch) instead of the
+    arms' own setting (:func:`with_eval_every`)."""
     import sys
 
     from .launch import work
     say = (lambda text: None) if quiet else (lambda text: print(f"[study {spec.name}] {text}",
                                                                 file=stream or sys.stdout, flush=True))
-    work(spec, out, data_dir=data_dir, device=device, quiet=quiet, stream=stream, runner=runner, say=say)
+    work(with_eval_every(spec, eval_every), out, data_dir=data_dir, device=device, quiet=quiet, stream=stream,
+         runner=runner, say=say)
     report = make_report(spec, out)
     say(f"report: {os.path.join(out, 'report.md')}")
     return report
@@ -459,7 +482,10 @@ def run_one(spec: StudySpec, out: str, seed: int, arm: Arm, plan: dict | None = 
         else "from scratch"
     if say is not None:
         say(how)
-    runner(arm.resolved(), seed, folder, resume, fork, trunk_epoch, **kw)
+    cfg = arm.resolved()
+    if spec.eval_every is not None:  # changes no weight (deep.trainer.EVAL_FIELDS)
+        cfg = dataclasses.replace(cfg, eval_every=spec.eval_every).validate()
+    runner(cfg, seed, folder, resume, fork, trunk_epoch, **kw)
     return True
 
 
@@ -641,6 +667,9 @@ def make_report(spec: StudySpec, out: str) -> dict:
                  "dropout": cfg.dropout, "mc_samples": cfg.mc_samples,
                  "test_passes": {"averaged": arm.size} if arm.ensemble_of else prediction_passes(cfg),
                  "gamma_theta": cfg.theta_scale if cfg.late_phase else None, "ensemble_of": arm.ensemble_of,
+                 "batch_size_late": cfg.late_batch_size if cfg.late_phase else None,
+                 "weight_decay_theta": cfg.theta_weight_decay if cfg.late_phase else None,
+                 "batch_size": cfg.batch_size, "weight_decay": cfg.weight_decay,
                  "size": arm.size or None,
                  "parameters": next((_number(_part(r, "cost").get("parameters")) for r in runs.values()), None),
                  "relative_training_flops": (sum(f for f in flops if f) / max(len([f for f in flops if f]), 1)) /
@@ -686,6 +715,10 @@ def _what(a: dict) -> str:
     if a["late_phase"]:
         bits.append(f"late-phase {'+'.join(a.get('phi') or [])} K={a['K']}, gamma_theta={a['gamma_theta']:g}, "
                     f"T0={a.get('T0')}")
+        if a.get("batch_size_late") not in (None, a.get("batch_size")):
+            bits.append(f"minibatch {a['batch_size_late']} after T0")
+        if a.get("weight_decay_theta") not in (None, a.get("weight_decay")):
+            bits.append(f"theta's weight decay {a['weight_decay_theta']:g} after T0")
     if a.get("dropout"):
         bits.append(f"dropout {a['dropout']:g}" + (f", {a['mc_samples']} passes at test" if a.get("mc_samples")
                                                    else ""))
@@ -795,41 +828,63 @@ def _plots(spec: StudySpec, out: str, results: dict) -> list:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    # test accuracy, training loss, and (late-phase arms) whether the members diverge at all: their disagreement on
+    # the test set and the spread of their late-phase weights
+    panels = (("test_accuracy", "test accuracy (%), averaged model", "SWA arms: the SWA average"),
+              ("loss", "training loss", None),
+              ("members_disagreement", "members' disagreement on the test set (%)", "mean over member pairs"),
+              ("phi_spread", "spread of phi: mean_k |phi_k - phi_bar| / |phi_bar|", None))
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.4))
+    axes = axes.ravel()
+    marks = {}
     for i, arm in enumerate(spec.arms):
         if arm.ensemble_of is not None:
             continue
-        logs = [log for seed in results.get(arm.name, {})
+        logs = [[e for e in log if e.get("phase") != "pretrained"] for seed in results.get(arm.name, {})
                 if (log := _read_log(os.path.join(_folder(out, arm.name, seed), "log.jsonl"))) is not None]
         if not logs:
             continue
-        epochs = [e["epoch"] for e in logs[0] if e.get("phase") != "pretrained"]
-        for ax, key in zip(axes, ("test_accuracy", "loss")):
+        color = colors[i % len(colors)]
+        for ax, (key, _title, _note) in zip(axes, panels):
             # an SWA arm's model is its SWA average from the SWA start on (swa_test_accuracy), not the current weights
-            rows = [[e.get("swa_test_accuracy", e.get(key)) if key == "test_accuracy" else e.get(key)
-                     for e in log if e.get("phase") != "pretrained"] for log in logs]
-            if not all(len(r) == len(epochs) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                     for v in r) for r in rows):
+            def value(e, key=key):
+                v = e.get("swa_test_accuracy", e.get(key)) if key == "test_accuracy" else e.get(key)
+                return _number(v)  # a hand-edited log may hold anything: only numbers are drawn
+            # the epochs every seed has the value at (test metrics are logged every eval_every epochs)
+            epochs = sorted(set.intersection(*({e["epoch"] for e in log if value(e) is not None} for log in logs)))
+            if not epochs:
                 continue
+            rows = [[value(e) for e in log if e["epoch"] in epochs] for log in logs]
             mean = [sum(c) / len(c) for c in zip(*rows)]
-            lo = [min(c) for c in zip(*rows)]
-            hi = [max(c) for c in zip(*rows)]
-            ax.plot(epochs, mean, "o-", ms=3, color=colors[i % len(colors)], label=f"{arm.name} (n={len(rows)})")
-            ax.fill_between(epochs, lo, hi, color=colors[i % len(colors)], alpha=0.15)
+            ax.plot(epochs, mean, "o-", ms=3, color=color, label=f"{arm.name} (n={len(rows)})")
+            ax.fill_between(epochs, [min(c) for c in zip(*rows)], [max(c) for c in zip(*rows)], color=color,
+                            alpha=0.15)
         cfg = arm.resolved()
         for ax in axes:
             if cfg.late_phase and cfg.T0:
-                ax.axvline(cfg.T0 + 0.5, color=colors[i % len(colors)], ls="--", lw=1, alpha=0.6)
+                ax.axvline(cfg.T0 + 0.5, color=color, ls="--", lw=1, alpha=0.6)
+                marks["--"] = "release of the late-phase weights (T0)"
             if cfg.swa:
-                ax.axvline(cfg.swa_start - 0.5, color=colors[i % len(colors)], ls=":", lw=1, alpha=0.6)
-    axes[0].set_title("test accuracy (%) of the averaged model (SWA arms: the SWA average)\nmean over seeds, "
-                      "band: min-max", fontsize=10)
-    axes[1].set_title("training loss, mean over seeds")
-    for ax in axes:
+                ax.axvline(cfg.swa_start - 0.5, color=color, ls=":", lw=1, alpha=0.6)
+                marks[":"] = "SWA start"
+    for ax, (key, title, note) in zip(axes, panels):
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch")
-    if axes[0].get_legend_handles_labels()[0]:  # no curve at all (damaged logs): no empty legend
-        axes[0].legend(fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        foot = "mean over seeds, band: min-max" + (f"; {note}" if note else "")
+        if not ax.lines:
+            foot = "no late-phase arm with K > 1 logged it" if key in ("members_disagreement", "phi_spread") \
+                else "not logged"
+        ax.text(0.01, 0.01, foot, transform=ax.transAxes, fontsize=8, color="gray", va="bottom")
+    handles, labels = axes[0].get_legend_handles_labels()
+    for ls, what in marks.items():  # name the vertical lines (each arm's, in its colour)
+        handles.append(Line2D([], [], color="gray", ls=ls, lw=1))
+        labels.append(what)
+    if handles:  # no curve at all (damaged logs): no empty legend
+        axes[0].legend(handles, labels, fontsize=8, loc="best")
     fig.tight_layout()
     curves = os.path.join(out, "curves.png")
     write_png(fig, curves, dpi=110)  # atomically: a link there is replaced, its target untouched
@@ -846,7 +901,8 @@ def _plots(spec: StudySpec, out: str, results: dict) -> list:
             if bins:
                 ax.plot([b[0] for b in bins], [b[1] for b in bins], "o-", ms=3, color=colors[i % len(colors)],
                         label=arm.name)
-        ax.set_title(f"reliability: {model} ({spec.rule}), pooled over seeds")
+        ax.set_title(f"reliability: {model} ({spec.rule})", fontsize=10)
+        ax.text(0.99, 0.01, "pooled over seeds", transform=ax.transAxes, fontsize=8, color="gray", ha="right")
         ax.set_xlabel("confidence")
         ax.set_ylabel("accuracy")
         ax.set_xlim(0, 1)
@@ -891,3 +947,10 @@ def _pooled_bins(runs: dict, model: str, rule: str) -> list:
                     w, sc, sa = totals.get(b, (0.0, 0.0, 0.0))
                     totals[b] = (w + f, sc + f * c, sa + f * a)
     return [(sc / w, sa / w) for b, (w, sc, sa) in sorted(totals.items()) if w > 0]
+
+
+def with_eval_every(spec: StudySpec, n: int | None) -> StudySpec:
+    """``spec`` with the per-epoch test metrics of every training arm every ``n`` epochs (None: unchanged). It
+    changes no weight (deep.trainer.EVAL_FIELDS), so runs resume, fork and match the spec across it, and the report
+    is the same."""
+    return spec if n is None else dataclasses.replace(spec, eval_every=n).validate()

@@ -59,7 +59,7 @@ from .untrusted import subfolder
 SCHEMA = "late-phase-results/2"
 FORMAT = "deep-run/2"
 RULES = ("stored", "reestimated", "reference")  # the BatchNorm rules of deep.evaluate
-EVAL_FIELDS = ("ood", "ood_folders", "eval_batch_size", "test_subset", "bn_images",
+EVAL_FIELDS = ("ood", "ood_folders", "eval_batch_size", "eval_every", "test_subset", "bn_images",
                "mc_samples")  # config fields that do not change training
 
 
@@ -248,6 +248,10 @@ class Trainer(abc.ABC):
         gamma = cfg.theta_scale
         line = (f"release at epoch {self.epoch + 1} (t = {self.t} minibatches): K={cfg.K} members of {names}, "
                 f"gamma_theta={gamma:g}; each outer step now takes {cfg.K} minibatches")
+        if cfg.late_batch_size != cfg.batch_size:
+            line += f" of {cfg.late_batch_size} examples (batch_size_late)"
+        if cfg.theta_weight_decay != cfg.weight_decay:
+            line += f"; theta's weight decay {cfg.theta_weight_decay:g} (weight_decay_theta)"
         if cfg.K > 1 and "all" not in cfg.phi:  # phi all: nothing is shared, there is no theta step
             # docs/theory.md section 3.6 (the block model: theta and phi are disjoint parameter sets). Per minibatch,
             # theta moves gamma_theta lr_theta / lr times the plain rate, in one K gamma_theta-times step every K
@@ -327,7 +331,7 @@ class Trainer(abc.ABC):
 
         self.lp = shared.LatePhase(
             self.model, cfg.K, self.fams, gamma_theta=cfg.theta_scale, gamma_theta_scales=cfg.gamma_theta_scales,
-            sigma0=cfg.sigma0, theta_optimizer=shared.sgd(cfg.lr, cfg.momentum, cfg.nesterov, cfg.weight_decay),
+            sigma0=cfg.sigma0, theta_optimizer=shared.sgd(cfg.lr, cfg.momentum, cfg.nesterov, cfg.theta_weight_decay),
             phi_optimizer=shared.sgd(cfg.phi_lr, cfg.momentum, cfg.nesterov, cfg.phi_weight_decay),
             theta_scheduler=schedule("theta"), phi_scheduler=schedule("phi"), path=cfg.path, T0=self.steps,
             inherit_optimizer_state=self.opt if self.steps > 0 else None, phi_momentum=cfg.phi_momentum,
@@ -440,8 +444,11 @@ class Trainer(abc.ABC):
                  "K": members, "lr": lrs[0], "lr_phi": lrs[-1], "loss": float(total) / max(n, 1),
                  f"{self.UNIT}_per_s": examples / seconds if seconds > 0 else None, "seconds": seconds}
         self.epoch += 1
-        with self._eager():
-            entry.update(self.epoch_metrics())
+        if self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs:  # the last epoch always
+            evaluated = time.perf_counter()
+            with self._eager():
+                entry.update(self.epoch_metrics())
+            entry["eval_seconds"] = time.perf_counter() - evaluated
         entry["wall_seconds"] = time.perf_counter() - wall
         self.log.append(entry)
         if self.rank == 0:
@@ -524,7 +531,8 @@ class Trainer(abc.ABC):
     def _restore(self, state: dict) -> None:
         """Continue from a verified checkpoint ``state`` of this kind (settings compared first)."""
         mine = self.cfg.to_dict()
-        free = EVAL_FIELDS if self.evaluate_only else ()  # re-evaluating may change what is evaluated, not the weights
+        # re-evaluating may change what is evaluated, not the weights; how often the epochs are evaluated never does
+        free = EVAL_FIELDS if self.evaluate_only else ("eval_every",)
         diff = [k for k in mine if state["config"].get(k) != mine[k] and k not in free]
         if diff or state["seed"] != self.seed:
             what = ", ".join(f"{k}: {state['config'].get(k)!r} -> {mine[k]!r}" for k in diff[:4]) or \
@@ -564,12 +572,17 @@ class Trainer(abc.ABC):
         write ``filename`` in the run folder; with ``export``, :meth:`export` the final networks just before."""
         start = time.perf_counter()
         self.say(f"evaluating the final models ({self.cfg.name}, epoch {self.epoch}/{self.cfg.epochs})")
+        self.__dict__["_eval_steps"] = {}
         with self._eager():
             models = self.evaluate_models(tuple(rules) if rules else RULES)
         rate = f"{self.UNIT}_per_s"
+        steps = dict(self.__dict__["_eval_steps"])
+        seconds = time.perf_counter() - start
+        steps["other (OOD sets loaded, predictions written)"] = max(seconds - sum(steps.values()), 0.0)
         result = {**self.header(), "models": models, "cost": self.cost(),
                   "train_seconds": sum(e["seconds"] for e in self.log if "seconds" in e),
-                  "eval_seconds": time.perf_counter() - start,
+                  "epoch_eval_seconds": sum(e.get("eval_seconds", 0.0) for e in self.log),
+                  "eval_seconds": seconds, "eval_step_seconds": steps,
                   rate: {"pre": median([e.get(rate) for e in self.log if e.get("phase") == "pre"]),
                          "late": median([e.get(rate) for e in self.log if e.get("phase") == "late"])},
                   **self.result_extra()}
@@ -578,7 +591,12 @@ class Trainer(abc.ABC):
         if self.rank == 0:
             with self._writing("free space, then evaluate again with --resume (the trained run is in the checkpoint)"):
                 write_json(os.path.join(self.out, filename), result)
-        self.say(f"evaluated in {_clock(result['eval_seconds'])}: {os.path.join(self.out, filename)}")
+        self.say(f"evaluated in {_clock(result['eval_seconds'])} (the steps above and "
+                 f"{_clock(steps['other (OOD sets loaded, predictions written)'])} of other work; the per-epoch test "
+                 f"metrics took {_clock(result['epoch_eval_seconds'])} during training): "
+                 f"{os.path.join(self.out, filename)}")
+        for line in final_lines(result["models"]):
+            self.say(line)
         return result
 
     def cost(self) -> dict:
@@ -643,7 +661,8 @@ class Trainer(abc.ABC):
 # Fields that do not affect the plain (pre-release) epochs: two runs that differ only in these, with the same seed,
 # train exactly alike until the first of them releases its late-phase weights or starts SWA.
 LATE_OR_SWA_FIELDS = ("name", "phi", "K", "rank1_layers", "T0", "gamma_theta", "gamma_theta_scales", "phi_momentum",
-                      "sigma0", "lr_phi", "weight_decay_phi", "path", "swa_start", "swa_lr")
+                      "sigma0", "lr_phi", "weight_decay_phi", "weight_decay_theta", "batch_size_late", "path",
+                      "swa_start", "swa_lr")
 
 
 def shareable(trunk: dict, mine: dict, epochs: int) -> str | None:
@@ -660,6 +679,43 @@ def shareable(trunk: dict, mine: dict, epochs: int) -> str | None:
         if c.get("swa_start", 0) and c["swa_start"] <= epochs:
             return f"{name} starts SWA at epoch {c['swa_start']}, within the first {epochs}"
     return None
+
+
+# what final_lines shows of a model's metrics: (key, label, format)
+SHOWN = (("accuracy", "acc", "{:.2f}%"), ("nll", "NLL", "{:.4f}"), ("ece", "ECE", "{:.2f}%"),
+         ("ood_mean", "AUROC", "{:.1f}%"), ("bpc_valid", "valid", "{:.4f} bpc"), ("bpc_test", "test", "{:.4f} bpc"))
+
+
+def final_lines(models: dict) -> list[str]:
+    """The final metrics of a results dict in a few console lines: one per model (averaged, ensemble, members, MC
+    dropout), each rule's numbers after its name; members as the mean over members with their range (min-max)
+    of the first metric. AUROC: the mean over OOD sets of the predictive-entropy AUROC."""
+    def fmt(m: dict) -> str:
+        bits = []
+        for key, label, form in SHOWN:
+            v = m.get(key)
+            if key == "ood_mean" and isinstance(v, dict):
+                v = v.get("auroc_entropy")
+            if isinstance(v, (int, float)):
+                bits.append(f"{label} {form.format(v)}")
+        return " ".join(bits)
+
+    lines = []
+    for name, by_rule in models.items():
+        parts = []
+        for rule, m in by_rule.items():
+            if isinstance(m, list):  # the members: their mean, and the range of the first metric shown
+                if not m:
+                    continue
+                key = next((k for k, _, _ in SHOWN if isinstance(m[0].get(k), (int, float))), None)
+                mean = {k: sum(x[k] for x in m) / len(m) for k in m[0] if isinstance(m[0][k], (int, float))}
+                span = (f" (range {min(x[key] for x in m):.2f}-{max(x[key] for x in m):.2f})" if key else "")
+                parts.append(f"{rule}: mean of {len(m)} {fmt(mean)}{span}")
+            elif isinstance(m, dict):
+                parts.append(f"{rule}: {fmt(m)}")
+        if parts:
+            lines.append(f"  {name:9s} " + " | ".join(parts))
+    return lines
 
 
 def prediction_passes(cfg) -> dict:
@@ -760,10 +816,13 @@ class ClassifierRun(Trainer):
         return summarize(predictions, list(ood))
 
     def _scored(self, what: str, fn):
-        """fn() with a console line saying what is evaluated and how long it took."""
+        """fn() with a console line saying what is evaluated and how long it took (also kept for results.json's
+        ``eval_step_seconds``)."""
         start = time.perf_counter()
         out = fn()
-        self.say(f"  {what}: {_clock(time.perf_counter() - start)}")
+        seconds = time.perf_counter() - start
+        self.__dict__.setdefault("_eval_steps", {})[what] = seconds
+        self.say(f"  {what}: {_clock(seconds)}")
         return out
 
     def _networks(self, rule: str) -> dict:
@@ -799,7 +858,10 @@ class ClassifierRun(Trainer):
         for rule in rules:
             if rule == "reference" and late is None:
                 continue  # the reference rule is the averaged late-phase model's; a base model has its stored one
-            nets = self._networks(rule)
+            if rule in self.__dict__.get("_final", {}) or rule == "stored":
+                nets = self._networks(rule)
+            else:  # BatchNorm re-estimation passes over training data: a step of its own
+                nets = self._scored(f"networks for the {rule} rule", lambda: self._networks(rule))
             models.setdefault("averaged", {})[rule] = self._scored(f"averaged ({rule})",
                                                                    lambda: self._score(nets["averaged"], rule))
             samples = getattr(self.cfg, "mc_samples", 0)

@@ -84,8 +84,16 @@ def _numbers(report):
 
 @pytest.fixture(scope="module")
 def sequential(data_root, tmp_path_factory):
+    import torch
     out = tmp_path_factory.mktemp("sequential")
-    return _numbers(run_study(_spec(), str(out), str(data_root), "cpu", quiet=True, runner=logged)), out
+    # one thread, as every worker below gets (the conftest's one_thread fixture is per test and starts after this
+    # module-scoped one): a run's sums, and so its numbers, depend on its thread count
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _numbers(run_study(_spec(), str(out), str(data_root), "cpu", quiet=True, runner=logged)), out
+    finally:
+        torch.set_num_threads(n)
 
 
 def test_the_sequential_study_forks_in_dependency_order(sequential):
@@ -124,6 +132,8 @@ def test_failing_workers_are_one_line(data_root, tmp_path, capfd):
 
 
 def _study_process(spec, out, data_root):
+    import torch
+    torch.set_num_threads(1)  # as the sequential study's
     run_study(spec, out, str(data_root), "cpu", quiet=True, runner=logged)
 
 

@@ -36,6 +36,8 @@ def tiny(name, **extra):
         over.setdefault("T0", 1)
     if cfg.swa:
         over.setdefault("swa_start", 3)
+    if cfg.late_phase and cfg.batch_size_late:  # the large-batch twin: K0 tiny minibatches after the release
+        over.setdefault("batch_size_late", 4 * over["batch_size"])
     return get_config(name, **over)
 
 

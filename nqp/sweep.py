@@ -189,18 +189,24 @@ def _long_run(problem, P, nesterov, stable, chunk_elements):
     n = P["K"].size
     mean, mem = np.full(n, np.nan), np.full(n, np.nan)
     h, s, w = problem.curvature, problem.noise, np.abs(problem.optimum)
-    rows = max(1, chunk_elements // h.size)
+    # chunks of about 16k elements: the root finder's dozens of temporaries then stay in the cores' caches
+    # (measured: about twice as fast as chunks of 256k elements on a 2-core machine)
+    rows = max(1, min(chunk_elements, 1 << 14) // h.size)
+    jobs = []
     for m in np.unique(P["momentum"]):
         idx = np.flatnonzero((P["momentum"] == m) & stable)
-        for i in range(0, len(idx), rows):
-            j = idx[i:i + rows]
-            col = {k: P[k][j][:, None] for k in ("K", "gamma_theta", "lr_theta", "lr_phi")}
-            b = bal.select_grid(problem, col["K"], col["gamma_theta"], col["lr_theta"], col["lr_phi"], float(m),
-                                nesterov and m > 0)
-            with np.errstate(all="ignore"):
-                e_mean, e_mem = cf.additive_excess(col["K"], col["gamma_theta"], col["lr_theta"] * w / b,
-                                                   col["lr_phi"] * w * b, h, s, float(m), nesterov and m > 0)
-            mean[j], mem[j] = e_mean.sum(axis=1), e_mem.sum(axis=1)
+        jobs += [(idx[i:i + rows], float(m)) for i in range(0, len(idx), rows)]
+
+    def work(job):
+        j, m = job
+        col = {k: P[k][j][:, None] for k in ("K", "gamma_theta", "lr_theta", "lr_phi")}
+        b = bal.select_grid(problem, col["K"], col["gamma_theta"], col["lr_theta"], col["lr_phi"], m, nesterov and m > 0)
+        with np.errstate(all="ignore"):
+            e_mean, e_mem = cf.additive_excess(col["K"], col["gamma_theta"], col["lr_theta"] * w / b,
+                                               col["lr_phi"] * w * b, h, s, m, nesterov and m > 0)
+        mean[j], mem[j] = e_mean.sum(axis=1), e_mem.sum(axis=1)
+
+    _run(work, jobs)
     return mean, mem
 
 
@@ -221,13 +227,18 @@ def _summed(rates, h_step, weights, mu, nesterov, chunk_elements):
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             out[idx] = cf.variance_factor(np.multiply.outer(keys[idx, 0], h_step), m, nesterov) @ weights
 
+    _run(work, jobs)
+    return out[inverse.reshape(-1)]
+
+
+def _run(work, jobs) -> None:
+    """work(job) for every job, on all cores when there are several (numpy releases the GIL in its loops)."""
     if len(jobs) > 1:
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
             list(pool.map(work, jobs))
     else:
         for j in jobs:
             work(j)
-    return out[inverse.reshape(-1)]
 
 
 def _grid_exact(problem, method: str, base: dict, x: tuple, y: tuple) -> SweepResult:

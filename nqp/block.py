@@ -30,7 +30,6 @@ w_k = theta + phi_k; exact paths Lyapunov and Monte Carlo, no closed form).
 from __future__ import annotations
 
 import math
-import threading
 import time
 from dataclasses import dataclass
 
@@ -563,7 +562,7 @@ def simulate(problem, method, *, steps: int, burn_in: int | None = None, runs: i
     :func:`auto_burn_in`), then average the excess of the mean model and of the members over `steps` minibatches.
     Runs are split into tiles, each with its own random stream from (seed, tile index): results do not depend on the
     number of threads. Returns an :class:`nqp.montecarlo.MCResult` (standard errors across runs)."""
-    from .montecarlo import TILE_BYTES, DivergedError, MCResult, _check_seed, _Progress, _rng, _run_tiles
+    from .montecarlo import _check_seed, _Progress, _rng, _run_tiles, _Sums
 
     if int(runs) != runs or runs < 2:
         raise NQPError(f"--runs must be an integer >= 2 (standard errors need two runs), got {runs}")
@@ -574,56 +573,88 @@ def simulate(problem, method, *, steps: int, burn_in: int | None = None, runs: i
     if steps < mpb:
         raise NQPError(f"--steps ({steps}) must be >= the minibatches per step ({mpb})")
     n_steps = steps // mpb
-    if burn_in is None:
-        burn_in = auto_burn_in(problem, method)
-    n_burn = -(-int(burn_in) // mpb)
-    K, d, runs = bm.K, lay.d, int(runs)
-    r_block = max(1, min(runs, TILE_BYTES // (8 * K * d)))
-    tiles = [(r0, min(runs, r0 + r_block)) for r0 in range(0, runs, r_block)]
-    th0, ph0 = fixed_point(problem, method, lay)
-    per_mean, per_mem = np.zeros(runs), np.zeros(runs)
-    lock = threading.Lock()
+    n_burn = -(-int(auto_burn_in(problem, method) if burn_in is None else burn_in) // mpb)
+    tiles = _run_blocks(int(runs), bm.K, lay.d)
+    start = fixed_point(problem, method, lay)
+    sums = _Sums(int(runs), 0)
     bar = _Progress(len(tiles) * (n_burn + n_steps), progress, f"simulate {method.name}")
 
     def run_tile(index):
-        r0, r1 = tiles[index]
-        R = r1 - r0
-        c = Coeffs.of(problem, lay, dtype)
-        st = State(np.broadcast_to(th0, (R, th0.size)).astype(dtype),
-                   np.broadcast_to(ph0, (R, K, ph0.size)).astype(dtype))
-        if bm.momentum:
-            st.v_theta, st.v_phi = np.zeros_like(st.theta), np.zeros_like(st.phi)
+        tile = _Tile(problem, bm, lay, tiles[index], start, dtype)
         rng = _rng(seed, index)
-        xi = np.empty((R, K, d), dtype)
-        s_mean, s_mem = np.zeros(R), np.zeros(R)
         for i in range(n_burn + n_steps):
-            rng.standard_normal(out=xi, dtype=xi.dtype)
-            block_step(st, xi, c, bm)
+            tile.step(rng)
             if i >= n_burn:
-                x = mean_model(st, c) - c.wstar
-                s_mean += 0.5 * np.sum(x * c.curvature_times(x), axis=-1)
-                xk = members(st, c) - c.wstar
-                s_mem += 0.5 * np.sum(xk * c.curvature_times(xk), axis=(-1, -2)) / K
+                tile.record()
             if (i + 1) % 256 == 0:
                 bar.update(256)
-                if not np.all(np.isfinite(st.theta)) or not np.all(np.isfinite(st.phi)):
-                    raise DivergedError(f"simulation diverged (non-finite values by minibatch {(i + 1) * mpb}); "
-                                        "lower the learning rates or the noise")
+                tile.check((i + 1) * mpb)
         bar.update((n_burn + n_steps) % 256)
-        with lock:
-            per_mean[r0:r1] = s_mean / n_steps
-            per_mem[r0:r1] = s_mem / n_steps
+        sums.add((*tiles[index], 0, 0), *tile.result(), None, None)
 
     t0 = time.perf_counter()
     _run_tiles(run_tile, len(tiles), threads, bar)
-    seconds = time.perf_counter() - t0
+    return _result(method.name, sums, n_steps, n_burn, mpb, int(seed), bm.K * lay.d, time.perf_counter() - t0, dtype)
+
+
+def _run_blocks(runs: int, K: int, d: int):
+    """(r0, r1) tiles of the runs with about TILE_BYTES per (runs x members x coordinates) array."""
+    from .montecarlo import TILE_BYTES
+
+    r_block = max(1, min(runs, TILE_BYTES // (8 * K * d)))
+    return [(r0, min(runs, r0 + r_block)) for r0 in range(0, runs, r_block)]
+
+
+def _result(name, sums, n_steps, n_burn, mpb, seed, member_coords, seconds, dtype):
+    """The MCResult of the tiles' per-run sums: run means of the time averages and their standard errors."""
+    from .montecarlo import DivergedError, MCResult
+
+    per_mean, per_mem = sums.mean / n_steps, sums.mem / n_steps
     se = lambda a: float(a.std(ddof=1) / math.sqrt(a.size))  # noqa: E731
     stats = (float(per_mean.mean()), se(per_mean), float(per_mem.mean()), se(per_mem))
     if not all(math.isfinite(v) for v in stats):
         raise DivergedError("simulation diverged (non-finite loss); lower the learning rates or the noise")
-    updates = runs * K * d * (n_burn + n_steps)
-    return MCResult(method.name, *stats, runs, n_steps * mpb, n_burn * mpb, int(seed), updates, seconds, per_mean,
+    runs = per_mean.size
+    updates = runs * member_coords * (n_burn + n_steps)
+    return MCResult(name, *stats, runs, n_steps * mpb, n_burn * mpb, seed, updates, seconds, per_mean,
                     per_mem, np.dtype(dtype).name)
+
+
+class _Tile:
+    """State and noise of one block of runs of the block model from the fixed point `start` = (theta, phi); record()
+    adds the excess of the mean model and the members' average to per-run sums."""
+
+    def __init__(self, problem, bm: Block, lay: Layout, bounds, start, dtype=np.float64):
+        r0, r1 = bounds
+        R, K, th0, ph0 = r1 - r0, bm.K, *start
+        self.bm, self.c = bm, Coeffs.of(problem, lay, dtype)
+        self.state = State(np.broadcast_to(th0, (R, th0.size)).astype(dtype),
+                           np.broadcast_to(ph0, (R, K, ph0.size)).astype(dtype))
+        if bm.momentum:
+            self.state.v_theta, self.state.v_phi = np.zeros_like(self.state.theta), np.zeros_like(self.state.phi)
+        self.xi = np.empty((R, K, lay.d), dtype)
+        self.s_mean, self.s_mem = np.zeros(R), np.zeros(R)
+
+    def step(self, rng) -> None:
+        rng.standard_normal(out=self.xi, dtype=self.xi.dtype)
+        block_step(self.state, self.xi, self.c, self.bm)
+
+    def record(self) -> None:
+        st, c = self.state, self.c
+        x = mean_model(st, c) - c.wstar
+        self.s_mean += 0.5 * np.sum(x * c.curvature_times(x), axis=-1)
+        xk = members(st, c) - c.wstar
+        self.s_mem += 0.5 * np.sum(xk * c.curvature_times(xk), axis=(-1, -2)) / self.bm.K
+
+    def check(self, minibatch: int) -> None:
+        from .montecarlo import DivergedError
+
+        if not np.all(np.isfinite(self.state.theta)) or not np.all(np.isfinite(self.state.phi)):
+            raise DivergedError(f"simulation diverged (non-finite values by minibatch {minibatch}); "
+                                "lower the learning rates or the noise")
+
+    def result(self):
+        return self.s_mean, self.s_mem
 
 
 # ----------------------------------------------------------------------------- learning curves
@@ -779,84 +810,98 @@ def simulate_curve(problem, method: Block, sgd: SGD, *, T0: int, horizon: int, w
                    progress: bool = False):
     """Monte Carlo of the protocol of :func:`learning_curve` (series sgd, latephase_mean, latephase_members), SGD
     continuing on its own noise beside the block model after T0. Means over runs with standard errors."""
-    from .curves import Curve, start_weights, time_grid
-    from .montecarlo import TILE_BYTES, DivergedError, _check_seed, _Progress, _rng, _run_tiles
+    from .curves import start_weights, time_grid
+    from .montecarlo import _check_seed, _CurveSums, _Progress, _rng, _run_tiles
 
     if int(runs) != runs or runs < 2:
         raise NQPError(f"--runs must be an integer >= 2, got {runs}")
     _check_seed(seed)
-    K, d, runs = method.K, problem.dim, int(runs)
-    t = time_grid(T0, horizon, K, points)
+    t = time_grid(T0, horizon, method.K, points)
     record = {int(x): i for i, x in enumerate(t)}
-    w0 = start_weights(w0, d)
+    w0 = start_weights(w0, problem.dim)
     names = ("sgd", "latephase_mean", "latephase_members")
-    out = {k: np.zeros((runs, len(t))) for k in names}
-    lay, lay_s = layout(problem, method), layout(problem, sgd)
-    bs = as_block(problem, sgd)
-    r_block = max(1, min(runs, TILE_BYTES // (8 * K * d)))
-    tiles = [(r0, min(runs, r0 + r_block)) for r0 in range(0, runs, r_block)]
+    sums = _CurveSums(names, int(runs), len(t), problem.dim, False)
+    tiles = _run_blocks(int(runs), method.K, problem.dim)
     bar = _Progress(len(tiles) * int(horizon), progress, "simulate curve")
-    lock = threading.Lock()
-
-    def ex(c, x):
-        return 0.5 * np.sum(x * c.curvature_times(x), axis=-1)
 
     def run_tile(index):
-        r0, r1 = tiles[index]
-        R = r1 - r0
+        tile = _CurveTile(problem, method, sgd, tiles[index], w0, names, len(t), T0, sigma0)
         rng = _rng(seed, index)
-        cs, c = Coeffs.of(problem, lay_s), Coeffs.of(problem, lay)
-        s = State(np.broadcast_to(w0, (R, d)).copy(), np.zeros((R, 1, 0)))
-        if sgd.momentum:
-            s.v_theta, s.v_phi = np.zeros((R, d)), np.zeros((R, 1, 0))
-        lp = None
-        local = {k: np.zeros((R, len(t))) for k in names}
-
-        def rec(i):
-            local["sgd"][:, i] = ex(cs, s.theta - cs.wstar)
-            if lp is None:
-                local["latephase_mean"][:, i] = local["latephase_members"][:, i] = local["sgd"][:, i]
-            else:
-                local["latephase_mean"][:, i] = ex(c, mean_model(lp, c) - c.wstar)
-                local["latephase_members"][:, i] = ex(c, members(lp, c) - c.wstar).mean(axis=-1)
-
-        def release():
-            th = s.theta[:, lay.theta].copy()
-            ph = np.repeat(s.theta[:, None, lay.phi], K, axis=1)
-            if sigma0:
-                ph += sigma0 * rng.standard_normal(ph.shape)
-            st = State(th, ph)
-            if method.momentum:
-                st.v_theta = s.v_theta[:, lay.theta].copy()
-                st.v_phi = np.repeat(s.v_theta[:, None, lay.phi], K, axis=1)
-            return st
-
-        now = 0
         if T0 == 0:
-            lp = release()
+            tile.release(rng)
         if 0 in record:
-            rec(record[0])
-        while now < horizon:
-            if lp is None:
-                block_step(s, rng.standard_normal((R, 1, d)), cs, bs)
-                now += 1
-                if now == T0:
-                    lp = release()
-            else:
-                for _ in range(K):
-                    block_step(s, rng.standard_normal((R, 1, d)), cs, bs)
-                block_step(lp, rng.standard_normal((R, K, d)), c, method)
-                now += K
-            if now in record:
-                rec(record[now])
+            tile.record(record[0])
+        while tile.now < horizon:
+            tile.step(rng)
+            if tile.now in record:
+                tile.record(record[tile.now])
         bar.update(int(horizon))
-        if not all(np.all(np.isfinite(v)) for v in local.values()):
-            raise DivergedError("simulation diverged (non-finite loss); lower the learning rates or the noise")
-        with lock:
-            for k in names:
-                out[k][r0:r1] = local[k]
+        sums.add((*tiles[index], 0, 0), *tile.result())
 
     _run_tiles(run_tile, len(tiles), threads, bar)
-    series = {k: v.mean(axis=0) for k, v in out.items()}
-    stderr = {k: v.std(axis=0, ddof=1) / math.sqrt(runs) for k, v in out.items()}
-    return Curve(t, series, int(T0), K, "monte carlo", stderr)
+    return sums.curve(t, int(T0), method.K)
+
+
+def _excess(c: Coeffs, x):
+    """1/2 x^T H x over the last axis (loss units)."""
+    return 0.5 * np.sum(x * c.curvature_times(x), axis=-1)
+
+
+class _CurveTile:
+    """One block of runs of the curve protocol: SGD (as the block model with K = 1) until T0, then the block model
+    released from SGD's weights, SGD continuing beside it on its own noise. Random stream order: SGD's minibatches,
+    the release's perturbation (sigma0), then per outer step K SGD minibatches and the K members' noise."""
+
+    def __init__(self, problem, method: Block, sgd: SGD, bounds, w0, names, n_times: int, T0: int, sigma0: float):
+        r0, r1 = bounds
+        R, d = r1 - r0, problem.dim
+        self.lay = layout(problem, method)
+        self.cs, self.c = Coeffs.of(problem, layout(problem, sgd)), Coeffs.of(problem, self.lay)
+        self.bs, self.method, self.sgd, self.T0, self.sigma0 = as_block(problem, sgd), method, sgd, T0, sigma0
+        self.s = State(np.broadcast_to(w0, (R, d)).copy(), np.zeros((R, 1, 0)))
+        if sgd.momentum:
+            self.s.v_theta, self.s.v_phi = np.zeros((R, d)), np.zeros((R, 1, 0))
+        self.local = {k: np.zeros((R, n_times)) for k in names}
+        self.lp, self.now, self.R, self.d = None, 0, R, d
+
+    def release(self, rng) -> None:
+        """theta from SGD's weights on the theta coordinates, every phi_k from them on the phi coordinates (+ sigma0
+        noise); buffers likewise."""
+        s, lay, K = self.s, self.lay, self.method.K
+        ph = np.repeat(s.theta[:, None, lay.phi], K, axis=1)
+        if self.sigma0:
+            ph += self.sigma0 * rng.standard_normal(ph.shape)
+        self.lp = State(s.theta[:, lay.theta].copy(), ph)
+        if self.method.momentum:
+            self.lp.v_theta = s.v_theta[:, lay.theta].copy()
+            self.lp.v_phi = np.repeat(s.v_theta[:, None, lay.phi], K, axis=1)
+
+    def step(self, rng) -> None:
+        """One SGD minibatch before T0 (releasing at T0), else one outer step with K SGD minibatches beside it."""
+        if self.lp is None:
+            block_step(self.s, rng.standard_normal((self.R, 1, self.d)), self.cs, self.bs)
+            self.now += 1
+            if self.now == self.T0:
+                self.release(rng)
+            return
+        K = self.method.K
+        for _ in range(K):
+            block_step(self.s, rng.standard_normal((self.R, 1, self.d)), self.cs, self.bs)
+        block_step(self.lp, rng.standard_normal((self.R, K, self.d)), self.c, self.method)
+        self.now += K
+
+    def record(self, i: int) -> None:
+        local, cs, c, lp = self.local, self.cs, self.c, self.lp
+        local["sgd"][:, i] = _excess(cs, self.s.theta - cs.wstar)
+        if lp is None:
+            local["latephase_mean"][:, i] = local["latephase_members"][:, i] = local["sgd"][:, i]
+        else:
+            local["latephase_mean"][:, i] = _excess(c, mean_model(lp, c) - c.wstar)
+            local["latephase_members"][:, i] = _excess(c, members(lp, c) - c.wstar).mean(axis=-1)
+
+    def result(self):
+        from .montecarlo import DivergedError
+
+        if not all(np.all(np.isfinite(v)) for v in self.local.values()):
+            raise DivergedError("simulation diverged (non-finite loss); lower the learning rates or the noise")
+        return self.local, None

@@ -512,7 +512,8 @@ class _Sums:
             self.mem[r0:r1] += s_mem
             if q_mean is not None:
                 if self.q_mean is None:
-                    self.q_mean, self.q_drift = np.zeros((self.mean.size, self.dim)), np.zeros((self.mean.size, self.dim))
+                    shape = (self.mean.size, self.dim)
+                    self.q_mean, self.q_drift = np.zeros(shape), np.zeros(shape)
                 self.q_mean[r0:r1, c0:c1] = q_mean
                 self.q_drift[r0:r1, c0:c1] = q_drift
 

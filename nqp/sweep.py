@@ -200,7 +200,8 @@ def _long_run(problem, P, nesterov, stable, chunk_elements):
     def work(job):
         j, m = job
         col = {k: P[k][j][:, None] for k in ("K", "gamma_theta", "lr_theta", "lr_phi")}
-        b = bal.select_grid(problem, col["K"], col["gamma_theta"], col["lr_theta"], col["lr_phi"], m, nesterov and m > 0)
+        b = bal.select_grid(problem, col["K"], col["gamma_theta"], col["lr_theta"], col["lr_phi"], m,
+                            nesterov and m > 0)
         with np.errstate(all="ignore"):
             e_mean, e_mem = cf.additive_excess(col["K"], col["gamma_theta"], col["lr_theta"] * w / b,
                                                col["lr_phi"] * w * b, h, s, m, nesterov and m > 0)

@@ -282,82 +282,87 @@ def _short_time_dict(short, long) -> dict:
 
 def cmd_predict(a) -> int:
     from .methods import SGD
-    from .theory import baselines, long_run, max_stable_lr
+    from .theory import long_run
 
     problem = build_problem(a)
     path = "lyapunov" if a.lyapunov else "closed"
-    scan = a.method != "sgd" and a.gamma_theta is None and a.swa_window is None
     _check_short_time(a)
     method = make_method(a.method, **method_params(a))
     if a.lyapunov:
         _check_lyapunov_memory(a, problem)
-
-    def as_dict(long) -> dict:
-        """The long run (default), or with --short-time the balanced-start prediction labelled with its validity."""
-        return _short_time_dict(long.short_time, long) if a.short_time else long.to_dict()
-
     pred = long_run(problem, method, path)
     shown = pred.short_time if a.short_time else pred
     sgd = SGD(a.lr, a.momentum, a.nesterov, weight_decay=a.weight_decay)
-    out = {"problem": problem.describe(), **as_dict(pred), "params": _params_dict(method),
-           "max_stable": max_stable_lr(problem, method)}
-    rows = []
-    latephase = isinstance(method, (LatePhase, Block))
-    if latephase:
-        out["baselines"] = baselines(problem, method, sgd, None)
-        if scan:
-            # gamma_theta = 0 freezes the block model's theta (no stationary state): not scanned there
-            gammas = sorted({1.0 / a.K, 0.5, 1.0} | (set() if isinstance(method, Block) else {0.0}))
-            out["gamma_theta_scan"] = []
-            for gm in gammas:
-                try:
-                    r = as_dict(long_run(problem, method.with_(gamma_theta=gm), path))
-                    r.pop("short_time", None)
-                except NQPError as e:
-                    r = {"unstable": str(e)}
-                out["gamma_theta_scan"].append({"gamma_theta": gm, **r})
-    e_sgd = out.get("baselines", {}).get("sgd", {}).get("excess_loss_mean_model")
-    if latephase:
-        b = out["baselines"]
-        rows.append(("SGD", f"lr={a.lr:g}", b["sgd"].get("excess_loss_mean_model"),
-                     b["sgd"].get("excess_loss_members")))
-        rows.append((f"SGD, batch x{a.K}", f"lr={a.lr:g}", b["sgd_batch_K"].get("excess_loss_mean_model"),
-                     b["sgd_batch_K"].get("excess_loss_members")))
-        rows.append((f"ensemble of {a.K} SGD runs", f"lr={a.lr:g}, {a.K}x cost",
-                     b["ensemble_K"].get("excess_loss_mean_model"), b["ensemble_K"].get("excess_loss_members")))
-        entries = out.get("gamma_theta_scan") or [{"gamma_theta": method.gamma_theta, **shown.to_dict()}]
-        for r in entries:
-            rows.append((f"late-phase {a.method}, K={a.K}",
-                         f"gamma_theta={r['gamma_theta']:.4g}, lr_theta={method.lr_theta:g}, lr_phi={method.lr_phi:g}",
-                         r.get("excess_loss_mean_model"), r.get("excess_loss_members")))
-        out["conclusion"] = conclusion(rows[1:3], rows[3:])
-        here = [v.get("excess_loss_mean_model") for v in (b["sgd_batch_K"], b["ensemble_K"])]
-        here = [v for v in here if v is not None]
-        out["other_K"] = _other_K(problem, method, sgd, path, {
-            "K": a.K, "excess_loss_mean_model": shown.excess_loss_mean_model, "best_baseline": min(here) if here
-            else None, "ratio": shown.excess_loss_mean_model / min(here) if here and min(here) else None})
-    else:
-        rows.append((method.name, json.dumps(_params_dict(method)), shown.excess_loss_mean_model,
-                     shown.excess_loss_members))
+    out, rows = _predict_report(a, problem, method, sgd, pred, path)
     if a.json:
         _dump(out)
         return 0
     print(f"noisy quadratic problem: {problem.describe()}")
     print(f"stationary expected excess loss (summed over coordinates); solution: {shown.path}\n")
+    _print_predict(a, out, rows, method, pred)
+    return 0
+
+
+def _prediction_dict(a, long) -> dict:
+    """The long run (default), or with --short-time the balanced-start prediction labelled with its validity."""
+    return _short_time_dict(long.short_time, long) if a.short_time else long.to_dict()
+
+
+def _predict_report(a, problem, method, sgd, pred, path):
+    """The JSON of `predict` and its table rows: the prediction, and for a late-phase method the fair baselines, the
+    gamma_theta scan (when gamma_theta is not given), the conclusion and the same at other K (all computed by
+    :mod:`nqp.theory`)."""
+    from .theory import baselines, gamma_theta_scan, max_stable_lr, other_K
+
+    shown = pred.short_time if a.short_time else pred
+    out = {"problem": problem.describe(), **_prediction_dict(a, pred), "params": _params_dict(method),
+           "max_stable": max_stable_lr(problem, method)}
+    if not isinstance(method, (LatePhase, Block)):
+        return out, [(method.name, json.dumps(_params_dict(method)), shown.excess_loss_mean_model,
+                      shown.excess_loss_members)]
+    b = out["baselines"] = baselines(problem, method, sgd, None)
+    if a.gamma_theta is None and a.swa_window is None:
+        out["gamma_theta_scan"] = []
+        for r in gamma_theta_scan(problem, method, path):
+            if "prediction" in r:
+                r = {"gamma_theta": r["gamma_theta"], **_prediction_dict(a, r["prediction"])}
+                r.pop("short_time", None)
+            out["gamma_theta_scan"].append(r)
+    rows = [("SGD", f"lr={a.lr:g}", b["sgd"].get("excess_loss_mean_model"), b["sgd"].get("excess_loss_members")),
+            (f"SGD, batch x{a.K}", f"lr={a.lr:g}", b["sgd_batch_K"].get("excess_loss_mean_model"),
+             b["sgd_batch_K"].get("excess_loss_members")),
+            (f"ensemble of {a.K} SGD runs", f"lr={a.lr:g}, {a.K}x cost",
+             b["ensemble_K"].get("excess_loss_mean_model"), b["ensemble_K"].get("excess_loss_members"))]
+    for r in out.get("gamma_theta_scan") or [{"gamma_theta": method.gamma_theta, **shown.to_dict()}]:
+        rows.append((f"late-phase {a.method}, K={a.K}",
+                     f"gamma_theta={r['gamma_theta']:.4g}, lr_theta={method.lr_theta:g}, lr_phi={method.lr_phi:g}",
+                     r.get("excess_loss_mean_model"), r.get("excess_loss_members")))
+    out["conclusion"] = conclusion(rows[1:3], rows[3:])
+    here = [v for v in (b["sgd_batch_K"].get("excess_loss_mean_model"),
+                        b["ensemble_K"].get("excess_loss_mean_model")) if v is not None]
+    best = min(here) if here else None
+    out["other_K"] = other_K(problem, method, sgd, path, {
+        "K": a.K, "excess_loss_mean_model": shown.excess_loss_mean_model, "best_baseline": best,
+        "ratio": shown.excess_loss_mean_model / best if best else None})
+    return out, rows
+
+
+def _print_predict(a, out, rows, method, pred) -> None:
+    """The table of `predict`, the other K, the multiplicative model's balance and the conclusion, for a reader."""
+    e_sgd = out.get("baselines", {}).get("sgd", {}).get("excess_loss_mean_model")
     cols = [("method", lambda r: r[0]), ("settings", lambda r: r[1]),
             ("mean model", lambda r: _g(r[2])), ("members (avg)", lambda r: _g(r[3]))]
     if e_sgd:
         cols.append(("mean / SGD", lambda r: "-" if r[2] is None else f"{r[2] / e_sgd:.4f}"))
     print(_table(rows, cols))
-    if latephase:
-        if out["other_K"]:
-            print("\nthe same at other K (mean model; baseline: the better of SGD with a K-times batch and the "
-                  "average of K runs):")
-            print(_table(out["other_K"], [("K", lambda r: str(r["K"])),
-                                          ("late-phase", lambda r: _g(r["excess_loss_mean_model"])),
-                                          ("best fair baseline", lambda r: _g(r["best_baseline"])),
-                                          ("late-phase / baseline", lambda r: "-" if r["ratio"] is None
-                                           else f"{r['ratio']:.4f}")]))
+    if out.get("other_K"):
+        print("\nthe same at other K (mean model; baseline: the better of SGD with a K-times batch and the "
+              "average of K runs):")
+        print(_table(out["other_K"], [("K", lambda r: str(r["K"])),
+                                      ("late-phase", lambda r: _g(r["excess_loss_mean_model"])),
+                                      ("best fair baseline", lambda r: _g(r["best_baseline"])),
+                                      ("late-phase / baseline", lambda r: "-" if r["ratio"] is None
+                                       else f"{r['ratio']:.4f}")]))
     if a.momentum:
         print(f"\nmomentum {a.momentum:g}{' (Nesterov)' if a.nesterov else ''} on every optimizer")
     if _is_multiplicative(method):
@@ -371,35 +376,8 @@ def cmd_predict(a) -> int:
             print(f"short-time prediction (t - T0 << the relaxation time, balanced start; --short-time): mean model "
                   f"{st.excess_loss_mean_model:.6g}, members {st.excess_loss_members:.6g}")
         print("check with `python -m nqp simulate` (same flags)")
-    if latephase:
+    if "conclusion" in out:
         print("\n" + out["conclusion"])     # the last line: what to conclude
-    return 0
-
-
-def _other_K(problem, method, sgd, path, at_K: dict) -> list:
-    """The late-phase mean model at a few K (2, K, 2K) beside the best fair baseline at that K (the method's other
-    settings); `at_K` is the row of the method's own K, already computed."""
-    from .methods import SGD, Ensemble
-    from .theory import long_run
-
-    K = method.K
-    rows = []
-    for k in sorted({2, K, 2 * K} - {1}):
-        if k == K:
-            rows.append(at_K)
-            continue
-        def mean_of(m):
-            try:
-                return long_run(problem, m, path).excess_loss_mean_model
-            except NQPError:
-                return None
-        lp = mean_of(method.with_(K=k))
-        base = [v for v in (mean_of(SGD(sgd.lr, sgd.momentum, sgd.nesterov, k, sgd.weight_decay)),
-                            mean_of(Ensemble(sgd, k))) if v is not None]
-        b = min(base) if base else None
-        rows.append({"K": k, "excess_loss_mean_model": lp, "best_baseline": b,
-                     "ratio": None if (lp is None or not b) else lp / b})
-    return rows
 
 
 def conclusion(baseline_rows, latephase_rows) -> str:

@@ -291,3 +291,24 @@ def test_sweep_without_noise_has_no_gain_but_succeeds(capsys, tmp_path):
     assert "no gain over SGD is defined" in out
     d = json.loads((tmp_path / "sweep.json").read_text())
     assert all(p["gain_over_sgd"] is None for p in d["points"])
+
+
+def test_predict_prints_the_library_scan_and_other_K(capsys):
+    """The gamma_theta scan and the other-K rows of `predict` are nqp.theory's gamma_theta_scan and other_K."""
+    from nqp import SGD, long_run
+    from nqp.theory import gamma_theta_scan, other_K
+
+    d = run_json(capsys, "predict", "--method", "additive", "--K", "4", "--dim", "5", "--lr", "0.3")
+    p, lp = Problem.powerlaw(5, 1.0), LatePhase(4, 0.3, 0.3, 1.0)
+    scan = gamma_theta_scan(p, lp)
+    assert [r["gamma_theta"] for r in d["gamma_theta_scan"]] == [r["gamma_theta"] for r in scan] == [0, 0.25, 0.5, 1]
+    for cli, lib in zip(d["gamma_theta_scan"], scan):
+        assert cli["excess_loss_mean_model"] == pytest.approx(lib["prediction"].excess_loss_mean_model, rel=1e-12)
+    rows = other_K(p, lp, SGD(0.3))
+    assert [r["K"] for r in rows] == [r["K"] for r in d["other_K"]] == [2, 4, 8]
+    for cli, lib in zip(d["other_K"], rows):
+        assert cli["best_baseline"] == pytest.approx(lib["best_baseline"], rel=1e-12)
+    assert rows[0]["excess_loss_mean_model"] == pytest.approx(
+        long_run(p, LatePhase(2, 0.3, 0.3, 1.0)).excess_loss_mean_model, rel=1e-12)
+    unstable = gamma_theta_scan(p, LatePhase(4, 0.3, 0.3, 1.0).with_(lr_theta=0.9))
+    assert any("unstable" in r for r in unstable)

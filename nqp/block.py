@@ -53,12 +53,12 @@ def needs_block(problem, method) -> bool:
     if isinstance(method, LatePhase) and method.weight_decay:
         return True
     if isinstance(method, TailAverage) and getattr(method.base, "weight_decay", 0):
-        raise NQPError("tail averages are not modelled with --weight-decay")
+        raise NQPError("tail averages are not modelled with `weight_decay`")
     if isinstance(method, (LatePhase, TailAverage)):
         if problem.hessian is not None:
-            raise NQPError(f"a full --hessian is modelled for --method sgd, block and additive with --weight-decay > 0, "
+            raise NQPError(f"a full `hessian` is modelled for `method` sgd, block and additive with `weight_decay` > 0, "
                            f"not {method.name} (late-phase weights on their own coordinates, as in a network, are "
-                           f"--method block)")
+                           f"`method` block)")
         return False
     base = method.base if isinstance(method, Ensemble) else method
     return problem.hessian is not None or base.weight_decay > 0
@@ -96,7 +96,7 @@ def layout(problem, method) -> Layout:
         return Layout(np.arange(d), np.arange(d), d)
     phi = np.asarray(bm.phi_coords, dtype=int)
     if phi.size and phi.max() >= d:
-        raise NQPError(f"--phi-coords: coordinate {int(phi.max())} is out of range (the problem has {d} "
+        raise NQPError(f"`phi_coords`: coordinate {int(phi.max())} is out of range (the problem has {d} "
                        f"coordinates, 0..{d - 1})")
     is_theta = np.ones(d, bool)
     is_theta[phi] = False
@@ -235,7 +235,7 @@ def _bases(method: Block, lay: Layout):
     if (dt + dp) * blocks > LYAPUNOV_MAX_STATES:
         raise NQPError(f"the exact path of this problem solves a {(dt + dp) * blocks} x {(dt + dp) * blocks} system "
                        f"(d (1 + momentum) > {LYAPUNOV_MAX_STATES}); with a diagonal H use the closed form (no "
-                       f"--lyapunov), else fewer coordinates")
+                       f"`lyapunov`), else fewer coordinates")
     Em = np.zeros((n, (dt + dp) * blocks))
     Eu = np.zeros((n, dp * blocks)) if K > 1 else None
     for b in range(blocks):
@@ -415,7 +415,7 @@ def _solve(red: Reduced):
 
     q = red.A.shape[0]
     if q > LYAPUNOV_MAX_STATES:
-        raise NQPError(f"the Lyapunov path would solve a {q} x {q} system; use the closed form (diagonal --hessian) "
+        raise NQPError(f"the Lyapunov path would solve a {q} x {q} system; use the closed form (diagonal `hessian`) "
                        f"or fewer coordinates")
     rho = red.rho
     if rho >= 1 - 1e-12:
@@ -551,7 +551,7 @@ def auto_burn_in(problem, method, tol: float = 1e-6) -> int:
     """Minibatches until rho^(2n) <= tol (rho the spectral radius of the step), from the noise-free fixed point."""
     rho = spectral_radius(problem, method)
     if rho >= 1:
-        raise NQPError(f"cannot choose a burn-in: spectral radius {rho:.17g}; give --burn-in, or larger steps")
+        raise NQPError(f"cannot choose a burn-in: spectral radius {rho:.17g}; give `burn_in`, or larger steps")
     steps = 1 if rho == 0 else math.ceil(math.log(tol) / (2 * math.log(rho)))
     return max(1, steps) * as_block(problem, method).minibatches_per_step
 
@@ -565,13 +565,13 @@ def simulate(problem, method, *, steps: int, burn_in: int | None = None, runs: i
     from .montecarlo import _check_seed, _Progress, _rng, _run_tiles, _Sums
 
     if int(runs) != runs or runs < 2:
-        raise NQPError(f"--runs must be an integer >= 2 (standard errors need two runs), got {runs}")
+        raise NQPError(f"`runs` must be an integer >= 2 (standard errors need two runs), got {runs}")
     _check_seed(seed)
     check_stable(problem, method)
     lay, bm = layout(problem, method), as_block(problem, method)
     mpb = bm.minibatches_per_step
     if steps < mpb:
-        raise NQPError(f"--steps ({steps}) must be >= the minibatches per step ({mpb})")
+        raise NQPError(f"`steps` ({steps}) must be >= the minibatches per step ({mpb})")
     n_steps = steps // mpb
     n_burn = -(-int(auto_burn_in(problem, method) if burn_in is None else burn_in) // mpb)
     tiles = _run_blocks(int(runs), bm.K, lay.d)
@@ -705,9 +705,9 @@ def learning_curve(problem, method: Block, sgd: SGD, *, T0: int, horizon: int, w
     if not isinstance(sgd, SGD) or sgd.batch != 1:
         raise NQPError("learning_curve needs a batch-1 SGD method")
     if not isinstance(method, Block) or method.shared:
-        raise NQPError("the exact curve models --method block (additive with weight decay has none here)")
+        raise NQPError("the exact curve models `method` block (additive with weight decay has none here)")
     if sigma0 < 0 or not np.isfinite(sigma0):
-        raise NQPError(f"--sigma0 must be >= 0, got {sigma0}")
+        raise NQPError(f"`sigma0` must be >= 0, got {sigma0}")
     if (sgd.momentum, sgd.nesterov) != (method.momentum, method.nesterov):
         raise NQPError("SGD and the late-phase method must use the same momentum setting")
     check_stable(problem, sgd)
@@ -814,7 +814,7 @@ def simulate_curve(problem, method: Block, sgd: SGD, *, T0: int, horizon: int, w
     from .montecarlo import _check_seed, _CurveSums, _Progress, _rng, _run_tiles
 
     if int(runs) != runs or runs < 2:
-        raise NQPError(f"--runs must be an integer >= 2, got {runs}")
+        raise NQPError(f"`runs` must be an integer >= 2, got {runs}")
     _check_seed(seed)
     t = time_grid(T0, horizon, method.K, points)
     record = {int(x): i for i, x in enumerate(t)}

@@ -36,6 +36,21 @@ def _fail(msg: str) -> int:
     return 2
 
 
+# The library names its parameters in backticks (`lr_theta`, `T0`); the command line shows each as its flag.
+FLAGS = {"T0": "--t0", "placement": "--phi", "window": "--swa-window"}
+
+
+def flags(text: str) -> str:
+    """A library message in the command line's words: each `parameter` becomes its flag (`lr_theta` -> --lr-theta,
+    and the exceptions of FLAGS).
+
+    >>> flags("`lr_phi` must be > 0, got 0; `T0` too")
+    '--lr-phi must be > 0, got 0; --t0 too'
+    """
+    return re.sub(r"`([A-Za-z_][A-Za-z0-9_]*)`",
+                  lambda m: FLAGS.get(m.group(1), "--" + m.group(1).replace("_", "-")), text)
+
+
 def _int_at_least(lo: int | None):
     def parse(text):
         try:
@@ -802,7 +817,7 @@ def main(argv=None) -> int:
     except SystemExit as e:
         return int(e.code or 0)
     except NQPError as e:
-        return _fail(str(e))
+        return _fail(flags(str(e)))
     except BrokenPipeError:  # the reader of stdout went away (e.g. | head): nothing left to say
         _silence_stdout()
         return 0

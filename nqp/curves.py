@@ -65,13 +65,13 @@ class Curve:
 def time_grid(T0: int, horizon: int, K: int, points: int = 200) -> np.ndarray:
     """About `points` evaluation times in [0, horizon]: any integer before T0, T0 + K n after it."""
     if int(T0) != T0 or T0 < 0:
-        raise NQPError(f"--t0 must be a non-negative integer number of minibatches, got {T0}")
+        raise NQPError(f"`T0` must be a non-negative integer number of minibatches, got {T0}")
     if int(horizon) != horizon or horizon <= T0:
-        raise NQPError(f"--horizon ({horizon}) must be an integer > --t0 ({T0})")
+        raise NQPError(f"`horizon` ({horizon}) must be an integer > `T0` ({T0})")
     if horizon < T0 + K:  # else the curve would end before the first late-phase outer step (K minibatches)
-        raise NQPError(f"--horizon ({horizon}) must reach at least one outer step past --t0: >= {T0 + K} (T0 + K)")
+        raise NQPError(f"`horizon` ({horizon}) must reach at least one outer step past `T0`: >= {T0 + K} (T0 + K)")
     if points < 2:
-        raise NQPError(f"--points must be >= 2, got {points}")
+        raise NQPError(f"`points` must be >= 2, got {points}")
     raw = np.linspace(0, horizon, int(points))
     pre = np.round(raw[raw < T0]).astype(int)
     post = T0 + K * np.round((raw[raw >= T0] - T0) / K).astype(int)
@@ -82,9 +82,9 @@ def start_weights(w0, dim: int) -> np.ndarray:
     """The start w_0 (one value broadcasts, or one per coordinate), checked finite."""
     w = np.asarray(w0, float).reshape(-1)
     if w.size not in (1, dim):
-        raise NQPError(f"--w0 takes one value or one per coordinate ({dim}), got {w.size}")
+        raise NQPError(f"`w0` takes one value or one per coordinate ({dim}), got {w.size}")
     if not np.all(np.isfinite(w)):
-        raise NQPError("--w0 must be finite")
+        raise NQPError("`w0` must be finite")
     return np.broadcast_to(w if w.size == dim else w[0], (dim,))
 
 
@@ -334,7 +334,7 @@ def _finite(fn):
         # (a tail-average series is NaN before its start, by design)
         if any(np.isinf(v).any() or ("swa" not in k and np.isnan(v).any()) for k, v in curve.series.items()):
             raise NQPError("the predicted loss overflows float64 (values near 1e308); rescale the problem "
-                           "(smaller --w0, --noise, --curvature or --optimum)")
+                           "(smaller `w0`, `noise`, `curvature` or `optimum`)")
         return curve
     return run
 
@@ -355,16 +355,16 @@ def learning_curve(problem: Problem, method: LatePhase, sgd: SGD, *, T0: int, ho
             getattr(method, "weight_decay", 0):
         from .block import learning_curve as block_curve
         if not isinstance(method, Block):
-            raise NQPError(f"the curve models a full --hessian and --weight-decay for --method block only, not "
+            raise NQPError(f"the curve models a full `hessian` and `weight_decay` for `method` block only, not "
                            f"{method.name}")
         if swa_start is not None or sgd_after is not None:
-            raise NQPError("--swa-start is not modelled for --method block")
+            raise NQPError("`swa_start` is not modelled for `method` block")
         return block_curve(problem, method, sgd, T0=T0, horizon=horizon, w0=w0, sigma0=sigma0, points=points)
     sgd_after = _check_curve(problem, method, sgd, sgd_after, path, sigma0)
     K = method.K
     t = time_grid(T0, horizon, K, points)
     if swa_start is not None and not (T0 <= swa_start < horizon and (swa_start - T0) % K == 0):
-        raise NQPError(f"--swa-start must be T0 + K n below the horizon (T0={T0}, K={K}), got {swa_start}")
+        raise NQPError(f"`swa_start` must be T0 + K n below the horizon (T0={T0}, K={K}), got {swa_start}")
     k0 = None if swa_start is None else (swa_start - T0) // K
     series, rel = _sgd_baselines(problem, sgd, sgd_after, start_weights(w0, problem.dim), t, T0, K)
     mult = method.kind == "multiplicative"
@@ -399,7 +399,7 @@ def _check_curve(problem, method, sgd, sgd_after, path, sigma0) -> SGD:
     if path not in ("closed", "lyapunov"):
         raise NQPError(f"path must be 'closed' or 'lyapunov', got {path!r}")
     if sigma0 < 0 or not np.isfinite(sigma0):
-        raise NQPError(f"--sigma0 must be >= 0, got {sigma0}")
+        raise NQPError(f"`sigma0` must be >= 0, got {sigma0}")
     sgd_after = sgd if sgd_after is None else sgd_after
     check_stable(problem, sgd)
     check_stable(problem, sgd_after)

@@ -106,14 +106,14 @@ def start_balance(problem, method, start="balanced") -> np.ndarray | None:
     core = _core(method)
     if not _is_mult(core):
         if not (isinstance(start, str) and start == "balanced"):
-            raise NQPError("--start applies to the multiplicative model")
+            raise NQPError("`start` applies to the multiplicative model")
         return None
     if isinstance(start, str):
         if start == "balanced":
             return np.ones(problem.dim)
         if start == "selected":
             return bal.select(problem, core).selected
-        raise NQPError(f"--start must be 'balanced', 'selected' or balances > 0, got {start!r}")
+        raise NQPError(f"`start` must be 'balanced', 'selected' or balances > 0, got {start!r}")
     b = np.asarray(start, float).reshape(-1)
     if b.size not in (1, problem.dim) or not np.all(np.isfinite(b)) or np.any(b <= 0):
         raise NQPError(f"start balances must be {problem.dim} (or one) finite values > 0")
@@ -128,7 +128,7 @@ def auto_burn_in(problem, method, tol: float = 1e-6, balance=None) -> int:
     rho = float(linear.spectral_radius(linear.linearize(problem, core, balance=balance)).max())
     if rho >= 1:
         raise NQPError(f"cannot choose a burn-in: the slowest mode does not relax in float64 (spectral radius "
-                       f"{rho:.17g}; a step times curvature below ~1e-16); give --burn-in, or larger steps")
+                       f"{rho:.17g}; a step times curvature below ~1e-16); give `burn_in`, or larger steps")
     steps = 1 if rho == 0 else math.ceil(math.log(tol) / (2 * math.log(rho)))
     return max(1, steps) * core.minibatches_per_step * (method.K if isinstance(method, Ensemble) else 1)
 
@@ -189,7 +189,7 @@ def _run_tiles(run_tile, n: int, threads: int | None, bar) -> None:
 
 def _check_seed(seed) -> None:
     if isinstance(seed, bool) or int(seed) != seed or seed < 0:
-        raise NQPError(f"--seed must be a non-negative integer, got {seed}")
+        raise NQPError(f"`seed` must be a non-negative integer, got {seed}")
 
 
 def box_muller(bit_generator, out: np.ndarray) -> None:
@@ -406,7 +406,7 @@ def simulate(problem, method, *, steps: int, burn_in: int | None = None, runs: i
     from . import block
     if block.needs_block(problem, method):   # the block model, or SGD / ensembles with weight decay or a full H
         if burn_in is not None and (int(burn_in) != burn_in or burn_in < 0):
-            raise NQPError(f"--burn-in must be a non-negative integer, got {burn_in}")
+            raise NQPError(f"`burn_in` must be a non-negative integer, got {burn_in}")
         start_balance(problem, method, start)
         return block.simulate(problem, method, steps=steps, burn_in=burn_in, runs=runs, seed=seed, threads=threads,
                               progress=progress, dtype=dtype)
@@ -451,7 +451,7 @@ class _Plan:
     @classmethod
     def of(cls, problem, method, steps, burn_in, runs, seed, start, dtype) -> _Plan:
         if int(runs) != runs or runs < 2:
-            raise NQPError(f"--runs must be an integer >= 2 (standard errors need two runs), got {runs}")
+            raise NQPError(f"`runs` must be an integer >= 2 (standard errors need two runs), got {runs}")
         _check_seed(seed)
         dtype = np.dtype(dtype)
         if dtype not in (np.dtype(np.float64), np.dtype(np.float32)):
@@ -460,16 +460,16 @@ class _Plan:
         mpb = method.minibatches_per_step
         if isinstance(method, TailAverage):
             if steps < method.window:
-                raise NQPError(f"--steps ({steps}) must be >= the averaging window ({method.window})")
+                raise NQPError(f"`steps` ({steps}) must be >= the averaging window ({method.window})")
             n_steps = (steps // method.window) * method.steps
         else:
             if steps < mpb:
-                raise NQPError(f"--steps ({steps}) must be >= the minibatches per step ({mpb})")
+                raise NQPError(f"`steps` ({steps}) must be >= the minibatches per step ({mpb})")
             n_steps = steps // mpb
         if burn_in is None:
             burn_in = auto_burn_in(problem, method, balance=b_start)
         if int(burn_in) != burn_in or burn_in < 0:
-            raise NQPError(f"--burn-in must be a non-negative integer, got {burn_in}")
+            raise NQPError(f"`burn_in` must be a non-negative integer, got {burn_in}")
         window = method.steps if isinstance(method, TailAverage) else None
         return cls(int(runs), int(seed), dtype, b_start, mpb, n_steps, -(-int(burn_in) // mpb), window)
 
@@ -483,7 +483,7 @@ class _Plan:
             stats = (float(per_mean.mean()), se(per_mean), float(per_mem.mean()), se(per_mem))
         if not all(math.isfinite(v) for v in stats):
             raise DivergedError("the simulated losses overflow float64 (values near 1e308); rescale the problem "
-                                "(smaller --noise, --curvature or --optimum)")
+                                "(smaller `noise`, `curvature` or `optimum`)")
         res = MCResult(method.name, *stats, self.runs, self.n_steps * self.mpb, self.n_burn * self.mpb, self.seed,
                        updates, seconds, per_mean, per_mem, self.dtype.name,
                        start if isinstance(start, str) else "given")
@@ -531,20 +531,20 @@ def simulate_curve(problem, method: LatePhase, sgd: SGD, *, T0: int, horizon: in
 
     if getattr(method, "weight_decay", 0) or sgd.weight_decay or problem.hessian is not None:
         if not isinstance(method, Block):
-            raise NQPError(f"weight decay and a full --hessian are simulated along a curve for --method block only, "
+            raise NQPError(f"weight decay and a full `hessian` are simulated along a curve for `method` block only, "
                            f"not {method.name}")
     if isinstance(method, Block):
         from . import block
         if swa_start is not None:
-            raise NQPError("--swa-start is not modelled for --method block")
+            raise NQPError("`swa_start` is not modelled for `method` block")
         return block.simulate_curve(problem, method, sgd, T0=T0, horizon=horizon, w0=w0, sigma0=sigma0, points=points,
                                     runs=runs, seed=seed, threads=threads, progress=progress)
     if int(runs) != runs or runs < 2:
-        raise NQPError(f"--runs must be an integer >= 2, got {runs}")
+        raise NQPError(f"`runs` must be an integer >= 2, got {runs}")
     _check_seed(seed)
     t = time_grid(T0, horizon, method.K, points)
     if swa_start is not None and not (T0 <= swa_start < horizon and (swa_start - T0) % method.K == 0):
-        raise NQPError(f"--swa-start must be T0 + K n below the horizon (T0={T0}, K={method.K}), got {swa_start}")
+        raise NQPError(f"`swa_start` must be T0 + K n below the horizon (T0={T0}, K={method.K}), got {swa_start}")
     names = ["sgd", "latephase_mean", "latephase_members"] + (["latephase_swa"] if swa_start is not None else [])
     track = _is_mult(method) and not bal.frozen(method)
     sums = _CurveSums(names, int(runs), len(t), problem.dim, track)

@@ -124,13 +124,13 @@ def grid(problem, method: str, base: dict, x: tuple, y: tuple, chunk_elements: i
         if n not in PARAMS:
             raise NQPError(f"cannot sweep {n!r}; choose from {', '.join(PARAMS)}")
     if xn == yn:
-        raise NQPError("--x and --y must name different parameters")
+        raise NQPError("`x` and `y` must name different parameters")
     if method == "sgd" and {xn, yn} & {"K", "gamma_theta", "lr_theta", "lr_phi"}:
-        raise NQPError("with --method sgd only lr and momentum can be swept")
+        raise NQPError("with `method` sgd only lr and momentum can be swept")
     if method == "block" or base.get("weight_decay") or "weight_decay" in (xn, yn) or problem.hessian is not None:
         return _grid_exact(problem, method, base, (xn, xv), (yn, yv))
     if method == "multiplicative" and np.any(problem.optimum == 0):
-        raise NQPError("the multiplicative model needs a nonzero optimum in every coordinate (--optimum)")
+        raise NQPError("the multiplicative model needs a nonzero optimum in every coordinate (`optimum`)")
     # Validate every grid value once by building the method at the axis extremes.
     for xi in (xv.min(), xv.max()):
         for yi in (yv.min(), yv.max()):
@@ -144,7 +144,7 @@ def grid(problem, method: str, base: dict, x: tuple, y: tuple, chunk_elements: i
         P["lr_phi"] = P["lr"]
     shape = (len(yv), len(xv))
     n = shape[0] * shape[1]  # the parameters and four results per grid point live at once (coordinates in chunks)
-    check_memory([(f"{n:,} grid points ({shape[1]:,} x {shape[0]:,})", FLOAT * n * (len(PARAMS) + 4), "--x, --y")],
+    check_memory([(f"{n:,} grid points ({shape[1]:,} x {shape[0]:,})", FLOAT * n * (len(PARAMS) + 4), "`x`, `y`")],
                  "the sweep")
     P = {k: np.broadcast_to(v, shape).reshape(-1) for k, v in P.items()}
     nest = bool(base.get("nesterov", False))
@@ -171,7 +171,7 @@ def grid(problem, method: str, base: dict, x: tuple, y: tuple, chunk_elements: i
             mem = mean + _summed(P["lr_phi"], h_step, weights, mu, nest, chunk_elements) * (1 - 1 / K)
     if np.any(stable & ~(np.isfinite(mean) & np.isfinite(mem))) or np.any(np.isinf(sgd)):
         raise NQPError("the predicted loss overflows float64 (values near 1e308); rescale the problem "
-                       "(smaller --noise, --curvature or --optimum)")
+                       "(smaller `noise`, `curvature` or `optimum`)")
     mean = np.where(stable, mean, np.nan)
     mem = np.where(stable, mem, np.nan)
     # The fair baselines at each point's K: SGD with a K-times batch and the average of K runs both have 1/K of
@@ -250,7 +250,7 @@ def _grid_exact(problem, method: str, base: dict, x: tuple, y: tuple) -> SweepRe
 
     (xn, xv), (yn, yv) = x, y
     shape = (len(yv), len(xv))
-    check_memory([(f"{shape[0] * shape[1]:,} grid points", FLOAT * shape[0] * shape[1] * 4, "--x, --y")], "the sweep")
+    check_memory([(f"{shape[0] * shape[1]:,} grid points", FLOAT * shape[0] * shape[1] * 4, "`x`, `y`")], "the sweep")
     mean, mem, sgd = np.full(shape, np.nan), np.full(shape, np.nan), np.full(shape, np.nan)
     baseline = None if method == "sgd" else np.full(shape, np.nan)
     stable = np.zeros(shape, bool)

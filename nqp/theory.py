@@ -63,7 +63,7 @@ def stability(problem: Problem, method) -> list[Condition]:
         return [Condition("lr * h" + tail, float(method.lr * h.max()), edge)]
     if method.kind == "multiplicative":
         if np.any(problem.optimum == 0):
-            raise NQPError("the multiplicative model needs a nonzero optimum in every coordinate (--optimum)")
+            raise NQPError("the multiplicative model needs a nonzero optimum in every coordinate (`optimum`)")
         h = h * np.abs(problem.optimum)
         unit = " * |w*|"
     else:
@@ -231,7 +231,7 @@ def steady_state(problem: Problem, method, path: str = "closed", balance=None) -
             mean, mem, label = block.steady_state(problem, method, path)
         if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(mem))):
             raise NQPError("the predicted loss overflows float64 (values near 1e308); rescale the problem "
-                           "(smaller --noise, --curvature or --optimum)")
+                           "(smaller `noise`, `curvature` or `optimum`)")
         return _pred(method.name, label, mean, mem, conds)
     conds = check_stable(problem, method)
     if balance is not None and not _is_multiplicative(method):
@@ -242,7 +242,7 @@ def steady_state(problem: Problem, method, path: str = "closed", balance=None) -
         mean, mem = (_closed if path == "closed" else _lyapunov)(problem, method, balance)
     if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(mem))):
         raise NQPError("the predicted loss overflows float64 (values near 1e308); rescale the problem "
-                       "(smaller --noise, --curvature or --optimum)")
+                       "(smaller `noise`, `curvature` or `optimum`)")
     label = path
     if _is_multiplicative(method):
         label += (", small-noise linearisation at the balanced start (short time)" if balance is None
@@ -268,7 +268,7 @@ def long_run(problem: Problem, method, path: str = "closed") -> Prediction:
         mean, mem = (_closed if path == "closed" else _lyapunov)(problem, method, sel.selected)
     if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(mem))):
         raise NQPError("the predicted loss overflows float64 (values near 1e308); rescale the problem "
-                       "(smaller --noise, --curvature or --optimum)")
+                       "(smaller `noise`, `curvature` or `optimum`)")
     label = f"{short.path.split(',')[0]}, long run at the noise-selected balance"
     if sel.frozen:
         label += " (theta frozen: the release balance)"

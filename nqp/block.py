@@ -37,7 +37,7 @@ import numpy as np
 
 from . import closed_form as cf
 from .dynamics import optimizer_update
-from .errors import NQPError, UnstableError
+from .errors import NQPError, UnstableError, overflow
 from .methods import SGD, Block, Ensemble, LatePhase, TailAverage
 
 LYAPUNOV_MAX_STATES = 3000   # largest (reduced) state the dense Lyapunov solver is asked to handle
@@ -562,11 +562,9 @@ def simulate(problem, method, *, steps: int, burn_in: int | None = None, runs: i
     :func:`auto_burn_in`), then average the excess of the mean model and of the members over `steps` minibatches.
     Runs are split into tiles, each with its own random stream from (seed, tile index): results do not depend on the
     number of threads. Returns an :class:`nqp.montecarlo.MCResult` (standard errors across runs)."""
-    from .montecarlo import _check_seed, _Progress, _rng, _run_tiles, _Sums
+    from .montecarlo import _check_runs_seed, _Progress, _rng, _run_tiles, _Sums
 
-    if int(runs) != runs or runs < 2:
-        raise NQPError(f"`runs` must be an integer >= 2 (standard errors need two runs), got {runs}")
-    _check_seed(seed)
+    _check_runs_seed(runs, seed)
     check_stable(problem, method)
     lay, bm = layout(problem, method), as_block(problem, method)
     mpb = bm.minibatches_per_step
@@ -607,11 +605,10 @@ def _run_blocks(runs: int, K: int, d: int):
 
 def _result(name, sums, n_steps, n_burn, mpb, seed, member_coords, seconds, dtype):
     """The MCResult of the tiles' per-run sums: run means of the time averages and their standard errors."""
-    from .montecarlo import DivergedError, MCResult
+    from .montecarlo import DivergedError, MCResult, _run_stats
 
     per_mean, per_mem = sums.mean / n_steps, sums.mem / n_steps
-    se = lambda a: float(a.std(ddof=1) / math.sqrt(a.size))  # noqa: E731
-    stats = (float(per_mean.mean()), se(per_mean), float(per_mem.mean()), se(per_mem))
+    stats = _run_stats(per_mean, per_mem)
     if not all(math.isfinite(v) for v in stats):
         raise DivergedError("simulation diverged (non-finite loss); lower the learning rates or the noise")
     runs = per_mean.size
@@ -801,7 +798,7 @@ def learning_curve(problem, method: Block, sgd: SGD, *, T0: int, horizon: int, w
             series["latephase_members"][i] = series["latephase_mean"][i] + extra
         series["ensemble_K"][i] = ens_at(ti // K)
     if not all(np.all(np.isfinite(v)) for v in series.values()):
-        raise NQPError("the predicted loss overflows float64; rescale the problem")
+        raise overflow("w0", "noise", "curvature", "optimum")
     return Curve(t, series, int(T0), K, "lyapunov (block model, exact moments)")
 
 
@@ -811,11 +808,9 @@ def simulate_curve(problem, method: Block, sgd: SGD, *, T0: int, horizon: int, w
     """Monte Carlo of the protocol of :func:`learning_curve` (series sgd, latephase_mean, latephase_members), SGD
     continuing on its own noise beside the block model after T0. Means over runs with standard errors."""
     from .curves import start_weights, time_grid
-    from .montecarlo import _check_seed, _CurveSums, _Progress, _rng, _run_tiles
+    from .montecarlo import _check_runs_seed, _CurveSums, _Progress, _rng, _run_tiles
 
-    if int(runs) != runs or runs < 2:
-        raise NQPError(f"`runs` must be an integer >= 2, got {runs}")
-    _check_seed(seed)
+    _check_runs_seed(runs, seed)
     t = time_grid(T0, horizon, method.K, points)
     record = {int(x): i for i, x in enumerate(t)}
     w0 = start_weights(w0, problem.dim)

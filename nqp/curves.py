@@ -29,7 +29,7 @@ import numpy as np
 
 from . import balance as bal
 from . import linear
-from .errors import NQPError
+from .errors import NQPError, overflow
 from .methods import SGD, Block, LatePhase
 from .problem import Problem
 from .theory import check_stable
@@ -333,8 +333,7 @@ def _finite(fn):
             curve = fn(*args, **kwargs)
         # (a tail-average series is NaN before its start, by design)
         if any(np.isinf(v).any() or ("swa" not in k and np.isnan(v).any()) for k, v in curve.series.items()):
-            raise NQPError("the predicted loss overflows float64 (values near 1e308); rescale the problem "
-                           "(smaller `w0`, `noise`, `curvature` or `optimum`)")
+            raise overflow("w0", "noise", "curvature", "optimum")
         return curve
     return run
 

@@ -187,6 +187,20 @@ def _run_tiles(run_tile, n: int, threads: int | None, bar) -> None:
         bar.close()
 
 
+def _check_runs_seed(runs, seed) -> None:
+    """The Monte Carlo drivers' shared checks: at least two runs (for a standard error), a non-negative integer seed."""
+    if int(runs) != runs or runs < 2:
+        raise NQPError(f"`runs` must be an integer >= 2 (standard errors need two runs), got {runs}")
+    _check_seed(seed)
+
+
+def _run_stats(per_mean, per_mem):
+    """(mean, standard error) of the per-run mean-model and member losses: std across runs / sqrt(runs)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return tuple(f(a) for a in (per_mean, per_mem)
+                     for f in (lambda a: float(a.mean()), lambda a: float(a.std(ddof=1) / math.sqrt(a.size))))
+
+
 def _check_seed(seed) -> None:
     if isinstance(seed, bool) or int(seed) != seed or seed < 0:
         raise NQPError(f"`seed` must be a non-negative integer, got {seed}")
@@ -450,9 +464,7 @@ class _Plan:
 
     @classmethod
     def of(cls, problem, method, steps, burn_in, runs, seed, start, dtype) -> _Plan:
-        if int(runs) != runs or runs < 2:
-            raise NQPError(f"`runs` must be an integer >= 2 (standard errors need two runs), got {runs}")
-        _check_seed(seed)
+        _check_runs_seed(runs, seed)
         dtype = np.dtype(dtype)
         if dtype not in (np.dtype(np.float64), np.dtype(np.float32)):
             raise NQPError(f"dtype must be float64 or float32, got {dtype}")
@@ -478,9 +490,7 @@ class _Plan:
         n_rec = self.n_steps // self.window if self.window else self.n_steps
         per_mean, per_mem = sums.mean / n_rec, sums.mem / n_rec
         updates = self.runs * problem.dim * _members(method) * (self.n_burn + self.n_steps)
-        with np.errstate(over="ignore", invalid="ignore"):
-            se = lambda a: float(a.std(ddof=1) / math.sqrt(a.size))  # noqa: E731
-            stats = (float(per_mean.mean()), se(per_mean), float(per_mem.mean()), se(per_mem))
+        stats = _run_stats(per_mean, per_mem)
         if not all(math.isfinite(v) for v in stats):
             raise DivergedError("the simulated losses overflow float64 (values near 1e308); rescale the problem "
                                 "(smaller `noise`, `curvature` or `optimum`)")
@@ -539,9 +549,7 @@ def simulate_curve(problem, method: LatePhase, sgd: SGD, *, T0: int, horizon: in
             raise NQPError("`swa_start` is not modelled for `method` block")
         return block.simulate_curve(problem, method, sgd, T0=T0, horizon=horizon, w0=w0, sigma0=sigma0, points=points,
                                     runs=runs, seed=seed, threads=threads, progress=progress)
-    if int(runs) != runs or runs < 2:
-        raise NQPError(f"`runs` must be an integer >= 2, got {runs}")
-    _check_seed(seed)
+    _check_runs_seed(runs, seed)
     t = time_grid(T0, horizon, method.K, points)
     if swa_start is not None and not (T0 <= swa_start < horizon and (swa_start - T0) % method.K == 0):
         raise NQPError(f"`swa_start` must be T0 + K n below the horizon (T0={T0}, K={method.K}), got {swa_start}")

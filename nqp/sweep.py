@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import closed_form as cf
-from .errors import NQPError
+from .errors import NQPError, overflow
 from .methods import make_method
 from .resources import FLOAT, check_memory
 
@@ -170,8 +170,7 @@ def grid(problem, method: str, base: dict, x: tuple, y: tuple, chunk_elements: i
             mean = _summed(lr_eff, h_step, weights, mu, nest, chunk_elements) / K
             mem = mean + _summed(P["lr_phi"], h_step, weights, mu, nest, chunk_elements) * (1 - 1 / K)
     if np.any(stable & ~(np.isfinite(mean) & np.isfinite(mem))) or np.any(np.isinf(sgd)):
-        raise NQPError("the predicted loss overflows float64 (values near 1e308); rescale the problem "
-                       "(smaller `noise`, `curvature` or `optimum`)")
+        raise overflow("noise", "curvature", "optimum")
     mean = np.where(stable, mean, np.nan)
     mem = np.where(stable, mem, np.nan)
     # The fair baselines at each point's K: SGD with a K-times batch and the average of K runs both have 1/K of

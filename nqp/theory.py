@@ -16,7 +16,7 @@ import numpy as np
 
 from . import closed_form as cf
 from . import linear
-from .errors import NQPError, UnstableError
+from .errors import NQPError, UnstableError, overflow
 from .methods import SGD, Ensemble, LatePhase, TailAverage
 from .problem import Problem
 
@@ -230,8 +230,7 @@ def steady_state(problem: Problem, method, path: str = "closed", balance=None) -
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             mean, mem, label = block.steady_state(problem, method, path)
         if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(mem))):
-            raise NQPError("the predicted loss overflows float64 (values near 1e308); rescale the problem "
-                           "(smaller `noise`, `curvature` or `optimum`)")
+            raise overflow("noise", "curvature", "optimum")
         return _pred(method.name, label, mean, mem, conds)
     conds = check_stable(problem, method)
     if balance is not None and not _is_multiplicative(method):
@@ -241,8 +240,7 @@ def steady_state(problem: Problem, method, path: str = "closed", balance=None) -
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         mean, mem = (_closed if path == "closed" else _lyapunov)(problem, method, balance)
     if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(mem))):
-        raise NQPError("the predicted loss overflows float64 (values near 1e308); rescale the problem "
-                       "(smaller `noise`, `curvature` or `optimum`)")
+        raise overflow("noise", "curvature", "optimum")
     label = path
     if _is_multiplicative(method):
         label += (", small-noise linearisation at the balanced start (short time)" if balance is None
@@ -267,8 +265,7 @@ def long_run(problem: Problem, method, path: str = "closed") -> Prediction:
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         mean, mem = (_closed if path == "closed" else _lyapunov)(problem, method, sel.selected)
     if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(mem))):
-        raise NQPError("the predicted loss overflows float64 (values near 1e308); rescale the problem "
-                       "(smaller `noise`, `curvature` or `optimum`)")
+        raise overflow("noise", "curvature", "optimum")
     label = f"{short.path.split(',')[0]}, long run at the noise-selected balance"
     if sel.frozen:
         label += " (theta frozen: the release balance)"

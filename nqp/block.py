@@ -56,9 +56,9 @@ def needs_block(problem, method) -> bool:
         raise NQPError("tail averages are not modelled with `weight_decay`")
     if isinstance(method, (LatePhase, TailAverage)):
         if problem.hessian is not None:
-            raise NQPError(f"a full `hessian` is modelled for `method` sgd, block and additive with `weight_decay` > 0, "
-                           f"not {method.name} (late-phase weights on their own coordinates, as in a network, are "
-                           f"`method` block)")
+            raise NQPError(f"a full `hessian` is modelled for `method` sgd, block and additive with `weight_decay` "
+                           f"> 0, not {method.name} (late-phase weights on their own coordinates, as in a network, "
+                           f"are `method` block)")
         return False
     base = method.base if isinstance(method, Ensemble) else method
     return problem.hessian is not None or base.weight_decay > 0
@@ -697,6 +697,22 @@ def learning_curve(problem, method: Block, sgd: SGD, *, T0: int, horizon: int, w
     latephase_mean and latephase_members. Moments are propagated exactly on the mean subspace (with the constant
     term) and on the deviation subspace of the literal step. Returns an :class:`nqp.curves.Curve`."""
     from .curves import Curve, start_weights, time_grid
+
+    _check_curve(problem, method, sgd, sigma0)
+    t = time_grid(T0, horizon, method.K, points)
+    moments = _ExactCurve(problem, method, sgd, start_weights(w0, problem.dim), sigma0, int(T0))
+    series = {k: np.zeros(len(t)) for k in _ExactCurve.SERIES}
+    for i, ti in enumerate(t):
+        moments.step(int(ti))
+        for k, v in moments.observe().items():
+            series[k][i] = v
+    if not all(np.all(np.isfinite(v)) for v in series.values()):
+        raise overflow("w0", "noise", "curvature", "optimum")
+    return Curve(t, series, int(T0), method.K, "lyapunov (block model, exact moments)")
+
+
+def _check_curve(problem, method, sgd, sigma0) -> None:
+    """The arguments the exact block curve models (the same momentum, batch 1, stable)."""
     from .theory import check_stable
 
     if not isinstance(sgd, SGD) or sgd.batch != 1:
@@ -709,97 +725,105 @@ def learning_curve(problem, method: Block, sgd: SGD, *, T0: int, horizon: int, w
         raise NQPError("SGD and the late-phase method must use the same momentum setting")
     check_stable(problem, sgd)
     check_stable(problem, method)
-    K, d = method.K, problem.dim
     if method.batch != 1:
         raise NQPError("the block model's curve takes batch 1 per member")
-    t = time_grid(T0, horizon, K, points)
-    w0 = start_weights(w0, d)
-    lay_s = layout(problem, sgd)
-    bs = as_block(problem, sgd)
-    n_s = state_size(bs, lay_s)
-    _check_size(n_s)
-    eye_noise = np.eye(d).reshape(d, 1, d)
-    sys_s = reduce(problem, bs, lay_s, np.eye(n_s), eye_noise)
-    big = SGD(sgd.lr, sgd.momentum, sgd.nesterov, K, sgd.weight_decay)
-    sys_b = reduce(problem, as_block(problem, big), lay_s, np.eye(n_s), eye_noise)
-    prop_s, prop_b = _Propagator(*_augmented(sys_s)), _Propagator(*_augmented(sys_b))
-    H, w = problem.H, problem.optimum
-    Ds = np.hstack([_observe(problem, bs, lay_s, np.eye(n_s))[0], -w[:, None]])     # w - w*, affine in z~
 
-    def excess(D, M):
-        return 0.5 * float(np.sum(H * (D @ M @ D.T)))
 
-    def ensemble(M):
-        S2 = Ds @ M @ Ds.T
-        mu = Ds @ M[:, -1]
-        return 0.5 * float(np.sum(H * (np.outer(mu, mu) + (S2 - np.outer(mu, mu)) / K)))
+class _ExactCurve:
+    """The second moments M = E[z~ z~^T] of the curve protocol, propagated exactly: SGD's (w, v, 1) from w0 until T0
+    (and on, continuing), SGD with a K-times batch from T0, and the block model released at T0 on its mean subspace
+    (affine) and one deviation subspace. step(t) advances to minibatch t; observe() gives the series' values there."""
 
-    M0 = np.zeros((n_s + 1, n_s + 1))
-    M0[:d, :d] = np.outer(w0, w0)
-    M0[:d, -1] = M0[-1, :d] = w0
-    M0[-1, -1] = 1.0
-    # The late-phase systems: mean subspace (affine) and one deviation subspace.
-    lay = layout(problem, method)
-    (Em, Nm), dev = _bases(method, lay)
-    sys_m = reduce(problem, method, lay, Em, Nm)
-    q = sys_m.A.shape[0]
-    _check_size(q)
-    prop_m = _Propagator(*_augmented(sys_m))
-    Dm = np.hstack([_observe(problem, method, lay, Em)[0], -w[:, None]])
-    dt, dp = lay.theta.size, lay.phi.size
-    blocks = 2 if method.momentum else 1
-    T = np.zeros((q + 1, n_s + 1))          # SGD's (w, v, 1) -> the mean subspace's (theta, sqrt(K) phibar, ..., 1)
-    for b in range(blocks):
-        T[b * (dt + dp) + np.arange(dt), b * d + lay.theta] = 1.0
-        T[b * (dt + dp) + dt + np.arange(dp), b * d + lay.phi] = math.sqrt(K)
-    T[-1, -1] = 1.0
-    sys_u = prop_u = None
-    if dev is not None and dp:
-        sys_u = reduce(problem, method, lay, *dev)
-        prop_u = _Propagator(sys_u.A, sys_u.B @ sys_u.B.T)
-    Hpp = H[np.ix_(lay.phi, lay.phi)]
-    series = {k: np.zeros(len(t)) for k in ("sgd", "sgd_batch_K", "ensemble_K", "latephase_mean",
-                                            "latephase_members")}
-    ens_cache = {}
+    SERIES = ("sgd", "sgd_batch_K", "ensemble_K", "latephase_mean", "latephase_members")
 
-    def ens_at(n):
-        if n not in ens_cache:
-            ens_cache[n] = ensemble(prop_s(M0, n))
-        return ens_cache[n]
+    def __init__(self, problem, method: Block, sgd: SGD, w0, sigma0: float, T0: int):
+        K, d = method.K, problem.dim
+        lay_s = layout(problem, sgd)
+        bs = as_block(problem, sgd)
+        n_s = state_size(bs, lay_s)
+        _check_size(n_s)
+        eye_noise = np.eye(d).reshape(d, 1, d)
+        sys_s = reduce(problem, bs, lay_s, np.eye(n_s), eye_noise)
+        big = SGD(sgd.lr, sgd.momentum, sgd.nesterov, K, sgd.weight_decay)
+        sys_b = reduce(problem, as_block(problem, big), lay_s, np.eye(n_s), eye_noise)
+        self.prop_s, self.prop_b = _Propagator(*_augmented(sys_s)), _Propagator(*_augmented(sys_b))
+        self.H, w = problem.H, problem.optimum
+        self.Ds = np.hstack([_observe(problem, bs, lay_s, np.eye(n_s))[0], -w[:, None]])     # w - w*, affine in z~
+        self.M0 = np.zeros((n_s + 1, n_s + 1))
+        self.M0[:d, :d] = np.outer(w0, w0)
+        self.M0[:d, -1] = self.M0[-1, :d] = w0
+        self.M0[-1, -1] = 1.0
+        # The late-phase systems: mean subspace (affine) and one deviation subspace.
+        lay = layout(problem, method)
+        (Em, Nm), dev = _bases(method, lay)
+        sys_m = reduce(problem, method, lay, Em, Nm)
+        q = sys_m.A.shape[0]
+        _check_size(q)
+        self.prop_m = _Propagator(*_augmented(sys_m))
+        self.Dm = np.hstack([_observe(problem, method, lay, Em)[0], -w[:, None]])
+        self.dt, self.dp = dt, dp = lay.theta.size, lay.phi.size
+        self.T = np.zeros((q + 1, n_s + 1))    # SGD's (w, v, 1) -> the mean subspace's (theta, sqrt(K) phibar, ..., 1)
+        for b in range(2 if method.momentum else 1):
+            self.T[b * (dt + dp) + np.arange(dt), b * d + lay.theta] = 1.0
+            self.T[b * (dt + dp) + dt + np.arange(dp), b * d + lay.phi] = math.sqrt(K)
+        self.T[-1, -1] = 1.0
+        self.sys_u = self.prop_u = None
+        if dev is not None and dp:
+            self.sys_u = reduce(problem, method, lay, *dev)
+            self.prop_u = _Propagator(self.sys_u.A, self.sys_u.B @ self.sys_u.B.T)
+        self.Hpp = self.H[np.ix_(lay.phi, lay.phi)]
+        self.K, self.sigma0, self.T0 = K, sigma0, T0
+        self.M_s, self.now, self.M_big, self.M_m, self.M_u = self.M0, 0, None, None, None
+        self.ens_cache = {}
 
-    M_s, now = M0, 0
-    M_big = M_m = M_u = None
-    for i, ti in enumerate(t):
-        ti = int(ti)
-        if ti <= T0:
-            M_s, now = prop_s(M_s, ti - now), ti
-            e = excess(Ds, M_s)
-            for k in ("sgd", "sgd_batch_K", "latephase_mean", "latephase_members"):
-                series[k][i] = e
-            if ti == T0:
-                M_big = M_s
-                M_m = T @ M_s @ T.T
-                M_m[dt + np.arange(dp), dt + np.arange(dp)] += sigma0 ** 2
-                if prop_u is not None:
-                    M_u = np.zeros((sys_u.A.shape[0],) * 2)
-                    M_u[np.arange(dp), np.arange(dp)] = sigma0 ** 2
-        else:
-            steps = (ti - now) // K
-            M_s = prop_s(M_s, ti - now)
-            M_big, M_m = prop_b(M_big, steps), prop_m(M_m, steps)
-            now = ti
-            series["sgd"][i] = excess(Ds, M_s)
-            series["sgd_batch_K"][i] = excess(Ds, M_big)
-            series["latephase_mean"][i] = excess(Dm, M_m)
-            extra = 0.0
-            if prop_u is not None:
-                M_u = prop_u(M_u, steps)
-                extra = (K - 1) / K * 0.5 * float(np.sum(Hpp * M_u[:dp, :dp]))
-            series["latephase_members"][i] = series["latephase_mean"][i] + extra
-        series["ensemble_K"][i] = ens_at(ti // K)
-    if not all(np.all(np.isfinite(v)) for v in series.values()):
-        raise overflow("w0", "noise", "curvature", "optimum")
-    return Curve(t, series, int(T0), K, "lyapunov (block model, exact moments)")
+    def _excess(self, D, M) -> float:
+        return 0.5 * float(np.sum(self.H * (D @ M @ D.T)))
+
+    def step(self, t: int) -> None:
+        """Advance to minibatch t: SGD alone up to T0 (releasing there), then whole outer steps of K minibatches."""
+        if t <= self.T0:
+            self.M_s, self.now = self.prop_s(self.M_s, t - self.now), t
+            if t == self.T0:
+                self.release()
+            return
+        steps = (t - self.now) // self.K
+        self.M_s = self.prop_s(self.M_s, t - self.now)
+        self.M_big, self.M_m = self.prop_b(self.M_big, steps), self.prop_m(self.M_m, steps)
+        if self.prop_u is not None:
+            self.M_u = self.prop_u(self.M_u, steps)
+        self.now = t
+
+    def release(self) -> None:
+        """theta = w[theta], phi_k = w[phi] + sigma0 eps_k (buffers copied): the moments mapped to the block model."""
+        dt, dp = self.dt, self.dp
+        self.M_big = self.M_s
+        self.M_m = self.T @ self.M_s @ self.T.T
+        self.M_m[dt + np.arange(dp), dt + np.arange(dp)] += self.sigma0 ** 2
+        if self.prop_u is not None:
+            self.M_u = np.zeros((self.sys_u.A.shape[0],) * 2)
+            self.M_u[np.arange(dp), np.arange(dp)] = self.sigma0 ** 2
+
+    def observe(self) -> dict:
+        """The series' expected excess losses at the current minibatch (up to T0 every series is SGD's)."""
+        out = {"ensemble_K": self._ensemble(self.now // self.K)}
+        if self.now <= self.T0:
+            e = self._excess(self.Ds, self.M_s)
+            return {"sgd": e, "sgd_batch_K": e, "latephase_mean": e, "latephase_members": e, **out}
+        mean = self._excess(self.Dm, self.M_m)
+        extra = 0.0
+        if self.prop_u is not None:
+            extra = (self.K - 1) / self.K * 0.5 * float(np.sum(self.Hpp * self.M_u[:self.dp, :self.dp]))
+        return {"sgd": self._excess(self.Ds, self.M_s), "sgd_batch_K": self._excess(self.Ds, self.M_big),
+                "latephase_mean": mean, "latephase_members": mean + extra, **out}
+
+    def _ensemble(self, n: int) -> float:
+        """K independent SGD runs of n steps from w0: the mean of their average is SGD's, its variance 1/K of it."""
+        if n not in self.ens_cache:
+            M = self.prop_s(self.M0, n)
+            S2 = self.Ds @ M @ self.Ds.T
+            mu = self.Ds @ M[:, -1]
+            self.ens_cache[n] = 0.5 * float(np.sum(self.H * (np.outer(mu, mu) + (S2 - np.outer(mu, mu)) / self.K)))
+        return self.ens_cache[n]
 
 
 def simulate_curve(problem, method: Block, sgd: SGD, *, T0: int, horizon: int, w0=0.0, sigma0: float = 0.0,

@@ -537,16 +537,9 @@ def simulate_curve(problem, method: LatePhase, sgd: SGD, *, T0: int, horizon: in
     SGD continuing beside it on the same noise up to T0). Returns a Curve of the run means with
     standard errors for the series sgd, latephase_mean, latephase_members (and latephase_swa)."""
     from .curves import start_weights, time_grid
-    from .methods import Block
 
-    if getattr(method, "weight_decay", 0) or sgd.weight_decay or problem.hessian is not None:
-        if not isinstance(method, Block):
-            raise NQPError(f"weight decay and a full `hessian` are simulated along a curve for `method` block only, "
-                           f"not {method.name}")
-    if isinstance(method, Block):
+    if _block_curve(problem, method, sgd, swa_start):
         from . import block
-        if swa_start is not None:
-            raise NQPError("`swa_start` is not modelled for `method` block")
         return block.simulate_curve(problem, method, sgd, T0=T0, horizon=horizon, w0=w0, sigma0=sigma0, points=points,
                                     runs=runs, seed=seed, threads=threads, progress=progress)
     _check_runs_seed(runs, seed)
@@ -581,6 +574,20 @@ def simulate_curve(problem, method: LatePhase, sgd: SGD, *, T0: int, horizon: in
 
     _run_tiles(run_tile, len(tiles), threads, bar)
     return sums.curve(t, int(T0), method.K)
+
+
+def _block_curve(problem, method, sgd, swa_start) -> bool:
+    """Whether the curve is the block model's (weight decay and a full H are simulated for `method` block only)."""
+    from .methods import Block
+
+    if not isinstance(method, Block):
+        if getattr(method, "weight_decay", 0) or sgd.weight_decay or problem.hessian is not None:
+            raise NQPError(f"weight decay and a full `hessian` are simulated along a curve for `method` block only, "
+                           f"not {method.name}")
+        return False
+    if swa_start is not None:
+        raise NQPError("`swa_start` is not modelled for `method` block")
+    return True
 
 
 class _CurveSums:

@@ -117,16 +117,8 @@ def grid(problem, method: str, base: dict, x: tuple, y: tuple, chunk_elements: i
     (K, gamma_theta, lr, lr_theta, lr_phi, momentum, nesterov). lr_theta/lr_phi follow lr unless set.
     The multiplicative model: balance "release" linearises at the balanced start (rates x |w*|, the short-time
     prediction), "long-run" at the noise-selected balance b* of every grid point (:func:`nqp.balance.select_grid`)."""
-    if balance not in ("release", "long-run"):
-        raise NQPError(f"balance must be 'release' or 'long-run', got {balance!r}")
     (xn, xv), (yn, yv) = x, y
-    for n in (xn, yn):
-        if n not in PARAMS:
-            raise NQPError(f"cannot sweep {n!r}; choose from {', '.join(PARAMS)}")
-    if xn == yn:
-        raise NQPError("`x` and `y` must name different parameters")
-    if method == "sgd" and {xn, yn} & {"K", "gamma_theta", "lr_theta", "lr_phi"}:
-        raise NQPError("with `method` sgd only lr and momentum can be swept")
+    _check_axes(method, balance, xn, yn)
     if method == "block" or base.get("weight_decay") or "weight_decay" in (xn, yn) or problem.hessian is not None:
         return _grid_exact(problem, method, base, (xn, xv), (yn, yv))
     if method == "multiplicative" and np.any(problem.optimum == 0):
@@ -135,18 +127,8 @@ def grid(problem, method: str, base: dict, x: tuple, y: tuple, chunk_elements: i
     for xi in (xv.min(), xv.max()):
         for yi in (yv.min(), yv.max()):
             make_method(method, **_point(base, {xn: xi, yn: yi}))
-    P = {k: np.asarray(base.get(k) if base.get(k) is not None else np.nan, float) for k in PARAMS}
-    P[xn] = xv[None, :]
-    P[yn] = yv[:, None]
-    if base.get("lr_theta") is None and "lr_theta" not in (xn, yn):
-        P["lr_theta"] = P["lr"]
-    if base.get("lr_phi") is None and "lr_phi" not in (xn, yn):
-        P["lr_phi"] = P["lr"]
     shape = (len(yv), len(xv))
-    n = shape[0] * shape[1]  # the parameters and four results per grid point live at once (coordinates in chunks)
-    check_memory([(f"{n:,} grid points ({shape[1]:,} x {shape[0]:,})", FLOAT * n * (len(PARAMS) + 4), "`x`, `y`")],
-                 "the sweep")
-    P = {k: np.broadcast_to(v, shape).reshape(-1) for k, v in P.items()}
+    P = _grid_params(base, (xn, xv), (yn, yv))
     nest = bool(base.get("nesterov", False))
     h, s = problem.curvature, problem.noise
     h_step = h * np.abs(problem.optimum) if method == "multiplicative" else h
@@ -178,6 +160,36 @@ def grid(problem, method: str, base: dict, x: tuple, y: tuple, chunk_elements: i
     baseline = None if method == "sgd" else (sgd / P["K"]).reshape(shape)
     return SweepResult(xn, xv, yn, yv, mean.reshape(shape), mem.reshape(shape), sgd.reshape(shape),
                        stable.reshape(shape), baseline)
+
+
+def _check_axes(method: str, balance: str, xn: str, yn: str) -> None:
+    if balance not in ("release", "long-run"):
+        raise NQPError(f"balance must be 'release' or 'long-run', got {balance!r}")
+    for n in (xn, yn):
+        if n not in PARAMS:
+            raise NQPError(f"cannot sweep {n!r}; choose from {', '.join(PARAMS)}")
+    if xn == yn:
+        raise NQPError("`x` and `y` must name different parameters")
+    if method == "sgd" and {xn, yn} & {"K", "gamma_theta", "lr_theta", "lr_phi"}:
+        raise NQPError("with `method` sgd only lr and momentum can be swept")
+
+
+def _grid_params(base: dict, x: tuple, y: tuple) -> dict:
+    """Every parameter of PARAMS as a flat array over the (y, x) grid (NaN where not given; lr_theta and lr_phi
+    follow lr unless given or swept)."""
+    (xn, xv), (yn, yv) = x, y
+    P = {k: np.asarray(base.get(k) if base.get(k) is not None else np.nan, float) for k in PARAMS}
+    P[xn] = xv[None, :]
+    P[yn] = yv[:, None]
+    if base.get("lr_theta") is None and "lr_theta" not in (xn, yn):
+        P["lr_theta"] = P["lr"]
+    if base.get("lr_phi") is None and "lr_phi" not in (xn, yn):
+        P["lr_phi"] = P["lr"]
+    shape = (len(yv), len(xv))
+    n = shape[0] * shape[1]  # the parameters and four results per grid point live at once (coordinates in chunks)
+    check_memory([(f"{n:,} grid points ({shape[1]:,} x {shape[0]:,})", FLOAT * n * (len(PARAMS) + 4), "`x`, `y`")],
+                 "the sweep")
+    return {k: np.broadcast_to(v, shape).reshape(-1) for k, v in P.items()}
 
 
 def _long_run(problem, P, nesterov, stable, chunk_elements):

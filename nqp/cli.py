@@ -431,7 +431,7 @@ BURN_IN_UPDATES_CAP = 5e9    # member-coordinate updates the automatic long-run 
 
 
 def cmd_simulate(a) -> int:
-    from .montecarlo import long_run_burn_in, simulate
+    from .montecarlo import simulate
     from .theory import long_run, steady_state
 
     problem = build_problem(a)
@@ -446,21 +446,7 @@ def cmd_simulate(a) -> int:
     if a.short_time and a.start != "balanced":
         raise NQPError("--short-time compares with the balanced start; drop --start selected")
     pred = steady_state(problem, method) if (a.short_time or not mult) else long_run(problem, method)
-    burn_in, needed, note = a.burn_in, None, None
-    if mult and not a.short_time and a.start == "balanced":
-        needed = long_run_burn_in(problem, method)
-        if burn_in is None:
-            cost = float(a.runs) * problem.dim * (method.K + 1) * needed  # theta and the K phi_k
-            if cost > BURN_IN_UPDATES_CAP:
-                raise NQPError(
-                    f"from the balanced start the balance theta^2/|w*| relaxes with a time of "
-                    f"{pred.relaxation_minibatches:.3g} minibatches; reaching the long run (to 1e-3) needs a burn-in "
-                    f"of {needed:.3g} minibatches, {cost:.2g} member-coordinate updates; use --start selected (start "
-                    f"at the noise-selected balance), --burn-in N, or --short-time (compare with the balanced start)")
-            burn_in = needed
-        elif burn_in < needed:
-            note = (f"--burn-in {burn_in} is shorter than the {needed} minibatches the balance needs to reach the long "
-                    f"run from the balanced start: the estimate may lie between the short-time and the long-run values")
+    burn_in, needed, note = _simulate_burn_in(a, problem, method, pred)
     res = simulate(problem, method, steps=a.steps, burn_in=burn_in, runs=a.runs, seed=a.seed, threads=a.threads,
                    progress=not a.json and sys.stderr.isatty(), start=a.start,
                    dtype=np.float32 if a.float32 else np.float64)
@@ -476,6 +462,36 @@ def cmd_simulate(a) -> int:
     if a.json:
         _dump(out)
         return 0
+    _print_simulate(a, problem, res, pred, out, mult)
+    return 0
+
+
+def _simulate_burn_in(a, problem, method, pred):
+    """(burn-in, the burn-in the long run needs or None, a warning or None): a multiplicative run from the balanced
+    start needs the balance to relax (nqp.montecarlo.long_run_burn_in); refused beyond BURN_IN_UPDATES_CAP."""
+    from .montecarlo import long_run_burn_in
+
+    if not (_is_multiplicative(method) and not a.short_time and a.start == "balanced"):
+        return a.burn_in, None, None
+    needed = long_run_burn_in(problem, method)
+    if a.burn_in is None:
+        cost = float(a.runs) * problem.dim * (method.K + 1) * needed  # theta and the K phi_k
+        if cost > BURN_IN_UPDATES_CAP:
+            raise NQPError(
+                f"from the balanced start the balance theta^2/|w*| relaxes with a time of "
+                f"{pred.relaxation_minibatches:.3g} minibatches; reaching the long run (to 1e-3) needs a burn-in "
+                f"of {needed:.3g} minibatches, {cost:.2g} member-coordinate updates; use --start selected (start "
+                f"at the noise-selected balance), --burn-in N, or --short-time (compare with the balanced start)")
+        return needed, needed, None
+    if a.burn_in < needed:
+        return a.burn_in, needed, (
+            f"--burn-in {a.burn_in} is shorter than the {needed} minibatches the balance needs to reach the long "
+            f"run from the balanced start: the estimate may lie between the short-time and the long-run values")
+    return a.burn_in, needed, None
+
+
+def _print_simulate(a, problem, res, pred, out, mult) -> None:
+    """The simulated losses beside the prediction (z in standard errors), the balance, and any warning."""
     print(f"noisy quadratic problem: {problem.describe()}")
     start = f", start {res.start}" if mult else ""
     print(f"Monte Carlo: {res.runs} runs x {res.steps} minibatches after {res.burn_in} burn-in{start}, seed {res.seed}, "
@@ -495,13 +511,11 @@ def cmd_simulate(a) -> int:
         if pred.balance is not None:
             line += f"; selected b* {pred.balance.selected[i]:.4g}"
         print(line)
-    if note:
-        print(f"\nwarning: {note}")
-    return 0
+    if out.get("warning"):
+        print(f"\nwarning: {out['warning']}")
 
 
 def cmd_sweep(a) -> int:
-    from . import plots
     from .sweep import grid, parse_values
 
     problem = build_problem(a)
@@ -509,6 +523,25 @@ def cmd_sweep(a) -> int:
     for k in ("batch", "ensemble", "swa_window"):
         if base.pop(k) not in (1, False, None):
             raise NQPError(f"--{k.replace('_', '-')} is not supported by sweep")
+    (xn, xv), (yn, yv) = _sweep_axes(a)
+    _check_short_time(a)
+    _out_folder(a.out)
+    check_writable(a.out)  # before the work: a folder that takes no file fails now
+    res = grid(problem, a.method, base, (xn, parse_values(xn, xv)), (yn, parse_values(yn, yv)),
+               balance="release" if a.short_time else "long-run")
+    d = {"problem": problem.describe(), "method": a.method, "base": base, **res.to_dict()}
+    if a.method == "multiplicative":
+        d["prediction"] = "short time (balanced start)" if a.short_time else "long run (noise-selected balance)"
+    files = _write_sweep(a, problem, res, d, xn, yn)
+    if a.json:
+        _dump({**d, "files": files})
+        return 0
+    _print_sweep(res, xn, yn, files)
+    return 0
+
+
+def _sweep_axes(a):
+    """((x name, x value tokens), (y name, y value tokens)) of --x and --y (defaults: K 1..50, gamma_theta)."""
     xn, *xv = a.x or ["K", "1:50:50"]
     yn, *yv = a.y or ["gamma_theta", "0.02:1:6:log"]
     xn, yn = xn.replace("-", "_"), yn.replace("-", "_")
@@ -518,14 +551,13 @@ def cmd_sweep(a) -> int:
         flag = "--K" if name == "K" else "--" + name.replace("_", "-")
         if _given(a, flag):
             raise NQPError(f"{flag} is swept by {axis}; drop {flag} (or sweep another parameter)")
-    _check_short_time(a)
-    _out_folder(a.out)
-    check_writable(a.out)  # before the work: a folder that takes no file fails now
-    res = grid(problem, a.method, base, (xn, parse_values(xn, xv)), (yn, parse_values(yn, yv)),
-               balance="release" if a.short_time else "long-run")
-    d = {"problem": problem.describe(), "method": a.method, "base": base, **res.to_dict()}
-    if a.method == "multiplicative":
-        d["prediction"] = "short time (balanced start)" if a.short_time else "long run (noise-selected balance)"
+    return (xn, xv), (yn, yv)
+
+
+def _write_sweep(a, problem, res, d, xn, yn) -> dict:
+    """sweep.json, sweep.csv and the two plots, all or none; returns their paths."""
+    from . import plots
+
     files = {"json": os.path.join(a.out, "sweep.json"), "csv": os.path.join(a.out, "sweep.csv")}
     header = [xn, yn, "excess_loss_mean_model", "excess_loss_members", "excess_loss_sgd", "gain_over_sgd", "stable"]
     if res.baseline is not None:
@@ -548,9 +580,11 @@ def cmd_sweep(a) -> int:
         files["lines"] = plots.plot_lines(xn, res.x, yn, res.y, {"mean model": res.mean_model,
                                           "members": res.members}, os.path.join(a.out, "sweep_lines.png"),
                                           f"{a.method}: stationary excess loss", hline=sgd_ref, outputs=out)
-    if a.json:
-        _dump({**d, "files": files})
-        return 0
+    return files
+
+
+def _print_sweep(res, xn, yn, files) -> None:
+    """How many points are stable, the best ratio over the fair baseline and over SGD, and the files written."""
     finite = np.isfinite(res.gain)
     best = np.unravel_index(np.argmax(np.where(finite, res.gain, -np.inf)), res.gain.shape) if finite.any() else None
     print(f"sweep of {xn} x {yn}: {res.stable.sum()} of {res.stable.size} points stable")
@@ -566,9 +600,8 @@ def cmd_sweep(a) -> int:
         j, i = best
         print(f"largest gain over single-batch SGD: {res.gain[j, i]:.4g} at {xn}={res.x[i]:g}, {yn}={res.y[j]:g}"
               + (" (a K-times batch alone divides the noise by K)" if gb is not None else ""))
-    for k, v in files.items():
+    for v in files.values():
         print(f"wrote {v}")
-    return 0
 
 
 # The simulated curve advances runs x dim x (K + 2) coordinates (theta, the K phi_k and SGD beside them) per minibatch;

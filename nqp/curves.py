@@ -216,10 +216,7 @@ def _release_balance(problem, method, mT, sigma0):
 def _multiplicative_ode(problem, method, mT, cT, steps_post, sigma0, path, k0):
     """The late-phase series of the multiplicative model with the balance following (B6): returns
     (E_mean, E_members, E_swa or None, b at steps_post)."""
-    d, K, h = problem.dim, method.K, problem.curvature
-    mom = bool(method.momentum)
-    n_sgd = 2 if mom else 1
-    w = np.abs(problem.optimum)
+    d, K = problem.dim, method.K
     b0 = _release_balance(problem, method, mT, sigma0)
     sel_closed = bal.select(problem, method, "closed", release=b0)
     bounds = _segments(problem, method, b0, steps_post, sel_closed)
@@ -227,85 +224,104 @@ def _multiplicative_ode(problem, method, mT, cT, steps_post, sigma0, path, k0):
     traj = bal.ode(problem, method, b0, path, sel)
     b_mid = traj(0.5 * (bounds[1:] + bounds[:-1]) * K) if len(bounds) > 1 else np.ones((0, d))
     b_obs = traj(steps_post * K)
-    swa = None
-    if path == "closed":
-        # Per segment, the linearised members are the additive model with the rates eta_theta'(b), eta_phi'(b):
-        # the mean block is x with theta's and the members' mean buffer (gradient units, continuous between
-        # segments), the deviation block SGD with eta_phi' and noise s (1 - 1/K).
-        lt_lp = [bal.effective_rates(problem, method, bm) for bm in b_mid] or [bal.effective_rates(problem, method, 1.0)]
-        mu, nest = method.momentum, method.nesterov
-
-        def sys_m(j):
-            lt, lp = lt_lp[j]
-            return _buffer_block(h, [K * method.gamma_theta * lt, lp], mu, nest, problem.noise / K)
-
-        def sys_d(j):
-            return _buffer_block(h, [lt_lp[j][1]], mu, nest, problem.noise * (1 - 1 / K))
-        n_m, n_d = (3, 2) if mom else (1, 1)
-        # release: x = the SGD iterate; theta's buffer continues the SGD buffer v = gamma_theta K (gradient-unit
-        # buffer of theta), the members' buffers start at zero
-        Lm = np.zeros((d, n_m, n_sgd))
-        Lm[:, 0, 0] = 1.0
-        if mom:
-            Lm[:, 1, 1] = 1.0 / (K * method.gamma_theta)
-        mean_m = np.einsum("dnm,dm->dn", Lm, mT)
-        cov_m = Lm @ cT @ np.swapaxes(Lm, -1, -2)
-        cov_m[:, 0, 0] += w * sigma0 ** 2 / K
-        cov_d = np.zeros((d, n_d, n_d))
-        cov_d[:, 0, 0] = w * sigma0 ** 2 * (1 - 1 / K)
-        C_m = np.zeros((d, n_m))
-        C_m[:, 0] = 1.0
-        mm, cm = _propagate(sys_m, mean_m, cov_m, bounds, steps_post)
-        _, cd = _propagate(sys_d, np.zeros((d, n_d)), cov_d, bounds, steps_post)
-        e_mean = _observe(h, C_m, mm, cm)
-        e_mem = e_mean + 0.5 * (cd[..., 0, 0] * h).sum(axis=1)
-        if k0 is not None:
-            swa = (sys_m, mean_m, cov_m, C_m)
-    else:
-        sys_list = {}
-
-        def ysys(j):
-            """The linearisation at b_mid[j] in the coordinates y = (x_1..x_K, buffers): A_y = M A M+, B_y = M B."""
-            if j not in sys_list:
-                sy = linear.linearize(problem, method, balance=b_mid[j])
-                M = _y_map(sy, method, mom)
-                Mp = np.swapaxes(M, -1, -2) @ np.linalg.inv(M @ np.swapaxes(M, -1, -2))
-                sys_list.clear()
-                sys_list[j] = (M @ sy.A @ Mp, M @ sy.B)
-            return sys_list[j]
-        # Release (about b = 1): x_k = x, theta's buffer sqrt|w*| v = gamma_theta K phi0 (v / (gamma_theta K)).
-        ny = K + (K + 1 if mom else 0)
-        R = np.zeros((d, ny, n_sgd))
-        R[:, :K, 0] = 1.0
-        if mom:
-            R[:, K, 1] = 1.0 / (method.gamma_theta * K)
-        mean_y = np.einsum("dnm,dm->dn", R, mT)
-        cov_y = R @ cT @ np.swapaxes(R, -1, -2)
-        cov_y[:, np.arange(K), np.arange(K)] += (w * sigma0 ** 2)[:, None]
-        C_mean = np.zeros((d, ny))
-        C_mean[:, :K] = 1.0 / K
-        my, cy = _propagate(ysys, mean_y, cov_y, bounds, steps_post)
-        e_mean = _observe(h, C_mean, my, cy)
-        e_mem = np.mean([0.5 * ((my[..., k] ** 2 + cy[..., k, k]) * h).sum(axis=1) for k in range(K)], axis=0)
-        if k0 is not None:
-            swa = (ysys, mean_y, cov_y, C_mean)
-    e_swa = None
-    if swa is not None:
-        systems, m0, c0, C = swa
-        b2 = np.unique(np.concatenate([bounds, [k0]]))
-        # the segments' systems on the boundaries refined by k0 (which splits at most one segment)
-        owner = np.searchsorted(bounds, b2[:-1], side="right") - 1
-        keep = steps_post >= k0
-        obs = steps_post[keep]
-        ms, cs = _propagate(lambda j: systems(int(owner[j])), m0, c0, b2, obs, sum_C=C, sum_from=int(k0))
-        n_avg = obs - k0
-        e_swa = np.full(len(steps_post), np.nan)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            s_mean = ms[..., -1] / n_avg[:, None]
-            s_var = cs[..., -1, -1] / (n_avg ** 2)[:, None]
-            e_swa[keep] = 0.5 * ((s_mean ** 2 + s_var) * h).sum(axis=1)
-        e_swa[keep & (steps_post == k0)] = np.nan
+    late = _ode_closed if path == "closed" else _ode_linearised
+    e_mean, e_mem, swa = late(problem, method, mT, cT, sigma0, bounds, steps_post, b_mid)
+    e_swa = None if k0 is None else _ode_tail_average(problem.curvature, swa, bounds, steps_post, k0)
     return e_mean, e_mem, e_swa, b_obs
+
+
+def _ode_closed(problem, method, mT, cT, sigma0, bounds, steps_post, b_mid):
+    """The closed path along the balance's segments: (E_mean, E_members, (systems, mean, cov, C) for the tail
+    average)."""
+    d, K, h = problem.dim, method.K, problem.curvature
+    mom = bool(method.momentum)
+    n_sgd = 2 if mom else 1
+    w = np.abs(problem.optimum)
+    # Per segment, the linearised members are the additive model with the rates eta_theta'(b), eta_phi'(b):
+    # the mean block is x with theta's and the members' mean buffer (gradient units, continuous between
+    # segments), the deviation block SGD with eta_phi' and noise s (1 - 1/K).
+    lt_lp = [bal.effective_rates(problem, method, bm) for bm in b_mid] or [bal.effective_rates(problem, method, 1.0)]
+    mu, nest = method.momentum, method.nesterov
+
+    def sys_m(j):
+        lt, lp = lt_lp[j]
+        return _buffer_block(h, [K * method.gamma_theta * lt, lp], mu, nest, problem.noise / K)
+
+    def sys_d(j):
+        return _buffer_block(h, [lt_lp[j][1]], mu, nest, problem.noise * (1 - 1 / K))
+    n_m, n_d = (3, 2) if mom else (1, 1)
+    # release: x = the SGD iterate; theta's buffer continues the SGD buffer v = gamma_theta K (gradient-unit
+    # buffer of theta), the members' buffers start at zero
+    Lm = np.zeros((d, n_m, n_sgd))
+    Lm[:, 0, 0] = 1.0
+    if mom:
+        Lm[:, 1, 1] = 1.0 / (K * method.gamma_theta)
+    mean_m = np.einsum("dnm,dm->dn", Lm, mT)
+    cov_m = Lm @ cT @ np.swapaxes(Lm, -1, -2)
+    cov_m[:, 0, 0] += w * sigma0 ** 2 / K
+    cov_d = np.zeros((d, n_d, n_d))
+    cov_d[:, 0, 0] = w * sigma0 ** 2 * (1 - 1 / K)
+    C_m = np.zeros((d, n_m))
+    C_m[:, 0] = 1.0
+    mm, cm = _propagate(sys_m, mean_m, cov_m, bounds, steps_post)
+    _, cd = _propagate(sys_d, np.zeros((d, n_d)), cov_d, bounds, steps_post)
+    e_mean = _observe(h, C_m, mm, cm)
+    e_mem = e_mean + 0.5 * (cd[..., 0, 0] * h).sum(axis=1)
+    return e_mean, e_mem, (sys_m, mean_m, cov_m, C_m)
+
+
+def _ode_linearised(problem, method, mT, cT, sigma0, bounds, steps_post, b_mid):
+    """The Lyapunov path along the balance's segments (the literal step linearised at each segment's balance):
+    (E_mean, E_members, (systems, mean, cov, C) for the tail average)."""
+    d, K, h = problem.dim, method.K, problem.curvature
+    mom = bool(method.momentum)
+    n_sgd = 2 if mom else 1
+    w = np.abs(problem.optimum)
+    sys_list = {}
+
+    def ysys(j):
+        """The linearisation at b_mid[j] in the coordinates y = (x_1..x_K, buffers): A_y = M A M+, B_y = M B."""
+        if j not in sys_list:
+            sy = linear.linearize(problem, method, balance=b_mid[j])
+            M = _y_map(sy, method, mom)
+            Mp = np.swapaxes(M, -1, -2) @ np.linalg.inv(M @ np.swapaxes(M, -1, -2))
+            sys_list.clear()
+            sys_list[j] = (M @ sy.A @ Mp, M @ sy.B)
+        return sys_list[j]
+    # Release (about b = 1): x_k = x, theta's buffer sqrt|w*| v = gamma_theta K phi0 (v / (gamma_theta K)).
+    ny = K + (K + 1 if mom else 0)
+    R = np.zeros((d, ny, n_sgd))
+    R[:, :K, 0] = 1.0
+    if mom:
+        R[:, K, 1] = 1.0 / (method.gamma_theta * K)
+    mean_y = np.einsum("dnm,dm->dn", R, mT)
+    cov_y = R @ cT @ np.swapaxes(R, -1, -2)
+    cov_y[:, np.arange(K), np.arange(K)] += (w * sigma0 ** 2)[:, None]
+    C_mean = np.zeros((d, ny))
+    C_mean[:, :K] = 1.0 / K
+    my, cy = _propagate(ysys, mean_y, cov_y, bounds, steps_post)
+    e_mean = _observe(h, C_mean, my, cy)
+    e_mem = np.mean([0.5 * ((my[..., k] ** 2 + cy[..., k, k]) * h).sum(axis=1) for k in range(K)], axis=0)
+    return e_mean, e_mem, (ysys, mean_y, cov_y, C_mean)
+
+
+def _ode_tail_average(h, swa, bounds, steps_post, k0):
+    """The running average of the mean model from outer step k0 along the segments; NaN before (and at) k0."""
+    systems, m0, c0, C = swa
+    b2 = np.unique(np.concatenate([bounds, [k0]]))
+    # the segments' systems on the boundaries refined by k0 (which splits at most one segment)
+    owner = np.searchsorted(bounds, b2[:-1], side="right") - 1
+    keep = steps_post >= k0
+    obs = steps_post[keep]
+    ms, cs = _propagate(lambda j: systems(int(owner[j])), m0, c0, b2, obs, sum_C=C, sum_from=int(k0))
+    n_avg = obs - k0
+    e_swa = np.full(len(steps_post), np.nan)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        s_mean = ms[..., -1] / n_avg[:, None]
+        s_var = cs[..., -1, -1] / (n_avg ** 2)[:, None]
+        e_swa[keep] = 0.5 * ((s_mean ** 2 + s_var) * h).sum(axis=1)
+    e_swa[keep & (steps_post == k0)] = np.nan
+    return e_swa
 
 
 def _y_map(sys, method, mom):

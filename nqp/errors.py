@@ -1,4 +1,7 @@
-"""Errors raised for invalid or unstable input (the CLI prints them in one line and exits 2)."""
+"""Errors raised for invalid or unstable input (the CLI prints them in one line and exits 2).
+
+Messages name the library's parameters in backticks (`lr_theta`, `T0`, `runs`); the command line shows each as its
+flag (:func:`nqp.cli.flags`: --lr-theta, --t0, --runs), so the library never speaks in command-line words."""
 
 
 class NQPError(ValueError):

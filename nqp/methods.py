@@ -237,31 +237,16 @@ def make_method(method: str = "additive", *, K: int = 10, gamma_theta: float = 1
     phi_coords). swa_window wraps the result in TailAverage.
     """
     _check_rate("lr", lr)
-    if phi_coords is not None and method != "block":
-        raise NQPError("`phi_coords` applies to `method` block")
-    if weight_decay_theta is not None and method != "block":
-        raise NQPError("`weight_decay_theta` applies to `method` block")
+    _check_applies(method, phi_coords, weight_decay_theta, lr_theta, lr_phi, batch, ensemble)
+    lr_theta, lr_phi = (lr if lr_theta is None else lr_theta), (lr if lr_phi is None else lr_phi)
     if method == "sgd":
-        if lr_theta is not None or lr_phi is not None:
-            raise NQPError("`lr_theta`/`lr_phi` apply to late-phase methods; use `lr` with `method` sgd")
         m = SGD(lr, momentum, nesterov, batch, weight_decay)
-        if ensemble:
-            m = Ensemble(m, K)
+        m = Ensemble(m, K) if ensemble else m
     elif method == "block":
-        if batch != 1 or ensemble:
-            raise NQPError("`batch` and `ensemble` apply to `method` sgd")
-        if phi_coords is None:
-            raise NQPError("`method` block needs `phi_coords` I [I ...] (the 0-based coordinates that are late-phase "
-                           "weights)")
-        m = Block(K, lr if lr_theta is None else lr_theta, lr if lr_phi is None else lr_phi, gamma_theta, momentum,
-                  nesterov, tuple(phi_coords), weight_decay, 1, weight_decay_theta)
-    elif method in ("additive", "multiplicative"):
-        if batch != 1 or ensemble:
-            raise NQPError("`batch` and `ensemble` apply to `method` sgd")
-        m = LatePhase(K, lr if lr_theta is None else lr_theta, lr if lr_phi is None else lr_phi,
-                      gamma_theta, momentum, nesterov, method, weight_decay)
+        m = Block(K, lr_theta, lr_phi, gamma_theta, momentum, nesterov, tuple(phi_coords), weight_decay, 1,
+                  weight_decay_theta)
     else:
-        raise NQPError(f"`method` must be one of sgd, additive, multiplicative, block; got {method!r}")
+        m = LatePhase(K, lr_theta, lr_phi, gamma_theta, momentum, nesterov, method, weight_decay)
     if swa_window is not None:
         if isinstance(m, Block) or weight_decay:
             raise NQPError("`swa_window` is not modelled for `method` block or with `weight_decay`")
@@ -269,3 +254,22 @@ def make_method(method: str = "additive", *, K: int = 10, gamma_theta: float = 1
             raise NQPError("`swa_window` does not combine with `ensemble`")
         m = TailAverage(m, swa_window)
     return m
+
+
+def _check_applies(method, phi_coords, weight_decay_theta, lr_theta, lr_phi, batch, ensemble) -> None:
+    """Each of make_method's parameters given only to the methods it applies to."""
+    if phi_coords is not None and method != "block":
+        raise NQPError("`phi_coords` applies to `method` block")
+    if weight_decay_theta is not None and method != "block":
+        raise NQPError("`weight_decay_theta` applies to `method` block")
+    if method not in ("sgd", "additive", "multiplicative", "block"):
+        raise NQPError(f"`method` must be one of sgd, additive, multiplicative, block; got {method!r}")
+    if method == "sgd":
+        if lr_theta is not None or lr_phi is not None:
+            raise NQPError("`lr_theta`/`lr_phi` apply to late-phase methods; use `lr` with `method` sgd")
+        return
+    if batch != 1 or ensemble:
+        raise NQPError("`batch` and `ensemble` apply to `method` sgd")
+    if method == "block" and phi_coords is None:
+        raise NQPError("`method` block needs `phi_coords` I [I ...] (the 0-based coordinates that are late-phase "
+                       "weights)")

@@ -27,43 +27,47 @@ def parse_values(name: str, tokens) -> np.ndarray:
         tokens = tokens.split()
     vals = []
     for tok in tokens:
-        parts = str(tok).split(":")
-        try:
-            if len(parts) == 1:
-                vals.append(float(parts[0]))
-                continue
-            if len(parts) not in (3, 4) or (len(parts) == 4 and parts[3] != "log"):
-                raise ValueError
-            a, b, n = float(parts[0]), float(parts[1]), int(parts[2])
-            if n < 1:
-                raise ValueError
-            if not (math.isfinite(a) and math.isfinite(b)):
-                raise NQPError(f"{name}: range ends must be finite, got {tok}")
-            check_memory([(f"{n:,} values of {name}", FLOAT * n, "the num of start:stop:num")], f"{name} {tok}")
-            if len(parts) == 4:
-                if a <= 0 or b <= 0:
-                    raise NQPError(f"{name}: a log range needs positive ends, got {tok}")
-                vals.extend(np.geomspace(a, b, n))
-            else:
-                vals.extend(np.linspace(a, b, n))
-        except NQPError:
-            raise
-        except ValueError:
-            raise NQPError(f"{name}: cannot read {tok!r}; give numbers or start:stop:num[:log]") from None
+        vals.extend(_token_values(name, tok))
     if not vals:
         raise NQPError(f"{name}: no values given")
     arr = np.asarray(vals, float)
     if not np.all(np.isfinite(arr)):
         raise NQPError(f"{name}: values must be finite, got {', '.join(f'{v:g}' for v in arr[~np.isfinite(arr)])}")
-    if name == "K":
-        given = [float(t) for t in tokens if ":" not in str(t)]
-        if any(v != round(v) for v in given):
-            raise NQPError(f"K values must be integers, got {', '.join(f'{v:g}' for v in given if v != round(v))}")
-        arr = np.round(arr)  # a range is rounded to the integers it passes
-        if np.any(arr < 1) or np.any(arr > 2 ** 31):
-            raise NQPError("K values must be between 1 and 2^31")
-        arr = np.unique(arr.astype(int)).astype(float)
-    return arr
+    return _integer_K(tokens, arr) if name == "K" else arr
+
+
+def _token_values(name: str, tok) -> list:
+    """The values of one token: a number, or a range 'start:stop:num' (linear) / 'start:stop:num:log'."""
+    parts = str(tok).split(":")
+    try:
+        if len(parts) == 1:
+            return [float(parts[0])]
+        if len(parts) not in (3, 4) or (len(parts) == 4 and parts[3] != "log"):
+            raise ValueError
+        a, b, n = float(parts[0]), float(parts[1]), int(parts[2])
+        if n < 1:
+            raise ValueError
+    except ValueError:
+        raise NQPError(f"{name}: cannot read {tok!r}; give numbers or start:stop:num[:log]") from None
+    if not (math.isfinite(a) and math.isfinite(b)):
+        raise NQPError(f"{name}: range ends must be finite, got {tok}")
+    check_memory([(f"{n:,} values of {name}", FLOAT * n, "the num of start:stop:num")], f"{name} {tok}")
+    if len(parts) == 4:
+        if a <= 0 or b <= 0:
+            raise NQPError(f"{name}: a log range needs positive ends, got {tok}")
+        return list(np.geomspace(a, b, n))
+    return list(np.linspace(a, b, n))
+
+
+def _integer_K(tokens, arr: np.ndarray) -> np.ndarray:
+    """K values: given numbers must be integers, ranges are rounded to the integers they pass; unique, sorted."""
+    given = [float(t) for t in tokens if ":" not in str(t)]
+    if any(v != round(v) for v in given):
+        raise NQPError(f"K values must be integers, got {', '.join(f'{v:g}' for v in given if v != round(v))}")
+    arr = np.round(arr)  # a range is rounded to the integers it passes
+    if np.any(arr < 1) or np.any(arr > 2 ** 31):
+        raise NQPError("K values must be between 1 and 2^31")
+    return np.unique(arr.astype(int)).astype(float)
 
 
 @dataclass

@@ -34,9 +34,15 @@ where (B4) vanishes. To leading order in the steps (q = q(0)) this is gamma_thet
 
     b*_0 = sqrt(gamma_theta eta_theta / eta_phi),                                                            (B5)
 
-for every momentum; (B4) gives the finite-step value (K = 1: b*_0 is exact). The balance relaxes to b* with the rate
-lambda = -dE[Delta Q~]/dQ at b* per outer step (relaxation time K / lambda minibatches), and after a release it
-follows the adiabatic ODE
+for every momentum; (B4) gives the finite-step value (K = 1: b*_0 is exact). In x = h |w*| eta_phi' (= a_phi) and
+kappa = K gamma_theta eta_theta eta_phi (h w*)^2, (B4) has the sign of -G(x) with
+
+    G(x) = q(a_m) (x^2 - kappa)/K + (1 - 1/K) x^2 q(x),   a_m = x + kappa/x,
+
+so where q is positive and increasing below the stability edge (plain SGD and heavy ball; not always Nesterov) G
+increases on (0, sqrt(kappa)) and is positive beyond: the drift has exactly one stable root, below sqrt(K) b*_0
+(x = sqrt(kappa)). The balance relaxes to b* with the rate lambda = -dE[Delta Q~]/dQ at b* per outer step (relaxation time
+K / lambda minibatches), and after a release it follows the adiabatic ODE
 
     dQ/dt = E[Delta Q~](b(Q)) / K        (t in minibatches).                                                  (B6)
 
@@ -412,15 +418,20 @@ def select_grid(problem, K, gamma_theta, lr_theta, lr_phi, momentum: float = 0.0
     with np.errstate(all="ignore"):
         beta_lo = np.where(ok, np.log(np.where(ok, np.broadcast_to(lo, shape).ravel(), 1.0)), 0.0)
         beta_hi = np.where(ok, np.log(np.where(ok, np.broadcast_to(hi, shape).ravel(), 1.0)), 0.0)
-        noisy = np.broadcast_to(s > 0, shape).ravel()
-        sign0 = np.where(ok & noisy, np.sign(f_and_slope(np.zeros(ok.size), slice(None), False)[0]), 0.0)
-        up, down = sign0 > 0, sign0 < 0   # the drift at the release b = 1 points up / down (0: b stays at 1)
-        lo, hi = np.where(down, beta_lo, 0.0), np.where(up, beta_hi, 0.0)
+        solve = ok & np.broadcast_to((s > 0) & moving, shape).ravel()    # else b stays at the release b = 1
         start = np.broadcast_to(0.5 * np.log(g * et / ep), shape).ravel().copy()     # the leading order (B5)
-        # where (B5) is not inside the bracket (e.g. at the release itself), a Newton step from the release
-        far = np.flatnonzero((lo < hi) & ~((start > lo) & (start < hi)))
-        f0, df0 = f_and_slope(np.zeros(far.size), far)
-        start[far] = -f0 / df0
+        if momentum == 0 or not nesterov:
+            # q(a) is positive and increasing below the edge (plain, heavy ball): (B4) has one root in the stable
+            # interval (module docstring), so the side of the release needs no evaluation
+            lo, hi = np.where(solve, beta_lo, 0.0), np.where(solve, beta_hi, 0.0)
+        else:
+            sign0 = np.where(solve, np.sign(f_and_slope(np.zeros(ok.size), slice(None), False)[0]), 0.0)
+            up, down = sign0 > 0, sign0 < 0   # the drift at the release b = 1 points up / down (0: b stays at 1)
+            lo, hi = np.where(down, beta_lo, 0.0), np.where(up, beta_hi, 0.0)
+            # where (B5) is not inside the bracket (e.g. at the release itself), a Newton step from the release
+            far = np.flatnonzero((lo < hi) & ~((start > lo) & (start < hi)))
+            f0, df0 = f_and_slope(np.zeros(far.size), far)
+            start[far] = -f0 / df0
         beta = _newton_root(f_and_slope, lo, hi, start)
     b = np.where(np.broadcast_to(moving, shape).ravel(), np.exp(beta), 1.0)
     return np.where(ok, b, np.nan).reshape(shape)

@@ -199,30 +199,37 @@ def _grid_params(base: dict, x: tuple, y: tuple) -> dict:
 def _long_run(problem, P, nesterov, stable, chunk_elements):
     """Summed long-run losses of the multiplicative model at every stable grid point: the additive model's closed
     forms with the rates lr_theta |w*| / b*, lr_phi |w*| b* at the selected balance b* of each point and coordinate."""
+    from types import SimpleNamespace
+
     from . import balance as bal
 
-    n = P["K"].size
-    mean, mem = np.full(n, np.nan), np.full(n, np.nan)
+    n, d = P["K"].size, problem.dim
     h, s, w = problem.curvature, problem.noise, np.abs(problem.optimum)
-    # chunks of about 16k elements: the root finder's dozens of temporaries then stay in the cores' caches
-    # (measured: about twice as fast as chunks of 256k elements on a 2-core machine)
-    rows = max(1, min(chunk_elements, 1 << 14) // h.size)
+    # blocks of about 4k (points x coordinates): the root finder's dozens of temporaries then stay in the core's
+    # cache (measured on a 2-core machine: 30 % faster than 10k, twice as fast as 256k)
+    cols = max(1, min(d, chunk_elements, 1 << 12))
+    rows = max(1, min(chunk_elements, 1 << 12) // cols)
+    starts = range(0, d, cols)
+    part_mean, part_mem = np.zeros((n, len(starts))), np.zeros((n, len(starts)))
     jobs = []
     for m in np.unique(P["momentum"]):
         idx = np.flatnonzero((P["momentum"] == m) & stable)
-        jobs += [(idx[i:i + rows], float(m)) for i in range(0, len(idx), rows)]
+        jobs += [(idx[i:i + rows], float(m), k) for i in range(0, len(idx), rows) for k in range(len(starts))]
 
     def work(job):
-        j, m = job
-        col = {k: P[k][j][:, None] for k in ("K", "gamma_theta", "lr_theta", "lr_phi")}
-        b = bal.select_grid(problem, col["K"], col["gamma_theta"], col["lr_theta"], col["lr_phi"], m,
-                            nesterov and m > 0)
+        j, m, k = job
+        c = slice(starts[k], starts[k] + cols)
+        col = {key: P[key][j][:, None] for key in ("K", "gamma_theta", "lr_theta", "lr_phi")}
+        sub = SimpleNamespace(curvature=h[c], noise=s[c], optimum=problem.optimum[c])
+        b = bal.select_grid(sub, col["K"], col["gamma_theta"], col["lr_theta"], col["lr_phi"], m, nesterov and m > 0)
         with np.errstate(all="ignore"):
-            e_mean, e_mem = cf.additive_excess(col["K"], col["gamma_theta"], col["lr_theta"] * w / b,
-                                               col["lr_phi"] * w * b, h, s, m, nesterov and m > 0)
-        mean[j], mem[j] = e_mean.sum(axis=1), e_mem.sum(axis=1)
+            e_mean, e_mem = cf.additive_excess(col["K"], col["gamma_theta"], col["lr_theta"] * w[c] / b,
+                                               col["lr_phi"] * w[c] * b, h[c], s[c], m, nesterov and m > 0)
+        part_mean[j, k], part_mem[j, k] = e_mean.sum(axis=1), e_mem.sum(axis=1)
 
     _run(work, jobs)
+    mean, mem = np.full(n, np.nan), np.full(n, np.nan)
+    mean[stable], mem[stable] = part_mean[stable].sum(axis=1), part_mem[stable].sum(axis=1)   # a fixed order
     return mean, mem
 
 

@@ -258,3 +258,20 @@ def test_long_run_sweep_equals_long_run_per_point():
             pred = long_run(p, LatePhase(int(K), 0.05, 0.05, gm, 0.5, kind="multiplicative"))
             assert res.mean_model[j, i] == pytest.approx(pred.excess_loss_mean_model, rel=1e-10)
             assert res.members[j, i] == pytest.approx(pred.excess_loss_members, rel=1e-10)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_the_drift_has_one_stable_root_without_nesterov(momentum):
+    """Plain SGD and heavy ball: (B4) changes sign once on the stable interval, from + to -, below sqrt(K) b*_0 --
+    why the sweep's root finder needs no evaluation at the release."""
+    p = Problem.from_values([1.0, 0.3, 2.0], [0.3, 0.5, 0.2], [1.0, -2.0, 0.7])
+    for K, g, et, ep in ((2, 1.0, 0.1, 0.1), (7, 0.3, 0.05, 0.2), (30, 0.02, 0.4, 0.01)):
+        lp = LatePhase(K, et, ep, g, momentum, kind="multiplicative")
+        lo, hi = bal.stable_interval(p, lp)
+        for i in range(p.dim):
+            b = np.geomspace(lo[i], hi[i], 402)[1:-1]
+            sign = np.sign([bal.drift(p, lp, bb)[i] for bb in b])
+            assert sign[0] > 0 and sign[-1] < 0 and np.count_nonzero(np.diff(sign)) == 1
+            top = np.sqrt(K) * bal.leading_order(lp)                   # x = sqrt(kappa): the root lies below
+            if top < hi[i]:
+                assert bal.drift(p, lp, top)[i] < 0

@@ -2,10 +2,12 @@
 
     python benchmarks/nqp_bench.py            # full measurement (a few minutes on 2 cores)
     python benchmarks/nqp_bench.py --quick    # smaller, for a smoke test
+    python benchmarks/nqp_bench.py --sweep-only   # just the sweeps' wall times, additive against multiplicative
 
 - `python -m nqp predict` wall time (a fresh process, median of repeats), default and --method multiplicative;
 - closed form: a 50 x 50 (K, gamma_theta) grid on a power-law spectrum, d = 10^4, vectorised (`nqp.sweep.grid`);
-  the same grid for the multiplicative long run (a selected balance per grid point and coordinate);
+  the same grid for the multiplicative long run (a selected balance per grid point and coordinate), and both as
+  `python -m nqp sweep` side by side: the multiplicative sweep's wall time over the additive one's (goal <= 5);
 - Lyapunov: scipy's discrete Lyapunov solver on the literal step, per coordinate, on a sample of grid points and
   coordinates, extrapolated to the full grid (printed as an extrapolation);
 - Monte Carlo: member-coordinate updates per second of the simulator on all cores, float64 and float32, additive and
@@ -47,6 +49,26 @@ def _predict_wall(args, reps):
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         times.append(time.perf_counter() - t)
     return float(np.median(times)), float(min(times))
+
+
+def _sweep_wall(d, n, lr, reps):
+    """Wall time of `python -m nqp sweep` over the n x n (K, gamma_theta) grid on the power law of dimension d, additive
+    and --method multiplicative (the long run), alternately; the best of reps each (files written to a temporary
+    folder)."""
+    import tempfile
+
+    args = ["sweep", "--dim", str(d), "--spectrum", "powerlaw", "--x", "K", f"1:{n}:{n}",
+            "--y", "gamma_theta", f"0.001:1:{n}:log", "--lr", str(lr)]
+    out = {"additive": [], "multiplicative": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(reps):
+            for m, times in out.items():
+                t = time.perf_counter()
+                subprocess.run([sys.executable, "-m", "nqp", *args, "--method", m, "--out", os.path.join(tmp, m)],
+                               check=True, capture_output=True,
+                               cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                times.append(time.perf_counter() - t)
+    return {m: min(v) for m, v in out.items()}
 
 
 def _mc(problem, lp, dtype, steps, runs, seed):
@@ -150,8 +172,22 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--block-only", action="store_true", help="measure only the block model")
+    ap.add_argument("--sweep-only", action="store_true",
+                    help="measure only `python -m nqp sweep`, additive against multiplicative (the long run)")
     ap.add_argument("--json", help="also write the results to this JSON file")
     a = ap.parse_args()
+    if a.sweep_only:
+        sw = _sweep_wall(1000 if a.quick else 10_000, 50, 0.02, 1 if a.quick else 3)
+        print(f"nqp sweep benchmark -- {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
+              f"{os.cpu_count()} cores, numpy {np.__version__}; load average {os.getloadavg()[0]:.1f}")
+        print(f"`python -m nqp sweep` 50 x 50 (K, gamma_theta), power law d = {1000 if a.quick else 10_000}, wall "
+              f"(best of repeats, alternating): additive {sw['additive']:.2f} s, multiplicative (long run) "
+              f"{sw['multiplicative']:.2f} s: ratio {sw['multiplicative'] / sw['additive']:.2f}; goal <= 5 -> "
+              f"{'met' if sw['multiplicative'] <= 5 * sw['additive'] else 'NOT met'}")
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(sw, f, indent=1)
+        return
     if a.block_only:
         b = block_bench(a.quick)
         print(f"nqp block benchmark -- {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
@@ -180,16 +216,18 @@ def main():
     from nqp.codegen import source
     source()                                  # what `python -m nqp.codegen` derives (sympy, once)
     info["sympy_derivation_s"] = time.perf_counter() - t
-    times = []
-    for _ in range(3 if a.quick else 5):
+    times, times_mult = [], []
+    for _ in range(3):       # alternately, side by side (the machine may be shared): the best of each
         t = time.perf_counter()
         res = grid(problem, "additive", base, ("K", Ks), ("gamma_theta", gammas))
         times.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        grid(problem, "multiplicative", base, ("K", Ks), ("gamma_theta", gammas), balance="long-run")
+        times_mult.append(time.perf_counter() - t)
     info["closed_form_grid_s"] = min(times)
     info["stable_points"] = int(res.stable.sum())
-    t = time.perf_counter()
-    grid(problem, "multiplicative", base, ("K", Ks), ("gamma_theta", gammas), balance="long-run")
-    info["closed_form_grid_multiplicative_long_run_s"] = time.perf_counter() - t
+    info["closed_form_grid_multiplicative_long_run_s"] = min(times_mult)
+    info["sweep_cli_wall_s"] = _sweep_wall(d, n, lr, 1 if a.quick else 3)
 
     sample_K = [1, 13, 25, 38, 50]
     n_coord = 200 if a.quick else 1000
@@ -243,6 +281,12 @@ def main():
     print(f"{'path':38s} {'grid cost (s)':>14s}  note")
     for name, sec, note in rows:
         print(f"{name:38s} {sec:14.4g}  {note}")
+    sw = info["sweep_cli_wall_s"]
+    ratio = sw["multiplicative"] / sw["additive"]
+    print(f"`python -m nqp sweep` on this grid, wall (best of repeats, alternating): additive {sw['additive']:.2f} s, "
+          f"--method multiplicative (long run) {sw['multiplicative']:.2f} s: ratio {ratio:.2f}; goal <= 5 -> "
+          f"{'met' if ratio <= 5 else 'NOT met'} (in process: ratio "
+          f"{info['closed_form_grid_multiplicative_long_run_s'] / info['closed_form_grid_s']:.1f})")
     print(f"\nMonte Carlo, member-coordinate updates/s ({info['mc_budget']}):")
     print(f"{'':16s} {'float64 median':>15s} {'float64 best':>13s} {'float32 median':>15s} {'float32 best':>13s}")
     for k in settings:

@@ -32,9 +32,9 @@ PLACEMENTS = ("stiffest", "spread", "flattest")
 def block_problem(dim: int = 100, phi_count: int = 10, placement: str = "stiffest"):
     """(problem, phi_coords): h_i = 1/i, s_i = 1/h_i (gradient noise covariance H), w* = 1."""
     if placement not in PLACEMENTS:
-        raise NQPError(f"--phi must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
+        raise NQPError(f"`placement` must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
     if not (1 <= phi_count < dim):
-        raise NQPError(f"--phi-count must be between 1 and --dim - 1 ({dim - 1}), got {phi_count}")
+        raise NQPError(f"`phi_count` must be between 1 and `dim` - 1 ({dim - 1}), got {phi_count}")
     h = 1.0 / np.arange(1, dim + 1)
     problem = Problem.from_values(h, 1.0 / h, 1.0)
     if placement == "stiffest":

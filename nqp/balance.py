@@ -34,9 +34,15 @@ where (B4) vanishes. To leading order in the steps (q = q(0)) this is gamma_thet
 
     b*_0 = sqrt(gamma_theta eta_theta / eta_phi),                                                            (B5)
 
-for every momentum; (B4) gives the finite-step value (K = 1: b*_0 is exact). The balance relaxes to b* with the rate
-lambda = -dE[Delta Q~]/dQ at b* per outer step (relaxation time K / lambda minibatches), and after a release it
-follows the adiabatic ODE
+for every momentum; (B4) gives the finite-step value (K = 1: b*_0 is exact). In x = h |w*| eta_phi' (= a_phi) and
+kappa = K gamma_theta eta_theta eta_phi (h w*)^2, (B4) has the sign of -G(x) with
+
+    G(x) = q(a_m) (x^2 - kappa)/K + (1 - 1/K) x^2 q(x),   a_m = x + kappa/x,
+
+so where q is positive and increasing below the stability edge (plain SGD and heavy ball; not always Nesterov) G
+increases on (0, sqrt(kappa)) and is positive beyond: the drift has exactly one stable root, below sqrt(K) b*_0
+(x = sqrt(kappa)). The balance relaxes to b* with the rate lambda = -dE[Delta Q~]/dQ at b* per outer step (relaxation time
+K / lambda minibatches), and after a release it follows the adiabatic ODE
 
     dQ/dt = E[Delta Q~](b(Q)) / K        (t in minibatches).                                                  (B6)
 
@@ -48,6 +54,7 @@ then stays where it was released, and the model is linear in phi.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -161,21 +168,55 @@ def drift(problem, method, b, path: str = "closed") -> np.ndarray:
 
 def _drift_closed(problem, method, b, slope: bool = False):
     """(B4), or with slope=True its derivative with respect to log b (same units)."""
-    h, s = problem.curvature, problem.noise
-    K, g = method.K, method.gamma_theta
-    lt, lp = effective_rates(problem, method, b)
-    a_m, a_p = h * (lp + K * g * lt), h * lp
-    mu, nest = method.momentum, method.nesterov
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        q_m, q_p = cf.drift_moment(a_m, mu, nest), cf.drift_moment(a_p, mu, nest)
-        scale = K * h * h * s
-        if not slope:
-            return scale * (g * lt * q_m - lp * (q_m / K + (1 - 1 / K) * q_p))
-        dq_m, dq_p = cf.drift_moment(a_m, mu, nest, slope=True), cf.drift_moment(a_p, mu, nest, slope=True)
-        da_m, da_p = h * (lp - K * g * lt), a_p            # d a / d log b
-        return scale * (-g * lt * q_m + g * lt * dq_m * da_m
-                        - lp * (q_m / K + (1 - 1 / K) * q_p)
-                        - lp * (dq_m * da_m / K + (1 - 1 / K) * dq_p * da_p))
+    value, d = _Drift.of(problem, method)(b, with_slope=slope)
+    return d if slope else value
+
+
+class _Drift(NamedTuple):
+    """(B4) as a function of the balance b alone (arrays broadcast; the rates of :func:`effective_rates` folded in):
+
+        E[Delta Q~](b) = (u/b) q(a_m) - v b (q(a_m)/K + (1 - 1/K) q(a_p)),   a_p = A b,   a_m = A b + C/b,
+
+    u = K h^2 s gamma_theta eta_theta |w*|, v = K h^2 s eta_phi |w*|, A = h |w*| eta_phi, C = K gamma_theta eta_theta
+    h |w*|. Its slope in log b follows from d a_p = a_p, d a_m = A b - C/b."""
+
+    u: np.ndarray
+    v: np.ndarray
+    A: np.ndarray
+    C: np.ndarray
+    K: np.ndarray
+    momentum: float
+    nesterov: bool
+
+    @classmethod
+    def of(cls, problem, method) -> _Drift:
+        h, s, w = problem.curvature, problem.noise, np.abs(problem.optimum)
+        K, gl = method.K, method.gamma_theta * method.lr_theta
+        with np.errstate(over="ignore"):
+            scale = K * h * h * s * w
+            return cls(scale * gl, scale * method.lr_phi, h * w * method.lr_phi, K * gl * h * w, K,
+                       method.momentum, method.nesterov)
+
+    def take(self, idx) -> _Drift:
+        """The elements idx of flat (equal-shaped) arrays."""
+        return self._replace(**{k: getattr(self, k)[idx] for k in ("u", "v", "A", "C", "K")})
+
+    def __call__(self, b, with_slope: bool = True):
+        """(E[Delta Q~](b), its derivative in log b); the derivative is None without with_slope."""
+        mu, nest, K = self.momentum, self.nesterov, self.K
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            Ab, Cb = self.A * b, self.C / b
+            a_m = Ab + Cb
+            q_m, q_p = cf.drift_moment(a_m, mu, nest), cf.drift_moment(Ab, mu, nest)
+            theta, members = self.u / b, self.v * b
+            share = q_m / K + (1 - 1 / K) * q_p
+            value = theta * q_m - members * share
+            if not with_slope:
+                return value, None
+            da_m = Ab - Cb                                      # d a_m / d log b (d a_p / d log b = a_p)
+            dq_m, dq_p = cf.drift_moment(a_m, mu, nest, slope=True), cf.drift_moment(Ab, mu, nest, slope=True)
+            return value, (theta * (dq_m * da_m - q_m) - members * share
+                           - members * (dq_m * da_m / K + (1 - 1 / K) * dq_p * Ab))
 
 
 def _drift_lyapunov(problem, method, b):
@@ -321,30 +362,79 @@ def select(problem, method, path: str = "closed", release=1.0) -> Balance:
     return Balance(b, rel, lead, tau, method.K, False, path)
 
 
+def _newton_root(f_and_slope, lo, hi, x0, max_iter: int = 100):
+    """Root of f in the flat bracket (lo, hi) (f > 0 towards lo, f < 0 towards hi), from x0, by Newton's method on
+    the analytic slope, safeguarded: a step that leaves the bracket or a slope of the wrong sign bisects instead.
+    f_and_slope(x, idx) evaluates f and df/dx at x for the elements idx only, so every pass works on the elements
+    still moving (a few passes each, against the dozens of a derivative-free bracketing). Stops where the step is
+    below 1e-12 of the scale (Newton then has the root to rounding) or f vanishes; lo >= hi gives lo."""
+    lo, hi = lo.copy(), hi.copy()
+    x = np.where((x0 > lo) & (x0 < hi), x0, 0.5 * (lo + hi))
+    x = np.where(lo < hi, x, lo)
+    idx = slice(None)        # the first pass on every element: a gather would cost as much as the pass
+    for _ in range(max_iter):
+        xi, li, hi_ = x[idx], lo[idx], hi[idx]
+        f, df = f_and_slope(xi, idx)
+        li = np.where(f > 0, xi, li)
+        hi_ = np.where(f < 0, xi, hi_)
+        with np.errstate(all="ignore"):
+            step = f / df
+            tol = 1e-12 * (1.0 + np.abs(xi))
+        newton = xi - step
+        inside = (newton > li) & (newton < hi_) & (df < 0)
+        done = (f == 0) | (np.abs(step) <= tol) & (df < 0) | (hi_ - li <= tol)
+        new = np.where(inside, newton, np.where(done, xi, 0.5 * (li + hi_)))
+        lo[idx], hi[idx], x[idx] = li, hi_, new
+        idx = np.flatnonzero(~done) if isinstance(idx, slice) else idx[~done]
+        if idx.size == 0:
+            break
+    return x
+
+
 def select_grid(problem, K, gamma_theta, lr_theta, lr_phi, momentum: float = 0.0, nesterov: bool = False):
     """The closed-form b* from the balanced start (b = 1) for many settings at once: K, gamma_theta, lr_theta, lr_phi
     arrays of shape (P, 1) (broadcast against the d coordinates), one momentum. Returns b* of shape (P, d): NaN where
-    the release b = 1 is unstable; 1 where theta is frozen (gamma_theta lr_theta = 0) or a coordinate has no noise."""
+    the release b = 1 is unstable; 1 where theta is frozen (gamma_theta lr_theta = 0) or a coordinate has no noise.
+    The same root as :func:`select` per setting (the side of b = 1 towards which the drift points), found by
+    safeguarded Newton steps from the leading order (B5) on all settings and coordinates at once."""
     from types import SimpleNamespace
 
     h, s, w = (np.asarray(a, float)[None, :] for a in (problem.curvature, problem.noise, problem.optimum))
-    prob = SimpleNamespace(curvature=h, noise=s, optimum=w)
     K, g, et, ep = (np.asarray(a, float) for a in (K, gamma_theta, lr_theta, lr_phi))
     moving = (g * et) > 0
     # frozen settings get stand-in rates (their balance stays 1); they are restored below
-    meth = SimpleNamespace(K=K, gamma_theta=np.where(moving, g, 1.0), lr_theta=np.where(moving, et, 1e-300),
-                           lr_phi=ep, momentum=momentum, nesterov=nesterov)
-    lo, hi, disc, edge = _interval(prob, meth)
+    g, et = np.where(moving, g, 1.0), np.where(moving, et, 1e-300)
+    meth = SimpleNamespace(K=K, gamma_theta=g, lr_theta=et, lr_phi=ep, momentum=momentum, nesterov=nesterov)
+    lo, hi, disc, edge = _interval(SimpleNamespace(curvature=h, optimum=w), meth)
     shape = np.broadcast_shapes(h.shape, K.shape, disc.shape)
     a_release = h * np.abs(w) * (ep + K * g * et)        # the release at b = 1 must be stable
-    ok = np.broadcast_to((disc > 0) & (a_release < edge) & (h * np.abs(w) * ep < edge), shape)
-    beta_lo = np.where(ok, np.log(np.where(ok, lo, 1.0)), -1.0)
-    beta_hi = np.where(ok, np.log(np.where(ok, hi, 1.0)), 1.0)
+    ok = np.broadcast_to((disc > 0) & (a_release < edge) & (h * np.abs(w) * ep < edge), shape).ravel()
+    terms = _Drift(*(np.broadcast_to(a, shape).ravel() for a in _Drift.of(
+        SimpleNamespace(curvature=h, noise=s, optimum=w), meth)[:5]), momentum, nesterov)
+
+    def f_and_slope(beta, idx, with_slope=True):
+        return terms.take(idx)(np.exp(beta), with_slope)
+
     with np.errstate(all="ignore"):
-        beta = _root(lambda x: np.where(ok, _drift_closed(prob, meth, np.exp(x)), 0.0), beta_lo, beta_hi,
-                     np.zeros(shape), np.broadcast_to(s > 0, shape))
-    b = np.where(np.broadcast_to(moving, shape), np.exp(beta), 1.0)
-    return np.where(ok, b, np.nan)
+        beta_lo = np.where(ok, np.log(np.where(ok, np.broadcast_to(lo, shape).ravel(), 1.0)), 0.0)
+        beta_hi = np.where(ok, np.log(np.where(ok, np.broadcast_to(hi, shape).ravel(), 1.0)), 0.0)
+        solve = ok & np.broadcast_to((s > 0) & moving, shape).ravel()    # else b stays at the release b = 1
+        start = np.broadcast_to(0.5 * np.log(g * et / ep), shape).ravel().copy()     # the leading order (B5)
+        if momentum == 0 or not nesterov:
+            # q(a) is positive and increasing below the edge (plain, heavy ball): (B4) has one root in the stable
+            # interval (module docstring), so the side of the release needs no evaluation
+            lo, hi = np.where(solve, beta_lo, 0.0), np.where(solve, beta_hi, 0.0)
+        else:
+            sign0 = np.where(solve, np.sign(f_and_slope(np.zeros(ok.size), slice(None), False)[0]), 0.0)
+            up, down = sign0 > 0, sign0 < 0   # the drift at the release b = 1 points up / down (0: b stays at 1)
+            lo, hi = np.where(down, beta_lo, 0.0), np.where(up, beta_hi, 0.0)
+            # where (B5) is not inside the bracket (e.g. at the release itself), a Newton step from the release
+            far = np.flatnonzero((lo < hi) & ~((start > lo) & (start < hi)))
+            f0, df0 = f_and_slope(np.zeros(far.size), far)
+            start[far] = -f0 / df0
+        beta = _newton_root(f_and_slope, lo, hi, start)
+    b = np.where(np.broadcast_to(moving, shape).ravel(), np.exp(beta), 1.0)
+    return np.where(ok, b, np.nan).reshape(shape)
 
 
 # ----------------------------------------------------------------------------- the adiabatic ODE (B6)

@@ -30,7 +30,6 @@ w_k = theta + phi_k; exact paths Lyapunov and Monte Carlo, no closed form).
 from __future__ import annotations
 
 import math
-import threading
 import time
 from dataclasses import dataclass
 
@@ -38,7 +37,7 @@ import numpy as np
 
 from . import closed_form as cf
 from .dynamics import optimizer_update
-from .errors import NQPError, UnstableError
+from .errors import NQPError, UnstableError, overflow
 from .methods import SGD, Block, Ensemble, LatePhase, TailAverage
 
 LYAPUNOV_MAX_STATES = 3000   # largest (reduced) state the dense Lyapunov solver is asked to handle
@@ -54,12 +53,12 @@ def needs_block(problem, method) -> bool:
     if isinstance(method, LatePhase) and method.weight_decay:
         return True
     if isinstance(method, TailAverage) and getattr(method.base, "weight_decay", 0):
-        raise NQPError("tail averages are not modelled with --weight-decay")
+        raise NQPError("tail averages are not modelled with `weight_decay`")
     if isinstance(method, (LatePhase, TailAverage)):
         if problem.hessian is not None:
-            raise NQPError(f"a full --hessian is modelled for --method sgd, block and additive with --weight-decay > 0, "
-                           f"not {method.name} (late-phase weights on their own coordinates, as in a network, are "
-                           f"--method block)")
+            raise NQPError(f"a full `hessian` is modelled for `method` sgd, block and additive with `weight_decay` "
+                           f"> 0, not {method.name} (late-phase weights on their own coordinates, as in a network, "
+                           f"are `method` block)")
         return False
     base = method.base if isinstance(method, Ensemble) else method
     return problem.hessian is not None or base.weight_decay > 0
@@ -97,7 +96,7 @@ def layout(problem, method) -> Layout:
         return Layout(np.arange(d), np.arange(d), d)
     phi = np.asarray(bm.phi_coords, dtype=int)
     if phi.size and phi.max() >= d:
-        raise NQPError(f"--phi-coords: coordinate {int(phi.max())} is out of range (the problem has {d} "
+        raise NQPError(f"`phi_coords`: coordinate {int(phi.max())} is out of range (the problem has {d} "
                        f"coordinates, 0..{d - 1})")
     is_theta = np.ones(d, bool)
     is_theta[phi] = False
@@ -236,7 +235,7 @@ def _bases(method: Block, lay: Layout):
     if (dt + dp) * blocks > LYAPUNOV_MAX_STATES:
         raise NQPError(f"the exact path of this problem solves a {(dt + dp) * blocks} x {(dt + dp) * blocks} system "
                        f"(d (1 + momentum) > {LYAPUNOV_MAX_STATES}); with a diagonal H use the closed form (no "
-                       f"--lyapunov), else fewer coordinates")
+                       f"`lyapunov`), else fewer coordinates")
     Em = np.zeros((n, (dt + dp) * blocks))
     Eu = np.zeros((n, dp * blocks)) if K > 1 else None
     for b in range(blocks):
@@ -416,7 +415,7 @@ def _solve(red: Reduced):
 
     q = red.A.shape[0]
     if q > LYAPUNOV_MAX_STATES:
-        raise NQPError(f"the Lyapunov path would solve a {q} x {q} system; use the closed form (diagonal --hessian) "
+        raise NQPError(f"the Lyapunov path would solve a {q} x {q} system; use the closed form (diagonal `hessian`) "
                        f"or fewer coordinates")
     rho = red.rho
     if rho >= 1 - 1e-12:
@@ -552,7 +551,7 @@ def auto_burn_in(problem, method, tol: float = 1e-6) -> int:
     """Minibatches until rho^(2n) <= tol (rho the spectral radius of the step), from the noise-free fixed point."""
     rho = spectral_radius(problem, method)
     if rho >= 1:
-        raise NQPError(f"cannot choose a burn-in: spectral radius {rho:.17g}; give --burn-in, or larger steps")
+        raise NQPError(f"cannot choose a burn-in: spectral radius {rho:.17g}; give `burn_in`, or larger steps")
     steps = 1 if rho == 0 else math.ceil(math.log(tol) / (2 * math.log(rho)))
     return max(1, steps) * as_block(problem, method).minibatches_per_step
 
@@ -563,67 +562,96 @@ def simulate(problem, method, *, steps: int, burn_in: int | None = None, runs: i
     :func:`auto_burn_in`), then average the excess of the mean model and of the members over `steps` minibatches.
     Runs are split into tiles, each with its own random stream from (seed, tile index): results do not depend on the
     number of threads. Returns an :class:`nqp.montecarlo.MCResult` (standard errors across runs)."""
-    from .montecarlo import TILE_BYTES, DivergedError, MCResult, _check_seed, _Progress, _rng, _run_tiles
+    from .montecarlo import _check_runs_seed, _Progress, _rng, _run_tiles, _Sums
 
-    if int(runs) != runs or runs < 2:
-        raise NQPError(f"--runs must be an integer >= 2 (standard errors need two runs), got {runs}")
-    _check_seed(seed)
+    _check_runs_seed(runs, seed)
     check_stable(problem, method)
     lay, bm = layout(problem, method), as_block(problem, method)
     mpb = bm.minibatches_per_step
     if steps < mpb:
-        raise NQPError(f"--steps ({steps}) must be >= the minibatches per step ({mpb})")
+        raise NQPError(f"`steps` ({steps}) must be >= the minibatches per step ({mpb})")
     n_steps = steps // mpb
-    if burn_in is None:
-        burn_in = auto_burn_in(problem, method)
-    n_burn = -(-int(burn_in) // mpb)
-    K, d, runs = bm.K, lay.d, int(runs)
-    r_block = max(1, min(runs, TILE_BYTES // (8 * K * d)))
-    tiles = [(r0, min(runs, r0 + r_block)) for r0 in range(0, runs, r_block)]
-    th0, ph0 = fixed_point(problem, method, lay)
-    per_mean, per_mem = np.zeros(runs), np.zeros(runs)
-    lock = threading.Lock()
+    n_burn = -(-int(auto_burn_in(problem, method) if burn_in is None else burn_in) // mpb)
+    tiles = _run_blocks(int(runs), bm.K, lay.d)
+    start = fixed_point(problem, method, lay)
+    sums = _Sums(int(runs), 0)
     bar = _Progress(len(tiles) * (n_burn + n_steps), progress, f"simulate {method.name}")
 
     def run_tile(index):
-        r0, r1 = tiles[index]
-        R = r1 - r0
-        c = Coeffs.of(problem, lay, dtype)
-        st = State(np.broadcast_to(th0, (R, th0.size)).astype(dtype),
-                   np.broadcast_to(ph0, (R, K, ph0.size)).astype(dtype))
-        if bm.momentum:
-            st.v_theta, st.v_phi = np.zeros_like(st.theta), np.zeros_like(st.phi)
+        tile = _Tile(problem, bm, lay, tiles[index], start, dtype)
         rng = _rng(seed, index)
-        xi = np.empty((R, K, d), dtype)
-        s_mean, s_mem = np.zeros(R), np.zeros(R)
         for i in range(n_burn + n_steps):
-            rng.standard_normal(out=xi, dtype=xi.dtype)
-            block_step(st, xi, c, bm)
+            tile.step(rng)
             if i >= n_burn:
-                x = mean_model(st, c) - c.wstar
-                s_mean += 0.5 * np.sum(x * c.curvature_times(x), axis=-1)
-                xk = members(st, c) - c.wstar
-                s_mem += 0.5 * np.sum(xk * c.curvature_times(xk), axis=(-1, -2)) / K
+                tile.record()
             if (i + 1) % 256 == 0:
                 bar.update(256)
-                if not np.all(np.isfinite(st.theta)) or not np.all(np.isfinite(st.phi)):
-                    raise DivergedError(f"simulation diverged (non-finite values by minibatch {(i + 1) * mpb}); "
-                                        "lower the learning rates or the noise")
+                tile.check((i + 1) * mpb)
         bar.update((n_burn + n_steps) % 256)
-        with lock:
-            per_mean[r0:r1] = s_mean / n_steps
-            per_mem[r0:r1] = s_mem / n_steps
+        sums.add((*tiles[index], 0, 0), *tile.result(), None, None)
 
     t0 = time.perf_counter()
     _run_tiles(run_tile, len(tiles), threads, bar)
-    seconds = time.perf_counter() - t0
-    se = lambda a: float(a.std(ddof=1) / math.sqrt(a.size))  # noqa: E731
-    stats = (float(per_mean.mean()), se(per_mean), float(per_mem.mean()), se(per_mem))
+    return _result(method.name, sums, n_steps, n_burn, mpb, int(seed), bm.K * lay.d, time.perf_counter() - t0, dtype)
+
+
+def _run_blocks(runs: int, K: int, d: int):
+    """(r0, r1) tiles of the runs with about TILE_BYTES per (runs x members x coordinates) array."""
+    from .montecarlo import TILE_BYTES
+
+    r_block = max(1, min(runs, TILE_BYTES // (8 * K * d)))
+    return [(r0, min(runs, r0 + r_block)) for r0 in range(0, runs, r_block)]
+
+
+def _result(name, sums, n_steps, n_burn, mpb, seed, member_coords, seconds, dtype):
+    """The MCResult of the tiles' per-run sums: run means of the time averages and their standard errors."""
+    from .montecarlo import DivergedError, MCResult, _run_stats
+
+    per_mean, per_mem = sums.mean / n_steps, sums.mem / n_steps
+    stats = _run_stats(per_mean, per_mem)
     if not all(math.isfinite(v) for v in stats):
         raise DivergedError("simulation diverged (non-finite loss); lower the learning rates or the noise")
-    updates = runs * K * d * (n_burn + n_steps)
-    return MCResult(method.name, *stats, runs, n_steps * mpb, n_burn * mpb, int(seed), updates, seconds, per_mean,
+    runs = per_mean.size
+    updates = runs * member_coords * (n_burn + n_steps)
+    return MCResult(name, *stats, runs, n_steps * mpb, n_burn * mpb, seed, updates, seconds, per_mean,
                     per_mem, np.dtype(dtype).name)
+
+
+class _Tile:
+    """State and noise of one block of runs of the block model from the fixed point `start` = (theta, phi); record()
+    adds the excess of the mean model and the members' average to per-run sums."""
+
+    def __init__(self, problem, bm: Block, lay: Layout, bounds, start, dtype=np.float64):
+        r0, r1 = bounds
+        R, K, th0, ph0 = r1 - r0, bm.K, *start
+        self.bm, self.c = bm, Coeffs.of(problem, lay, dtype)
+        self.state = State(np.broadcast_to(th0, (R, th0.size)).astype(dtype),
+                           np.broadcast_to(ph0, (R, K, ph0.size)).astype(dtype))
+        if bm.momentum:
+            self.state.v_theta, self.state.v_phi = np.zeros_like(self.state.theta), np.zeros_like(self.state.phi)
+        self.xi = np.empty((R, K, lay.d), dtype)
+        self.s_mean, self.s_mem = np.zeros(R), np.zeros(R)
+
+    def step(self, rng) -> None:
+        rng.standard_normal(out=self.xi, dtype=self.xi.dtype)
+        block_step(self.state, self.xi, self.c, self.bm)
+
+    def record(self) -> None:
+        st, c = self.state, self.c
+        x = mean_model(st, c) - c.wstar
+        self.s_mean += 0.5 * np.sum(x * c.curvature_times(x), axis=-1)
+        xk = members(st, c) - c.wstar
+        self.s_mem += 0.5 * np.sum(xk * c.curvature_times(xk), axis=(-1, -2)) / self.bm.K
+
+    def check(self, minibatch: int) -> None:
+        from .montecarlo import DivergedError
+
+        if not np.all(np.isfinite(self.state.theta)) or not np.all(np.isfinite(self.state.phi)):
+            raise DivergedError(f"simulation diverged (non-finite values by minibatch {minibatch}); "
+                                "lower the learning rates or the noise")
+
+    def result(self):
+        return self.s_mean, self.s_mem
 
 
 # ----------------------------------------------------------------------------- learning curves
@@ -669,109 +697,133 @@ def learning_curve(problem, method: Block, sgd: SGD, *, T0: int, horizon: int, w
     latephase_mean and latephase_members. Moments are propagated exactly on the mean subspace (with the constant
     term) and on the deviation subspace of the literal step. Returns an :class:`nqp.curves.Curve`."""
     from .curves import Curve, start_weights, time_grid
+
+    _check_curve(problem, method, sgd, sigma0)
+    t = time_grid(T0, horizon, method.K, points)
+    moments = _ExactCurve(problem, method, sgd, start_weights(w0, problem.dim), sigma0, int(T0))
+    series = {k: np.zeros(len(t)) for k in _ExactCurve.SERIES}
+    for i, ti in enumerate(t):
+        moments.step(int(ti))
+        for k, v in moments.observe().items():
+            series[k][i] = v
+    if not all(np.all(np.isfinite(v)) for v in series.values()):
+        raise overflow("w0", "noise", "curvature", "optimum")
+    return Curve(t, series, int(T0), method.K, "lyapunov (block model, exact moments)")
+
+
+def _check_curve(problem, method, sgd, sigma0) -> None:
+    """The arguments the exact block curve models (the same momentum, batch 1, stable)."""
     from .theory import check_stable
 
     if not isinstance(sgd, SGD) or sgd.batch != 1:
         raise NQPError("learning_curve needs a batch-1 SGD method")
     if not isinstance(method, Block) or method.shared:
-        raise NQPError("the exact curve models --method block (additive with weight decay has none here)")
+        raise NQPError("the exact curve models `method` block (additive with weight decay has none here)")
     if sigma0 < 0 or not np.isfinite(sigma0):
-        raise NQPError(f"--sigma0 must be >= 0, got {sigma0}")
+        raise NQPError(f"`sigma0` must be >= 0, got {sigma0}")
     if (sgd.momentum, sgd.nesterov) != (method.momentum, method.nesterov):
         raise NQPError("SGD and the late-phase method must use the same momentum setting")
     check_stable(problem, sgd)
     check_stable(problem, method)
-    K, d = method.K, problem.dim
     if method.batch != 1:
         raise NQPError("the block model's curve takes batch 1 per member")
-    t = time_grid(T0, horizon, K, points)
-    w0 = start_weights(w0, d)
-    lay_s = layout(problem, sgd)
-    bs = as_block(problem, sgd)
-    n_s = state_size(bs, lay_s)
-    _check_size(n_s)
-    eye_noise = np.eye(d).reshape(d, 1, d)
-    sys_s = reduce(problem, bs, lay_s, np.eye(n_s), eye_noise)
-    big = SGD(sgd.lr, sgd.momentum, sgd.nesterov, K, sgd.weight_decay)
-    sys_b = reduce(problem, as_block(problem, big), lay_s, np.eye(n_s), eye_noise)
-    prop_s, prop_b = _Propagator(*_augmented(sys_s)), _Propagator(*_augmented(sys_b))
-    H, w = problem.H, problem.optimum
-    Ds = np.hstack([_observe(problem, bs, lay_s, np.eye(n_s))[0], -w[:, None]])     # w - w*, affine in z~
 
-    def excess(D, M):
-        return 0.5 * float(np.sum(H * (D @ M @ D.T)))
 
-    def ensemble(M):
-        S2 = Ds @ M @ Ds.T
-        mu = Ds @ M[:, -1]
-        return 0.5 * float(np.sum(H * (np.outer(mu, mu) + (S2 - np.outer(mu, mu)) / K)))
+class _ExactCurve:
+    """The second moments M = E[z~ z~^T] of the curve protocol, propagated exactly: SGD's (w, v, 1) from w0 until T0
+    (and on, continuing), SGD with a K-times batch from T0, and the block model released at T0 on its mean subspace
+    (affine) and one deviation subspace. step(t) advances to minibatch t; observe() gives the series' values there."""
 
-    M0 = np.zeros((n_s + 1, n_s + 1))
-    M0[:d, :d] = np.outer(w0, w0)
-    M0[:d, -1] = M0[-1, :d] = w0
-    M0[-1, -1] = 1.0
-    # The late-phase systems: mean subspace (affine) and one deviation subspace.
-    lay = layout(problem, method)
-    (Em, Nm), dev = _bases(method, lay)
-    sys_m = reduce(problem, method, lay, Em, Nm)
-    q = sys_m.A.shape[0]
-    _check_size(q)
-    prop_m = _Propagator(*_augmented(sys_m))
-    Dm = np.hstack([_observe(problem, method, lay, Em)[0], -w[:, None]])
-    dt, dp = lay.theta.size, lay.phi.size
-    blocks = 2 if method.momentum else 1
-    T = np.zeros((q + 1, n_s + 1))          # SGD's (w, v, 1) -> the mean subspace's (theta, sqrt(K) phibar, ..., 1)
-    for b in range(blocks):
-        T[b * (dt + dp) + np.arange(dt), b * d + lay.theta] = 1.0
-        T[b * (dt + dp) + dt + np.arange(dp), b * d + lay.phi] = math.sqrt(K)
-    T[-1, -1] = 1.0
-    sys_u = prop_u = None
-    if dev is not None and dp:
-        sys_u = reduce(problem, method, lay, *dev)
-        prop_u = _Propagator(sys_u.A, sys_u.B @ sys_u.B.T)
-    Hpp = H[np.ix_(lay.phi, lay.phi)]
-    series = {k: np.zeros(len(t)) for k in ("sgd", "sgd_batch_K", "ensemble_K", "latephase_mean",
-                                            "latephase_members")}
-    ens_cache = {}
+    SERIES = ("sgd", "sgd_batch_K", "ensemble_K", "latephase_mean", "latephase_members")
 
-    def ens_at(n):
-        if n not in ens_cache:
-            ens_cache[n] = ensemble(prop_s(M0, n))
-        return ens_cache[n]
+    def __init__(self, problem, method: Block, sgd: SGD, w0, sigma0: float, T0: int):
+        K, d = method.K, problem.dim
+        lay_s = layout(problem, sgd)
+        bs = as_block(problem, sgd)
+        n_s = state_size(bs, lay_s)
+        _check_size(n_s)
+        eye_noise = np.eye(d).reshape(d, 1, d)
+        sys_s = reduce(problem, bs, lay_s, np.eye(n_s), eye_noise)
+        big = SGD(sgd.lr, sgd.momentum, sgd.nesterov, K, sgd.weight_decay)
+        sys_b = reduce(problem, as_block(problem, big), lay_s, np.eye(n_s), eye_noise)
+        self.prop_s, self.prop_b = _Propagator(*_augmented(sys_s)), _Propagator(*_augmented(sys_b))
+        self.H, w = problem.H, problem.optimum
+        self.Ds = np.hstack([_observe(problem, bs, lay_s, np.eye(n_s))[0], -w[:, None]])     # w - w*, affine in z~
+        self.M0 = np.zeros((n_s + 1, n_s + 1))
+        self.M0[:d, :d] = np.outer(w0, w0)
+        self.M0[:d, -1] = self.M0[-1, :d] = w0
+        self.M0[-1, -1] = 1.0
+        # The late-phase systems: mean subspace (affine) and one deviation subspace.
+        lay = layout(problem, method)
+        (Em, Nm), dev = _bases(method, lay)
+        sys_m = reduce(problem, method, lay, Em, Nm)
+        q = sys_m.A.shape[0]
+        _check_size(q)
+        self.prop_m = _Propagator(*_augmented(sys_m))
+        self.Dm = np.hstack([_observe(problem, method, lay, Em)[0], -w[:, None]])
+        self.dt, self.dp = dt, dp = lay.theta.size, lay.phi.size
+        self.T = np.zeros((q + 1, n_s + 1))    # SGD's (w, v, 1) -> the mean subspace's (theta, sqrt(K) phibar, ..., 1)
+        for b in range(2 if method.momentum else 1):
+            self.T[b * (dt + dp) + np.arange(dt), b * d + lay.theta] = 1.0
+            self.T[b * (dt + dp) + dt + np.arange(dp), b * d + lay.phi] = math.sqrt(K)
+        self.T[-1, -1] = 1.0
+        self.sys_u = self.prop_u = None
+        if dev is not None and dp:
+            self.sys_u = reduce(problem, method, lay, *dev)
+            self.prop_u = _Propagator(self.sys_u.A, self.sys_u.B @ self.sys_u.B.T)
+        self.Hpp = self.H[np.ix_(lay.phi, lay.phi)]
+        self.K, self.sigma0, self.T0 = K, sigma0, T0
+        self.M_s, self.now, self.M_big, self.M_m, self.M_u = self.M0, 0, None, None, None
+        self.ens_cache = {}
 
-    M_s, now = M0, 0
-    M_big = M_m = M_u = None
-    for i, ti in enumerate(t):
-        ti = int(ti)
-        if ti <= T0:
-            M_s, now = prop_s(M_s, ti - now), ti
-            e = excess(Ds, M_s)
-            for k in ("sgd", "sgd_batch_K", "latephase_mean", "latephase_members"):
-                series[k][i] = e
-            if ti == T0:
-                M_big = M_s
-                M_m = T @ M_s @ T.T
-                M_m[dt + np.arange(dp), dt + np.arange(dp)] += sigma0 ** 2
-                if prop_u is not None:
-                    M_u = np.zeros((sys_u.A.shape[0],) * 2)
-                    M_u[np.arange(dp), np.arange(dp)] = sigma0 ** 2
-        else:
-            steps = (ti - now) // K
-            M_s = prop_s(M_s, ti - now)
-            M_big, M_m = prop_b(M_big, steps), prop_m(M_m, steps)
-            now = ti
-            series["sgd"][i] = excess(Ds, M_s)
-            series["sgd_batch_K"][i] = excess(Ds, M_big)
-            series["latephase_mean"][i] = excess(Dm, M_m)
-            extra = 0.0
-            if prop_u is not None:
-                M_u = prop_u(M_u, steps)
-                extra = (K - 1) / K * 0.5 * float(np.sum(Hpp * M_u[:dp, :dp]))
-            series["latephase_members"][i] = series["latephase_mean"][i] + extra
-        series["ensemble_K"][i] = ens_at(ti // K)
-    if not all(np.all(np.isfinite(v)) for v in series.values()):
-        raise NQPError("the predicted loss overflows float64; rescale the problem")
-    return Curve(t, series, int(T0), K, "lyapunov (block model, exact moments)")
+    def _excess(self, D, M) -> float:
+        return 0.5 * float(np.sum(self.H * (D @ M @ D.T)))
+
+    def step(self, t: int) -> None:
+        """Advance to minibatch t: SGD alone up to T0 (releasing there), then whole outer steps of K minibatches."""
+        if t <= self.T0:
+            self.M_s, self.now = self.prop_s(self.M_s, t - self.now), t
+            if t == self.T0:
+                self.release()
+            return
+        steps = (t - self.now) // self.K
+        self.M_s = self.prop_s(self.M_s, t - self.now)
+        self.M_big, self.M_m = self.prop_b(self.M_big, steps), self.prop_m(self.M_m, steps)
+        if self.prop_u is not None:
+            self.M_u = self.prop_u(self.M_u, steps)
+        self.now = t
+
+    def release(self) -> None:
+        """theta = w[theta], phi_k = w[phi] + sigma0 eps_k (buffers copied): the moments mapped to the block model."""
+        dt, dp = self.dt, self.dp
+        self.M_big = self.M_s
+        self.M_m = self.T @ self.M_s @ self.T.T
+        self.M_m[dt + np.arange(dp), dt + np.arange(dp)] += self.sigma0 ** 2
+        if self.prop_u is not None:
+            self.M_u = np.zeros((self.sys_u.A.shape[0],) * 2)
+            self.M_u[np.arange(dp), np.arange(dp)] = self.sigma0 ** 2
+
+    def observe(self) -> dict:
+        """The series' expected excess losses at the current minibatch (up to T0 every series is SGD's)."""
+        out = {"ensemble_K": self._ensemble(self.now // self.K)}
+        if self.now <= self.T0:
+            e = self._excess(self.Ds, self.M_s)
+            return {"sgd": e, "sgd_batch_K": e, "latephase_mean": e, "latephase_members": e, **out}
+        mean = self._excess(self.Dm, self.M_m)
+        extra = 0.0
+        if self.prop_u is not None:
+            extra = (self.K - 1) / self.K * 0.5 * float(np.sum(self.Hpp * self.M_u[:self.dp, :self.dp]))
+        return {"sgd": self._excess(self.Ds, self.M_s), "sgd_batch_K": self._excess(self.Ds, self.M_big),
+                "latephase_mean": mean, "latephase_members": mean + extra, **out}
+
+    def _ensemble(self, n: int) -> float:
+        """K independent SGD runs of n steps from w0: the mean of their average is SGD's, its variance 1/K of it."""
+        if n not in self.ens_cache:
+            M = self.prop_s(self.M0, n)
+            S2 = self.Ds @ M @ self.Ds.T
+            mu = self.Ds @ M[:, -1]
+            self.ens_cache[n] = 0.5 * float(np.sum(self.H * (np.outer(mu, mu) + (S2 - np.outer(mu, mu)) / self.K)))
+        return self.ens_cache[n]
 
 
 def simulate_curve(problem, method: Block, sgd: SGD, *, T0: int, horizon: int, w0=0.0, sigma0: float = 0.0,
@@ -779,84 +831,96 @@ def simulate_curve(problem, method: Block, sgd: SGD, *, T0: int, horizon: int, w
                    progress: bool = False):
     """Monte Carlo of the protocol of :func:`learning_curve` (series sgd, latephase_mean, latephase_members), SGD
     continuing on its own noise beside the block model after T0. Means over runs with standard errors."""
-    from .curves import Curve, start_weights, time_grid
-    from .montecarlo import TILE_BYTES, DivergedError, _check_seed, _Progress, _rng, _run_tiles
+    from .curves import start_weights, time_grid
+    from .montecarlo import _check_runs_seed, _CurveSums, _Progress, _rng, _run_tiles
 
-    if int(runs) != runs or runs < 2:
-        raise NQPError(f"--runs must be an integer >= 2, got {runs}")
-    _check_seed(seed)
-    K, d, runs = method.K, problem.dim, int(runs)
-    t = time_grid(T0, horizon, K, points)
+    _check_runs_seed(runs, seed)
+    t = time_grid(T0, horizon, method.K, points)
     record = {int(x): i for i, x in enumerate(t)}
-    w0 = start_weights(w0, d)
+    w0 = start_weights(w0, problem.dim)
     names = ("sgd", "latephase_mean", "latephase_members")
-    out = {k: np.zeros((runs, len(t))) for k in names}
-    lay, lay_s = layout(problem, method), layout(problem, sgd)
-    bs = as_block(problem, sgd)
-    r_block = max(1, min(runs, TILE_BYTES // (8 * K * d)))
-    tiles = [(r0, min(runs, r0 + r_block)) for r0 in range(0, runs, r_block)]
+    sums = _CurveSums(names, int(runs), len(t), problem.dim, False)
+    tiles = _run_blocks(int(runs), method.K, problem.dim)
     bar = _Progress(len(tiles) * int(horizon), progress, "simulate curve")
-    lock = threading.Lock()
-
-    def ex(c, x):
-        return 0.5 * np.sum(x * c.curvature_times(x), axis=-1)
 
     def run_tile(index):
-        r0, r1 = tiles[index]
-        R = r1 - r0
+        tile = _CurveTile(problem, method, sgd, tiles[index], w0, names, len(t), T0, sigma0)
         rng = _rng(seed, index)
-        cs, c = Coeffs.of(problem, lay_s), Coeffs.of(problem, lay)
-        s = State(np.broadcast_to(w0, (R, d)).copy(), np.zeros((R, 1, 0)))
-        if sgd.momentum:
-            s.v_theta, s.v_phi = np.zeros((R, d)), np.zeros((R, 1, 0))
-        lp = None
-        local = {k: np.zeros((R, len(t))) for k in names}
-
-        def rec(i):
-            local["sgd"][:, i] = ex(cs, s.theta - cs.wstar)
-            if lp is None:
-                local["latephase_mean"][:, i] = local["latephase_members"][:, i] = local["sgd"][:, i]
-            else:
-                local["latephase_mean"][:, i] = ex(c, mean_model(lp, c) - c.wstar)
-                local["latephase_members"][:, i] = ex(c, members(lp, c) - c.wstar).mean(axis=-1)
-
-        def release():
-            th = s.theta[:, lay.theta].copy()
-            ph = np.repeat(s.theta[:, None, lay.phi], K, axis=1)
-            if sigma0:
-                ph += sigma0 * rng.standard_normal(ph.shape)
-            st = State(th, ph)
-            if method.momentum:
-                st.v_theta = s.v_theta[:, lay.theta].copy()
-                st.v_phi = np.repeat(s.v_theta[:, None, lay.phi], K, axis=1)
-            return st
-
-        now = 0
         if T0 == 0:
-            lp = release()
+            tile.release(rng)
         if 0 in record:
-            rec(record[0])
-        while now < horizon:
-            if lp is None:
-                block_step(s, rng.standard_normal((R, 1, d)), cs, bs)
-                now += 1
-                if now == T0:
-                    lp = release()
-            else:
-                for _ in range(K):
-                    block_step(s, rng.standard_normal((R, 1, d)), cs, bs)
-                block_step(lp, rng.standard_normal((R, K, d)), c, method)
-                now += K
-            if now in record:
-                rec(record[now])
+            tile.record(record[0])
+        while tile.now < horizon:
+            tile.step(rng)
+            if tile.now in record:
+                tile.record(record[tile.now])
         bar.update(int(horizon))
-        if not all(np.all(np.isfinite(v)) for v in local.values()):
-            raise DivergedError("simulation diverged (non-finite loss); lower the learning rates or the noise")
-        with lock:
-            for k in names:
-                out[k][r0:r1] = local[k]
+        sums.add((*tiles[index], 0, 0), *tile.result())
 
     _run_tiles(run_tile, len(tiles), threads, bar)
-    series = {k: v.mean(axis=0) for k, v in out.items()}
-    stderr = {k: v.std(axis=0, ddof=1) / math.sqrt(runs) for k, v in out.items()}
-    return Curve(t, series, int(T0), K, "monte carlo", stderr)
+    return sums.curve(t, int(T0), method.K)
+
+
+def _excess(c: Coeffs, x):
+    """1/2 x^T H x over the last axis (loss units)."""
+    return 0.5 * np.sum(x * c.curvature_times(x), axis=-1)
+
+
+class _CurveTile:
+    """One block of runs of the curve protocol: SGD (as the block model with K = 1) until T0, then the block model
+    released from SGD's weights, SGD continuing beside it on its own noise. Random stream order: SGD's minibatches,
+    the release's perturbation (sigma0), then per outer step K SGD minibatches and the K members' noise."""
+
+    def __init__(self, problem, method: Block, sgd: SGD, bounds, w0, names, n_times: int, T0: int, sigma0: float):
+        r0, r1 = bounds
+        R, d = r1 - r0, problem.dim
+        self.lay = layout(problem, method)
+        self.cs, self.c = Coeffs.of(problem, layout(problem, sgd)), Coeffs.of(problem, self.lay)
+        self.bs, self.method, self.sgd, self.T0, self.sigma0 = as_block(problem, sgd), method, sgd, T0, sigma0
+        self.s = State(np.broadcast_to(w0, (R, d)).copy(), np.zeros((R, 1, 0)))
+        if sgd.momentum:
+            self.s.v_theta, self.s.v_phi = np.zeros((R, d)), np.zeros((R, 1, 0))
+        self.local = {k: np.zeros((R, n_times)) for k in names}
+        self.lp, self.now, self.R, self.d = None, 0, R, d
+
+    def release(self, rng) -> None:
+        """theta from SGD's weights on the theta coordinates, every phi_k from them on the phi coordinates (+ sigma0
+        noise); buffers likewise."""
+        s, lay, K = self.s, self.lay, self.method.K
+        ph = np.repeat(s.theta[:, None, lay.phi], K, axis=1)
+        if self.sigma0:
+            ph += self.sigma0 * rng.standard_normal(ph.shape)
+        self.lp = State(s.theta[:, lay.theta].copy(), ph)
+        if self.method.momentum:
+            self.lp.v_theta = s.v_theta[:, lay.theta].copy()
+            self.lp.v_phi = np.repeat(s.v_theta[:, None, lay.phi], K, axis=1)
+
+    def step(self, rng) -> None:
+        """One SGD minibatch before T0 (releasing at T0), else one outer step with K SGD minibatches beside it."""
+        if self.lp is None:
+            block_step(self.s, rng.standard_normal((self.R, 1, self.d)), self.cs, self.bs)
+            self.now += 1
+            if self.now == self.T0:
+                self.release(rng)
+            return
+        K = self.method.K
+        for _ in range(K):
+            block_step(self.s, rng.standard_normal((self.R, 1, self.d)), self.cs, self.bs)
+        block_step(self.lp, rng.standard_normal((self.R, K, self.d)), self.c, self.method)
+        self.now += K
+
+    def record(self, i: int) -> None:
+        local, cs, c, lp = self.local, self.cs, self.c, self.lp
+        local["sgd"][:, i] = _excess(cs, self.s.theta - cs.wstar)
+        if lp is None:
+            local["latephase_mean"][:, i] = local["latephase_members"][:, i] = local["sgd"][:, i]
+        else:
+            local["latephase_mean"][:, i] = _excess(c, mean_model(lp, c) - c.wstar)
+            local["latephase_members"][:, i] = _excess(c, members(lp, c) - c.wstar).mean(axis=-1)
+
+    def result(self):
+        from .montecarlo import DivergedError
+
+        if not all(np.all(np.isfinite(v)) for v in self.local.values()):
+            raise DivergedError("simulation diverged (non-finite loss); lower the learning rates or the noise")
+        return self.local, None

@@ -36,6 +36,21 @@ def _fail(msg: str) -> int:
     return 2
 
 
+# The library names its parameters in backticks (`lr_theta`, `T0`); the command line shows each as its flag.
+FLAGS = {"T0": "--t0", "placement": "--phi", "window": "--swa-window"}
+
+
+def flags(text: str) -> str:
+    """A library message in the command line's words: each `parameter` becomes its flag (`lr_theta` -> --lr-theta,
+    and the exceptions of FLAGS).
+
+    >>> flags("`lr_phi` must be > 0, got 0; `T0` too")
+    '--lr-phi must be > 0, got 0; --t0 too'
+    """
+    return re.sub(r"`([A-Za-z_][A-Za-z0-9_]*)`",
+                  lambda m: FLAGS.get(m.group(1), "--" + m.group(1).replace("_", "-")), text)
+
+
 def _int_at_least(lo: int | None):
     def parse(text):
         try:
@@ -282,82 +297,87 @@ def _short_time_dict(short, long) -> dict:
 
 def cmd_predict(a) -> int:
     from .methods import SGD
-    from .theory import baselines, long_run, max_stable_lr
+    from .theory import long_run
 
     problem = build_problem(a)
     path = "lyapunov" if a.lyapunov else "closed"
-    scan = a.method != "sgd" and a.gamma_theta is None and a.swa_window is None
     _check_short_time(a)
     method = make_method(a.method, **method_params(a))
     if a.lyapunov:
         _check_lyapunov_memory(a, problem)
-
-    def as_dict(long) -> dict:
-        """The long run (default), or with --short-time the balanced-start prediction labelled with its validity."""
-        return _short_time_dict(long.short_time, long) if a.short_time else long.to_dict()
-
     pred = long_run(problem, method, path)
     shown = pred.short_time if a.short_time else pred
     sgd = SGD(a.lr, a.momentum, a.nesterov, weight_decay=a.weight_decay)
-    out = {"problem": problem.describe(), **as_dict(pred), "params": _params_dict(method),
-           "max_stable": max_stable_lr(problem, method)}
-    rows = []
-    latephase = isinstance(method, (LatePhase, Block))
-    if latephase:
-        out["baselines"] = baselines(problem, method, sgd, None)
-        if scan:
-            # gamma_theta = 0 freezes the block model's theta (no stationary state): not scanned there
-            gammas = sorted({1.0 / a.K, 0.5, 1.0} | (set() if isinstance(method, Block) else {0.0}))
-            out["gamma_theta_scan"] = []
-            for gm in gammas:
-                try:
-                    r = as_dict(long_run(problem, method.with_(gamma_theta=gm), path))
-                    r.pop("short_time", None)
-                except NQPError as e:
-                    r = {"unstable": str(e)}
-                out["gamma_theta_scan"].append({"gamma_theta": gm, **r})
-    e_sgd = out.get("baselines", {}).get("sgd", {}).get("excess_loss_mean_model")
-    if latephase:
-        b = out["baselines"]
-        rows.append(("SGD", f"lr={a.lr:g}", b["sgd"].get("excess_loss_mean_model"),
-                     b["sgd"].get("excess_loss_members")))
-        rows.append((f"SGD, batch x{a.K}", f"lr={a.lr:g}", b["sgd_batch_K"].get("excess_loss_mean_model"),
-                     b["sgd_batch_K"].get("excess_loss_members")))
-        rows.append((f"ensemble of {a.K} SGD runs", f"lr={a.lr:g}, {a.K}x cost",
-                     b["ensemble_K"].get("excess_loss_mean_model"), b["ensemble_K"].get("excess_loss_members")))
-        entries = out.get("gamma_theta_scan") or [{"gamma_theta": method.gamma_theta, **shown.to_dict()}]
-        for r in entries:
-            rows.append((f"late-phase {a.method}, K={a.K}",
-                         f"gamma_theta={r['gamma_theta']:.4g}, lr_theta={method.lr_theta:g}, lr_phi={method.lr_phi:g}",
-                         r.get("excess_loss_mean_model"), r.get("excess_loss_members")))
-        out["conclusion"] = conclusion(rows[1:3], rows[3:])
-        here = [v.get("excess_loss_mean_model") for v in (b["sgd_batch_K"], b["ensemble_K"])]
-        here = [v for v in here if v is not None]
-        out["other_K"] = _other_K(problem, method, sgd, path, {
-            "K": a.K, "excess_loss_mean_model": shown.excess_loss_mean_model, "best_baseline": min(here) if here
-            else None, "ratio": shown.excess_loss_mean_model / min(here) if here and min(here) else None})
-    else:
-        rows.append((method.name, json.dumps(_params_dict(method)), shown.excess_loss_mean_model,
-                     shown.excess_loss_members))
+    out, rows = _predict_report(a, problem, method, sgd, pred, path)
     if a.json:
         _dump(out)
         return 0
     print(f"noisy quadratic problem: {problem.describe()}")
     print(f"stationary expected excess loss (summed over coordinates); solution: {shown.path}\n")
+    _print_predict(a, out, rows, method, pred)
+    return 0
+
+
+def _prediction_dict(a, long) -> dict:
+    """The long run (default), or with --short-time the balanced-start prediction labelled with its validity."""
+    return _short_time_dict(long.short_time, long) if a.short_time else long.to_dict()
+
+
+def _predict_report(a, problem, method, sgd, pred, path):
+    """The JSON of `predict` and its table rows: the prediction, and for a late-phase method the fair baselines, the
+    gamma_theta scan (when gamma_theta is not given), the conclusion and the same at other K (all computed by
+    :mod:`nqp.theory`)."""
+    from .theory import baselines, gamma_theta_scan, max_stable_lr, other_K
+
+    shown = pred.short_time if a.short_time else pred
+    out = {"problem": problem.describe(), **_prediction_dict(a, pred), "params": _params_dict(method),
+           "max_stable": max_stable_lr(problem, method)}
+    if not isinstance(method, (LatePhase, Block)):
+        return out, [(method.name, json.dumps(_params_dict(method)), shown.excess_loss_mean_model,
+                      shown.excess_loss_members)]
+    b = out["baselines"] = baselines(problem, method, sgd, None)
+    if a.gamma_theta is None and a.swa_window is None:
+        out["gamma_theta_scan"] = []
+        for r in gamma_theta_scan(problem, method, path):
+            if "prediction" in r:
+                r = {"gamma_theta": r["gamma_theta"], **_prediction_dict(a, r["prediction"])}
+                r.pop("short_time", None)
+            out["gamma_theta_scan"].append(r)
+    rows = [("SGD", f"lr={a.lr:g}", b["sgd"].get("excess_loss_mean_model"), b["sgd"].get("excess_loss_members")),
+            (f"SGD, batch x{a.K}", f"lr={a.lr:g}", b["sgd_batch_K"].get("excess_loss_mean_model"),
+             b["sgd_batch_K"].get("excess_loss_members")),
+            (f"ensemble of {a.K} SGD runs", f"lr={a.lr:g}, {a.K}x cost",
+             b["ensemble_K"].get("excess_loss_mean_model"), b["ensemble_K"].get("excess_loss_members"))]
+    for r in out.get("gamma_theta_scan") or [{"gamma_theta": method.gamma_theta, **shown.to_dict()}]:
+        rows.append((f"late-phase {a.method}, K={a.K}",
+                     f"gamma_theta={r['gamma_theta']:.4g}, lr_theta={method.lr_theta:g}, lr_phi={method.lr_phi:g}",
+                     r.get("excess_loss_mean_model"), r.get("excess_loss_members")))
+    out["conclusion"] = conclusion(rows[1:3], rows[3:])
+    here = [v for v in (b["sgd_batch_K"].get("excess_loss_mean_model"),
+                        b["ensemble_K"].get("excess_loss_mean_model")) if v is not None]
+    best = min(here) if here else None
+    out["other_K"] = other_K(problem, method, sgd, path, {
+        "K": a.K, "excess_loss_mean_model": shown.excess_loss_mean_model, "best_baseline": best,
+        "ratio": shown.excess_loss_mean_model / best if best else None})
+    return out, rows
+
+
+def _print_predict(a, out, rows, method, pred) -> None:
+    """The table of `predict`, the other K, the multiplicative model's balance and the conclusion, for a reader."""
+    e_sgd = out.get("baselines", {}).get("sgd", {}).get("excess_loss_mean_model")
     cols = [("method", lambda r: r[0]), ("settings", lambda r: r[1]),
             ("mean model", lambda r: _g(r[2])), ("members (avg)", lambda r: _g(r[3]))]
     if e_sgd:
         cols.append(("mean / SGD", lambda r: "-" if r[2] is None else f"{r[2] / e_sgd:.4f}"))
     print(_table(rows, cols))
-    if latephase:
-        if out["other_K"]:
-            print("\nthe same at other K (mean model; baseline: the better of SGD with a K-times batch and the "
-                  "average of K runs):")
-            print(_table(out["other_K"], [("K", lambda r: str(r["K"])),
-                                          ("late-phase", lambda r: _g(r["excess_loss_mean_model"])),
-                                          ("best fair baseline", lambda r: _g(r["best_baseline"])),
-                                          ("late-phase / baseline", lambda r: "-" if r["ratio"] is None
-                                           else f"{r['ratio']:.4f}")]))
+    if out.get("other_K"):
+        print("\nthe same at other K (mean model; baseline: the better of SGD with a K-times batch and the "
+              "average of K runs):")
+        print(_table(out["other_K"], [("K", lambda r: str(r["K"])),
+                                      ("late-phase", lambda r: _g(r["excess_loss_mean_model"])),
+                                      ("best fair baseline", lambda r: _g(r["best_baseline"])),
+                                      ("late-phase / baseline", lambda r: "-" if r["ratio"] is None
+                                       else f"{r['ratio']:.4f}")]))
     if a.momentum:
         print(f"\nmomentum {a.momentum:g}{' (Nesterov)' if a.nesterov else ''} on every optimizer")
     if _is_multiplicative(method):
@@ -371,35 +391,8 @@ def cmd_predict(a) -> int:
             print(f"short-time prediction (t - T0 << the relaxation time, balanced start; --short-time): mean model "
                   f"{st.excess_loss_mean_model:.6g}, members {st.excess_loss_members:.6g}")
         print("check with `python -m nqp simulate` (same flags)")
-    if latephase:
+    if "conclusion" in out:
         print("\n" + out["conclusion"])     # the last line: what to conclude
-    return 0
-
-
-def _other_K(problem, method, sgd, path, at_K: dict) -> list:
-    """The late-phase mean model at a few K (2, K, 2K) beside the best fair baseline at that K (the method's other
-    settings); `at_K` is the row of the method's own K, already computed."""
-    from .methods import SGD, Ensemble
-    from .theory import long_run
-
-    K = method.K
-    rows = []
-    for k in sorted({2, K, 2 * K} - {1}):
-        if k == K:
-            rows.append(at_K)
-            continue
-        def mean_of(m):
-            try:
-                return long_run(problem, m, path).excess_loss_mean_model
-            except NQPError:
-                return None
-        lp = mean_of(method.with_(K=k))
-        base = [v for v in (mean_of(SGD(sgd.lr, sgd.momentum, sgd.nesterov, k, sgd.weight_decay)),
-                            mean_of(Ensemble(sgd, k))) if v is not None]
-        b = min(base) if base else None
-        rows.append({"K": k, "excess_loss_mean_model": lp, "best_baseline": b,
-                     "ratio": None if (lp is None or not b) else lp / b})
-    return rows
 
 
 def conclusion(baseline_rows, latephase_rows) -> str:
@@ -438,7 +431,7 @@ BURN_IN_UPDATES_CAP = 5e9    # member-coordinate updates the automatic long-run 
 
 
 def cmd_simulate(a) -> int:
-    from .montecarlo import long_run_burn_in, simulate
+    from .montecarlo import simulate
     from .theory import long_run, steady_state
 
     problem = build_problem(a)
@@ -453,21 +446,7 @@ def cmd_simulate(a) -> int:
     if a.short_time and a.start != "balanced":
         raise NQPError("--short-time compares with the balanced start; drop --start selected")
     pred = steady_state(problem, method) if (a.short_time or not mult) else long_run(problem, method)
-    burn_in, needed, note = a.burn_in, None, None
-    if mult and not a.short_time and a.start == "balanced":
-        needed = long_run_burn_in(problem, method)
-        if burn_in is None:
-            cost = float(a.runs) * problem.dim * (method.K + 1) * needed  # theta and the K phi_k
-            if cost > BURN_IN_UPDATES_CAP:
-                raise NQPError(
-                    f"from the balanced start the balance theta^2/|w*| relaxes with a time of "
-                    f"{pred.relaxation_minibatches:.3g} minibatches; reaching the long run (to 1e-3) needs a burn-in "
-                    f"of {needed:.3g} minibatches, {cost:.2g} member-coordinate updates; use --start selected (start "
-                    f"at the noise-selected balance), --burn-in N, or --short-time (compare with the balanced start)")
-            burn_in = needed
-        elif burn_in < needed:
-            note = (f"--burn-in {burn_in} is shorter than the {needed} minibatches the balance needs to reach the long "
-                    f"run from the balanced start: the estimate may lie between the short-time and the long-run values")
+    burn_in, needed, note = _simulate_burn_in(a, problem, method, pred)
     res = simulate(problem, method, steps=a.steps, burn_in=burn_in, runs=a.runs, seed=a.seed, threads=a.threads,
                    progress=not a.json and sys.stderr.isatty(), start=a.start,
                    dtype=np.float32 if a.float32 else np.float64)
@@ -483,6 +462,36 @@ def cmd_simulate(a) -> int:
     if a.json:
         _dump(out)
         return 0
+    _print_simulate(a, problem, res, pred, out, mult)
+    return 0
+
+
+def _simulate_burn_in(a, problem, method, pred):
+    """(burn-in, the burn-in the long run needs or None, a warning or None): a multiplicative run from the balanced
+    start needs the balance to relax (nqp.montecarlo.long_run_burn_in); refused beyond BURN_IN_UPDATES_CAP."""
+    from .montecarlo import long_run_burn_in
+
+    if not (_is_multiplicative(method) and not a.short_time and a.start == "balanced"):
+        return a.burn_in, None, None
+    needed = long_run_burn_in(problem, method)
+    if a.burn_in is None:
+        cost = float(a.runs) * problem.dim * (method.K + 1) * needed  # theta and the K phi_k
+        if cost > BURN_IN_UPDATES_CAP:
+            raise NQPError(
+                f"from the balanced start the balance theta^2/|w*| relaxes with a time of "
+                f"{pred.relaxation_minibatches:.3g} minibatches; reaching the long run (to 1e-3) needs a burn-in "
+                f"of {needed:.3g} minibatches, {cost:.2g} member-coordinate updates; use --start selected (start "
+                f"at the noise-selected balance), --burn-in N, or --short-time (compare with the balanced start)")
+        return needed, needed, None
+    if a.burn_in < needed:
+        return a.burn_in, needed, (
+            f"--burn-in {a.burn_in} is shorter than the {needed} minibatches the balance needs to reach the long "
+            f"run from the balanced start: the estimate may lie between the short-time and the long-run values")
+    return a.burn_in, needed, None
+
+
+def _print_simulate(a, problem, res, pred, out, mult) -> None:
+    """The simulated losses beside the prediction (z in standard errors), the balance, and any warning."""
     print(f"noisy quadratic problem: {problem.describe()}")
     start = f", start {res.start}" if mult else ""
     print(f"Monte Carlo: {res.runs} runs x {res.steps} minibatches after {res.burn_in} burn-in{start}, seed {res.seed}, "
@@ -502,13 +511,11 @@ def cmd_simulate(a) -> int:
         if pred.balance is not None:
             line += f"; selected b* {pred.balance.selected[i]:.4g}"
         print(line)
-    if note:
-        print(f"\nwarning: {note}")
-    return 0
+    if out.get("warning"):
+        print(f"\nwarning: {out['warning']}")
 
 
 def cmd_sweep(a) -> int:
-    from . import plots
     from .sweep import grid, parse_values
 
     problem = build_problem(a)
@@ -516,6 +523,25 @@ def cmd_sweep(a) -> int:
     for k in ("batch", "ensemble", "swa_window"):
         if base.pop(k) not in (1, False, None):
             raise NQPError(f"--{k.replace('_', '-')} is not supported by sweep")
+    (xn, xv), (yn, yv) = _sweep_axes(a)
+    _check_short_time(a)
+    _out_folder(a.out)
+    check_writable(a.out)  # before the work: a folder that takes no file fails now
+    res = grid(problem, a.method, base, (xn, parse_values(xn, xv)), (yn, parse_values(yn, yv)),
+               balance="release" if a.short_time else "long-run")
+    d = {"problem": problem.describe(), "method": a.method, "base": base, **res.to_dict()}
+    if a.method == "multiplicative":
+        d["prediction"] = "short time (balanced start)" if a.short_time else "long run (noise-selected balance)"
+    files = _write_sweep(a, problem, res, d, xn, yn)
+    if a.json:
+        _dump({**d, "files": files})
+        return 0
+    _print_sweep(res, xn, yn, files)
+    return 0
+
+
+def _sweep_axes(a):
+    """((x name, x value tokens), (y name, y value tokens)) of --x and --y (defaults: K 1..50, gamma_theta)."""
     xn, *xv = a.x or ["K", "1:50:50"]
     yn, *yv = a.y or ["gamma_theta", "0.02:1:6:log"]
     xn, yn = xn.replace("-", "_"), yn.replace("-", "_")
@@ -525,14 +551,13 @@ def cmd_sweep(a) -> int:
         flag = "--K" if name == "K" else "--" + name.replace("_", "-")
         if _given(a, flag):
             raise NQPError(f"{flag} is swept by {axis}; drop {flag} (or sweep another parameter)")
-    _check_short_time(a)
-    _out_folder(a.out)
-    check_writable(a.out)  # before the work: a folder that takes no file fails now
-    res = grid(problem, a.method, base, (xn, parse_values(xn, xv)), (yn, parse_values(yn, yv)),
-               balance="release" if a.short_time else "long-run")
-    d = {"problem": problem.describe(), "method": a.method, "base": base, **res.to_dict()}
-    if a.method == "multiplicative":
-        d["prediction"] = "short time (balanced start)" if a.short_time else "long run (noise-selected balance)"
+    return (xn, xv), (yn, yv)
+
+
+def _write_sweep(a, problem, res, d, xn, yn) -> dict:
+    """sweep.json, sweep.csv and the two plots, all or none; returns their paths."""
+    from . import plots
+
     files = {"json": os.path.join(a.out, "sweep.json"), "csv": os.path.join(a.out, "sweep.csv")}
     header = [xn, yn, "excess_loss_mean_model", "excess_loss_members", "excess_loss_sgd", "gain_over_sgd", "stable"]
     if res.baseline is not None:
@@ -555,9 +580,11 @@ def cmd_sweep(a) -> int:
         files["lines"] = plots.plot_lines(xn, res.x, yn, res.y, {"mean model": res.mean_model,
                                           "members": res.members}, os.path.join(a.out, "sweep_lines.png"),
                                           f"{a.method}: stationary excess loss", hline=sgd_ref, outputs=out)
-    if a.json:
-        _dump({**d, "files": files})
-        return 0
+    return files
+
+
+def _print_sweep(res, xn, yn, files) -> None:
+    """How many points are stable, the best ratio over the fair baseline and over SGD, and the files written."""
     finite = np.isfinite(res.gain)
     best = np.unravel_index(np.argmax(np.where(finite, res.gain, -np.inf)), res.gain.shape) if finite.any() else None
     print(f"sweep of {xn} x {yn}: {res.stable.sum()} of {res.stable.size} points stable")
@@ -573,9 +600,8 @@ def cmd_sweep(a) -> int:
         j, i = best
         print(f"largest gain over single-batch SGD: {res.gain[j, i]:.4g} at {xn}={res.x[i]:g}, {yn}={res.y[j]:g}"
               + (" (a K-times batch alone divides the noise by K)" if gb is not None else ""))
-    for k, v in files.items():
+    for v in files.values():
         print(f"wrote {v}")
-    return 0
 
 
 # The simulated curve advances runs x dim x (K + 2) coordinates (theta, the K phi_k and SGD beside them) per minibatch;
@@ -824,7 +850,7 @@ def main(argv=None) -> int:
     except SystemExit as e:
         return int(e.code or 0)
     except NQPError as e:
-        return _fail(str(e))
+        return _fail(flags(str(e)))
     except BrokenPipeError:  # the reader of stdout went away (e.g. | head): nothing left to say
         _silence_stdout()
         return 0

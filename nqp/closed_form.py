@@ -216,7 +216,9 @@ def drift_moment(a, momentum: float = 0.0, nesterov: bool = False, slope: bool =
     docstring), or its derivative dq/da with slope=True. Accepts complex a (rational function)."""
     f = _generated("drift_moment_slope" if slope else "drift_moment", variant_of(momentum, nesterov))
     a = np.asarray(a)
-    return f(a, float(momentum)) * np.ones_like(a)
+    q = f(a, float(momentum))
+    # broadcast only where the expression does not (a constant); the root finder of the sweep calls this in its loop
+    return q if np.shape(q) == a.shape else q * np.ones_like(a)
 
 
 def stability_edge(momentum: float = 0.0, nesterov: bool = False) -> float:

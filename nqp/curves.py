@@ -29,7 +29,7 @@ import numpy as np
 
 from . import balance as bal
 from . import linear
-from .errors import NQPError
+from .errors import NQPError, overflow
 from .methods import SGD, Block, LatePhase
 from .problem import Problem
 from .theory import check_stable
@@ -65,13 +65,13 @@ class Curve:
 def time_grid(T0: int, horizon: int, K: int, points: int = 200) -> np.ndarray:
     """About `points` evaluation times in [0, horizon]: any integer before T0, T0 + K n after it."""
     if int(T0) != T0 or T0 < 0:
-        raise NQPError(f"--t0 must be a non-negative integer number of minibatches, got {T0}")
+        raise NQPError(f"`T0` must be a non-negative integer number of minibatches, got {T0}")
     if int(horizon) != horizon or horizon <= T0:
-        raise NQPError(f"--horizon ({horizon}) must be an integer > --t0 ({T0})")
+        raise NQPError(f"`horizon` ({horizon}) must be an integer > `T0` ({T0})")
     if horizon < T0 + K:  # else the curve would end before the first late-phase outer step (K minibatches)
-        raise NQPError(f"--horizon ({horizon}) must reach at least one outer step past --t0: >= {T0 + K} (T0 + K)")
+        raise NQPError(f"`horizon` ({horizon}) must reach at least one outer step past `T0`: >= {T0 + K} (T0 + K)")
     if points < 2:
-        raise NQPError(f"--points must be >= 2, got {points}")
+        raise NQPError(f"`points` must be >= 2, got {points}")
     raw = np.linspace(0, horizon, int(points))
     pre = np.round(raw[raw < T0]).astype(int)
     post = T0 + K * np.round((raw[raw >= T0] - T0) / K).astype(int)
@@ -82,9 +82,9 @@ def start_weights(w0, dim: int) -> np.ndarray:
     """The start w_0 (one value broadcasts, or one per coordinate), checked finite."""
     w = np.asarray(w0, float).reshape(-1)
     if w.size not in (1, dim):
-        raise NQPError(f"--w0 takes one value or one per coordinate ({dim}), got {w.size}")
+        raise NQPError(f"`w0` takes one value or one per coordinate ({dim}), got {w.size}")
     if not np.all(np.isfinite(w)):
-        raise NQPError("--w0 must be finite")
+        raise NQPError("`w0` must be finite")
     return np.broadcast_to(w if w.size == dim else w[0], (dim,))
 
 
@@ -216,10 +216,7 @@ def _release_balance(problem, method, mT, sigma0):
 def _multiplicative_ode(problem, method, mT, cT, steps_post, sigma0, path, k0):
     """The late-phase series of the multiplicative model with the balance following (B6): returns
     (E_mean, E_members, E_swa or None, b at steps_post)."""
-    d, K, h = problem.dim, method.K, problem.curvature
-    mom = bool(method.momentum)
-    n_sgd = 2 if mom else 1
-    w = np.abs(problem.optimum)
+    d, K = problem.dim, method.K
     b0 = _release_balance(problem, method, mT, sigma0)
     sel_closed = bal.select(problem, method, "closed", release=b0)
     bounds = _segments(problem, method, b0, steps_post, sel_closed)
@@ -227,85 +224,104 @@ def _multiplicative_ode(problem, method, mT, cT, steps_post, sigma0, path, k0):
     traj = bal.ode(problem, method, b0, path, sel)
     b_mid = traj(0.5 * (bounds[1:] + bounds[:-1]) * K) if len(bounds) > 1 else np.ones((0, d))
     b_obs = traj(steps_post * K)
-    swa = None
-    if path == "closed":
-        # Per segment, the linearised members are the additive model with the rates eta_theta'(b), eta_phi'(b):
-        # the mean block is x with theta's and the members' mean buffer (gradient units, continuous between
-        # segments), the deviation block SGD with eta_phi' and noise s (1 - 1/K).
-        lt_lp = [bal.effective_rates(problem, method, bm) for bm in b_mid] or [bal.effective_rates(problem, method, 1.0)]
-        mu, nest = method.momentum, method.nesterov
-
-        def sys_m(j):
-            lt, lp = lt_lp[j]
-            return _buffer_block(h, [K * method.gamma_theta * lt, lp], mu, nest, problem.noise / K)
-
-        def sys_d(j):
-            return _buffer_block(h, [lt_lp[j][1]], mu, nest, problem.noise * (1 - 1 / K))
-        n_m, n_d = (3, 2) if mom else (1, 1)
-        # release: x = the SGD iterate; theta's buffer continues the SGD buffer v = gamma_theta K (gradient-unit
-        # buffer of theta), the members' buffers start at zero
-        Lm = np.zeros((d, n_m, n_sgd))
-        Lm[:, 0, 0] = 1.0
-        if mom:
-            Lm[:, 1, 1] = 1.0 / (K * method.gamma_theta)
-        mean_m = np.einsum("dnm,dm->dn", Lm, mT)
-        cov_m = Lm @ cT @ np.swapaxes(Lm, -1, -2)
-        cov_m[:, 0, 0] += w * sigma0 ** 2 / K
-        cov_d = np.zeros((d, n_d, n_d))
-        cov_d[:, 0, 0] = w * sigma0 ** 2 * (1 - 1 / K)
-        C_m = np.zeros((d, n_m))
-        C_m[:, 0] = 1.0
-        mm, cm = _propagate(sys_m, mean_m, cov_m, bounds, steps_post)
-        _, cd = _propagate(sys_d, np.zeros((d, n_d)), cov_d, bounds, steps_post)
-        e_mean = _observe(h, C_m, mm, cm)
-        e_mem = e_mean + 0.5 * (cd[..., 0, 0] * h).sum(axis=1)
-        if k0 is not None:
-            swa = (sys_m, mean_m, cov_m, C_m)
-    else:
-        sys_list = {}
-
-        def ysys(j):
-            """The linearisation at b_mid[j] in the coordinates y = (x_1..x_K, buffers): A_y = M A M+, B_y = M B."""
-            if j not in sys_list:
-                sy = linear.linearize(problem, method, balance=b_mid[j])
-                M = _y_map(sy, method, mom)
-                Mp = np.swapaxes(M, -1, -2) @ np.linalg.inv(M @ np.swapaxes(M, -1, -2))
-                sys_list.clear()
-                sys_list[j] = (M @ sy.A @ Mp, M @ sy.B)
-            return sys_list[j]
-        # Release (about b = 1): x_k = x, theta's buffer sqrt|w*| v = gamma_theta K phi0 (v / (gamma_theta K)).
-        ny = K + (K + 1 if mom else 0)
-        R = np.zeros((d, ny, n_sgd))
-        R[:, :K, 0] = 1.0
-        if mom:
-            R[:, K, 1] = 1.0 / (method.gamma_theta * K)
-        mean_y = np.einsum("dnm,dm->dn", R, mT)
-        cov_y = R @ cT @ np.swapaxes(R, -1, -2)
-        cov_y[:, np.arange(K), np.arange(K)] += (w * sigma0 ** 2)[:, None]
-        C_mean = np.zeros((d, ny))
-        C_mean[:, :K] = 1.0 / K
-        my, cy = _propagate(ysys, mean_y, cov_y, bounds, steps_post)
-        e_mean = _observe(h, C_mean, my, cy)
-        e_mem = np.mean([0.5 * ((my[..., k] ** 2 + cy[..., k, k]) * h).sum(axis=1) for k in range(K)], axis=0)
-        if k0 is not None:
-            swa = (ysys, mean_y, cov_y, C_mean)
-    e_swa = None
-    if swa is not None:
-        systems, m0, c0, C = swa
-        b2 = np.unique(np.concatenate([bounds, [k0]]))
-        # the segments' systems on the boundaries refined by k0 (which splits at most one segment)
-        owner = np.searchsorted(bounds, b2[:-1], side="right") - 1
-        keep = steps_post >= k0
-        obs = steps_post[keep]
-        ms, cs = _propagate(lambda j: systems(int(owner[j])), m0, c0, b2, obs, sum_C=C, sum_from=int(k0))
-        n_avg = obs - k0
-        e_swa = np.full(len(steps_post), np.nan)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            s_mean = ms[..., -1] / n_avg[:, None]
-            s_var = cs[..., -1, -1] / (n_avg ** 2)[:, None]
-            e_swa[keep] = 0.5 * ((s_mean ** 2 + s_var) * h).sum(axis=1)
-        e_swa[keep & (steps_post == k0)] = np.nan
+    late = _ode_closed if path == "closed" else _ode_linearised
+    e_mean, e_mem, swa = late(problem, method, mT, cT, sigma0, bounds, steps_post, b_mid)
+    e_swa = None if k0 is None else _ode_tail_average(problem.curvature, swa, bounds, steps_post, k0)
     return e_mean, e_mem, e_swa, b_obs
+
+
+def _ode_closed(problem, method, mT, cT, sigma0, bounds, steps_post, b_mid):
+    """The closed path along the balance's segments: (E_mean, E_members, (systems, mean, cov, C) for the tail
+    average)."""
+    d, K, h = problem.dim, method.K, problem.curvature
+    mom = bool(method.momentum)
+    n_sgd = 2 if mom else 1
+    w = np.abs(problem.optimum)
+    # Per segment, the linearised members are the additive model with the rates eta_theta'(b), eta_phi'(b):
+    # the mean block is x with theta's and the members' mean buffer (gradient units, continuous between
+    # segments), the deviation block SGD with eta_phi' and noise s (1 - 1/K).
+    lt_lp = [bal.effective_rates(problem, method, bm) for bm in b_mid] or [bal.effective_rates(problem, method, 1.0)]
+    mu, nest = method.momentum, method.nesterov
+
+    def sys_m(j):
+        lt, lp = lt_lp[j]
+        return _buffer_block(h, [K * method.gamma_theta * lt, lp], mu, nest, problem.noise / K)
+
+    def sys_d(j):
+        return _buffer_block(h, [lt_lp[j][1]], mu, nest, problem.noise * (1 - 1 / K))
+    n_m, n_d = (3, 2) if mom else (1, 1)
+    # release: x = the SGD iterate; theta's buffer continues the SGD buffer v = gamma_theta K (gradient-unit
+    # buffer of theta), the members' buffers start at zero
+    Lm = np.zeros((d, n_m, n_sgd))
+    Lm[:, 0, 0] = 1.0
+    if mom:
+        Lm[:, 1, 1] = 1.0 / (K * method.gamma_theta)
+    mean_m = np.einsum("dnm,dm->dn", Lm, mT)
+    cov_m = Lm @ cT @ np.swapaxes(Lm, -1, -2)
+    cov_m[:, 0, 0] += w * sigma0 ** 2 / K
+    cov_d = np.zeros((d, n_d, n_d))
+    cov_d[:, 0, 0] = w * sigma0 ** 2 * (1 - 1 / K)
+    C_m = np.zeros((d, n_m))
+    C_m[:, 0] = 1.0
+    mm, cm = _propagate(sys_m, mean_m, cov_m, bounds, steps_post)
+    _, cd = _propagate(sys_d, np.zeros((d, n_d)), cov_d, bounds, steps_post)
+    e_mean = _observe(h, C_m, mm, cm)
+    e_mem = e_mean + 0.5 * (cd[..., 0, 0] * h).sum(axis=1)
+    return e_mean, e_mem, (sys_m, mean_m, cov_m, C_m)
+
+
+def _ode_linearised(problem, method, mT, cT, sigma0, bounds, steps_post, b_mid):
+    """The Lyapunov path along the balance's segments (the literal step linearised at each segment's balance):
+    (E_mean, E_members, (systems, mean, cov, C) for the tail average)."""
+    d, K, h = problem.dim, method.K, problem.curvature
+    mom = bool(method.momentum)
+    n_sgd = 2 if mom else 1
+    w = np.abs(problem.optimum)
+    sys_list = {}
+
+    def ysys(j):
+        """The linearisation at b_mid[j] in the coordinates y = (x_1..x_K, buffers): A_y = M A M+, B_y = M B."""
+        if j not in sys_list:
+            sy = linear.linearize(problem, method, balance=b_mid[j])
+            M = _y_map(sy, method, mom)
+            Mp = np.swapaxes(M, -1, -2) @ np.linalg.inv(M @ np.swapaxes(M, -1, -2))
+            sys_list.clear()
+            sys_list[j] = (M @ sy.A @ Mp, M @ sy.B)
+        return sys_list[j]
+    # Release (about b = 1): x_k = x, theta's buffer sqrt|w*| v = gamma_theta K phi0 (v / (gamma_theta K)).
+    ny = K + (K + 1 if mom else 0)
+    R = np.zeros((d, ny, n_sgd))
+    R[:, :K, 0] = 1.0
+    if mom:
+        R[:, K, 1] = 1.0 / (method.gamma_theta * K)
+    mean_y = np.einsum("dnm,dm->dn", R, mT)
+    cov_y = R @ cT @ np.swapaxes(R, -1, -2)
+    cov_y[:, np.arange(K), np.arange(K)] += (w * sigma0 ** 2)[:, None]
+    C_mean = np.zeros((d, ny))
+    C_mean[:, :K] = 1.0 / K
+    my, cy = _propagate(ysys, mean_y, cov_y, bounds, steps_post)
+    e_mean = _observe(h, C_mean, my, cy)
+    e_mem = np.mean([0.5 * ((my[..., k] ** 2 + cy[..., k, k]) * h).sum(axis=1) for k in range(K)], axis=0)
+    return e_mean, e_mem, (ysys, mean_y, cov_y, C_mean)
+
+
+def _ode_tail_average(h, swa, bounds, steps_post, k0):
+    """The running average of the mean model from outer step k0 along the segments; NaN before (and at) k0."""
+    systems, m0, c0, C = swa
+    b2 = np.unique(np.concatenate([bounds, [k0]]))
+    # the segments' systems on the boundaries refined by k0 (which splits at most one segment)
+    owner = np.searchsorted(bounds, b2[:-1], side="right") - 1
+    keep = steps_post >= k0
+    obs = steps_post[keep]
+    ms, cs = _propagate(lambda j: systems(int(owner[j])), m0, c0, b2, obs, sum_C=C, sum_from=int(k0))
+    n_avg = obs - k0
+    e_swa = np.full(len(steps_post), np.nan)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        s_mean = ms[..., -1] / n_avg[:, None]
+        s_var = cs[..., -1, -1] / (n_avg ** 2)[:, None]
+        e_swa[keep] = 0.5 * ((s_mean ** 2 + s_var) * h).sum(axis=1)
+    e_swa[keep & (steps_post == k0)] = np.nan
+    return e_swa
 
 
 def _y_map(sys, method, mom):
@@ -333,8 +349,7 @@ def _finite(fn):
             curve = fn(*args, **kwargs)
         # (a tail-average series is NaN before its start, by design)
         if any(np.isinf(v).any() or ("swa" not in k and np.isnan(v).any()) for k, v in curve.series.items()):
-            raise NQPError("the predicted loss overflows float64 (values near 1e308); rescale the problem "
-                           "(smaller --w0, --noise, --curvature or --optimum)")
+            raise overflow("w0", "noise", "curvature", "optimum")
         return curve
     return run
 
@@ -355,35 +370,81 @@ def learning_curve(problem: Problem, method: LatePhase, sgd: SGD, *, T0: int, ho
             getattr(method, "weight_decay", 0):
         from .block import learning_curve as block_curve
         if not isinstance(method, Block):
-            raise NQPError(f"the curve models a full --hessian and --weight-decay for --method block only, not "
+            raise NQPError(f"the curve models a full `hessian` and `weight_decay` for `method` block only, not "
                            f"{method.name}")
         if swa_start is not None or sgd_after is not None:
-            raise NQPError("--swa-start is not modelled for --method block")
+            raise NQPError("`swa_start` is not modelled for `method` block")
         return block_curve(problem, method, sgd, T0=T0, horizon=horizon, w0=w0, sigma0=sigma0, points=points)
+    sgd_after = _check_curve(problem, method, sgd, sgd_after, path, sigma0)
+    K = method.K
+    t = time_grid(T0, horizon, K, points)
+    if swa_start is not None and not (T0 <= swa_start < horizon and (swa_start - T0) % K == 0):
+        raise NQPError(f"`swa_start` must be T0 + K n below the horizon (T0={T0}, K={K}), got {swa_start}")
+    k0 = None if swa_start is None else (swa_start - T0) // K
+    series, rel = _sgd_baselines(problem, sgd, sgd_after, start_weights(w0, problem.dim), t, T0, K)
+    mult = method.kind == "multiplicative"
+    b_curve = np.full((len(t), problem.dim), np.nan) if mult else None
+    if mult:
+        b_curve[rel.i0:] = 1.0
+    ode = mult and balance == "ode" and not bal.frozen(method)
+    if ode:
+        lp_mean, lp_mem, e_swa, b_curve[rel.i0:] = _multiplicative_ode(problem, method, rel.m, rel.c, rel.steps_post,
+                                                                       sigma0, path, k0)
+    else:
+        late = _late_closed if path == "closed" else _late_linearised
+        lp_mean, lp_mem, swa = late(problem, method, sgd, rel, sigma0)
+    series["latephase_mean"] = np.concatenate([series["sgd"][:rel.i0], lp_mean])
+    series["latephase_members"] = np.concatenate([series["sgd"][:rel.i0], lp_mem])
+    if swa_start is not None:
+        runs = [("sgd_swa", (rel.A_after, rel.B_after, rel.C_x, rel.m, rel.c), K)]
+        if ode:
+            series["latephase_swa"] = np.full(len(t), np.nan)
+            series["latephase_swa"][rel.i0:] = e_swa
+        else:
+            runs.insert(0, ("latephase_swa", swa, 1))
+        series.update(_tail_averages(problem.curvature, runs, rel, k0, len(t)))
+    label = path + (", balance ODE" if ode else (", balance fixed at the release" if mult else ""))
+    return Curve(t, series, int(T0), K, label, balance=b_curve)
+
+
+def _check_curve(problem, method, sgd, sgd_after, path, sigma0) -> SGD:
+    """Validate the arguments of :func:`learning_curve` for the diagonal models; returns sgd_after (default sgd)."""
     if not isinstance(method, LatePhase) or not isinstance(sgd, SGD) or sgd.batch != 1:
         raise NQPError("learning_curve needs a late-phase method and a batch-1 SGD method")
     if path not in ("closed", "lyapunov"):
         raise NQPError(f"path must be 'closed' or 'lyapunov', got {path!r}")
     if sigma0 < 0 or not np.isfinite(sigma0):
-        raise NQPError(f"--sigma0 must be >= 0, got {sigma0}")
+        raise NQPError(f"`sigma0` must be >= 0, got {sigma0}")
     sgd_after = sgd if sgd_after is None else sgd_after
     check_stable(problem, sgd)
     check_stable(problem, sgd_after)
     check_stable(problem, method)
-    K = method.K
     if len({(m.momentum, m.nesterov) for m in (sgd, sgd_after, method)}) > 1:
         raise NQPError("SGD and the late-phase method must use the same momentum setting")
     if sgd_after.batch != 1:
         raise NQPError("sgd_after must be a batch-1 SGD method")
-    t = time_grid(T0, horizon, K, points)
-    if swa_start is not None and not (T0 <= swa_start < horizon and (swa_start - T0) % K == 0):
-        raise NQPError(f"--swa-start must be T0 + K n below the horizon (T0={T0}, K={K}), got {swa_start}")
-    h, d = problem.curvature, problem.dim
-    w0 = start_weights(w0, d)
-    mom = bool(sgd.momentum)
-    n_sgd = 2 if mom else 1
+    return sgd_after
 
-    # --- SGD phase and SGD continuing (exact).
+
+@dataclass
+class _Release:
+    """SGD's state moments at T0 (per coordinate, (x, v) or x) and what the late phase and tail averages need."""
+
+    m: np.ndarray
+    c: np.ndarray
+    i0: int                   # index of T0 in the time grid
+    steps_post: np.ndarray    # outer steps after T0 at the grid times from T0 on
+    A_after: np.ndarray
+    B_after: np.ndarray
+    C_x: np.ndarray           # observes x of (x, v)
+    n_sgd: int
+
+
+def _sgd_baselines(problem, sgd, sgd_after, w0, t, T0, K):
+    """The exact SGD phase, SGD continuing (with sgd_after from T0), the ensemble of K runs of floor(t/K) steps each
+    and SGD with a K-times batch from T0; returns (series, the _Release at T0)."""
+    h, d = problem.curvature, problem.dim
+    n_sgd = 2 if sgd.momentum else 1
     A, B = _sgd_system(problem, sgd)
     mean0 = np.zeros((d, n_sgd))
     mean0[:, 0] = w0 - problem.optimum
@@ -400,8 +461,7 @@ def learning_curve(problem: Problem, method: LatePhase, sgd: SGD, *, T0: int, ho
     if sgd_after != sgd:
         ma, ca = linear.moments_at(A_after, B_after, mT, cT, post - T0)
         series["sgd"] = np.concatenate([series["sgd"][:i0], _observe(h, C_x, ma, ca)])
-
-    # --- Ensemble of K independent runs from w0, floor(t/K) steps each.
+    # Ensemble of K independent runs from w0, floor(t/K) steps each.
     ts = t // K
     uts = np.unique(ts)
     me, ce = linear.moments_at(A, B, mean0, cov0, uts)
@@ -409,88 +469,76 @@ def learning_curve(problem: Problem, method: LatePhase, sgd: SGD, *, T0: int, ho
     m_e = me[idx][..., 0]
     v_e = ce[idx][..., 0, 0]
     series["ensemble_K"] = 0.5 * ((m_e ** 2 + v_e / K) * h).sum(axis=1)
-
-    # --- SGD with a K-times batch from T0.
+    # SGD with a K-times batch from T0.
     Ab, Bb = _sgd_system(problem, SGD(sgd_after.lr, sgd.momentum, sgd.nesterov, batch=K))
     mb, cb = linear.moments_at(Ab, Bb, mT, cT, steps_post)
     series["sgd_batch_K"] = np.concatenate([series["sgd"][:i0], _observe(h, C_x, mb, cb)])
+    return series, _Release(mT, cT, i0, steps_post, A_after, B_after, C_x, n_sgd)
 
-    # --- Late phase.
-    mult = method.kind == "multiplicative"
-    scale = np.abs(problem.optimum) if mult else np.ones(d)
-    k0 = None if swa_start is None else (swa_start - T0) // K
-    b_curve = np.full((len(t), d), np.nan) if mult else None
-    if mult:
-        b_curve[i0:] = 1.0
-    ode = mult and balance == "ode" and not bal.frozen(method)
-    if ode:
-        lp_mean, lp_mem, e_swa, b_curve[i0:] = _multiplicative_ode(problem, method, mT, cT, steps_post, sigma0,
-                                                                   path, k0)
-    elif path == "closed":
-        lr_eff = method.lr_eff
-        # Mean block: SGD with lr_eff (rates x |w*| if multiplicative), noise s/K; buffer (eta_t/eta_eff) v.
-        Am, Bm = _sgd_system(problem, SGD(lr_eff, sgd.momentum, sgd.nesterov), scale, 1.0 / K)
-        # (On the rescaled problem the buffer accumulates |w*| h (x - xi): hence the factor scale.)
-        L = np.ones((d, n_sgd))
-        if mom:
-            L[:, 1] = scale * method.lr_theta / lr_eff
-        mean_m = mT * L
-        cov_m = cT * L[:, :, None] * L[:, None, :]
-        cov_m[:, 0, 0] += scale * sigma0 ** 2 / K
-        Ad, Bd = _sgd_system(problem, SGD(method.lr_phi, sgd.momentum, sgd.nesterov), scale, 1.0 - 1.0 / K)
-        cov_d = np.zeros((d, n_sgd, n_sgd))
-        cov_d[:, 0, 0] = scale * sigma0 ** 2 * (1 - 1 / K)
-        mm, cm = linear.moments_at(Am, Bm, mean_m, cov_m, steps_post)
-        _, cd = linear.moments_at(Ad, Bd, np.zeros((d, n_sgd)), cov_d, steps_post)
-        e_mean = _observe(h, C_x, mm, cm)
-        e_dev = 0.5 * (cd[..., 0, 0] * h).sum(axis=1)
-        lp_mean, lp_mem = e_mean, e_mean + e_dev
-        swa = (Am, Bm, C_x, mean_m, cov_m)
+
+def _late_closed(problem, method, sgd, rel: _Release, sigma0):
+    """The late phase from the closed forms: the mean model is SGD with lr_eff (rates x |w*| if multiplicative) and
+    noise s/K, buffer (eta_t/eta_eff) v; the deviations SGD with lr_phi and noise s (1 - 1/K). Returns (mean,
+    members, the mean model's system for the tail average)."""
+    h, d, K = problem.curvature, problem.dim, method.K
+    scale = np.abs(problem.optimum) if method.kind == "multiplicative" else np.ones(d)
+    lr_eff = method.lr_eff
+    Am, Bm = _sgd_system(problem, SGD(lr_eff, sgd.momentum, sgd.nesterov), scale, 1.0 / K)
+    # (On the rescaled problem the buffer accumulates |w*| h (x - xi): hence the factor scale.)
+    L = np.ones((d, rel.n_sgd))
+    if sgd.momentum:
+        L[:, 1] = scale * method.lr_theta / lr_eff
+    mean_m = rel.m * L
+    cov_m = rel.c * L[:, :, None] * L[:, None, :]
+    cov_m[:, 0, 0] += scale * sigma0 ** 2 / K
+    Ad, Bd = _sgd_system(problem, SGD(method.lr_phi, sgd.momentum, sgd.nesterov), scale, 1.0 - 1.0 / K)
+    cov_d = np.zeros((d, rel.n_sgd, rel.n_sgd))
+    cov_d[:, 0, 0] = scale * sigma0 ** 2 * (1 - 1 / K)
+    mm, cm = linear.moments_at(Am, Bm, mean_m, cov_m, rel.steps_post)
+    _, cd = linear.moments_at(Ad, Bd, np.zeros((d, rel.n_sgd)), cov_d, rel.steps_post)
+    e_mean = _observe(h, rel.C_x, mm, cm)
+    e_dev = 0.5 * (cd[..., 0, 0] * h).sum(axis=1)
+    return e_mean, e_mean + e_dev, (Am, Bm, rel.C_x, mean_m, cov_m)
+
+
+def _late_linearised(problem, method, sgd, rel: _Release, sigma0):
+    """The late phase from the literal step linearised at the release (the Lyapunov path): the release maps SGD's
+    (x, v) to the state z - z0. Returns (mean, members, the system for the tail average)."""
+    h, d, K = problem.curvature, problem.dim, method.K
+    sys = linear.linearize(problem, method)
+    R = np.zeros((d, sys.n, rel.n_sgd))  # release map (x, v) -> z - z0
+    if method.kind == "multiplicative":
+        root = np.sqrt(np.abs(problem.optimum))
+        R[:, 0, 0] = 1.0 / (2 * root)
+        R[:, 1:K + 1, 0] = (np.sign(problem.optimum) / (2 * root))[:, None]
+        if sgd.momentum:
+            R[:, K + 1, 1] = root
     else:
-        sys = linear.linearize(problem, method)
-        n = sys.n
-        R = np.zeros((d, n, n_sgd))  # release map (x, v) -> z - z0
-        if mult:
-            root = np.sqrt(scale)
-            R[:, 0, 0] = 1.0 / (2 * root)
-            R[:, 1:K + 1, 0] = (np.sign(problem.optimum) / (2 * root))[:, None]
-            if mom:
-                R[:, K + 1, 1] = root
-        else:
-            R[:, 0, 0] = 1.0
-            if mom:
-                R[:, K + 1, 1] = 1.0
-        mean_z = np.einsum("dnm,dm->dn", R, mT)
-        cov_z = R @ cT @ np.swapaxes(R, -1, -2)
-        jitter = sigma0 ** 2 * np.ones((d, K))
-        cov_z[:, np.arange(1, K + 1), np.arange(1, K + 1)] += jitter
-        mz, cz = linear.moments_at(sys.A, sys.B, mean_z, cov_z, steps_post)
-        lp_mean = _observe(h, sys.C_mean, mz, cz)
-        lp_mem = np.mean([_observe(h, sys.C_members[:, k], mz, cz) for k in range(K)], axis=0)
-        swa = (sys.A, sys.B, sys.C_mean, mean_z, cov_z)
-    series["latephase_mean"] = np.concatenate([series["sgd"][:i0], lp_mean])
-    series["latephase_members"] = np.concatenate([series["sgd"][:i0], lp_mem])
+        R[:, 0, 0] = 1.0
+        if sgd.momentum:
+            R[:, K + 1, 1] = 1.0
+    mean_z = np.einsum("dnm,dm->dn", R, rel.m)
+    cov_z = R @ rel.c @ np.swapaxes(R, -1, -2)
+    cov_z[:, np.arange(1, K + 1), np.arange(1, K + 1)] += sigma0 ** 2 * np.ones((d, K))
+    mz, cz = linear.moments_at(sys.A, sys.B, mean_z, cov_z, rel.steps_post)
+    lp_mean = _observe(h, sys.C_mean, mz, cz)
+    lp_mem = np.mean([_observe(h, sys.C_members[:, k], mz, cz) for k in range(K)], axis=0)
+    return lp_mean, lp_mem, (sys.A, sys.B, sys.C_mean, mean_z, cov_z)
 
-    # --- Tail averaging (running average of the mean model from swa_start).
-    if swa_start is not None:
-        keep = steps_post > k0
-        n_avg = steps_post[keep] - k0
-        runs = [("sgd_swa", (A_after, B_after, C_x, mT, cT), K)]
-        if ode:
-            vals = np.full(len(t), np.nan)
-            vals[i0:] = e_swa
-            series["latephase_swa"] = vals
-        else:
-            runs.insert(0, ("latephase_swa", swa, 1))
-        for name, (As, Bs, C, m_start, c_start), n_per in runs:
-            # Advance to swa_start, then add the running sum (over step boundaries).
-            m1, c1 = linear.moments_at(As, Bs, m_start, c_start, [k0 * n_per])
-            Aa, Ba, ma, ca = _with_sum(As, Bs, C, m1[0], c1[0])
-            m_all, c_all = linear.moments_at(Aa, Ba, ma, ca, n_avg * n_per)
-            s_mean = m_all[..., -1] / (n_avg * n_per)[:, None]
-            s_var = c_all[..., -1, -1] / ((n_avg * n_per) ** 2)[:, None]
-            vals = np.full(len(t), np.nan)
-            vals[i0:][keep] = 0.5 * ((s_mean ** 2 + s_var) * h).sum(axis=1)
-            series[name] = vals
-    label = path + (", balance ODE" if ode else (", balance fixed at the release" if mult else ""))
-    return Curve(t, series, int(T0), K, label, balance=b_curve)
+
+def _tail_averages(h, runs, rel: _Release, k0: int, n_times: int) -> dict:
+    """The running average of each (name, system, steps per outer step) from swa_start = T0 + K k0: advance to
+    swa_start, then add the running sum (over step boundaries); NaN before."""
+    keep = rel.steps_post > k0
+    n_avg = rel.steps_post[keep] - k0
+    out = {}
+    for name, (As, Bs, C, m_start, c_start), n_per in runs:
+        m1, c1 = linear.moments_at(As, Bs, m_start, c_start, [k0 * n_per])
+        Aa, Ba, ma, ca = _with_sum(As, Bs, C, m1[0], c1[0])
+        m_all, c_all = linear.moments_at(Aa, Ba, ma, ca, n_avg * n_per)
+        s_mean = m_all[..., -1] / (n_avg * n_per)[:, None]
+        s_var = c_all[..., -1, -1] / ((n_avg * n_per) ** 2)[:, None]
+        vals = np.full(n_times, np.nan)
+        vals[rel.i0:][keep] = 0.5 * ((s_mean ** 2 + s_var) * h).sum(axis=1)
+        out[name] = vals
+    return out

@@ -21,14 +21,14 @@ def _check_rate(name: str, value: float, allow_zero: bool = False) -> None:
     ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
     if not ok:
         bound = ">= 0" if allow_zero else "> 0"
-        raise NQPError(f"{name} must be {bound}, got {value}")
+        raise NQPError(f"`{name}` must be {bound}, got {value}")
 
 
 def _check_momentum(momentum: float, nesterov: bool) -> None:
     if not (math.isfinite(momentum) and 0.0 <= momentum < 1.0):
-        raise NQPError(f"--momentum must be in [0, 1), got {momentum}")
+        raise NQPError(f"`momentum` must be in [0, 1), got {momentum}")
     if nesterov and momentum == 0.0:
-        raise NQPError("Nesterov momentum needs --momentum > 0")
+        raise NQPError("Nesterov momentum needs `momentum` > 0")
 
 
 @dataclass(frozen=True)
@@ -47,9 +47,9 @@ class SGD:
     name: str = field(default="sgd", init=False)
 
     def __post_init__(self):
-        _check_rate("--lr", self.lr)
+        _check_rate("lr", self.lr)
         _check_momentum(self.momentum, self.nesterov)
-        _check_rate("--weight-decay", self.weight_decay, allow_zero=True)
+        _check_rate("weight_decay", self.weight_decay, allow_zero=True)
         if int(self.batch) != self.batch or self.batch < 1:
             raise NQPError(f"batch must be a positive integer, got {self.batch}")
 
@@ -82,17 +82,17 @@ class LatePhase:
 
     def __post_init__(self):
         if int(self.K) != self.K or self.K < 1:
-            raise NQPError(f"--K must be a positive integer, got {self.K}")
-        _check_rate("--lr-theta", self.lr_theta, allow_zero=True)
-        _check_rate("--lr-phi", self.lr_phi)
-        _check_rate("--gamma-theta", self.gamma_theta, allow_zero=True)
+            raise NQPError(f"`K` must be a positive integer, got {self.K}")
+        _check_rate("lr_theta", self.lr_theta, allow_zero=True)
+        _check_rate("lr_phi", self.lr_phi)
+        _check_rate("gamma_theta", self.gamma_theta, allow_zero=True)
         _check_momentum(self.momentum, self.nesterov)
         if self.kind not in ("additive", "multiplicative"):
             raise NQPError(f"late-phase kind must be 'additive' or 'multiplicative', got {self.kind!r}")
-        _check_rate("--weight-decay", self.weight_decay, allow_zero=True)
+        _check_rate("weight_decay", self.weight_decay, allow_zero=True)
         if self.weight_decay and self.kind == "multiplicative":
-            raise NQPError("--weight-decay is not modelled for --method multiplicative (its linearisation about the "
-                           "balanced optimum assumes no decay); use --method additive, block or sgd")
+            raise NQPError("`weight_decay` is not modelled for `method` multiplicative (its linearisation about the "
+                           "balanced optimum assumes no decay); use `method` additive, block or sgd")
 
     @property
     def name(self) -> str:
@@ -146,21 +146,21 @@ class Block:
 
     def __post_init__(self):
         if int(self.K) != self.K or self.K < 1:
-            raise NQPError(f"--K must be a positive integer, got {self.K}")
-        _check_rate("--lr-theta", self.lr_theta, allow_zero=True)
-        _check_rate("--lr-phi", self.lr_phi)
-        _check_rate("--gamma-theta", self.gamma_theta, allow_zero=True)
-        _check_rate("--weight-decay", self.weight_decay, allow_zero=True)
+            raise NQPError(f"`K` must be a positive integer, got {self.K}")
+        _check_rate("lr_theta", self.lr_theta, allow_zero=True)
+        _check_rate("lr_phi", self.lr_phi)
+        _check_rate("gamma_theta", self.gamma_theta, allow_zero=True)
+        _check_rate("weight_decay", self.weight_decay, allow_zero=True)
         if self.weight_decay_theta is not None:
-            _check_rate("--weight-decay-theta", self.weight_decay_theta, allow_zero=True)
+            _check_rate("weight_decay_theta", self.weight_decay_theta, allow_zero=True)
         _check_momentum(self.momentum, self.nesterov)
         if int(self.batch) != self.batch or self.batch < 1:
             raise NQPError(f"batch must be a positive integer, got {self.batch}")
         coords = tuple(int(i) for i in self.phi_coords)
         if any(i != j for i, j in zip(coords, self.phi_coords)) or any(i < 0 for i in coords):
-            raise NQPError(f"--phi-coords must be non-negative integers, got {list(self.phi_coords)}")
+            raise NQPError(f"`phi_coords` must be non-negative integers, got {list(self.phi_coords)}")
         if len(set(coords)) != len(coords):
-            raise NQPError(f"--phi-coords lists a coordinate twice: {list(self.phi_coords)}")
+            raise NQPError(f"`phi_coords` lists a coordinate twice: {list(self.phi_coords)}")
         object.__setattr__(self, "phi_coords", tuple(sorted(coords)))
 
     @property
@@ -191,7 +191,7 @@ class Ensemble:
         if not isinstance(self.base, SGD):
             raise NQPError("an ensemble is built from SGD runs")
         if int(self.K) != self.K or self.K < 1:
-            raise NQPError(f"--K must be a positive integer, got {self.K}")
+            raise NQPError(f"`K` must be a positive integer, got {self.K}")
 
     @property
     def minibatches_per_step(self) -> int:
@@ -211,9 +211,9 @@ class TailAverage:
         if not isinstance(self.base, (SGD, LatePhase)):
             raise NQPError("tail averaging applies to SGD or late-phase methods")
         if int(self.window) != self.window or self.window < 1:
-            raise NQPError(f"--swa-window must be a positive integer number of minibatches, got {self.window}")
+            raise NQPError(f"`window` must be a positive integer number of minibatches, got {self.window}")
         if self.window % self.base.minibatches_per_step:
-            raise NQPError(f"--swa-window ({self.window}) must be a multiple of the minibatches per step "
+            raise NQPError(f"`window` ({self.window}) must be a multiple of the minibatches per step "
                            f"({self.base.minibatches_per_step})")
 
     @property
@@ -236,36 +236,40 @@ def make_method(method: str = "additive", *, K: int = 10, gamma_theta: float = 1
     runs. "additive"/"multiplicative" build LatePhase, "block" builds Block (late-phase weights on the coordinates
     phi_coords). swa_window wraps the result in TailAverage.
     """
-    _check_rate("--lr", lr)
-    if phi_coords is not None and method != "block":
-        raise NQPError("--phi-coords applies to --method block")
-    if weight_decay_theta is not None and method != "block":
-        raise NQPError("--weight-decay-theta applies to --method block")
+    _check_rate("lr", lr)
+    _check_applies(method, phi_coords, weight_decay_theta, lr_theta, lr_phi, batch, ensemble)
+    lr_theta, lr_phi = (lr if lr_theta is None else lr_theta), (lr if lr_phi is None else lr_phi)
     if method == "sgd":
-        if lr_theta is not None or lr_phi is not None:
-            raise NQPError("--lr-theta/--lr-phi apply to late-phase methods; use --lr with --method sgd")
         m = SGD(lr, momentum, nesterov, batch, weight_decay)
-        if ensemble:
-            m = Ensemble(m, K)
+        m = Ensemble(m, K) if ensemble else m
     elif method == "block":
-        if batch != 1 or ensemble:
-            raise NQPError("--batch and --ensemble apply to --method sgd")
-        if phi_coords is None:
-            raise NQPError("--method block needs --phi-coords I [I ...] (the 0-based coordinates that are late-phase "
-                           "weights)")
-        m = Block(K, lr if lr_theta is None else lr_theta, lr if lr_phi is None else lr_phi, gamma_theta, momentum,
-                  nesterov, tuple(phi_coords), weight_decay, 1, weight_decay_theta)
-    elif method in ("additive", "multiplicative"):
-        if batch != 1 or ensemble:
-            raise NQPError("--batch and --ensemble apply to --method sgd")
-        m = LatePhase(K, lr if lr_theta is None else lr_theta, lr if lr_phi is None else lr_phi,
-                      gamma_theta, momentum, nesterov, method, weight_decay)
+        m = Block(K, lr_theta, lr_phi, gamma_theta, momentum, nesterov, tuple(phi_coords), weight_decay, 1,
+                  weight_decay_theta)
     else:
-        raise NQPError(f"--method must be one of sgd, additive, multiplicative, block; got {method!r}")
+        m = LatePhase(K, lr_theta, lr_phi, gamma_theta, momentum, nesterov, method, weight_decay)
     if swa_window is not None:
         if isinstance(m, Block) or weight_decay:
-            raise NQPError("--swa-window is not modelled for --method block or with --weight-decay")
+            raise NQPError("`swa_window` is not modelled for `method` block or with `weight_decay`")
         if isinstance(m, Ensemble):
-            raise NQPError("--swa-window does not combine with --ensemble")
+            raise NQPError("`swa_window` does not combine with `ensemble`")
         m = TailAverage(m, swa_window)
     return m
+
+
+def _check_applies(method, phi_coords, weight_decay_theta, lr_theta, lr_phi, batch, ensemble) -> None:
+    """Each of make_method's parameters given only to the methods it applies to."""
+    if phi_coords is not None and method != "block":
+        raise NQPError("`phi_coords` applies to `method` block")
+    if weight_decay_theta is not None and method != "block":
+        raise NQPError("`weight_decay_theta` applies to `method` block")
+    if method not in ("sgd", "additive", "multiplicative", "block"):
+        raise NQPError(f"`method` must be one of sgd, additive, multiplicative, block; got {method!r}")
+    if method == "sgd":
+        if lr_theta is not None or lr_phi is not None:
+            raise NQPError("`lr_theta`/`lr_phi` apply to late-phase methods; use `lr` with `method` sgd")
+        return
+    if batch != 1 or ensemble:
+        raise NQPError("`batch` and `ensemble` apply to `method` sgd")
+    if method == "block" and phi_coords is None:
+        raise NQPError("`method` block needs `phi_coords` I [I ...] (the 0-based coordinates that are late-phase "
+                       "weights)")

@@ -106,14 +106,14 @@ def start_balance(problem, method, start="balanced") -> np.ndarray | None:
     core = _core(method)
     if not _is_mult(core):
         if not (isinstance(start, str) and start == "balanced"):
-            raise NQPError("--start applies to the multiplicative model")
+            raise NQPError("`start` applies to the multiplicative model")
         return None
     if isinstance(start, str):
         if start == "balanced":
             return np.ones(problem.dim)
         if start == "selected":
             return bal.select(problem, core).selected
-        raise NQPError(f"--start must be 'balanced', 'selected' or balances > 0, got {start!r}")
+        raise NQPError(f"`start` must be 'balanced', 'selected' or balances > 0, got {start!r}")
     b = np.asarray(start, float).reshape(-1)
     if b.size not in (1, problem.dim) or not np.all(np.isfinite(b)) or np.any(b <= 0):
         raise NQPError(f"start balances must be {problem.dim} (or one) finite values > 0")
@@ -128,7 +128,7 @@ def auto_burn_in(problem, method, tol: float = 1e-6, balance=None) -> int:
     rho = float(linear.spectral_radius(linear.linearize(problem, core, balance=balance)).max())
     if rho >= 1:
         raise NQPError(f"cannot choose a burn-in: the slowest mode does not relax in float64 (spectral radius "
-                       f"{rho:.17g}; a step times curvature below ~1e-16); give --burn-in, or larger steps")
+                       f"{rho:.17g}; a step times curvature below ~1e-16); give `burn_in`, or larger steps")
     steps = 1 if rho == 0 else math.ceil(math.log(tol) / (2 * math.log(rho)))
     return max(1, steps) * core.minibatches_per_step * (method.K if isinstance(method, Ensemble) else 1)
 
@@ -187,9 +187,23 @@ def _run_tiles(run_tile, n: int, threads: int | None, bar) -> None:
         bar.close()
 
 
+def _check_runs_seed(runs, seed) -> None:
+    """The Monte Carlo drivers' shared checks: at least two runs (for a standard error), a non-negative integer seed."""
+    if int(runs) != runs or runs < 2:
+        raise NQPError(f"`runs` must be an integer >= 2 (standard errors need two runs), got {runs}")
+    _check_seed(seed)
+
+
+def _run_stats(per_mean, per_mem):
+    """(mean, standard error) of the per-run mean-model and member losses: std across runs / sqrt(runs)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return tuple(f(a) for a in (per_mean, per_mem)
+                     for f in (lambda a: float(a.mean()), lambda a: float(a.std(ddof=1) / math.sqrt(a.size))))
+
+
 def _check_seed(seed) -> None:
     if isinstance(seed, bool) or int(seed) != seed or seed < 0:
-        raise NQPError(f"--seed must be a non-negative integer, got {seed}")
+        raise NQPError(f"`seed` must be a non-negative integer, got {seed}")
 
 
 def box_muller(bit_generator, out: np.ndarray) -> None:
@@ -277,6 +291,12 @@ class _Tile:
         self.members = self.xi.size // (runs * (c1 - c0))
         self.track = _is_mult(self.core) and not bal.frozen(self.core)
         self.work = np.empty_like(self.xi) if isinstance(self.core, LatePhase) else None
+        # what record() accumulates: the per-run sums of the losses (tail averages: of each closed window's average)
+        self.window = method.steps if isinstance(method, TailAverage) else None
+        self.s_mean, self.s_mem, self.seen = np.zeros(runs), np.zeros(runs), 0
+        self.sum_m = self.sum_mem = None
+        self.q_sum = np.zeros((runs, c1 - c0)) if self.track else None
+        self.q_first = self.q_last = None
 
     def step(self, rng):
         if self.dtype == np.float32:
@@ -325,6 +345,48 @@ class _Tile:
         s1 -= self.wstar
         return s1, mem
 
+    def record(self):
+        """Add the current losses to the per-run sums: every step, or for a tail average the average weights of each
+        window of `method.steps` steps once it closes; multiplicative: Q~ too (its sum, first and last value)."""
+        m, mem = self.observe()
+        self.seen += 1
+        if self.track:
+            self.q_last = self.balance_quantity()
+            self.q_sum += self.q_last
+            if self.q_first is None:
+                self.q_first = self.q_last.astype(float)
+        if self.window is None:
+            self.s_mean += _excess(m, self.h)
+            self.s_mem += mem
+            return
+        wk = m[:, None, :] if isinstance(self.core, SGD) else dyn.members(self.state, self.core) - self.wstar
+        if self.sum_m is None:
+            self.sum_m, self.sum_mem = np.zeros_like(m), np.zeros_like(wk)
+        self.sum_m += m
+        self.sum_mem += wk
+        if self.seen % self.window == 0:
+            self.s_mean += _excess(self.sum_m / self.window, self.h)
+            avg = self.sum_mem / self.window
+            self.s_mem += 0.5 * np.einsum("rkd,rkd,d->r", avg, avg, self.h) / avg.shape[1]
+            self.sum_m[:] = 0
+            self.sum_mem[:] = 0
+
+    def check(self, minibatch: int) -> None:
+        """Raise DivergedError once the state (seen through the last noise buffer it produced) is not finite."""
+        if not np.all(np.isfinite(self.xi)):
+            raise DivergedError(f"simulation diverged (non-finite values by minibatch {minibatch}); "
+                                "lower the learning rates or the noise")
+
+    def result(self):
+        """(per-run loss sums, per-run member-loss sums, per-coordinate mean of Q~, its drift per recorded step);
+        the last two are None without a moving balance."""
+        if not (np.all(np.isfinite(self.s_mean)) and np.all(np.isfinite(self.s_mem))):
+            raise DivergedError("simulation diverged (non-finite loss); lower the learning rates or the noise")
+        if not self.track:
+            return self.s_mean, self.s_mem, None, None
+        n = self.seen
+        return self.s_mean, self.s_mem, self.q_sum / n, (self.q_last.astype(float) - self.q_first) / max(1, n - 1)
+
     def balance_quantity(self):
         """Q~ of the multiplicative state after :meth:`observe` (which computed theta^2 and sum_k phi_k^2)."""
         st, core = self.state, self.core
@@ -355,120 +417,115 @@ def simulate(problem, method, *, steps: int, burn_in: int | None = None, runs: i
     standard error (std across runs / sqrt(runs)). dtype float32 runs the state and the noise in single precision
     (accumulators stay float64).
     """
-    import time
-
     from . import block
     if block.needs_block(problem, method):   # the block model, or SGD / ensembles with weight decay or a full H
         if burn_in is not None and (int(burn_in) != burn_in or burn_in < 0):
-            raise NQPError(f"--burn-in must be a non-negative integer, got {burn_in}")
+            raise NQPError(f"`burn_in` must be a non-negative integer, got {burn_in}")
         start_balance(problem, method, start)
         return block.simulate(problem, method, steps=steps, burn_in=burn_in, runs=runs, seed=seed, threads=threads,
                               progress=progress, dtype=dtype)
-    if int(runs) != runs or runs < 2:
-        raise NQPError(f"--runs must be an integer >= 2 (standard errors need two runs), got {runs}")
-    _check_seed(seed)
-    dtype = np.dtype(dtype)
-    if dtype not in (np.dtype(np.float64), np.dtype(np.float32)):
-        raise NQPError(f"dtype must be float64 or float32, got {dtype}")
-    b_start = start_balance(problem, method, start)
-    mpb = method.minibatches_per_step
-    if isinstance(method, TailAverage):
-        if steps < method.window:
-            raise NQPError(f"--steps ({steps}) must be >= the averaging window ({method.window})")
-        n_steps = (steps // method.window) * method.steps
-    else:
-        if steps < mpb:
-            raise NQPError(f"--steps ({steps}) must be >= the minibatches per step ({mpb})")
-        n_steps = steps // mpb
-    if burn_in is None:
-        burn_in = auto_burn_in(problem, method, balance=b_start)
-    if int(burn_in) != burn_in or burn_in < 0:
-        raise NQPError(f"--burn-in must be a non-negative integer, got {burn_in}")
-    n_burn = -(-int(burn_in) // mpb)
-    members = _members(method)
-    tiles = _tiles(int(runs), problem.dim, members, dtype.itemsize)
-    acc_mean = np.zeros(int(runs))
-    acc_mem = np.zeros(int(runs))
-    core = _core(method)
-    track = _is_mult(core) and not bal.frozen(core)
-    q_mean = np.zeros((int(runs), problem.dim)) if track else None
-    q_drift = np.zeros((int(runs), problem.dim)) if track else None
-    lock = threading.Lock()
-    bar = _Progress(len(tiles) * (n_burn + n_steps), progress, f"simulate {method.name}")
-    window = method.steps if isinstance(method, TailAverage) else None
+    plan = _Plan.of(problem, method, steps, burn_in, runs, seed, start, dtype)
+    tiles = _tiles(plan.runs, problem.dim, _members(method), plan.dtype.itemsize)
+    total = plan.n_burn + plan.n_steps
+    sums = _Sums(plan.runs, problem.dim)
+    bar = _Progress(len(tiles) * total, progress, f"simulate {method.name}")
 
     def run_tile(index):
         r0, r1, c0, c1 = tiles[index]
-        tile = _Tile(problem, method, r0, r1, c0, c1, b_start, dtype)
+        tile = _Tile(problem, method, r0, r1, c0, c1, plan.b_start, plan.dtype)
         rng = _rng(seed, index)
-        s_mean = np.zeros(r1 - r0)
-        s_mem = np.zeros(r1 - r0)
-        sum_m = sum_mem = None
-        if track:
-            q_sum = np.zeros((r1 - r0, c1 - c0))
-            q_first = q_last = None
-        for i in range(n_burn + n_steps):
+        for i in range(total):
             tile.step(rng)
-            if i >= n_burn:
-                m, mem = tile.observe()
-                if track:
-                    q_last = tile.balance_quantity()
-                    q_sum += q_last
-                    if q_first is None:
-                        q_first = q_last.astype(float)
-                if window is None:
-                    s_mean += _excess(m, tile.h)
-                    s_mem += mem
-                else:
-                    wk = (m[:, None, :] if isinstance(tile.core, SGD)
-                          else dyn.members(tile.state, tile.core) - tile.wstar)
-                    if sum_m is None:
-                        sum_m, sum_mem = np.zeros_like(m), np.zeros_like(wk)
-                    sum_m += m
-                    sum_mem += wk
-                    if (i - n_burn + 1) % window == 0:
-                        s_mean += _excess(sum_m / window, tile.h)
-                        avg = sum_mem / window
-                        s_mem += 0.5 * np.einsum("rkd,rkd,d->r", avg, avg, tile.h) / avg.shape[1]
-                        sum_m[:] = 0
-                        sum_mem[:] = 0
+            if i >= plan.n_burn:
+                tile.record()
             if (i + 1) % 256 == 0:
                 bar.update(256)
-                if not np.all(np.isfinite(tile.xi)):
-                    raise DivergedError(f"simulation diverged (non-finite values by minibatch {(i + 1) * mpb}); "
-                                        "lower the learning rates or the noise")
-        bar.update((n_burn + n_steps) % 256)
-        if not (np.all(np.isfinite(s_mean)) and np.all(np.isfinite(s_mem))):
-            raise DivergedError("simulation diverged (non-finite loss); lower the learning rates or the noise")
-        with lock:
-            acc_mean[r0:r1] += s_mean
-            acc_mem[r0:r1] += s_mem
-            if track:
-                q_mean[r0:r1, c0:c1] = q_sum / n_steps
-                q_drift[r0:r1, c0:c1] = (q_last.astype(float) - q_first) / max(1, n_steps - 1)
+                tile.check((i + 1) * plan.mpb)
+        bar.update(total % 256)
+        sums.add((r0, r1, c0, c1), *tile.result())
 
     t0 = time.perf_counter()
     _run_tiles(run_tile, len(tiles), threads, bar)
-    seconds = time.perf_counter() - t0
-    n_rec = n_steps // window if window else n_steps
-    per_mean, per_mem = acc_mean / n_rec, acc_mem / n_rec
-    updates = int(runs) * problem.dim * members * (n_burn + n_steps)
-    with np.errstate(over="ignore", invalid="ignore"):
-        se = lambda a: float(a.std(ddof=1) / math.sqrt(a.size))  # noqa: E731
-        stats = (float(per_mean.mean()), se(per_mean), float(per_mem.mean()), se(per_mem))
-    if not all(math.isfinite(v) for v in stats):
-        raise DivergedError("the simulated losses overflow float64 (values near 1e308); rescale the problem "
-                            "(smaller --noise, --curvature or --optimum)")
-    res = MCResult(method.name, *stats, int(runs), n_steps * mpb, n_burn * mpb, int(seed), updates, seconds, per_mean,
-                   per_mem, dtype.name, start if isinstance(start, str) else "given")
-    if track:
-        res.balance_start = b_start
-        b_runs = bal.balance_of(q_mean, problem, core)
-        res.balance_mean = b_runs.mean(axis=0)
-        res.balance_mean_stderr = b_runs.std(axis=0, ddof=1) / math.sqrt(int(runs))
-        res.drift_per_step = q_drift.mean(axis=0)
-        res.drift_per_step_stderr = q_drift.std(axis=0, ddof=1) / math.sqrt(int(runs))
-    return res
+    return plan.result(problem, method, sums, time.perf_counter() - t0, start)
+
+
+@dataclass
+class _Plan:
+    """The validated budget of :func:`simulate`: outer steps to burn and to record, in the given precision."""
+
+    runs: int
+    seed: int
+    dtype: np.dtype
+    b_start: np.ndarray | None
+    mpb: int
+    n_steps: int
+    n_burn: int
+    window: int | None
+
+    @classmethod
+    def of(cls, problem, method, steps, burn_in, runs, seed, start, dtype) -> _Plan:
+        _check_runs_seed(runs, seed)
+        dtype = np.dtype(dtype)
+        if dtype not in (np.dtype(np.float64), np.dtype(np.float32)):
+            raise NQPError(f"dtype must be float64 or float32, got {dtype}")
+        b_start = start_balance(problem, method, start)
+        mpb = method.minibatches_per_step
+        if isinstance(method, TailAverage):
+            if steps < method.window:
+                raise NQPError(f"`steps` ({steps}) must be >= the averaging window ({method.window})")
+            n_steps = (steps // method.window) * method.steps
+        else:
+            if steps < mpb:
+                raise NQPError(f"`steps` ({steps}) must be >= the minibatches per step ({mpb})")
+            n_steps = steps // mpb
+        if burn_in is None:
+            burn_in = auto_burn_in(problem, method, balance=b_start)
+        if int(burn_in) != burn_in or burn_in < 0:
+            raise NQPError(f"`burn_in` must be a non-negative integer, got {burn_in}")
+        window = method.steps if isinstance(method, TailAverage) else None
+        return cls(int(runs), int(seed), dtype, b_start, mpb, n_steps, -(-int(burn_in) // mpb), window)
+
+    def result(self, problem, method, sums: _Sums, seconds: float, start) -> MCResult:
+        """The run means and standard errors of the tiles' sums (multiplicative: with the balance and its drift)."""
+        n_rec = self.n_steps // self.window if self.window else self.n_steps
+        per_mean, per_mem = sums.mean / n_rec, sums.mem / n_rec
+        updates = self.runs * problem.dim * _members(method) * (self.n_burn + self.n_steps)
+        stats = _run_stats(per_mean, per_mem)
+        if not all(math.isfinite(v) for v in stats):
+            raise DivergedError("the simulated losses overflow float64 (values near 1e308); rescale the problem "
+                                "(smaller `noise`, `curvature` or `optimum`)")
+        res = MCResult(method.name, *stats, self.runs, self.n_steps * self.mpb, self.n_burn * self.mpb, self.seed,
+                       updates, seconds, per_mean, per_mem, self.dtype.name,
+                       start if isinstance(start, str) else "given")
+        if sums.q_mean is not None:
+            res.balance_start = self.b_start
+            b_runs = bal.balance_of(sums.q_mean, problem, _core(method))
+            res.balance_mean = b_runs.mean(axis=0)
+            res.balance_mean_stderr = b_runs.std(axis=0, ddof=1) / math.sqrt(self.runs)
+            res.drift_per_step = sums.q_drift.mean(axis=0)
+            res.drift_per_step_stderr = sums.q_drift.std(axis=0, ddof=1) / math.sqrt(self.runs)
+        return res
+
+
+class _Sums:
+    """The tiles' results gathered per run (and per coordinate for the balance), under a lock."""
+
+    def __init__(self, runs: int, dim: int):
+        self.mean, self.mem = np.zeros(runs), np.zeros(runs)
+        self.q_mean = self.q_drift = None
+        self.dim, self.lock = dim, threading.Lock()
+
+    def add(self, bounds, s_mean, s_mem, q_mean, q_drift) -> None:
+        r0, r1, c0, c1 = bounds
+        with self.lock:
+            self.mean[r0:r1] += s_mean
+            self.mem[r0:r1] += s_mem
+            if q_mean is not None:
+                if self.q_mean is None:
+                    shape = (self.mean.size, self.dim)
+                    self.q_mean, self.q_drift = np.zeros(shape), np.zeros(shape)
+                self.q_mean[r0:r1, c0:c1] = q_mean
+                self.q_drift[r0:r1, c0:c1] = q_drift
 
 
 # ----------------------------------------------------------------------------- learning curves
@@ -479,111 +536,156 @@ def simulate_curve(problem, method: LatePhase, sgd: SGD, *, T0: int, horizon: in
     """Simulate the protocol of :func:`nqp.curves.learning_curve` (SGD until T0, then `method`;
     SGD continuing beside it on the same noise up to T0). Returns a Curve of the run means with
     standard errors for the series sgd, latephase_mean, latephase_members (and latephase_swa)."""
-    from .curves import Curve, start_weights, time_grid
-    from .methods import Block
+    from .curves import start_weights, time_grid
 
-    if getattr(method, "weight_decay", 0) or sgd.weight_decay or problem.hessian is not None:
-        if not isinstance(method, Block):
-            raise NQPError(f"weight decay and a full --hessian are simulated along a curve for --method block only, "
-                           f"not {method.name}")
-    if isinstance(method, Block):
+    if _block_curve(problem, method, sgd, swa_start):
         from . import block
-        if swa_start is not None:
-            raise NQPError("--swa-start is not modelled for --method block")
         return block.simulate_curve(problem, method, sgd, T0=T0, horizon=horizon, w0=w0, sigma0=sigma0, points=points,
                                     runs=runs, seed=seed, threads=threads, progress=progress)
-    if int(runs) != runs or runs < 2:
-        raise NQPError(f"--runs must be an integer >= 2, got {runs}")
-    _check_seed(seed)
-    K = method.K
-    t = time_grid(T0, horizon, K, points)
-    if swa_start is not None and not (T0 <= swa_start < horizon and (swa_start - T0) % K == 0):
-        raise NQPError(f"--swa-start must be T0 + K n below the horizon (T0={T0}, K={K}), got {swa_start}")
+    _check_runs_seed(runs, seed)
+    t = time_grid(T0, horizon, method.K, points)
+    if swa_start is not None and not (T0 <= swa_start < horizon and (swa_start - T0) % method.K == 0):
+        raise NQPError(f"`swa_start` must be T0 + K n below the horizon (T0={T0}, K={method.K}), got {swa_start}")
     names = ["sgd", "latephase_mean", "latephase_members"] + (["latephase_swa"] if swa_start is not None else [])
-    out = {k: np.zeros((int(runs), len(t))) for k in names}
     track = _is_mult(method) and not bal.frozen(method)
-    b_runs = np.full((int(runs), len(t), problem.dim), np.nan) if track else None
+    sums = _CurveSums(names, int(runs), len(t), problem.dim, track)
     w0 = start_weights(w0, problem.dim)
-    tiles = _tiles(int(runs), problem.dim, K)
-    lock = threading.Lock()
+    tiles = _tiles(int(runs), problem.dim, method.K)
     bar = _Progress(len(tiles) * int(horizon), progress, "simulate curve")
     record = {int(x): i for i, x in enumerate(t)}
 
     def run_tile(index):
-        r0, r1, c0, c1 = tiles[index]
-        h, ws = problem.curvature[c0:c1], problem.optimum[c0:c1]
-        sub = type(problem)(h, problem.noise[c0:c1], ws)
-        coeffs = dyn.Coeffs.of(sub)
+        tile = _CurveTile(problem, method, sgd, tiles[index], w0, names, len(t), track, T0, sigma0, swa_start)
         rng = _rng(seed, index)
-        w = np.broadcast_to(w0[c0:c1], (r1 - r0, c1 - c0)).copy()
-        sgd_state = dyn.SGDState(w, np.zeros_like(w) if sgd.momentum else None)
-        xi1 = np.empty_like(w)
-        xik = np.empty((r1 - r0, K, c1 - c0))
-        local = {k: np.zeros((r1 - r0, len(t))) for k in names}
-        b_local = np.full((r1 - r0, len(t), c1 - c0), np.nan) if track else None
-        lp = None
-        swa_sum, swa_n = None, 0
-
-        def rec(i):
-            x = sgd_state.w - ws
-            local["sgd"][:, i] = _excess(x, h)
-            if lp is None:
-                local["latephase_mean"][:, i] = local["sgd"][:, i]
-                local["latephase_members"][:, i] = local["sgd"][:, i]
-            else:
-                m = dyn.mean_model(lp, method) - ws
-                wk = dyn.members(lp, method) - ws
-                local["latephase_mean"][:, i] = _excess(m, h)
-                local["latephase_members"][:, i] = 0.5 * np.einsum("rkd,rkd,d->r", wk, wk, h) / K
-            if "latephase_swa" in local:
-                local["latephase_swa"][:, i] = _excess(swa_sum / swa_n - ws, h) if swa_n else np.nan
-            if track and lp is not None:
-                b_local[:, i] = bal.balance_of(bal.quantity(lp, method), sub, method)
-
-        now, pending = 0, 0
         if T0 == 0:
-            lp = dyn.release(sgd_state.w, sgd_state.v, method, sigma0, rng)
+            tile.release(rng)
         if 0 in record:
-            rec(record[0])
-        while now < horizon:
-            if lp is None:  # SGD phase
-                rng.standard_normal(out=xi1)
-                dyn.sgd_step(sgd_state, xi1, coeffs, sgd)
-                now += 1
-                pending += 1
-                if now == T0:
-                    lp = dyn.release(sgd_state.w, sgd_state.v, method, sigma0, rng)
-            else:  # one outer step; SGD continues on K minibatches beside it
-                for _ in range(K):
-                    rng.standard_normal(out=xi1)
-                    dyn.sgd_step(sgd_state, xi1, coeffs, sgd)
-                rng.standard_normal(out=xik)
-                dyn.latephase_step(lp, xik, coeffs, method)
-                now += K
-                pending += K
-                if swa_start is not None and now > swa_start:
-                    m = dyn.mean_model(lp, method)
-                    swa_sum = m.copy() if swa_sum is None else swa_sum + m
-                    swa_n += 1
-            if now in record:
-                rec(record[now])
+            tile.record(record[0])
+        pending = 0
+        while tile.now < horizon:
+            pending += tile.step(rng)
+            if tile.now in record:
+                tile.record(record[tile.now])
             if pending >= 1024:
                 bar.update(pending)
                 pending = 0
         bar.update(pending)
-        if not all(np.all(np.isfinite(v[~np.isnan(v)])) for v in local.values()):
-            raise DivergedError("simulation diverged (non-finite loss); lower the learning rates or the noise")
-        with lock:
-            for k in names:
-                out[k][r0:r1] += local[k]
-            if track:
-                b_runs[r0:r1, :, c0:c1] = b_local
+        sums.add(tiles[index], *tile.result())
 
     _run_tiles(run_tile, len(tiles), threads, bar)
-    series = {k: v.mean(axis=0) for k, v in out.items()}
-    stderr = {k: v.std(axis=0, ddof=1) / math.sqrt(v.shape[0]) for k, v in out.items()}
-    curve = Curve(t, series, int(T0), K, "monte carlo", stderr)
-    if track:   # the balance b = theta^2/|w*| of the manifold point with each run's Q~, averaged over runs
-        curve.balance = b_runs.mean(axis=0)
-        curve.balance_stderr = b_runs.std(axis=0, ddof=1) / math.sqrt(b_runs.shape[0])
-    return curve
+    return sums.curve(t, int(T0), method.K)
+
+
+def _block_curve(problem, method, sgd, swa_start) -> bool:
+    """Whether the curve is the block model's (weight decay and a full H are simulated for `method` block only)."""
+    from .methods import Block
+
+    if not isinstance(method, Block):
+        if getattr(method, "weight_decay", 0) or sgd.weight_decay or problem.hessian is not None:
+            raise NQPError(f"weight decay and a full `hessian` are simulated along a curve for `method` block only, "
+                           f"not {method.name}")
+        return False
+    if swa_start is not None:
+        raise NQPError("`swa_start` is not modelled for `method` block")
+    return True
+
+
+class _CurveSums:
+    """The tiles' recorded losses gathered per run (and the balances per run and coordinate), under a lock."""
+
+    def __init__(self, names, runs: int, n_times: int, dim: int, track: bool):
+        self.out = {k: np.zeros((runs, n_times)) for k in names}
+        self.b_runs = np.full((runs, n_times, dim), np.nan) if track else None
+        self.lock = threading.Lock()
+
+    def add(self, bounds, local, b_local) -> None:
+        r0, r1, c0, c1 = bounds
+        with self.lock:
+            for k, v in self.out.items():
+                v[r0:r1] += local[k]
+            if self.b_runs is not None:
+                self.b_runs[r0:r1, :, c0:c1] = b_local
+
+    def curve(self, t, T0: int, K: int):
+        """The Curve of the run means with their standard errors (std across runs / sqrt(runs))."""
+        from .curves import Curve
+
+        series = {k: v.mean(axis=0) for k, v in self.out.items()}
+        stderr = {k: v.std(axis=0, ddof=1) / math.sqrt(v.shape[0]) for k, v in self.out.items()}
+        curve = Curve(t, series, T0, K, "monte carlo", stderr)
+        if self.b_runs is not None:   # the balance b = theta^2/|w*| of the manifold point with each run's Q~, run means
+            curve.balance = self.b_runs.mean(axis=0)
+            curve.balance_stderr = self.b_runs.std(axis=0, ddof=1) / math.sqrt(self.b_runs.shape[0])
+        return curve
+
+
+class _CurveTile:
+    """One (runs x coordinates) block of the curve protocol: SGD until T0, then `method`, with SGD continuing beside it
+    on the same number of minibatches (K per outer step, each on its own noise); record(i) stores the losses at the
+    i-th time of the grid. The random stream is drawn in this order: SGD's minibatches, then the release (its
+    perturbation sigma0), then per outer step K SGD minibatches and the K members' noise."""
+
+    def __init__(self, problem, method, sgd, bounds, w0, names, n_times, track, T0, sigma0, swa_start):
+        r0, r1, c0, c1 = bounds
+        self.h, self.ws = problem.curvature[c0:c1], problem.optimum[c0:c1]
+        self.sub = type(problem)(self.h, problem.noise[c0:c1], self.ws)
+        self.coeffs = dyn.Coeffs.of(self.sub)
+        w = np.broadcast_to(w0[c0:c1], (r1 - r0, c1 - c0)).copy()
+        self.sgd_state = dyn.SGDState(w, np.zeros_like(w) if sgd.momentum else None)
+        self.xi1 = np.empty_like(w)
+        self.xik = np.empty((r1 - r0, method.K, c1 - c0))
+        self.local = {k: np.zeros((r1 - r0, n_times)) for k in names}
+        self.b_local = np.full((r1 - r0, n_times, c1 - c0), np.nan) if track else None
+        self.method, self.sgd, self.T0, self.sigma0, self.swa_start = method, sgd, T0, sigma0, swa_start
+        self.lp, self.swa_sum, self.swa_n, self.now = None, None, 0, 0
+
+    def release(self, rng) -> None:
+        """The late phase starts from SGD's weights (members perturbed by sigma0)."""
+        self.lp = dyn.release(self.sgd_state.w, self.sgd_state.v, self.method, self.sigma0, rng)
+
+    def _sgd_step(self, rng) -> None:
+        rng.standard_normal(out=self.xi1)
+        dyn.sgd_step(self.sgd_state, self.xi1, self.coeffs, self.sgd)
+
+    def step(self, rng) -> int:
+        """One SGD minibatch before T0 (releasing at T0), else one outer step; returns the minibatches it took."""
+        if self.lp is None:
+            self._sgd_step(rng)
+            self.now += 1
+            if self.now == self.T0:
+                self.release(rng)
+            return 1
+        K = self.method.K
+        for _ in range(K):
+            self._sgd_step(rng)
+        rng.standard_normal(out=self.xik)
+        dyn.latephase_step(self.lp, self.xik, self.coeffs, self.method)
+        self.now += K
+        if self.swa_start is not None and self.now > self.swa_start:
+            m = dyn.mean_model(self.lp, self.method)
+            self.swa_sum = m.copy() if self.swa_sum is None else self.swa_sum + m
+            self.swa_n += 1
+        return K
+
+    def record(self, i: int) -> None:
+        """The excess losses at grid index i: SGD's, the mean model's, the members' average (before the release: SGD's),
+        SWA's; multiplicative: each run's balance."""
+        local, h, ws, lp, method = self.local, self.h, self.ws, self.lp, self.method
+        local["sgd"][:, i] = _excess(self.sgd_state.w - ws, h)
+        if lp is None:
+            local["latephase_mean"][:, i] = local["sgd"][:, i]
+            local["latephase_members"][:, i] = local["sgd"][:, i]
+        else:
+            wk = dyn.members(lp, method) - ws
+            local["latephase_mean"][:, i] = _excess(dyn.mean_model(lp, method) - ws, h)
+            local["latephase_members"][:, i] = 0.5 * np.einsum("rkd,rkd,d->r", wk, wk, h) / method.K
+        if "latephase_swa" in local:
+            local["latephase_swa"][:, i] = _excess(self.swa_sum / self.swa_n - ws, h) if self.swa_n else np.nan
+        if self.b_local is not None and lp is not None:
+            self.b_local[:, i] = bal.balance_of(bal.quantity(lp, method), self.sub, method)
+
+    def result(self):
+        """(the recorded losses by series, the balances or None); DivergedError if a loss is not finite."""
+        if not all(np.all(np.isfinite(v[~np.isnan(v)])) for v in self.local.values()):
+            raise DivergedError("simulation diverged (non-finite loss); lower the learning rates or the noise")
+        return self.local, self.b_local

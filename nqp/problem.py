@@ -72,11 +72,11 @@ class Problem:
         d = self.dim
         h, s, H, S = self.curvature, self.noise, self.hessian, self.noise_cov
         if hessian is not None:
-            H = check_matrix(hessian, "--hessian", d, definite=True)
+            H = check_matrix(hessian, "`hessian`", d, definite=True)
             h = np.diag(H).copy()
             H = None if _is_diagonal(H) else H
         if noise_cov is not None:
-            S = check_matrix(noise_cov, "--noise-cov", d, definite=False)
+            S = check_matrix(noise_cov, "`noise_cov`", d, definite=False)
             s = np.diag(S).copy()
             S = None if _is_diagonal(S) else S
         return Problem(h, s, self.optimum.copy(), H, S)
@@ -102,7 +102,7 @@ class Problem:
         sizes = [np.size(v) for v in (curvature, noise, optimum)]
         dim = max(sizes)
         if any(n not in (1, dim) for n in sizes):
-            raise NQPError(f"--curvature has {sizes[0]}, --noise {sizes[1]} and --optimum {sizes[2]} values; "
+            raise NQPError(f"`curvature` has {sizes[0]}, `noise` {sizes[1]} and `optimum` {sizes[2]} values; "
                            f"give each either one value (broadcast) or the same number")
         h = _as_vector("curvature", curvature, dim)
         return cls(h, _as_vector("noise", noise, dim), _as_vector("optimum", optimum, dim))
@@ -111,11 +111,11 @@ class Problem:
     def powerlaw(cls, dim: int, power: float = 1.0, noise=1.0, optimum=1.0) -> "Problem":
         """Power-law spectrum h_i = i^(-power), i = 1..dim (Zhang et al. 2019 use power = 1)."""
         if int(dim) != dim or dim < 1:
-            raise NQPError(f"--dim must be a positive integer, got {dim}")
+            raise NQPError(f"`dim` must be a positive integer, got {dim}")
         if not np.isfinite(power) or power < 0:
-            raise NQPError(f"--power must be >= 0, got {power}")
+            raise NQPError(f"`power` must be >= 0, got {power}")
         # the curvature, noise and optimum vectors and the closed forms' per-coordinate terms (a lower bound)
-        check_memory([(f"--dim {int(dim):,} coordinates", 6 * FLOAT * int(dim), "--dim")], "the problem")
+        check_memory([(f"`dim` {int(dim):,} coordinates", 6 * FLOAT * int(dim), "`dim`")], "the problem")
         h = np.arange(1, int(dim) + 1, dtype=float) ** (-float(power))
         return cls(h, _as_vector("noise", noise, int(dim)), _as_vector("optimum", optimum, int(dim)))
 

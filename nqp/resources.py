@@ -85,5 +85,5 @@ def check_threads(threads: int | None) -> None:
     """Refuse more worker threads than CPUs (results do not depend on the number of threads; more only slows)."""
     n = cpu_count()
     if threads is not None and threads > n:
-        raise NQPError(f"--threads {threads}: this machine has {n} CPU{'s' if n > 1 else ''}; give at most {n} "
+        raise NQPError(f"`threads` {threads}: this machine has {n} CPU{'s' if n > 1 else ''}; give at most {n} "
                        f"(the results do not depend on the number of threads)")

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import closed_form as cf
 from . import linear
-from .errors import NQPError, UnstableError
+from .errors import NQPError, UnstableError, overflow
 from .methods import SGD, Ensemble, LatePhase, TailAverage
 from .problem import Problem
 
@@ -63,7 +63,7 @@ def stability(problem: Problem, method) -> list[Condition]:
         return [Condition("lr * h" + tail, float(method.lr * h.max()), edge)]
     if method.kind == "multiplicative":
         if np.any(problem.optimum == 0):
-            raise NQPError("the multiplicative model needs a nonzero optimum in every coordinate (--optimum)")
+            raise NQPError("the multiplicative model needs a nonzero optimum in every coordinate (`optimum`)")
         h = h * np.abs(problem.optimum)
         unit = " * |w*|"
     else:
@@ -230,8 +230,7 @@ def steady_state(problem: Problem, method, path: str = "closed", balance=None) -
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             mean, mem, label = block.steady_state(problem, method, path)
         if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(mem))):
-            raise NQPError("the predicted loss overflows float64 (values near 1e308); rescale the problem "
-                           "(smaller --noise, --curvature or --optimum)")
+            raise overflow("noise", "curvature", "optimum")
         return _pred(method.name, label, mean, mem, conds)
     conds = check_stable(problem, method)
     if balance is not None and not _is_multiplicative(method):
@@ -241,8 +240,7 @@ def steady_state(problem: Problem, method, path: str = "closed", balance=None) -
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         mean, mem = (_closed if path == "closed" else _lyapunov)(problem, method, balance)
     if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(mem))):
-        raise NQPError("the predicted loss overflows float64 (values near 1e308); rescale the problem "
-                       "(smaller --noise, --curvature or --optimum)")
+        raise overflow("noise", "curvature", "optimum")
     label = path
     if _is_multiplicative(method):
         label += (", small-noise linearisation at the balanced start (short time)" if balance is None
@@ -267,8 +265,7 @@ def long_run(problem: Problem, method, path: str = "closed") -> Prediction:
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         mean, mem = (_closed if path == "closed" else _lyapunov)(problem, method, sel.selected)
     if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(mem))):
-        raise NQPError("the predicted loss overflows float64 (values near 1e308); rescale the problem "
-                       "(smaller --noise, --curvature or --optimum)")
+        raise overflow("noise", "curvature", "optimum")
     label = f"{short.path.split(',')[0]}, long run at the noise-selected balance"
     if sel.frozen:
         label += " (theta frozen: the release balance)"
@@ -294,3 +291,52 @@ def baselines(problem: Problem, method, sgd: SGD, swa_window: int | None = None)
         except UnstableError as e:
             out[name] = {"method": m.name, "unstable": str(e)}
     return out
+
+
+def gamma_theta_scan(problem: Problem, method, path: str = "closed") -> list[dict]:
+    """The long run (:func:`long_run`) of a late-phase method at gamma_theta in {0, 1/K, 1/2, 1}, its other settings
+    kept: one dict per value, {"gamma_theta": g, "prediction": Prediction} or {"gamma_theta": g, "unstable": why}.
+    gamma_theta = 0 freezes the block model's theta (no stationary state): not scanned there.
+
+    >>> [r["gamma_theta"] for r in gamma_theta_scan(Problem.powerlaw(3), LatePhase(4, 0.1, 0.1))]
+    [0.0, 0.25, 0.5, 1.0]
+    """
+    from .methods import Block
+
+    gammas = sorted({1.0 / method.K, 0.5, 1.0} | (set() if isinstance(method, Block) else {0.0}))
+    out = []
+    for g in gammas:
+        try:
+            out.append({"gamma_theta": g, "prediction": long_run(problem, method.with_(gamma_theta=g), path)})
+        except NQPError as e:
+            out.append({"gamma_theta": g, "unstable": str(e)})
+    return out
+
+
+def other_K(problem: Problem, method, sgd: SGD, path: str = "closed", own: dict | None = None) -> list[dict]:
+    """The late-phase mean model's long-run excess at K in {2, K, 2K} (K = 1 left out) beside the best fair baseline
+    at that K: the better of SGD with a K-times batch and the average of K runs of `sgd` (None where unstable).
+    Rows {"K", "excess_loss_mean_model", "best_baseline", "ratio" (late-phase / baseline)}; `own`, when given, is the
+    row at the method's own K, already computed.
+
+    >>> [r["K"] for r in other_K(Problem.powerlaw(3), LatePhase(4, 0.1, 0.1, 0.25), SGD(0.1))]
+    [2, 4, 8]
+    """
+    def mean_of(m):
+        try:
+            return long_run(problem, m, path).excess_loss_mean_model
+        except NQPError:
+            return None
+
+    rows = []
+    for k in sorted({2, method.K, 2 * method.K} - {1}):
+        if k == method.K and own is not None:
+            rows.append(own)
+            continue
+        lp = mean_of(method.with_(K=k))
+        base = [v for v in (mean_of(SGD(sgd.lr, sgd.momentum, sgd.nesterov, k, sgd.weight_decay)),
+                            mean_of(Ensemble(sgd, k))) if v is not None]
+        b = min(base) if base else None
+        rows.append({"K": k, "excess_loss_mean_model": lp, "best_baseline": b,
+                     "ratio": None if (lp is None or not b) else lp / b})
+    return rows

@@ -219,3 +219,59 @@ def test_frozen_theta_keeps_the_release_balance():
     pred = long_run(p, lp)
     assert pred.balance.frozen and pred.relaxation_minibatches is None
     assert pred.excess_loss_mean_model == steady_state(p, lp).excess_loss_mean_model
+
+
+@pytest.mark.parametrize("momentum,nesterov", [(0.0, False), (0.9, False), (0.6, True)])
+def test_select_grid_equals_the_per_setting_root_finder(momentum, nesterov):
+    """The vectorised b* of the sweep (safeguarded Newton on every setting and coordinate at once) is the root that
+    select's bracketing finds per setting; settings unstable at the release are NaN; frozen theta and no noise: 1."""
+    p = Problem.from_values([1.0, 0.3, 0.05, 2.0, 0.7], [0.3, 0.5, 0.1, 0.0, 0.2], [1.0, -2.0, 0.5, 1.5, -0.3])
+    rows = [(K, g, et, ep) for K in (1, 2, 7) for g in (0.0, 0.05, 1.0) for et, ep in ((0.02, 0.02), (0.1, 0.03),
+                                                                                       (0.3, 0.4))]
+    K, g, et, ep = (np.array(c, float)[:, None] for c in zip(*rows))
+    b = bal.select_grid(p, K, g, et, ep, momentum, nesterov)
+    assert b.shape == (len(rows), p.dim)
+    checked = 0
+    for i, (Ki, gi, eti, epi) in enumerate(rows):
+        lp = LatePhase(Ki, eti, epi, gi, momentum, nesterov, kind="multiplicative")
+        try:
+            ref = bal.select(p, lp).selected
+        except bal.UnstableError:
+            assert np.isnan(b[i]).any()
+            continue
+        ref = np.where(p.noise > 0, ref, 1.0)
+        np.testing.assert_allclose(b[i], ref, rtol=1e-12)
+        checked += 1
+    assert checked >= len(rows) // 2
+
+
+def test_long_run_sweep_equals_long_run_per_point():
+    """sweep.grid(balance="long-run") in chunks of two points on all cores = theory.long_run point by point."""
+    from nqp.sweep import grid
+
+    p = Problem.from_values([1.0, 0.3, 0.05, 0.6], [0.3, 0.5, 0.1, 0.2], [1.0, -2.0, 0.5, 1.5])
+    base = {"lr": 0.05, "momentum": 0.5, "nesterov": False}
+    Ks, gammas = np.array([1.0, 2.0, 5.0]), np.array([0.01, 0.2, 1.0])
+    res = grid(p, "multiplicative", base, ("K", Ks), ("gamma_theta", gammas), chunk_elements=8, balance="long-run")
+    for j, gm in enumerate(gammas):
+        for i, K in enumerate(Ks):
+            pred = long_run(p, LatePhase(int(K), 0.05, 0.05, gm, 0.5, kind="multiplicative"))
+            assert res.mean_model[j, i] == pytest.approx(pred.excess_loss_mean_model, rel=1e-10)
+            assert res.members[j, i] == pytest.approx(pred.excess_loss_members, rel=1e-10)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_the_drift_has_one_stable_root_without_nesterov(momentum):
+    """Plain SGD and heavy ball: (B4) changes sign once on the stable interval, from + to -, below sqrt(K) b*_0 --
+    why the sweep's root finder needs no evaluation at the release."""
+    p = Problem.from_values([1.0, 0.3, 2.0], [0.3, 0.5, 0.2], [1.0, -2.0, 0.7])
+    for K, g, et, ep in ((2, 1.0, 0.1, 0.1), (7, 0.3, 0.05, 0.2), (30, 0.02, 0.4, 0.01)):
+        lp = LatePhase(K, et, ep, g, momentum, kind="multiplicative")
+        lo, hi = bal.stable_interval(p, lp)
+        for i in range(p.dim):
+            b = np.geomspace(lo[i], hi[i], 402)[1:-1]
+            sign = np.sign([bal.drift(p, lp, bb)[i] for bb in b])
+            assert sign[0] > 0 and sign[-1] < 0 and np.count_nonzero(np.diff(sign)) == 1
+            top = np.sqrt(K) * bal.leading_order(lp)                   # x = sqrt(kappa): the root lies below
+            if top < hi[i]:
+                assert bal.drift(p, lp, top)[i] < 0

@@ -291,3 +291,54 @@ def test_sweep_without_noise_has_no_gain_but_succeeds(capsys, tmp_path):
     assert "no gain over SGD is defined" in out
     d = json.loads((tmp_path / "sweep.json").read_text())
     assert all(p["gain_over_sgd"] is None for p in d["points"])
+
+
+def test_predict_prints_the_library_scan_and_other_K(capsys):
+    """The gamma_theta scan and the other-K rows of `predict` are nqp.theory's gamma_theta_scan and other_K."""
+    from nqp import SGD, long_run
+    from nqp.theory import gamma_theta_scan, other_K
+
+    d = run_json(capsys, "predict", "--method", "additive", "--K", "4", "--dim", "5", "--lr", "0.3")
+    p, lp = Problem.powerlaw(5, 1.0), LatePhase(4, 0.3, 0.3, 1.0)
+    scan = gamma_theta_scan(p, lp)
+    assert [r["gamma_theta"] for r in d["gamma_theta_scan"]] == [r["gamma_theta"] for r in scan] == [0, 0.25, 0.5, 1]
+    for cli, lib in zip(d["gamma_theta_scan"], scan):
+        assert cli["excess_loss_mean_model"] == pytest.approx(lib["prediction"].excess_loss_mean_model, rel=1e-12)
+    rows = other_K(p, lp, SGD(0.3))
+    assert [r["K"] for r in rows] == [r["K"] for r in d["other_K"]] == [2, 4, 8]
+    for cli, lib in zip(d["other_K"], rows):
+        assert cli["best_baseline"] == pytest.approx(lib["best_baseline"], rel=1e-12)
+    assert rows[0]["excess_loss_mean_model"] == pytest.approx(
+        long_run(p, LatePhase(2, 0.3, 0.3, 1.0)).excess_loss_mean_model, rel=1e-12)
+    unstable = gamma_theta_scan(p, LatePhase(4, 0.3, 0.3, 1.0).with_(lr_theta=0.9))
+    assert any("unstable" in r for r in unstable)
+
+
+def test_library_errors_name_parameters_and_the_cli_names_flags(capsys):
+    """The library's messages name its parameters in backticks; the command line shows each as its flag
+    (nqp.cli.flags), and no string of a library module (docstrings aside) names a flag."""
+    import ast
+    import pathlib
+    import re
+
+    import nqp
+    from nqp import NQPError
+    from nqp.cli import flags
+
+    with pytest.raises(NQPError, match="^`lr_phi` must be > 0, got 0"):
+        LatePhase(4, 0.1, 0.0)
+    assert flags("`lr_phi` must be > 0; `T0`, `window`, `placement`") == \
+        "--lr-phi must be > 0; --t0, --swa-window, --phi"
+    code, _, err = run(capsys, "predict", "--lr-phi", "0")
+    assert code == 2 and "--lr-phi must be > 0" in err
+    root = pathlib.Path(nqp.__file__).parent
+    for path in sorted(root.glob("*.py")):
+        if path.name in ("cli.py", "docs.py", "codegen.py", "files.py", "__main__.py"):  # CLIs; files takes a flag
+            continue
+        tree = ast.parse(path.read_text())
+        docs = {id(n.body[0].value) for n in ast.walk(tree)
+                if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef)) and n.body
+                and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs:
+                assert not re.search(r"(?<![\w-])--[a-z]", node.value), f"{path.name}: {node.value!r}"

@@ -156,5 +156,5 @@ def test_simulation_input_errors():
         simulate(p, SGD(0.1), steps=100, runs=1)
     with pytest.raises(NQPError, match="steps"):
         simulate(p, LatePhase(10, 0.1, 0.1), steps=5, runs=4)
-    with pytest.raises(NQPError, match="burn-in"):
+    with pytest.raises(NQPError, match="`burn_in`"):
         simulate(p, SGD(0.1), steps=100, runs=4, burn_in=-1)

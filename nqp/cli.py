@@ -13,6 +13,9 @@ import sys
 
 import numpy as np
 
+from .console import Stdout as _Stdout
+from .console import StdoutError as _StdoutError
+from .console import silence_stdout as _silence_stdout
 from .errors import NQPError
 from .files import Outputs, check_writable
 from .methods import Block, LatePhase, TailAverage, make_method
@@ -792,44 +795,6 @@ def make_parser() -> argparse.ArgumentParser:
     sd.add_argument("--quick", action="store_true", help="small, fast build (CI check)")
     sd.set_defaults(func=cmd_docs)
     return p
-
-
-class _StdoutError(Exception):
-    """Writing the command's output to stdout failed (a full disk behind a redirection, a closed terminal)."""
-
-
-class _Stdout:
-    """sys.stdout while a command runs: a failed write or flush is a _StdoutError (a closed pipe stays a
-    BrokenPipeError), so that it is not mistaken for a failure of a file the user named."""
-
-    def __init__(self, stream):
-        self._stream = stream
-
-    def _guard(self, fn, *args):
-        try:
-            return fn(*args)
-        except BrokenPipeError:
-            raise
-        except OSError as e:
-            raise _StdoutError(e.strerror or str(e)) from None
-
-    def write(self, text):
-        return self._guard(self._stream.write, text)
-
-    def flush(self):
-        return self._guard(self._stream.flush)
-
-    def __getattr__(self, name):
-        return getattr(self._stream, name)
-
-
-def _silence_stdout() -> None:
-    """Point stdout at /dev/null so that the interpreter's final flush does not complain about a closed pipe."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.__stdout__.fileno())
-    except (OSError, AttributeError, ValueError):
-        pass
 
 
 def main(argv=None) -> int:

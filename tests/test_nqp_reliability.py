@@ -96,6 +96,27 @@ def test_stdout_failures_are_named_and_a_closed_pipe_is_quiet():
     assert p.returncode == 0 and err == b""
 
 
+def test_the_command_stdout_names_a_closed_stream_and_passes_a_closed_pipe():
+    """nqp.console.Stdout (both CLIs' stdout): a write to a closed stream is a StdoutError, a broken pipe stays one."""
+    import io
+
+    from nqp.console import Stdout, StdoutError
+    closed = io.StringIO()
+    closed.close()
+    with pytest.raises(StdoutError, match="closed"):
+        Stdout(closed).write("x")
+
+    class Gone(io.StringIO):
+        def flush(self):
+            raise BrokenPipeError
+
+    with pytest.raises(BrokenPipeError):
+        Stdout(Gone()).flush()
+    out = io.StringIO()
+    Stdout(out).write("kept")
+    assert out.getvalue() == "kept" and Stdout(out).getvalue() == "kept"  # everything else reaches the stream
+
+
 def test_outputs_all_or_nothing_and_no_temporary_left(tmp_path):
     (tmp_path / "a.txt").write_text("old")
     with pytest.raises(RuntimeError):

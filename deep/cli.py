@@ -14,8 +14,10 @@ import signal
 import sys
 import threading
 
+from nqp.console import Parser as _Parser
 from nqp.console import Stdout as _Stdout
 from nqp.console import StdoutError as _StdoutError
+from nqp.console import fail as _fail
 from nqp.console import silence_stdout as _silence_stdout
 from shared.checkpoint import WriteError
 
@@ -23,22 +25,6 @@ from .config import (CONFIG_CLASSES, PRESETS, FinetuneConfig, ImageConfig, add_c
                      flag_name, get_config, overrides_from_args, with_overrides)
 from .errors import ConfigError, DeepError
 from .runfolder import check_out_value, default_out
-
-
-class _Parser(argparse.ArgumentParser):
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("allow_abbrev", False)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message):
-        if "unrecognized arguments" in message and "_" in message:
-            message += " (flags are spelled with dashes, e.g. --batch-size)"
-        raise SystemExit(_fail(f"{message} (see {self.prog} --help)"))
-
-
-def _fail(msg: str) -> int:
-    print(f"error: {msg}", file=sys.stderr)
-    return 2
 
 
 def _user_errors():

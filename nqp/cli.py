@@ -13,8 +13,10 @@ import sys
 
 import numpy as np
 
+from .console import Parser as _Parser
 from .console import Stdout as _Stdout
 from .console import StdoutError as _StdoutError
+from .console import fail as _fail
 from .console import silence_stdout as _silence_stdout
 from .errors import NQPError
 from .files import Outputs, check_writable
@@ -23,20 +25,6 @@ from .problem import Problem
 from .resources import FLOAT, check_memory, check_threads
 
 DEFAULT_DIM, DEFAULT_POWER = 10, 1.0   # the docs' standard setting (docs/theory.md §1)
-
-
-class _Parser(argparse.ArgumentParser):
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("allow_abbrev", False)  # no prefix matching: --gam is an error, not --gamma-theta
-        super().__init__(*args, **kwargs)
-
-    def error(self, message):  # one line, exit 2
-        raise SystemExit(_fail(f"{message} (see {self.prog} --help)"))
-
-
-def _fail(msg: str) -> int:
-    print(f"error: {msg}", file=sys.stderr)
-    return 2
 
 
 # The library names its parameters in backticks (`lr_theta`, `T0`); the command line shows each as its flag.

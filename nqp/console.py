@@ -1,5 +1,8 @@
-"""The command line's stdout, shared by ``python -m nqp`` and ``python -m deep`` (standard library only, so that nqp
-stays free of torch and deep can import it).
+"""The command line's plumbing shared by ``python -m nqp`` and ``python -m deep``: its argument parser, its one-line
+errors and its stdout (standard library only, so that nqp stays free of torch and deep can import it).
+
+A user's mistake is one line on stderr and exit status 2 (:func:`fail`, :class:`Parser`); the command's output goes
+through :class:`Stdout`:
 
     stdout, sys.stdout = sys.stdout, Stdout(sys.stdout)
     try:
@@ -13,8 +16,31 @@ stays free of torch and deep can import it).
 """
 from __future__ import annotations
 
+import argparse
 import os
+import re
 import sys
+
+
+def fail(msg: str) -> int:
+    """Print ``error: msg`` on stderr; the exit status of a user's mistake (2)."""
+    print(f"error: {msg}", file=sys.stderr)
+    return 2
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit 2) and no prefix matching (``--gam`` is an error, not ``--gamma-theta``);
+    a flag written with underscores is answered with its dashed spelling."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        underscored = re.search(r"--\w*_[\w-]*", message) if "unrecognized arguments" in message else None
+        if underscored:
+            message += f" (flags are spelled with dashes, e.g. {underscored.group(0).replace('_', '-')})"
+        raise SystemExit(fail(f"{message} (see {self.prog} --help)"))
 
 
 class StdoutError(Exception):

@@ -39,6 +39,7 @@ TINY = ["--dim", "3", "--K", "2"]
      "--K is swept by --x"),
     # no prefix matching
     (["predict", "--gam", "0.5"], "unrecognized arguments: --gam"),
+    (["predict", "--gamma_theta", "0.5"], "(flags are spelled with dashes, e.g. --gamma-theta)"),
     # sizes that cannot fit: refused by their memory before anything is allocated
     (["predict", "--dim", "1e12"], "the problem needs at least 43.7 TiB of memory but this machine has"),
     (["predict", "--dim", str(10 ** 30)], "of memory but this machine has"),

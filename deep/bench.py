@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from shared import BatchNorm, Head, LatePhase, sgd
+from shared.core import maybe_autocast
 
 from .models import wrn
 from .models.wrn import wrn_size
@@ -125,7 +126,7 @@ def main(args) -> int:
     def plain_round():
         for k in range(K):
             opt.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            with maybe_autocast(device, autocast):
                 loss = F.cross_entropy(plain(x[k * B:(k + 1) * B]), y[k * B:(k + 1) * B])
             loss.backward()
             opt.step()

@@ -14,28 +14,17 @@ import signal
 import sys
 import threading
 
+from nqp.console import Parser as _Parser
+from nqp.console import Stdout as _Stdout
+from nqp.console import StdoutError as _StdoutError
+from nqp.console import fail as _fail
+from nqp.console import silence_stdout as _silence_stdout
 from shared.checkpoint import WriteError
 
 from .config import (CONFIG_CLASSES, PRESETS, FinetuneConfig, ImageConfig, add_config_flags, check_seed, describe,
                      flag_name, get_config, overrides_from_args, with_overrides)
 from .errors import ConfigError, DeepError
 from .runfolder import check_out_value, default_out
-
-
-class _Parser(argparse.ArgumentParser):
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("allow_abbrev", False)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message):
-        if "unrecognized arguments" in message and "_" in message:
-            message += " (flags are spelled with dashes, e.g. --batch-size)"
-        raise SystemExit(_fail(f"{message} (see {self.prog} --help)"))
-
-
-def _fail(msg: str) -> int:
-    print(f"error: {msg}", file=sys.stderr)
-    return 2
 
 
 def _user_errors():
@@ -445,44 +434,6 @@ def main(argv=None) -> int:
         sys.stdout = stdout
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-
-
-class _StdoutError(Exception):
-    """Writing the command's output to stdout failed (disk full, closed)."""
-
-
-class _Stdout:
-    """sys.stdout while a command runs: a failed write or flush becomes _StdoutError (a closed pipe stays a
-    BrokenPipeError), so that it is not mistaken for a failure of a file the user named."""
-
-    def __init__(self, stream):
-        self._stream = stream
-
-    def _call(self, name, *args):
-        try:
-            return getattr(self._stream, name)(*args)
-        except BrokenPipeError:
-            raise
-        except (OSError, ValueError) as e:
-            raise _StdoutError(getattr(e, "strerror", None) or str(e)) from None
-
-    def write(self, text):
-        return self._call("write", text)
-
-    def flush(self):
-        return self._call("flush")
-
-    def __getattr__(self, name):
-        return getattr(self._stream, name)
-
-
-def _silence_stdout() -> None:
-    """Point stdout at /dev/null so that the interpreter's final flush does not complain about a closed pipe."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.__stdout__.fileno())
-    except (OSError, ValueError, AttributeError):
-        pass
 
 
 def _out_of_memory(e: BaseException) -> str | None:

@@ -17,25 +17,19 @@ Batches are given as zero-argument callables returning an iterator of (inputs, l
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
 
 import shared
+from shared.core import maybe_autocast
 from shared.modules import LateBatchNorm, late_modules
 
 from .metrics import Scores
 
 Batches = Callable[[], Iterator]
 RULES = ("stored", "reestimated", "reference")
-
-
-def _autocast(device: torch.device, dtype):
-    if dtype is None or device.type == "cpu":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
 
 
 def _probs(logits: torch.Tensor) -> torch.Tensor:
@@ -57,7 +51,7 @@ def predict_plain(model: nn.Module, test: Batches, ood: dict, autocast=None, pas
         for name, batches in {"test": test, **ood}.items():
             probs, labels = [], []
             for x, y in batches():
-                with _autocast(x.device, autocast):
+                with maybe_autocast(x.device, autocast):
                     p = sum(_probs(model(x)) for _ in range(passes)) / passes
                 probs.append(p.cpu())
                 labels.append(y.cpu())
@@ -96,7 +90,7 @@ def score_members(late_model: nn.Module, test: Batches, ood: dict, autocast=None
     for name, batches in {"test": test, **ood}.items():
         labelled = name == "test"
         for x, y in batches():
-            with _autocast(x.device, autocast):
+            with maybe_autocast(x.device, autocast):
                 pk = _probs(shared.ensemble_logits(late_model, x))
             ens[name].add(pk.mean(0), y if labelled else None)
             for k in range(K):
@@ -162,7 +156,7 @@ def member_disagreement(late_model: nn.Module, test: Batches, autocast=None) -> 
     n = torch.zeros((), dtype=torch.float64)
     pairs = [(k, j) for k in range(K) for j in range(k + 1, K)]
     for x, y in test():
-        with _autocast(x.device, autocast):
+        with maybe_autocast(x.device, autocast):
             pk = _probs(shared.ensemble_logits(late_model, x))
         top = pk.argmax(-1).cpu()  # (K, N)
         if pairs:

@@ -215,9 +215,11 @@ class FineTune(ClassifierRun):
 
     def epoch_batches(self, epoch: int, members: int):
         torch.manual_seed(loader_seed(self.seed, epoch, self.rank))  # augmentation draws in this process
-        batches = iter(self._loader(self.train_data, members * self.micro, True, self.seed, epoch))
+        micro = iter(self._loader(self.train_data, members * self.micro, True, self.seed, epoch))
         for _ in range(self.steps_per_epoch(members)):
-            yield batches  # one outer step consumes cfg.accum micro-batches from the shared iterator
+            # one outer step's batch: its cfg.accum micro-batches, read lazily (one in memory at a time) from the
+            # epoch's loader; accumulated_step consumes exactly these before the next step's batch starts
+            yield itertools.islice(micro, self.cfg.accum)
 
     def examples(self, batch) -> int:
         return self.cfg.accum * self.cfg.K * self.micro * self.world

@@ -7,7 +7,7 @@ decoder: 1.56 M parameters, no regularisation). Data: enwik8 split into the stan
 windows of ``bptt`` characters (:class:`deep.data.text.BPTTBatcher`; the first window of each epoch has a random
 length so the truncation points move). The LSTM state is carried from window to window (detached) and reset at the
 start of every epoch. Optimiser: plain SGD (``lr``, no momentum), gradient-norm clipping ``grad_clip``, the
-"annealing" learning-rate schedule per epoch (:mod:`deep.schedule`).
+"annealing" learning-rate schedule per epoch (:func:`deep.config.annealing_lr`).
 
 Late-phase weights (family ``rank1``): every weight matrix of the LSTM cell (``cell.input_proj`` = W_ih and
 ``cell.hidden_proj`` = W_hh) gets rank-1 multiplicative factors, W_k = W o (r_k s_k^T), r_k and s_k initialised to ones
@@ -46,7 +46,6 @@ its rows); the evaluation columns are split over the ranks and the sums reduced.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from pathlib import Path
 
@@ -57,6 +56,7 @@ import torch.nn.functional as F
 
 import shared
 from shared import distributed as dist_utils
+from shared.core import maybe_autocast
 from shared.modules import late_modules, member_mode
 
 from .config import TextConfig
@@ -142,7 +142,7 @@ def stream_nats(model: StatefulLM, data: torch.Tensor, rows: int, bptt: int, mem
                 count += y.numel()
                 if not y.numel():
                     continue
-                with (torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext()):
+                with maybe_autocast(device, autocast):
                     logits = model(torch.cat([x] * K) if members else x)
                 logp = torch.log_softmax(logits.float(), -1).reshape(K, *y.shape, -1)
                 target = logp.gather(-1, y.expand(K, *y.shape).unsqueeze(-1)).squeeze(-1)  # (K, r, T)
@@ -245,17 +245,11 @@ class LMRun(Trainer):
         return torch.zeros(1, n, dtype=torch.long, device=self.device), n
 
     # ------------------------------------------------------------------ evaluation
-    def _late(self):
-        """The late-phase model to evaluate (the SWA average when SWA runs), or None before the release."""
-        if self.lp is None:
-            return None
-        return self.swa.model if self.swa is not None else self.lp.model
-
     def _plain(self) -> StatefulLM:
         late = self._late()
         if late is not None:
             return shared.collapse(late)
-        return self.swa.model if self.swa is not None else self.model
+        return self._base()
 
     def _bpc(self, model: StatefulLM, data: torch.Tensor) -> float:
         nats, _, count = stream_nats(model, data, self.cfg.eval_batch_size, self.cfg.bptt, autocast=self.amp)

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 import shared
 from shared import distributed as dist_utils
 from shared.checkpoint import WriteError, atomic_write, remove_stale_temporaries
+from shared.core import maybe_autocast
 from shared.modules import LateBatchNorm
 
 from . import families
@@ -314,7 +315,7 @@ class Trainer(abc.ABC):
         return stance("force_eager") if self.cfg.compile and stance else contextlib.nullcontext()
 
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp) if self.amp else contextlib.nullcontext()
+        return maybe_autocast(self.device, self.amp)
 
     @property
     def t(self) -> int:
@@ -625,6 +626,17 @@ class Trainer(abc.ABC):
     def _plain_network(self) -> nn.Module:
         return shared.collapse(self.lp.model) if self.lp is not None else self.model
 
+    # ------------------------------------------------------------------ the models to evaluate
+    def _late(self) -> nn.Module | None:
+        """The late-phase model to evaluate (the SWA average when SWA runs), or None before the release."""
+        if self.lp is None:
+            return None
+        return self.swa.model if self.swa is not None else self.lp.model
+
+    def _base(self) -> nn.Module:
+        """The plain model to evaluate when there is no late-phase model (the SWA average when SWA runs)."""
+        return self.swa.model if self.swa is not None else self.model
+
     # ------------------------------------------------------------------ exported models
     def final_models(self) -> dict:
         """The final networks to export, plain modules of the original architecture: {"averaged": model,
@@ -832,9 +844,9 @@ class ClassifierRun(Trainer):
         cache = self.__dict__.setdefault("_final", {})
         if rule in cache:
             return cache[rule]
-        late = None if self.lp is None else (self.swa.model if self.swa is not None else self.lp.model)
+        late = self._late()
         if late is None:
-            net = self.swa.model if self.swa is not None else self.model
+            net = self._base()
             if rule == "reestimated":
                 net = copy.deepcopy(net)
                 shared.update_bn(self.bn_batches(), net)
@@ -851,7 +863,7 @@ class ClassifierRun(Trainer):
 
     def evaluate_models(self, rules: tuple = RULES) -> dict:
         from .evaluate import score_members
-        late = None if self.lp is None else (self.swa.model if self.swa is not None else self.lp.model)
+        late = self._late()
         bn = has_batchnorm(late if late is not None else self.model)
         rules = [r for r in rules if bn or r == "stored"]
         models: dict = {}

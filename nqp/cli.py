@@ -13,6 +13,11 @@ import sys
 
 import numpy as np
 
+from .console import Parser as _Parser
+from .console import Stdout as _Stdout
+from .console import StdoutError as _StdoutError
+from .console import fail as _fail
+from .console import silence_stdout as _silence_stdout
 from .errors import NQPError
 from .files import Outputs, check_writable
 from .methods import Block, LatePhase, TailAverage, make_method
@@ -20,20 +25,6 @@ from .problem import Problem
 from .resources import FLOAT, check_memory, check_threads
 
 DEFAULT_DIM, DEFAULT_POWER = 10, 1.0   # the docs' standard setting (docs/theory.md §1)
-
-
-class _Parser(argparse.ArgumentParser):
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("allow_abbrev", False)  # no prefix matching: --gam is an error, not --gamma-theta
-        super().__init__(*args, **kwargs)
-
-    def error(self, message):  # one line, exit 2
-        raise SystemExit(_fail(f"{message} (see {self.prog} --help)"))
-
-
-def _fail(msg: str) -> int:
-    print(f"error: {msg}", file=sys.stderr)
-    return 2
 
 
 # The library names its parameters in backticks (`lr_theta`, `T0`); the command line shows each as its flag.
@@ -792,44 +783,6 @@ def make_parser() -> argparse.ArgumentParser:
     sd.add_argument("--quick", action="store_true", help="small, fast build (CI check)")
     sd.set_defaults(func=cmd_docs)
     return p
-
-
-class _StdoutError(Exception):
-    """Writing the command's output to stdout failed (a full disk behind a redirection, a closed terminal)."""
-
-
-class _Stdout:
-    """sys.stdout while a command runs: a failed write or flush is a _StdoutError (a closed pipe stays a
-    BrokenPipeError), so that it is not mistaken for a failure of a file the user named."""
-
-    def __init__(self, stream):
-        self._stream = stream
-
-    def _guard(self, fn, *args):
-        try:
-            return fn(*args)
-        except BrokenPipeError:
-            raise
-        except OSError as e:
-            raise _StdoutError(e.strerror or str(e)) from None
-
-    def write(self, text):
-        return self._guard(self._stream.write, text)
-
-    def flush(self):
-        return self._guard(self._stream.flush)
-
-    def __getattr__(self, name):
-        return getattr(self._stream, name)
-
-
-def _silence_stdout() -> None:
-    """Point stdout at /dev/null so that the interpreter's final flush does not complain about a closed pipe."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.__stdout__.fileno())
-    except (OSError, AttributeError, ValueError):
-        pass
 
 
 def main(argv=None) -> int:

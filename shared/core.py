@@ -164,8 +164,7 @@ class LatePhase:
         device = self.phi_params[0][0].device
         self._guard = _FiniteGuard(check_finite_every if check_finite_every is not None
                                    else (1 if device.type == "cpu" else 50))
-        self._autocast = (functools.partial(torch.autocast, device.type, dtype=autocast) if autocast is not None
-                          else contextlib.nullcontext)
+        self._autocast = functools.partial(maybe_autocast, device, autocast)
         self._distributed = ddp_utils.is_distributed() if distributed is None else bool(distributed)
         self._ddp = None
         self._synced_bns = [m for m in late if isinstance(m, LateBatchNorm)] if self._distributed else []
@@ -413,6 +412,21 @@ class LatePhase:
 
 
 # ----------------------------------------------------------------------------- helpers
+
+def maybe_autocast(device: torch.device | str, dtype: torch.dtype | None):
+    """torch.autocast on `device`'s type with `dtype`, or a context that does nothing when `dtype` is None.
+
+    The one rule for every forward pass of the project (late-phase steps, plain training, evaluation):
+
+        with shared.core.maybe_autocast(x.device, torch.bfloat16):   # bf16 forward passes
+            logits = model(x)
+        with shared.core.maybe_autocast(x.device, None):             # float32: nothing happens
+            logits = model(x)
+    """
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
 
 def _check_arguments(model, K, families, gamma_theta, sigma0, path, T0, check_finite_every, autocast, old,
                      theta_optimizer, phi_optimizer, gamma_theta_scales, phi_momentum) -> list:

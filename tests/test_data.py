@@ -453,3 +453,30 @@ def test_cuda_loader_matches_cpu_order_and_eval_batches():
     for mode in ("zeros", "reflect"):
         ref = crop_flip(x, dy[0], dx, flip, 4, mode)
         assert torch.equal(crop_flip(x.cuda(), dy[0].cuda(), dx.cuda(), flip.cuda(), 4, mode).cpu(), ref)
+
+
+def test_the_extending_guide_dataset_loads_and_batches():
+    """docs/extending.md's dataset example, as written, and every table its table of dataset facts names."""
+    import importlib
+    import os
+    import re
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    text = open(os.path.join(root, "docs", "extending.md")).read()
+    scope = {"torch": torch, "channel_stats": channel_stats, "ImageData": ImageData}
+    exec(re.search(r"```python\n(def load_stripes.*?)```", text, re.S).group(1), scope)
+    train = scope["load_stripes"]("train")
+    assert train.shape == (1, 8, 8) and train.num_classes == 2 and len(train) == 64
+    assert set(train.labels.tolist()) == {0, 1}
+    x, y = next(iter(GPULoader(train, 16, train=True, device="cpu")))  # augmented: crops and flips
+    assert x.shape == (16, 1, 8, 8) and y.shape == (16,)
+    x, _ = next(iter(GPULoader(train, 64, device="cpu")))  # the whole split, as stored
+    assert abs(float(x.mean())) < 1e-6 and abs(float(x.std(unbiased=False)) - 1) < 1e-5  # its own statistics
+    section = text[text.index("# Adding a dataset"):text.index("# Adding a study arm")]
+    rows = re.findall(r"^\| [^|]+ \| (.+?) \| `(deep/[\w/]+)\.py` \|$", section, re.M)
+    assert len(rows) == 8
+    for names, path in rows:
+        module = importlib.import_module(path.replace("/", "."))
+        for name in re.findall(r"`([A-Z][A-Za-z_.]*)`", names):
+            obj = module
+            for part in name.split("."):
+                obj = getattr(obj, part)  # the table names a table that exists where it says

@@ -225,3 +225,18 @@ def test_the_named_arms_study_on_tiny_data(data_root, tmp_path):
     (tmp_path / "mc_dropout" / "seed1" / "results.json").unlink()  # an unfinished run is named, not hidden
     assert make_report(spec, str(tmp_path))["arms"]["mc_dropout"]["seeds"] == [0]
     assert "Not finished yet: `mc_dropout` (1 of 2) runs." in (tmp_path / "report.md").read_text()
+
+
+def test_the_extending_guide_study_spec():
+    """docs/extending.md's study spec, as written: parsed, validated, each arm resolved to its preset + overrides."""
+    import os
+    import re
+    from deep.study import parse_spec
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    text = open(os.path.join(root, "docs", "extending.md")).read()
+    spec = parse_spec(json.loads(re.search(r"```json\n(.*?)```", text, re.S).group(1)), "unused")
+    arms = {a.name: a for a in spec.arms}
+    assert spec.name == "fmnist_wd" and spec.baseline == "base" and spec.seeds == (0, 1)
+    assert arms["late_phase_no_decay"].resolved() == dataclasses.replace(get_config("fmnist_cpu_bn"),
+                                                                         weight_decay_phi=0.0)
+    assert arms["late_phase_no_decay"].seeds_in(spec) == (0,) and arms["deep_ensemble"].seeds_in(spec) == (0, 1)

@@ -163,6 +163,15 @@ def test_finetune_resume_is_bit_identical_and_local_weights(image_root, weights_
     with pytest.raises(ValueError, match="different settings"):
         FineTune(ft_config(weights=str(weights_file), lr=0.1), out=str(tmp_path / "b"), resume=True, **kw)
     assert [e["t"] for e in resumed.log[1:]] == [6, 12]
+    # a fine-tuning batch is one outer step's cfg.accum micro-batches: in the epoch loader's order, none twice
+    from deep.data.imagenet import loader_seed
+    K = cfg.K
+    steps = [list(batch) for batch in resumed.epoch_batches(1, K)]
+    assert len(steps) == resumed.steps_per_epoch(K) == 3 and all(len(s) == cfg.accum for s in steps)
+    torch.manual_seed(loader_seed(resumed.seed, 1, 0))
+    loader = list(resumed._loader(resumed.train_data, K * resumed.micro, True, resumed.seed, 1))
+    flat = [xy for s in steps for xy in s]
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(flat, loader[:len(flat)]))
 
 
 def _small_convnet():

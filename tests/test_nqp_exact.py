@@ -296,3 +296,22 @@ def test_sgd_after_switches_the_sgd_baselines_at_T0():
     c = learning_curve(p, lp, SGD(0.3), T0=30, horizon=90, points=10, sgd_after=SGD(0.3))
     d = learning_curve(p, lp, SGD(0.3), T0=30, horizon=90, points=10)
     np.testing.assert_allclose(c.series["sgd"], d.series["sgd"], rtol=1e-12)
+
+
+def _guide_block(language: str, first_line: str) -> str:
+    import os
+    import re
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    text = open(os.path.join(root, "docs", "extending.md")).read()
+    return re.search(rf"```{language}\n({re.escape(first_line)}.*?)```", text, re.S).group(1)
+
+
+def test_the_extending_guide_method_composes():
+    """docs/extending.md's NQP example, as written: a composed method, its closed form equal to Lyapunov."""
+    import nqp
+    scope = {"nqp": nqp}
+    exec(_guide_block("python", "problem = nqp.Problem"), scope)
+    a, b = scope["closed"], scope["lyapunov"]
+    assert close(a.excess_loss_mean_model, b.excess_loss_mean_model), (a, b)
+    assert close(a.excess_loss_members, b.excess_loss_members), (a, b)
+    assert a.excess_loss_mean_model < a.excess_loss_members  # the tail average is better than a member

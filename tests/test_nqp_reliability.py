@@ -39,6 +39,7 @@ TINY = ["--dim", "3", "--K", "2"]
      "--K is swept by --x"),
     # no prefix matching
     (["predict", "--gam", "0.5"], "unrecognized arguments: --gam"),
+    (["predict", "--gamma_theta", "0.5"], "(flags are spelled with dashes, e.g. --gamma-theta)"),
     # sizes that cannot fit: refused by their memory before anything is allocated
     (["predict", "--dim", "1e12"], "the problem needs at least 43.7 TiB of memory but this machine has"),
     (["predict", "--dim", str(10 ** 30)], "of memory but this machine has"),
@@ -94,6 +95,27 @@ def test_stdout_failures_are_named_and_a_closed_pipe_is_quiet():
     p.stdout.close()  # the reader went away before the output
     _, err = p.communicate(timeout=120)
     assert p.returncode == 0 and err == b""
+
+
+def test_the_command_stdout_names_a_closed_stream_and_passes_a_closed_pipe():
+    """nqp.console.Stdout (both CLIs' stdout): a write to a closed stream is a StdoutError, a broken pipe stays one."""
+    import io
+
+    from nqp.console import Stdout, StdoutError
+    closed = io.StringIO()
+    closed.close()
+    with pytest.raises(StdoutError, match="closed"):
+        Stdout(closed).write("x")
+
+    class Gone(io.StringIO):
+        def flush(self):
+            raise BrokenPipeError
+
+    with pytest.raises(BrokenPipeError):
+        Stdout(Gone()).flush()
+    out = io.StringIO()
+    Stdout(out).write("kept")
+    assert out.getvalue() == "kept" and Stdout(out).getvalue() == "kept"  # everything else reaches the stream
 
 
 def test_outputs_all_or_nothing_and_no_temporary_left(tmp_path):

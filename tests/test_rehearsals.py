@@ -5,7 +5,6 @@ autocast supports bf16.
 The compile tests are marked ``slow`` (each compiles a few graphs: 10-60 s on a loaded 2-core machine) but not
 ``kernels``: inductor generates its own C++ for the CPU it runs on, whatever ATen's kernels are (and under
 ATEN_CPU_CAPABILITY=default torch 2.14.1's inductor emits vector code its headers then do not declare)."""
-import contextlib
 import math
 import shutil
 
@@ -131,9 +130,7 @@ def test_bf16_autocast_training_and_evaluation_on_cpu(tmp_path, monkeypatch):
     import deep.evaluate
     from deep.config import get_config
     from deep.images import ImageRun
-    # on the CPU the trainer and the evaluation use float32; here both take the CUDA branch's bf16 autocast
-    monkeypatch.setattr(deep.evaluate, "_autocast", lambda device, dtype: contextlib.nullcontext() if dtype is None
-                        else torch.autocast(device.type, dtype=dtype))
+    # on the CPU the trainer picks float32 (amp None); set here, every forward pass takes bf16 autocast as on CUDA
     seen = []
     probs = deep.evaluate._probs
     monkeypatch.setattr(deep.evaluate, "_probs", lambda logits: seen.append(logits.dtype) or probs(logits))

@@ -30,6 +30,8 @@ SPEC is a named study (``python -m deep study --list``) or a JSON file::
 An arm's own ``seeds`` (a subset of the study's; never the baseline's) run a costly arm on fewer seeds: it is paired
 with the baseline on those, and the report names it. A deep ensemble (``ensemble_of``) trains nothing: seed s is the
 ensemble of ``size`` runs of that arm from seed s on (cyclically; one ensemble when size equals its seeds).
+An optional top-level ``"eval_every": N`` (or ``--eval-every N``) evaluates every training arm's per-epoch test
+metrics every N epochs (and at its last epoch); it changes no weight, so the runs and the report are the same.
 
 A spec file is checked whole before the first run: unknown keys (with the closest valid one), repeated keys, arm
 names that are not plain folder names (letters, digits, ``_ . -``), seeds outside 0..2**32 - 1 (the range of

@@ -308,3 +308,22 @@ def test_a_resumed_lead_run_still_keeps_the_trunk(data_root, tmp_path):
 
     run_study(spec, str(tmp_path), str(data_root), "cpu", quiet=True, runner=runner)
     assert calls == [("fmnist_paper_shape_base", True, False, 2), ("fmnist_paper_shape_bn", False, True, None)]
+
+
+def test_the_spec_s_eval_every_reaches_every_run_and_round_trips(tmp_path):
+    """A JSON spec's top-level eval_every (or --eval-every) sets every training arm's eval_every for the runner,
+    survives the spec file written for SLURM jobs, and bad values are one line."""
+    from deep.errors import ConfigError
+    from deep.launch import spec_json
+    from deep.study import parse_spec, run_one, with_eval_every
+    d = {"seeds": [0, 1], "baseline": "base", "eval_every": 5,
+         "arms": {"base": {"config": "fmnist_paper_shape_base"}, "ens": {"ensemble_of": "base", "size": 2}}}
+    spec = parse_spec(d, "s")
+    assert spec.eval_every == 5 and parse_spec(spec_json(spec), "s") == spec
+    seen = []
+    run_one(spec, str(tmp_path), 0, spec.arms[0], runner=lambda cfg, *a, **kw: seen.append(cfg.eval_every))
+    assert seen == [5]
+    assert with_eval_every(spec, 2).eval_every == 2 and with_eval_every(spec, None) is spec
+    for bad in (0, True, 1.5, "3"):
+        with pytest.raises(ConfigError, match="eval_every must be an integer >= 1"):
+            parse_spec({**d, "eval_every": bad}, "s")

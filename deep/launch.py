@@ -45,6 +45,7 @@ from .study import (
     trunk_owner,
 )
 from .trainer import write_json
+from .untrusted import read_json, subfolder
 
 POLL_SECONDS = 2.0   # how often a process with nothing ready looks again (a few stat and flock calls per run)
 
@@ -82,11 +83,12 @@ def _state(spec: StudySpec, out: str, plan: dict, seed: int, arm, mine: set) -> 
     return "ready", None
 
 
-def _take(folder: str) -> RunLock | None:
-    """The lock of run folder ``folder``, or None when another process holds it (or took it first)."""
+def _take(out: str, arm: str, seed: int) -> RunLock | None:
+    """The lock of run ``arm`` x ``seed`` in ``out``, or None when another process holds it (or took it first)."""
+    folder = _folder(out, arm, seed)
     if holder(folder) is not None:
         return None
-    os.makedirs(folder, exist_ok=True)
+    subfolder(out, arm, os.path.basename(folder))  # never through a planted link: the lock would land outside out
     try:
         return RunLock(folder, f"python -m deep study (worker {os.getpid()})")
     except DeepError:
@@ -114,7 +116,7 @@ def work(spec: StudySpec, out: str, only=None, data_dir: str = "data", device: s
         for seed, arm in runs:
             if states[run_id(arm.name, seed)][0] != "ready":
                 continue
-            lock = _take(_folder(out, arm.name, seed))
+            lock = _take(out, arm.name, seed)
             if lock is None:
                 continue
             with lock:  # the trainer takes it over (same process) and gives it back here
@@ -381,14 +383,14 @@ def submit(spec: StudySpec, out: str, cluster: str = "slurm", per: str = "chain"
     folder = os.path.join(out, "slurm")
     ex = _executor(folder, cluster, spec.name, partition, gpus_per_run, minutes, array_parallelism,
                    slurm_args or {})  # first: a wrong parameter or no SLURM here writes nothing
+    subfolder(out, "slurm")  # a link there would put the jobs' logs and records outside out
     spec_path = os.path.join(folder, "spec.json")
     text = spec_json(spec)
-    if os.path.exists(spec_path):
-        with open(spec_path) as f:
-            try:
-                same = json.load(f) == json.loads(json.dumps(text))
-            except ValueError:
-                same = False
+    if os.path.lexists(spec_path):
+        try:
+            same = read_json(spec_path) == json.loads(json.dumps(text))
+        except (OSError, ValueError, DeepError):  # damaged, or a link: not this study's record
+            same = False
         if not same:
             raise DeepError(f"{spec_path} holds another study spec than {spec.name}'s: give the same spec, or "
                             f"another --out")
@@ -446,12 +448,11 @@ def submit(spec: StudySpec, out: str, cluster: str = "slurm", per: str = "chain"
 def _jobs_record(folder: str) -> list:
     path = os.path.join(folder, "jobs.json")
     try:
-        with open(path) as f:
-            record = json.load(f)
+        record = read_json(path)  # never through a link
         # an untrusted file: only well-formed entries (a job id is what sacct is asked about)
         return [r for r in record if isinstance(r, dict) and isinstance(r.get("runs"), list) and
                 re.fullmatch(r"\d+(_\d+)?", str(r.get("job_id")))] if isinstance(record, list) else []
-    except (OSError, ValueError):
+    except (OSError, ValueError, DeepError):
         return []
 
 

@@ -38,3 +38,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    """A tiny Fashion-MNIST folder (48 training, 12 test images) in torchvision's layout, one per test module."""
+    from data_files import write_fashion
+    root = tmp_path_factory.mktemp("data")
+    write_fashion(root / "FashionMNIST" / "raw", compressed=True, n_train=48, n_test=12)
+    return root

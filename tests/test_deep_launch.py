@@ -14,16 +14,8 @@ from deep.cli import main
 from deep.launch import StudyJob, chains, job_batches, parse_time, run_local, status, submit, work
 from deep.study import Arm, StudySpec, _train, load_spec, run_study
 
-from data_files import write_fashion
 
 TINY = dict(arch="wrn-10-1", epochs=3, batch_size=4, eval_batch_size=16, anneal_start=1, anneal_end=2, ood=())
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    write_fashion(root / "FashionMNIST" / "raw", compressed=True, n_train=48, n_test=12)
-    return root
 
 
 def _spec(other: bool = False):

@@ -19,17 +19,9 @@ from deep.images import ImageRun
 from deep.study import STUDIES, Arm, StudySpec, _trunk_plan, make_report, run_study
 from deep.trainer import final_lines
 
-from data_files import write_fashion
 
 TINY = dict(arch="cnn-4-8", epochs=3, batch_size=4, eval_batch_size=16, anneal_start=1, anneal_end=2,
             train_subset=0, bn_images=16, ood=())
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    write_fashion(root / "FashionMNIST" / "raw", compressed=True, n_train=48, n_test=12)
-    return root
 
 
 def _run(cfg, data_root, out, **kw):

@@ -13,17 +13,9 @@ from deep.cli import main
 from deep.config import get_config
 from deep.images import ImageRun
 
-from data_files import write_fashion
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--arch", "wrn-10-1", "--batch-size", "4", "--eval-batch-size", "16", "--device", "cpu"]
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    write_fashion(root / "FashionMNIST" / "raw", compressed=True, n_train=48, n_test=12)
-    return root
 
 
 @pytest.fixture(scope="module")

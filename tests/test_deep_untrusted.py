@@ -16,7 +16,6 @@ from deep.runfolder import LOCK_NAME, RunLock
 from deep.study import Arm, StudySpec, load_spec, make_report, run_study
 from shared.checkpoint import atomic_write
 
-from data_files import write_fashion
 
 SMALL = ["--arch", "wrn-10-1", "--batch-size", "4", "--eval-batch-size", "16", "--device", "cpu", "--quiet"]
 
@@ -27,13 +26,6 @@ def one_error(capsys, *parts):
     for p in parts:
         assert p in err, err
     return err
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    write_fashion(root / "FashionMNIST" / "raw", compressed=True, n_train=48, n_test=12)
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -462,3 +454,22 @@ def test_a_study_exports_again_a_run_with_results_but_no_exports(tmp_path):
             f.write("{}")
     run_study(_spec(), str(out), quiet=True, runner=runner)
     assert calls == [(os.path.join("late", "seed1"), True)]
+
+
+def test_study_workers_never_lock_or_submit_through_a_planted_link(tmp_path):
+    """deep.launch: an arm folder or the slurm folder that is a link is refused before anything is written through
+    it, and a jobs record that is a link reads as no record."""
+    from deep.errors import DeepError
+    from deep.launch import _jobs_record, _take
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    out = tmp_path / "study"
+    out.mkdir()
+    (out / "late").symlink_to(outside)
+    with pytest.raises(DeepError, match="symbolic link"):
+        _take(str(out), "late", 0)
+    assert list(outside.iterdir()) == []
+    (out / "slurm").mkdir()
+    (outside / "jobs.json").write_text('[{"job_id": "1", "runs": ["late/seed0"]}]')
+    (out / "slurm" / "jobs.json").symlink_to(outside / "jobs.json")
+    assert _jobs_record(str(out / "slurm")) == []

@@ -171,9 +171,15 @@ class RunConfig:
         """Members after the release (1 for a run without late-phase weights)."""
         return self.K if self.late_phase else 1
 
-    def lr_factor(self, epoch: int, part: str = "theta") -> float:
-        """Multiplier of ``part``'s ("theta" or "phi") base learning rate in (0-based) epoch ``epoch``."""
+    def lr_factor(self, epoch: float, part: str = "theta") -> float:
+        """Multiplier of ``part``'s ("theta" or "phi") base learning rate at (0-based, possibly fractional) epoch
+        ``epoch``: the one schedule of a run (the trainer sets every param group's lr from it before every step)."""
         return 1.0
+
+    def lr_epoch(self, epoch: int, step: int, steps: int) -> float:
+        """Where :meth:`lr_factor` is read for step ``step`` (0-based) of the ``steps`` of epoch ``epoch``: the epoch
+        itself (the schedule moves at epoch boundaries) unless a config anneals per step."""
+        return epoch
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> "RunConfig":
@@ -242,6 +248,10 @@ class _Annealing:
     anneal_end: int = 180
     anneal_end_lr: float = 0.001
     anneal_per_step: bool = False     # interpolate the annealing within epochs (per step) instead of per epoch
+
+    def lr_epoch(self, epoch: int, step: int, steps: int) -> float:
+        """Annealing per step reads the schedule at epoch + step / steps; per epoch, at the epoch."""
+        return epoch + step / steps if self.anneal_per_step else epoch
 
 
 def annealing_lr(epoch: int, base_lr: float, start: int, end: int, end_lr_ratio: float) -> float:

@@ -4,8 +4,9 @@ Protocol. Epochs count passes over the training set. Until epoch T0 the whole ne
 of ``batch_size``, every parameter in one optimizer (lr, momentum, Nesterov, weight decay). At T0 the late-phase
 weights are released (:class:`shared.LatePhase`: K members, each with its own optimizer at ``lr_phi`` and
 ``weight_decay_phi``; the pre-T0 momentum carried over) and every outer step of Algorithm 1 consumes K minibatches,
-stacked into one batch (member k owns slice k), so each member sees 1/K of the data per epoch. Learning rates follow
-the config's schedule per epoch (:meth:`deep.config.RunConfig.lr_factor`); from epoch ``swa_start`` (1-based) all
+stacked into one batch (member k owns slice k), so each member sees 1/K of the data per epoch. Before every step
+every param group's lr is set from the config's one schedule (:meth:`deep.config.RunConfig.lr_factor`, read per
+epoch or per step: :meth:`~deep.config.RunConfig.lr_epoch`); no scheduler state. From epoch ``swa_start`` (1-based) all
 weights -- theta and every phi_k, or the plain model's -- are averaged once per epoch (:class:`shared.SWA`) while the
 schedule holds the constant swa_lr. Gradient clipping is :meth:`shared.LatePhase.clip_grad_norm_` (the mean member's
 gradient norm; before the release, and for K = 1, torch's clip over all parameters). Non-finite losses stop the run
@@ -124,7 +125,6 @@ class Trainer(abc.ABC):
             self.model.compile()  # in place: parameter names and state_dict keys stay the same
         self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                    weight_decay=cfg.weight_decay)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda e: cfg.lr_factor(e, "theta"))
         self.lp = self.swa = None
         self.epoch, self.steps, self.log = 0, 0, []
         self.check_every = 1 if self.device.type == "cpu" else 50
@@ -326,15 +326,11 @@ class Trainer(abc.ABC):
     def release(self) -> None:
         """T0: K members of the late-phase weights; Algorithm 1 from here on."""
         cfg = self.cfg
-
-        def schedule(part):
-            return lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda e: cfg.lr_factor(e + cfg.T0, part))
-
         self.lp = shared.LatePhase(
             self.model, cfg.K, self.fams, gamma_theta=cfg.theta_scale, gamma_theta_scales=cfg.gamma_theta_scales,
             sigma0=cfg.sigma0, theta_optimizer=shared.sgd(cfg.lr, cfg.momentum, cfg.nesterov, cfg.theta_weight_decay),
             phi_optimizer=shared.sgd(cfg.phi_lr, cfg.momentum, cfg.nesterov, cfg.phi_weight_decay),
-            theta_scheduler=schedule("theta"), phi_scheduler=schedule("phi"), path=cfg.path, T0=self.steps,
+            path=cfg.path, T0=self.steps,
             inherit_optimizer_state=self.opt if self.steps > 0 else None, phi_momentum=cfg.phi_momentum,
             generator=torch.Generator().manual_seed(self.seed + 12345), check_finite_every=0, autocast=self.amp)
         if cfg.compile:
@@ -342,7 +338,7 @@ class Trainer(abc.ABC):
             # phase compiles afresh (instead of a recompile that tests the stale guards first on every call).
             torch.compiler.reset()
             self.lp.model.compile()
-        self.opt = self.sched = None
+        self.opt = None
 
     def start_swa(self) -> None:
         """From swa_start on: an equal-weight average of all weights, updated once per epoch."""
@@ -375,17 +371,22 @@ class Trainer(abc.ABC):
         return losses.mean()
 
     def _set_lr(self, epoch: float) -> None:
-        """Every optimizer's lr at the fractional epoch ``epoch`` (annealing per step): base lr x lr_factor; the
-        epoch-wise schedulers keep their state, so a resumed run (at an epoch boundary) continues alike."""
+        """The one learning-rate mechanism: every param group's lr = its base lr x ``cfg.lr_factor(epoch, part)``
+        at the (fractional) epoch ``epoch`` (:meth:`deep.config.RunConfig.lr_epoch`: per epoch or per step), set
+        before every step. The base lrs follow from the config alone -- lr for theta (times gamma_theta
+        when gamma_theta scales theta's lr), the members' lr for phi -- so no scheduler state is checkpointed, and a
+        resumed or forked run sets the same lrs as one trained through."""
         cfg = self.cfg
         if self.lp is None:
-            parts = [(self.opt, "theta")]
+            parts = [(self.opt, "theta", cfg.lr)]
         else:
-            parts = [(self.lp.theta_optimizer, "theta")] if self.lp.theta_optimizer is not None else []
-            parts += [(opt, "phi") for opt in self.lp.phi_optimizers]
-        for opt, part in parts:
+            theta_lr = cfg.lr * self.lp.gamma_theta if cfg.gamma_theta_scales == "lr" else cfg.lr
+            parts = [(self.lp.theta_optimizer, "theta", theta_lr)] if self.lp.theta_optimizer is not None else []
+            parts += [(opt, "phi", cfg.phi_lr) for opt in self.lp.phi_optimizers]
+        for opt, part, base in parts:
+            lr = base * cfg.lr_factor(epoch, part)
             for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * cfg.lr_factor(epoch, part)
+                group["lr"] = lr
 
     def _check_finite(self, total: torch.Tensor, step: int) -> None:
         if not bool(torch.isfinite(total)):
@@ -408,8 +409,7 @@ class Trainer(abc.ABC):
         members = self.lp.K if self.lp is not None else 1
         n = self.steps_per_epoch(members)
         optimizers = self.lp.optimizers if self.lp is not None else [self.opt]
-        if getattr(cfg, "anneal_per_step", False):
-            self._set_lr(self.epoch)  # the lr logged is the one the epoch starts with
+        self._set_lr(cfg.lr_epoch(self.epoch, 0, n))  # the lr logged is the one the epoch starts with
         lrs = [opt.param_groups[0]["lr"] for opt in optimizers]
         from tqdm.auto import tqdm
         bar = tqdm(total=n, desc=f"{cfg.name} epoch {self.epoch + 1}/{cfg.epochs}", leave=False,
@@ -419,10 +419,8 @@ class Trainer(abc.ABC):
         examples = 0
         sync(self.device)
         start = time.perf_counter()
-        per_step = getattr(cfg, "anneal_per_step", False)
         for i, batch in enumerate(self.epoch_batches(self.epoch, members)):
-            if per_step:
-                self._set_lr(self.epoch + i / n)
+            self._set_lr(cfg.lr_epoch(self.epoch, i, n))  # every step, from the one schedule (as nanoGPT does)
             total += self.late_step(batch) if self.lp is not None else self.plain_step(batch)
             examples += self.examples(batch)
             if (i + 1) % self.check_every == 0:
@@ -435,10 +433,6 @@ class Trainer(abc.ABC):
         if self.distributed:
             torch.distributed.all_reduce(total)
             total /= self.world
-        if self.lp is not None:
-            self.lp.step_schedulers()
-        else:
-            self.sched.step()
         if self.swa is not None:
             self.swa.update()
         entry = {"epoch": self.epoch + 1, "t": self.t, "phase": "late" if self.lp is not None else "pre",
@@ -475,7 +469,7 @@ class Trainer(abc.ABC):
             state.update(phase="late", latephase=self.lp.state_dict())
         else:
             state.update(phase="pre", model=self.model.state_dict(), optimizer=self.opt.state_dict(),
-                         scheduler=self.sched.state_dict(), rng=shared.checkpoint.rng_state())
+                         rng=shared.checkpoint.rng_state())
         if self.swa is not None:
             state["swa"] = self.swa.state_dict()
         then = ("free space (or move the run folder), then continue the run with --resume: the previous checkpoint "
@@ -509,7 +503,6 @@ class Trainer(abc.ABC):
         self.epoch, self.steps, self.log = state["epoch"], state["steps"], state["log"]
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
         shared.checkpoint.set_rng_state(state["rng"])
 
     def _resume(self) -> None:
@@ -549,11 +542,12 @@ class Trainer(abc.ABC):
             self.steps = steps
             if "swa" in state:
                 self.start_swa()
-            self.lp.load_state_dict(state["latephase"])
+            # checkpoints written before the one lr mechanism carry LambdaLR states; the lrs now follow from the
+            # config and the epoch alone (_set_lr), so those states are set aside, not needed
+            self.lp.load_state_dict({**state["latephase"], "schedulers": []})
         else:
             self.model.load_state_dict(state["model"])
             self.opt.load_state_dict(state["optimizer"])
-            self.sched.load_state_dict(state["scheduler"])
             if "swa" in state:
                 self.start_swa()
             shared.checkpoint.set_rng_state(state["rng"])

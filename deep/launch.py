@@ -30,6 +30,8 @@ import re
 import sys
 import time
 
+from nqp.files import pid_alive
+
 from .errors import ConfigError, DeepError
 from .runfolder import RunLock, holder
 from .study import (
@@ -465,9 +467,8 @@ def _job_state(folder: str, job: dict) -> str:
     """The scheduler's state of a recorded job (UNKNOWN where it cannot say: no sacct, ...)."""
     try:
         if job.get("cluster") == "local":
-            from .runfolder import _alive
             pid = int(str(job["job_id"]).split("_")[0])
-            return "RUNNING" if _alive(pid) else "FINISHED"
+            return "RUNNING" if pid_alive(pid) else "FINISHED"
         return _submitit().SlurmJob(folder=folder, job_id=str(job["job_id"])).state
     except Exception:
         return "UNKNOWN"

@@ -22,6 +22,8 @@ import socket
 import sys
 import time
 
+from nqp.files import pid_alive
+
 from .errors import DeepError
 from .untrusted import open_nofollow
 
@@ -74,24 +76,12 @@ def _read(fd: int) -> dict:
         return {}
 
 
-def _alive(pid) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True
-    return True
-
-
 def _other_live_owner(info: dict) -> bool:
     """Whether the lock file's ``info`` names another process that may still run (used where there is no flock)."""
     pid, host = info.get("pid"), info.get("host")
     if not isinstance(pid, int) or pid == os.getpid():
         return False
-    return host not in (None, socket.gethostname()) or _alive(pid)
+    return host not in (None, socket.gethostname()) or pid_alive(pid)
 
 
 def _flock_briefly(fd: int) -> None:

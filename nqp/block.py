@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import closed_form as cf
-from .dynamics import optimizer_update
+from .dynamics import LatePhaseState, optimizer_update
 from .errors import NQPError, UnstableError, overflow
 from .methods import SGD, Block, Ensemble, LatePhase, TailAverage
 
@@ -136,14 +136,7 @@ class Coeffs:
         return xi * self.sqrt_s if self.L is None else xi @ self.L.T
 
 
-@dataclass
-class State:
-    """theta (..., d_theta), phi (..., K, d_phi) and their torch-style momentum buffers (None without momentum)."""
-
-    theta: np.ndarray
-    phi: np.ndarray
-    v_theta: np.ndarray | None = None
-    v_phi: np.ndarray | None = None
+State = LatePhaseState  # theta (..., d_theta), phi (..., K, d_phi), momentum buffers: nqp.dynamics' record
 
 
 def members(state: State, c: Coeffs) -> np.ndarray:

@@ -60,6 +60,9 @@ class SGDState:
 
 @dataclass
 class LatePhaseState:
+    """theta (..., d), phi (..., K, d) and their torch-style momentum buffers (None without momentum); nqp.block's
+    state too, with theta on its own coordinates (..., d_theta) and phi on the others (..., K, d_phi)."""
+
     theta: np.ndarray
     phi: np.ndarray
     v_theta: np.ndarray | None = None

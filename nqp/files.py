@@ -5,6 +5,9 @@ only when every file of the set has been written (:class:`Outputs`), so a failur
 error or Ctrl-C while plotting) leaves the earlier files untouched and no temporary file behind. A failed write is one
 :class:`OutputError` line naming the destination and, for a full disk, the space left there. Temporary files of
 writers that were killed (their process is gone) are removed the next time a file is written to that folder.
+
+The plumbing here (:func:`pid_alive`, :func:`remove_stale_temporaries`, :func:`disk_full`, :func:`space_left`) is the
+torch-free base layer's single copy: shared/ (checkpoints) and deep/ (run folders, study jobs) use it too.
 """
 from __future__ import annotations
 
@@ -20,7 +23,9 @@ from .errors import NQPError
 from .resources import format_bytes
 
 SUFFIX = ".tmp"
-_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG}
+# a full disk or an exhausted quota (EDQUOT is missing on some systems); EFBIG ("file too large") is a size limit of
+# the file or the file system, not a full disk, so its own reason is shown instead
+_FULL = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
 _cleaned: set = set()
 _lock = threading.Lock()
 
@@ -39,31 +44,44 @@ def temporary_name(dest: str) -> str:
     return os.path.join(folder, f".{base}.{_host()}.{os.getpid()}.{secrets.token_hex(4)}{SUFFIX}")
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid) -> bool:
+    """Whether a process with id ``pid`` may be running on this machine. False for anything that is not a positive
+    integer (no process has it) and for a process that is gone; True for one that exists, including one of another
+    user's (it cannot be signalled but is running) and an id the operating system cannot even take (to be safe)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except OSError:         # it exists but belongs to someone else
+    except (OSError, OverflowError):    # PermissionError: it exists but belongs to someone else
         return True
     return True
 
 
-def remove_stale_temporaries(folder: str) -> list[str]:
-    """Remove the temporary files in `folder` left by writers on this host whose process is gone; returns them."""
-    host, removed = _host(), []
+def _output_writer_pid(name: str) -> int | None:
+    """The process id in a temporary name of :func:`temporary_name` written on this host, else None."""
+    if not (name.startswith(".") and name.endswith(SUFFIX)):
+        return None
+    parts = name[1:-len(SUFFIX)].rsplit(".", 3)
+    if len(parts) != 4 or parts[1] != _host() or not parts[2].isdigit() or not re.fullmatch(r"[0-9a-f]{8}", parts[3]):
+        return None
+    return int(parts[2])
+
+
+def remove_stale_temporaries(folder, writer_pid=_output_writer_pid) -> list[str]:
+    """Remove the temporary files in ``folder`` whose writer's process is gone; returns their names. ``writer_pid``
+    tells a temporary file's writer from its name (None: not a temporary file, or one of another machine); by default
+    the names of :func:`temporary_name` on this host. Another writer's files (its process runs) and this process's own
+    are kept, and a file that cannot be removed is left."""
+    removed = []
     try:
         names = os.listdir(folder)
     except OSError:
         return removed
     for name in names:
-        if not (name.startswith(".") and name.endswith(SUFFIX)):
-            continue
-        parts = name[1:-len(SUFFIX)].rsplit(".", 3)
-        if len(parts) != 4 or parts[1] != host or not parts[2].isdigit() or not re.fullmatch(r"[0-9a-f]{8}", parts[3]):
-            continue
-        pid = int(parts[2])
-        if pid == os.getpid() or _alive(pid):
+        pid = writer_pid(name)
+        if pid is None or pid == os.getpid() or pid_alive(pid):
             continue
         try:
             os.remove(os.path.join(folder, name))
@@ -73,15 +91,25 @@ def remove_stale_temporaries(folder: str) -> list[str]:
     return removed
 
 
+def disk_full(e: OSError) -> bool:
+    """Whether the failed write ``e`` failed for want of space (a full disk or an exhausted quota)."""
+    return e.errno in _FULL
+
+
+def space_left(path) -> str | None:
+    """The free space of the file system that holds ``path``'s folder, as "1.5 GiB free there"; None where it cannot
+    be measured. Measured before a failed write's partial file is removed, it is the space the write found."""
+    try:
+        return f"{format_bytes(shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free)} free there"
+    except OSError:
+        return None
+
+
 def describe(e: OSError, dest: str) -> str:
     """One line for a failed write of `dest`: the reason and, for a full disk, the space left there."""
-    if e.errno in _FULL:
-        folder = os.path.dirname(os.path.abspath(dest))
-        try:
-            free = f"{format_bytes(shutil.disk_usage(folder).free)} free there"
-        except OSError:
-            free = "no space left"
-        return f"cannot write {dest}: the disk is full ({free}); free some space or choose another --out"
+    if disk_full(e):
+        return f"cannot write {dest}: the disk is full ({space_left(dest) or 'no space left'}); free some space or " \
+               f"choose another --out"
     reason = e.strerror or str(e)
     return f"cannot write {dest}: {reason[:1].lower() + reason[1:]}; choose another --out"
 
@@ -173,7 +201,7 @@ def check_writable(folder: str, flag: str = "--out") -> None:
         os.remove(tmp)
     except OSError as e:
         reason = e.strerror or str(e)
-        if e.errno in _FULL:
+        if disk_full(e):
             raise OutputError(f"{flag} {folder}: the disk is full; free some space or choose another {flag}") from None
         raise OutputError(f"{flag} {folder}: cannot write there ({reason[:1].lower() + reason[1:]}); choose another "
                           f"{flag}") from None

@@ -59,7 +59,29 @@ class SGD:
 
 
 @dataclass(frozen=True)
-class LatePhase:
+class _OuterStep:
+    """What every late-phase method has (Algorithm 1's outer step): K members, theta's and phi's learning rates,
+    theta's gradient scale gamma_theta and torch-style momentum; checked on construction. Its fields come first, in
+    this order, in :class:`LatePhase` and :class:`Block`."""
+
+    K: int
+    lr_theta: float
+    lr_phi: float
+    gamma_theta: float = 1.0
+    momentum: float = 0.0
+    nesterov: bool = False
+
+    def __post_init__(self):
+        if int(self.K) != self.K or self.K < 1:
+            raise NQPError(f"`K` must be a positive integer, got {self.K}")
+        _check_rate("lr_theta", self.lr_theta, allow_zero=True)
+        _check_rate("lr_phi", self.lr_phi)
+        _check_rate("gamma_theta", self.gamma_theta, allow_zero=True)
+        _check_momentum(self.momentum, self.nesterov)
+
+
+@dataclass(frozen=True)
+class LatePhase(_OuterStep):
     """Late-phase learning (Algorithm 1) with K members w_k = theta + phi_k (additive) or
     w_k = theta * phi_k (multiplicative, elementwise).
 
@@ -71,22 +93,11 @@ class LatePhase:
     theta's (once per outer step) lambda theta; computed by :mod:`nqp.block` (no closed form).
     """
 
-    K: int
-    lr_theta: float
-    lr_phi: float
-    gamma_theta: float = 1.0
-    momentum: float = 0.0
-    nesterov: bool = False
     kind: str = "additive"
     weight_decay: float = 0.0
 
     def __post_init__(self):
-        if int(self.K) != self.K or self.K < 1:
-            raise NQPError(f"`K` must be a positive integer, got {self.K}")
-        _check_rate("lr_theta", self.lr_theta, allow_zero=True)
-        _check_rate("lr_phi", self.lr_phi)
-        _check_rate("gamma_theta", self.gamma_theta, allow_zero=True)
-        _check_momentum(self.momentum, self.nesterov)
+        super().__post_init__()
         if self.kind not in ("additive", "multiplicative"):
             raise NQPError(f"late-phase kind must be 'additive' or 'multiplicative', got {self.kind!r}")
         _check_rate("weight_decay", self.weight_decay, allow_zero=True)
@@ -112,7 +123,7 @@ class LatePhase:
 
 
 @dataclass(frozen=True)
-class Block:
+class Block(_OuterStep):
     """Late-phase weights on their own coordinates (the block model; BatchNorm + head in a network).
 
     Coordinates `phi_coords` (0-based) are late-phase weights, the others are theta: member k's weights are theta on
@@ -131,12 +142,6 @@ class Block:
     4
     """
 
-    K: int
-    lr_theta: float
-    lr_phi: float
-    gamma_theta: float = 1.0
-    momentum: float = 0.0
-    nesterov: bool = False
     phi_coords: tuple = ()
     weight_decay: float = 0.0
     batch: int = 1
@@ -145,15 +150,10 @@ class Block:
     name: str = field(default="block", init=False)
 
     def __post_init__(self):
-        if int(self.K) != self.K or self.K < 1:
-            raise NQPError(f"`K` must be a positive integer, got {self.K}")
-        _check_rate("lr_theta", self.lr_theta, allow_zero=True)
-        _check_rate("lr_phi", self.lr_phi)
-        _check_rate("gamma_theta", self.gamma_theta, allow_zero=True)
+        super().__post_init__()
         _check_rate("weight_decay", self.weight_decay, allow_zero=True)
         if self.weight_decay_theta is not None:
             _check_rate("weight_decay_theta", self.weight_decay_theta, allow_zero=True)
-        _check_momentum(self.momentum, self.nesterov)
         if int(self.batch) != self.batch or self.batch < 1:
             raise NQPError(f"batch must be a positive integer, got {self.batch}")
         coords = tuple(int(i) for i in self.phi_coords)

@@ -3,6 +3,10 @@ anything is allocated) and CPUs (worker threads).
 
 A refusal is one :class:`~nqp.errors.NQPError` line naming the amount needed, the memory this machine has and the
 flags that set the largest parts. The estimates are lower bounds, so a request is refused only when it cannot fit.
+
+This is the torch-free base layer's single copy of these readers: shared/ and deep/ use them too (deep.system asks
+:func:`memory_limit` for the CPU's memory and words its refusals with :func:`memory_refusal`; shared.checkpoint sizes
+its messages with :func:`format_bytes`).
 """
 from __future__ import annotations
 

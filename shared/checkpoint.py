@@ -20,14 +20,16 @@ import os
 import pickle
 import random
 import re
-import shutil
 import warnings
 
 import numpy as np
 import torch
 
-from .errors import LatePhaseError
+from nqp.files import disk_full, space_left
+from nqp.files import remove_stale_temporaries as _remove_stale_temporaries
+from nqp.resources import format_bytes
 
+from .errors import LatePhaseError
 
 FORMAT = "late-phase-checkpoint/1"   # the envelope save() writes: {"format", "sha256", "state"}
 
@@ -47,14 +49,6 @@ class WriteError(OSError):
 
     def __str__(self) -> str:
         return self.strerror or super().__str__()
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 class _Counting:
@@ -78,46 +72,26 @@ class _Counting:
 
 
 def _write_error(path: str, e: OSError, written: int) -> WriteError:
-    try:
-        free = f", {_size(shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free)} free there"
-    except OSError:
-        free = ""
-    what = "disk full: " if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
-    return WriteError(e.errno, f"{what}cannot write {path}: {e.strerror or e} ({_size(written)} written{free})",
-                      path)
+    free = space_left(path)
+    what = "disk full: " if disk_full(e) else ""
+    return WriteError(e.errno, f"{what}cannot write {path}: {e.strerror or e} ({format_bytes(written)} written"
+                               f"{', ' + free if free else ''})", path)
 
 
 _TORCH_WRITE_FAILED = re.compile(r"PytorchStreamWriter failed writing|unexpected pos \d+ vs \d+")
 _TEMPORARY = re.compile(r"^(?P<name>.+)\.tmp(?P<pid>\d+)$")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return pid > 0
-    return True
+def _atomic_write_pid(name: str) -> int | None:
+    """The process id in a temporary name of :func:`atomic_write` (``NAME.tmpPID``), else None."""
+    m = _TEMPORARY.match(name)
+    return int(m["pid"]) if m else None
 
 
 def remove_stale_temporaries(folder) -> list[str]:
     """Remove the temporary files that :func:`atomic_write` left in ``folder`` when its process was killed mid-write
     (``NAME.tmpPID`` with PID no longer running on this machine); returns their names."""
-    removed = []
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return removed
-    for name in names:
-        m = _TEMPORARY.match(name)
-        if m and int(m["pid"]) != os.getpid() and not _alive(int(m["pid"])):
-            try:
-                os.remove(os.path.join(folder, name))
-                removed.append(name)
-            except OSError:
-                pass
-    return removed
+    return _remove_stale_temporaries(folder, writer_pid=_atomic_write_pid)
 
 
 def atomic_write(path, write) -> None:

@@ -22,7 +22,7 @@ from nqp.console import silence_stdout as _silence_stdout
 from shared.checkpoint import WriteError
 
 from .config import (CONFIG_CLASSES, PRESETS, FinetuneConfig, ImageConfig, add_config_flags, check_seed, describe,
-                     flag_name, get_config, overrides_from_args, with_overrides)
+                     flag_name, show, get_config, overrides_from_args, with_overrides)
 from .errors import ConfigError, DeepError
 from .runfolder import check_out_value, default_out
 
@@ -307,7 +307,8 @@ def cmd_table(a, cls) -> int:
 
 def cmd_configs(a, cls) -> int:
     if a.name:
-        print(json.dumps(get_config(a.name).to_dict(), indent=1))
+        cfg = get_config(a.name)
+        print(json.dumps(cfg.to_dict(), indent=1) if a.json else show(cfg))
     else:
         print(describe())
     return 0
@@ -379,8 +380,9 @@ def make_parser(train_cls: type = ImageConfig) -> argparse.ArgumentParser:
                          "reestimated for SWA configs, stored otherwise)")
     tb.set_defaults(func=cmd_table, cls=None)
 
-    c = sub.add_parser("configs", help="list the presets, or print one as JSON")
+    c = sub.add_parser("configs", help="list the presets, or print one (a field a line; --json: as JSON)")
     c.add_argument("name", nargs="?")
+    c.add_argument("--json", action="store_true", help="print the preset as the JSON config.json stores")
     c.set_defaults(func=cmd_configs, cls=None)
 
     from .bench import add_arguments as bench_args

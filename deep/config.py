@@ -20,6 +20,7 @@ import argparse
 import math
 import numbers
 import re
+import types
 import typing
 from dataclasses import dataclass, fields, replace
 
@@ -32,6 +33,24 @@ OOD_NAMES = ("svhn", "cifar10", "cifar100", "digits")  # every OOD set of deep.d
 IMAGE_SIDE = {"cifar10": 32, "cifar100": 32, "fashion_mnist": 28, "synthetic": 32}  # image height = width (pixels)
 
 
+ONE_OVER_K = "1/K"  # gamma_theta's value for theta along the members' mean gradient
+
+# Configs stored before None and "1/K" held -1 (any negative number) in these fields for "the same as lr /
+# weight_decay" and for 1/K; :func:`upgrade` reads them so, so older run folders resume, fork and compare alike.
+LEGACY_NEGATIVE = {"lr_phi": None, "weight_decay_phi": None, "weight_decay_theta": None, "gamma_theta": ONE_OVER_K}
+
+
+def upgrade(stored: dict) -> dict:
+    """A stored config dict (config.json, a checkpoint's or a results file's config) in today's representation: a
+    negative number in a field of LEGACY_NEGATIVE becomes that field's None or "1/K"; everything else is kept."""
+    out = dict(stored)
+    for key, now in LEGACY_NEGATIVE.items():
+        v = out.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
+            out[key] = now
+    return out
+
+
 SEED_MAX = 2 ** 32 - 1  # seeds feed torch, numpy and derived per-epoch generators: keep them in 32 bits
 
 
@@ -39,7 +58,10 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 def _has_type(v, hint) -> bool:
-    """Whether value ``v`` has the config field type ``hint`` (int, float, bool, str, tuple[X, ...])."""
+    """Whether value ``v`` has the config field type ``hint`` (int, float, bool, str, tuple[X, ...], X | None,
+    float | str)."""
+    if isinstance(hint, types.UnionType):
+        return any(v is None if a is type(None) else _has_type(v, a) for a in typing.get_args(hint))
     if typing.get_origin(hint) is tuple:
         item = typing.get_args(hint)[0]
         return isinstance(v, tuple) and all(_has_type(x, item) for x in v)
@@ -55,6 +77,8 @@ def _has_type(v, hint) -> bool:
 
 
 def _kind(hint) -> str:
+    if isinstance(hint, types.UnionType):
+        return " or ".join("null" if a is type(None) else _kind(a) for a in typing.get_args(hint))
     if typing.get_origin(hint) is tuple:
         return f"a list of {_kind(typing.get_args(hint)[0]).split(' ', 1)[1]}s"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(hint, str(hint))
@@ -81,9 +105,9 @@ def check_seed(seed) -> int:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """What every run shares. ``lr_phi`` / ``weight_decay_phi`` < 0 mean: the same as ``lr`` / ``weight_decay``;
+    """What every run shares. ``lr_phi`` / ``weight_decay_phi`` None mean: the same as ``lr`` / ``weight_decay``;
     they apply to the member copies after the release only (before it every parameter is in one optimizer), as
-    ``weight_decay_theta`` (< 0: ``weight_decay``) and ``batch_size_late`` (0: ``batch_size``) apply to theta's
+    ``weight_decay_theta`` (None: ``weight_decay``) and ``batch_size_late`` (0: ``batch_size``) apply to theta's
     optimizer and to each member's minibatch after the release (see :attr:`theta_weight_decay`,
     :attr:`late_batch_size`)."""
     name: str = "custom"
@@ -93,19 +117,19 @@ class RunConfig:
     epochs: int = 200
     batch_size: int = 128             # per-member minibatch
     lr: float = 0.1                   # theta's learning rate (and phi's unless lr_phi is set)
-    lr_phi: float = -1.0              # the members' learning rate after the release; < 0: same as lr
+    lr_phi: float | None = None       # the members' learning rate after the release; None: same as lr
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
-    weight_decay_phi: float = -1.0    # the members' weight decay after the release; < 0: same as weight_decay
-    weight_decay_theta: float = -1.0  # theta's weight decay after the release; < 0: same as weight_decay
+    weight_decay_phi: float | None = None    # the members' weight decay after the release; None: weight_decay
+    weight_decay_theta: float | None = None  # theta's weight decay after the release; None: weight_decay
     grad_clip: float = 0.0            # clip by the norm of the (mean member's) gradient; 0: off
     # --- late-phase weights (Algorithm 1)
     K: int = 10
     phi: tuple[str, ...] = ("bn", "head")   # late-phase families (deep.families): bn, head, rank1, hyper, all; none
     rank1_layers: tuple[str, ...] = ()      # module-name patterns that get rank-1 factors (family rank1)
     T0: int = 120                     # plain epochs before the release of the late-phase weights
-    gamma_theta: float = 1.0          # theta <- U_theta(theta, gamma_theta * sum_k grad_theta L(M_k)); < 0: 1/K
+    gamma_theta: float | str = 1.0    # theta <- U_theta(theta, gamma_theta * sum_k grad_theta L(M_k)); or "1/K"
     gamma_theta_scales: str = "gradient"  # gradient | lr: gamma_theta on theta's gradient, or on its lr (and so on
                                           # its weight decay: the reference ImageNet script)
     phi_momentum: str = "inherit"     # inherit | zero: the members' optimizer state at the release (zero: reference)
@@ -135,11 +159,11 @@ class RunConfig:
 
     @property
     def phi_lr(self) -> float:
-        return self.lr if self.lr_phi < 0 else self.lr_phi
+        return self.lr if self.lr_phi is None else self.lr_phi
 
     @property
     def phi_weight_decay(self) -> float:
-        return self.weight_decay if self.weight_decay_phi < 0 else self.weight_decay_phi
+        return self.weight_decay if self.weight_decay_phi is None else self.weight_decay_phi
 
     @property
     def theta_weight_decay(self) -> float:
@@ -147,7 +171,7 @@ class RunConfig:
         optimizer, theta <- theta - eta (gamma_theta sum_k g_k + lambda_theta theta), i.e. once per outer step of K
         minibatches: per example theta gets lambda_theta / K of the base model's decay lambda per example
         (lambda_theta = K lambda, the ``late_phase_wd_K`` arm, restores the base model's decay per example)."""
-        return self.weight_decay if self.weight_decay_theta < 0 else self.weight_decay_theta
+        return self.weight_decay if self.weight_decay_theta is None else self.weight_decay_theta
 
     @property
     def late_batch_size(self) -> int:
@@ -163,8 +187,8 @@ class RunConfig:
 
     @property
     def theta_scale(self) -> float:
-        """gamma_theta, with a negative value standing for 1/K (theta steps along the members' mean gradient)."""
-        return 1.0 / self.K if self.gamma_theta < 0 else self.gamma_theta
+        """gamma_theta as a number: "1/K" is 1 / K (theta steps along the members' mean gradient)."""
+        return 1.0 / self.K if self.gamma_theta == ONE_OVER_K else float(self.gamma_theta)
 
     @property
     def members(self) -> int:
@@ -189,7 +213,7 @@ class RunConfig:
         for f in fields(self):
             v, hint = getattr(self, f.name), hints[f.name]
             _need(_has_type(v, hint), f"{f.name} must be {_kind(hint)}, got {v!r}")
-            if hint is float:
+            if float in (typing.get_args(hint) or (hint,)) and isinstance(v, numbers.Real) and not isinstance(v, bool):
                 text = str(v) if len(str(v)) <= 24 else f"{str(v)[:12]}... ({len(str(v))} digits)"
                 _need(_finite32(v), f"{f.name} must be a finite number (float32: |x| <= 3.4e38), got {text}")
         _need(bool(NAME_RE.fullmatch(self.name)), f"name must be letters, digits, '.', '_' or '-' (it names the run "
@@ -200,6 +224,14 @@ class RunConfig:
                     "test_subset", "bn_images", "batch_size_late"):
             _need(getattr(self, key) >= 0, f"{key} must be >= 0, got {getattr(self, key)}")
         _need(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _need(self.lr_phi is None or self.lr_phi > 0,
+              f"lr_phi must be > 0, got {self.lr_phi} (leave it out for the members' lr to be lr)")
+        for key in ("weight_decay_phi", "weight_decay_theta"):
+            _need(getattr(self, key) is None or getattr(self, key) >= 0,
+                  f"{key} must be >= 0, got {getattr(self, key)} (leave it out for weight_decay)")
+        _need(self.gamma_theta == ONE_OVER_K or (not isinstance(self.gamma_theta, str) and self.gamma_theta >= 0),
+              f"gamma_theta must be a number >= 0 or {ONE_OVER_K} (the members' mean gradient), got "
+              f"{self.gamma_theta!r}")
         _need(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
         _need(not (self.nesterov and self.momentum == 0), "nesterov needs momentum > 0 (or --nesterov false)")
         for problem in families.problems(self.phi, self.rank1_layers):
@@ -210,7 +242,7 @@ class RunConfig:
         _need(self.phi_momentum in ("inherit", "zero"),
               f"phi_momentum must be inherit or zero, got {self.phi_momentum!r}")
         _need(len(set(self.phi)) == len(self.phi), f"phi names a family twice: {' '.join(self.phi)}")
-        _need(self.late_phase or (self.batch_size_late == 0 and self.weight_decay_theta < 0),
+        _need(self.late_phase or (self.batch_size_late == 0 and self.weight_decay_theta is None),
               "batch_size_late and weight_decay_theta apply after the release of late-phase weights; this run has "
               "none (phi none): drop them, or give --phi")
         _need(self.path in ("vectorized", "sequential"), f"path must be vectorized or sequential, got {self.path!r}")
@@ -232,8 +264,10 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
-        """The config stored by :meth:`to_dict` (lists back to tuples); unknown keys are an error."""
+        """The config stored by :meth:`to_dict` (lists back to tuples; older sentinels read by :func:`upgrade`);
+        unknown keys are an error."""
         _need(isinstance(d, dict), f"a stored {cls.KIND} config must be an object of fields, got {type(d).__name__}")
+        d = upgrade(d)
         known = {f.name for f in fields(cls)}
         bad = sorted(map(str, set(d) - known))
         _need(not bad, f"unknown config key(s) {', '.join(bad)} for {cls.KIND} runs")
@@ -471,7 +505,7 @@ _TEXT = {
 # momentum.
 PAPER_ARCHS = ("resnet50", "resnet152", "densenet161")
 _FINETUNE = dict(dataset="imagenet", epochs=20, batch_size=256, lr=0.001, momentum=0.9, nesterov=False,
-                 weight_decay=1e-4, K=10, phi=("bn",), T0=0, gamma_theta=-1.0, gamma_theta_scales="lr",
+                 weight_decay=1e-4, K=10, phi=("bn",), T0=0, gamma_theta=ONE_OVER_K, gamma_theta_scales="lr",
                  phi_momentum="zero", eval_batch_size=128, bn_images=51200)
 
 
@@ -573,6 +607,16 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+def _parse_gamma(text: str):
+    """--gamma-theta: a number, or 1/K (theta along the members' mean gradient)."""
+    if text.strip().upper() == ONE_OVER_K.upper():
+        return ONE_OVER_K
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or {ONE_OVER_K}, got {text!r}") from None
+
+
 def _type_name(hint) -> str:
     return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
 
@@ -591,7 +635,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple = (
             item = typing.get_args(hint)[0]
             kw.update(nargs="*", type=item if item in (int, float) else str)
         else:
-            kw["type"] = _parse_bool if hint is bool else hint
+            kw["type"] = {bool: _parse_bool, float | None: float, float | str: _parse_gamma}.get(hint, hint)
         group.add_argument(flag_name(f.name), **kw)
 
 
@@ -607,24 +651,48 @@ def overrides_from_args(args: argparse.Namespace, cls: type) -> dict:
     return out
 
 
+# the fields whose unset value (None; 0 for batch_size_late) stands for another field's value
+SAME_AS = {"lr_phi": "lr", "weight_decay_phi": "weight_decay", "weight_decay_theta": "weight_decay",
+           "batch_size_late": "batch_size"}
+
+
+def show(cfg: RunConfig) -> str:
+    """``cfg`` a field a line for people (``python -m deep configs NAME``): an unset field of SAME_AS as "same as
+    lr (0.1)", gamma_theta 1/K with its value; the JSON that config.json stores is :meth:`RunConfig.to_dict`."""
+    width = max(len(f.name) for f in fields(cfg))
+    lines = []
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        if f.name in SAME_AS and v in (None, 0):
+            text = f"same as {SAME_AS[f.name]} ({getattr(cfg, SAME_AS[f.name])})"
+        elif f.name == "gamma_theta" and v == ONE_OVER_K:
+            text = f"1/K ({cfg.theta_scale:g} at K = {cfg.K})"
+        elif isinstance(v, tuple):
+            text = " ".join(map(str, v)) or "none"
+        else:
+            text = str(v).lower() if isinstance(v, bool) else str(v)
+        lines.append(f"{f.name:{width}s}  {text}")
+    return "\n".join(lines)
+
+
 def describe() -> str:
     """One line per preset: name, dataset, arch, epochs, late-phase settings."""
     lines = []
     for name in sorted(PRESETS):
         c = PRESETS[name]
-        gamma = "1/K" if c.gamma_theta < 0 else f"{c.gamma_theta:g}"
+        gamma = c.gamma_theta if c.gamma_theta == ONE_OVER_K else f"{c.gamma_theta:g}"
         lp = (f"K={c.K} phi={'+'.join(c.phi)} T0={c.T0} gamma_theta={gamma}" if c.late_phase
               else "no late-phase")
         swa = f", SWA from epoch {c.swa_start}" if c.swa else ""
         if c.late_phase and c.batch_size_late:
             lp += f" B'={c.batch_size_late}"
-        if c.late_phase and c.weight_decay_theta >= 0:
+        if c.late_phase and c.weight_decay_theta is not None:
             lp += f" lambda_theta={c.weight_decay_theta:g}"
         lines.append(f"{name:26s} {c.dataset:13s} {c.arch:11s} {c.epochs:4d} epochs, {lp}{swa}")
     lines += ["", "gamma_theta = 1 (the reference CIFAR setting) steps theta along the sum of the K member gradients: in "
                   "the noisy-quadratic theory the mean model's step becomes (lr_phi + K lr) instead of lr (docs/theory.md "
                   "section 3.1), so test accuracy dips right after the release before it recovers; gamma_theta = 1/K "
-                  "(--gamma-theta -1) keeps the step at 2 lr.",
+                  "(--gamma-theta 1/K) keeps the step at 2 lr.",
               "", "B' (--batch-size-late): each member's minibatch after the release; with K=1, gamma_theta=K0 and "
                   "B'=K0 B a run is the large-batch twin of a K0-member run: theta <- theta - lr (K0 g_theta + "
                   "lambda theta), phi <- phi - lr (g_phi + lambda phi) per step of K0 B examples. lambda_theta "

@@ -48,7 +48,9 @@ def _read_run(folder: str) -> dict:
         if problem:
             raise DeepError(f"{path} is not a valid results file ({problem}); delete it or re-run `python -m deep "
                             f"evaluate`")
-    return {"folder": folder, "log": [e for e in log if e.get("phase") != "pretrained"], "config": stored["config"],
+    from .config import upgrade  # older sentinels (-1 for "same as lr") read as today's, to compare runs alike
+    return {"folder": folder, "log": [e for e in log if e.get("phase") != "pretrained"],
+            "config": upgrade(stored["config"]),
             "seed": stored.get("seed"), "results": results}
 
 

@@ -23,7 +23,7 @@ SPEC is a named study (``python -m deep study --list``) or a JSON file::
 
     {"name": "my_study", "seeds": [0, 1, 2, 3, 4], "baseline": "base",
      "arms": {"base": {"config": "fmnist_cpu_base"},
-              "late": {"config": "fmnist_cpu_bn", "overrides": {"gamma_theta": -1}},
+              "late": {"config": "fmnist_cpu_bn", "overrides": {"gamma_theta": "1/K"}},
               "full": {"config": "fmnist_cpu_all", "seeds": [0, 1]},
               "ens": {"ensemble_of": "base", "size": 4}}}
 
@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 
 from shared.checkpoint import atomic_write
 
-from .config import SEED_MAX, check_seed, get_config
+from .config import SEED_MAX, check_seed, get_config, upgrade
 from .errors import ConfigError, DeepError
 from .trainer import EVAL_FIELDS, prediction_passes, shareable, write_json
 from .untrusted import loads, read_bytes, read_json, subfolder, torch_load, write_png
@@ -254,7 +254,7 @@ STUDIES = {
         description="Base vs late-phase BatchNorm + head (gamma_theta = 1 and 1/K), SWA and late-phase + SWA, "
                     "with a deep ensemble of 4 base runs; CPU-sized (cnn-16-48x2-96x2, 7 epochs).",
         arms=(Arm("base", "fmnist_cpu_base"), Arm("late_phase", "fmnist_cpu_bn"),
-              Arm("late_phase_inv_K", "fmnist_cpu_bn", {"gamma_theta": -1.0}),
+              Arm("late_phase_inv_K", "fmnist_cpu_bn", {"gamma_theta": "1/K"}),
               Arm("swa", "fmnist_cpu_base_swa"), Arm("late_phase_swa", "fmnist_cpu_bn_swa"),
               Arm("deep_ensemble", ensemble_of="base", size=4))),
     # The base and late-phase arms are those of fmnist_cpu (same presets and seeds: ~5 min a run); the new arms,
@@ -277,7 +277,7 @@ STUDIES = {
                     "gradient, phi along its mean gradient: Algorithm 1's mean-model dynamics without an ensemble); "
                     "late-phase with theta's weight decay x K after the release; a deep ensemble of 4 base runs.",
         arms=(Arm("base", "fmnist_paper_shape_base"), Arm("late_phase", "fmnist_paper_shape_bn"),
-              Arm("late_phase_inv_K", "fmnist_paper_shape_bn", {"gamma_theta": -1.0}),
+              Arm("late_phase_inv_K", "fmnist_paper_shape_bn", {"gamma_theta": "1/K"}),
               Arm("large_batch_twin", "fmnist_paper_shape_twin"),
               Arm("late_phase_wd_K", "fmnist_paper_shape_wdK"),
               Arm("deep_ensemble", ensemble_of="base", size=4))),
@@ -360,9 +360,10 @@ def _mismatch(arm: Arm, seed: int, config, stored_seed) -> str | None:
         return f"a config that is not an object ({type(config).__name__})"
     cfg = arm.resolved()
     want = json.loads(json.dumps(cfg.to_dict()))  # as stored: tuples are lists
-    # a field the run's version did not have yet holds its default (as RunConfig.from_dict reads it)
+    # a field the run's version did not have yet holds its default, and older sentinels read as today's (as
+    # RunConfig.from_dict reads them)
     config = {**json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(cfg)
-                                       if f.default is not dataclasses.MISSING})), **config}
+                                       if f.default is not dataclasses.MISSING})), **upgrade(config)}
     diff = sorted(k for k in set(want) | set(config) if k not in EVAL_FIELDS and config.get(k) != want.get(k))
     if not diff:
         return None

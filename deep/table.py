@@ -46,6 +46,7 @@ PAPER_ROWS = [
 def load_results(paths) -> list[dict]:
     """The results files among `paths` (results JSON files, or folders searched recursively for results.json), each
     read once (by real path) and checked (:func:`check_result`); raises DeepError naming a bad file."""
+    from .config import upgrade
     out, seen = [], set()
     for p in paths:
         if os.path.isdir(p):
@@ -77,6 +78,7 @@ def load_results(paths) -> list[dict]:
                 shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
                 print(f"note: {f} ({d['config']['name']}, seed {d.get('seed')}): {shown} not finite (a diverged run?); "
                       f"left out of the means and counts (n=)", file=sys.stderr)
+            d["config"] = upgrade(d["config"])  # older sentinels (-1 for "same as lr") read as today's
             d["_file"] = f
             out.append(d)
     if not out:

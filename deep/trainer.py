@@ -52,7 +52,7 @@ from shared.core import maybe_autocast
 from shared.modules import LateBatchNorm
 
 from . import families
-from .config import check_seed
+from .config import check_seed, upgrade
 from .errors import DeepError
 from .runfolder import RunLock, check_out_value, default_out, holder, in_use
 from .system import check_memory, hardware, keep_freed_memory, pick_device, sync
@@ -496,7 +496,7 @@ class Trainer(abc.ABC):
             raise DeepError(f"fork: {e}; delete the trunk to train the run from scratch") from None
         if not isinstance(state, dict) or state.get("format") != FORMAT or state.get("phase") != "pre":
             raise DeepError(f"{path} is not the plain-phase trunk of a run of this version")
-        why = shareable(state["config"], self.cfg.to_dict(), state["epoch"])
+        why = shareable(upgrade(state["config"]), self.cfg.to_dict(), state["epoch"])
         if why or state["seed"] != self.seed or state.get("world_size") != self.world or state["kind"] != \
                 self.cfg.KIND:
             raise DeepError(f"cannot fork {path}: {why or 'another seed, kind or number of processes'}")
@@ -524,12 +524,12 @@ class Trainer(abc.ABC):
 
     def _restore(self, state: dict) -> None:
         """Continue from a verified checkpoint ``state`` of this kind (settings compared first)."""
-        mine = self.cfg.to_dict()
+        mine, stored = self.cfg.to_dict(), upgrade(state["config"])  # older sentinels read as today's
         # re-evaluating may change what is evaluated, not the weights; how often the epochs are evaluated never does
         free = EVAL_FIELDS if self.evaluate_only else ("eval_every",)
-        diff = [k for k in mine if state["config"].get(k) != mine[k] and k not in free]
+        diff = [k for k in mine if stored.get(k) != mine[k] and k not in free]
         if diff or state["seed"] != self.seed:
-            what = ", ".join(f"{k}: {state['config'].get(k)!r} -> {mine[k]!r}" for k in diff[:4]) or \
+            what = ", ".join(f"{k}: {stored.get(k)!r} -> {mine[k]!r}" for k in diff[:4]) or \
                 f"seed {state['seed']} -> {self.seed}"
             raise DeepError(f"--resume with different settings ({what}); resume with the run's own settings")
         if state.get("world_size") != self.world:

@@ -78,9 +78,9 @@ def test_cli_flags_of_the_new_fields(capsys):
     assert main(["train", "--config", "fmnist_paper_shape_base", "--batch-size-late", "64"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "batch_size_late" in err[0]
-    assert main(["configs", "fmnist_paper_shape_twin"]) == 0
+    assert main(["configs", "fmnist_paper_shape_twin", "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
-    assert shown["batch_size_late"] == 512 and shown["gamma_theta"] == 4.0 and shown["weight_decay_theta"] == -1.0
+    assert shown["batch_size_late"] == 512 and shown["gamma_theta"] == 4.0 and shown["weight_decay_theta"] is None
     assert main(["study", "fmnist_paper_shape", "--out", "x", "--eval-every", "0"]) == 2
     assert "--eval-every must be >= 1" in capsys.readouterr().err
 
@@ -319,3 +319,29 @@ def test_the_spec_s_eval_every_reaches_every_run_and_round_trips(tmp_path):
     for bad in (0, True, 1.5, "3"):
         with pytest.raises(ConfigError, match="eval_every must be an integer >= 1"):
             parse_spec({**d, "eval_every": bad}, "s")
+
+
+def test_unset_fields_are_none_and_shown_as_what_they_stand_for(capsys, tmp_path):
+    """lr_phi, weight_decay_phi and weight_decay_theta are None when unset ("same as lr / weight_decay"), gamma_theta
+    is a number or "1/K"; `deep configs NAME` shows what they stand for; configs stored with the older -1 sentinels
+    read as today's (from_dict, and the comparisons of resume, fork, study and table go through the same upgrade)."""
+    from deep.config import ImageConfig, upgrade
+    assert main(["configs", "imagenet_resnet50"]) == 0
+    lines = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
+    assert lines["lr_phi"] == "same as lr (0.001)" and lines["weight_decay_theta"] == "same as weight_decay (0.0001)"
+    assert lines["gamma_theta"] == "1/K (0.1 at K = 10)" and lines["batch_size_late"] == "same as batch_size (256)"
+    cfg = get_config("fmnist_paper_shape_bn", gamma_theta="1/K")
+    assert cfg.theta_scale == 0.25 and cfg.phi_lr == cfg.lr and cfg.theta_weight_decay == cfg.weight_decay
+    legacy = {**cfg.to_dict(), "gamma_theta": -1.0, "lr_phi": -1.0, "weight_decay_phi": -1.0,
+              "weight_decay_theta": -1.0}
+    assert upgrade(legacy) == cfg.to_dict() and ImageConfig.from_dict(legacy) == cfg
+    assert upgrade({"gamma_theta": 0.5, "lr_phi": 0.01}) == {"gamma_theta": 0.5, "lr_phi": 0.01}
+    # the command line: 1/K spelled out; the old -1 is refused with one line that names the new spelling
+    rc = main(["train", "--config", "fmnist_paper_shape_bn", "--gamma-theta", "-1", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "1/K" in err[0] and not (tmp_path / "r").exists()
+    rc = main(["train", "--config", "fmnist_paper_shape_bn", "--lr-phi", "-1", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "lr_phi must be > 0" in err[0]
+    rc = main(["train", "--config", "fmnist_paper_shape_bn", "--gamma-theta", "one", "--out", str(tmp_path / "r")])
+    assert rc == 2 and "1/K" in capsys.readouterr().err

@@ -41,7 +41,7 @@ def test_a_forked_run_is_bit_identical_to_the_run_from_scratch(data_root, tmp_pa
     _run(trunk_run, data_root, tmp_path / "a", seed=4, trunk_epoch=1).train()
     trunk = tmp_path / "a" / "trunk.pt"
     assert trunk.exists()
-    for name, other in (("mean", get_config("fmnist_bn", T0=1, K=2, gamma_theta=-1, swa_start=3, **TINY)),
+    for name, other in (("mean", get_config("fmnist_bn", T0=1, K=2, gamma_theta="1/K", swa_start=3, **TINY)),
                         ("base", get_config("fmnist_base", **TINY))):
         scratch = _run(other, data_root, tmp_path / f"{name}_scratch", seed=4)
         r_scratch = scratch.train()
@@ -79,7 +79,7 @@ def test_statistics_by_hand():
 def _spec(**kw):
     arms = (Arm("base", "fmnist_base", dict(TINY)),
             Arm("late", "fmnist_bn", dict(TINY, T0=1, K=2)),
-            Arm("late_mean", "fmnist_bn", dict(TINY, T0=1, K=2, gamma_theta=-1)),
+            Arm("late_mean", "fmnist_bn", dict(TINY, T0=1, K=2, gamma_theta="1/K")),
             Arm("deep_ensemble", ensemble_of="base", size=2))
     return StudySpec(name="tiny", arms=arms, seeds=(0, 1), baseline="base", **kw).validate()
 

@@ -275,7 +275,8 @@ def spec_json(spec: StudySpec) -> dict:
                         {"config": a.config, "overrides": a.overrides, **({"seeds": list(a.seeds)} if a.seeds else {})})
     return {"name": spec.name, "seeds": list(spec.seeds), "baseline": spec.baseline, "rule": spec.rule,
             "description": spec.description, "arms": arms,
-            **({"eval_every": spec.eval_every} if spec.eval_every is not None else {})}
+            **({"eval_every": spec.eval_every} if spec.eval_every is not None else {}),
+            **({"contrasts": [list(p) for p in spec.contrasts]} if spec.contrasts else {})}
 
 
 def parse_time(text: str) -> int:

@@ -32,6 +32,8 @@ with the baseline on those, and the report names it. A deep ensemble (``ensemble
 ensemble of ``size`` runs of that arm from seed s on (cyclically; one ensemble when size equals its seeds).
 An optional top-level ``"eval_every": N`` (or ``--eval-every N``) evaluates every training arm's per-epoch test
 metrics every N epochs (and at its last epoch); it changes no weight, so the runs and the report are the same.
+An optional ``"contrasts": [["late", "full"], ...]`` adds paired differences between two arms other than the baseline
+to the report (d_s = metric(first, s) - metric(second, s), averaged models, on the seeds both have).
 
 A spec file is checked whole before the first run: unknown keys (with the closest valid one), repeated keys, arm
 names that are not plain folder names (letters, digits, ``_ . -``), seeds outside 0..2**32 - 1 (the range of
@@ -96,6 +98,7 @@ class StudySpec:
     rule: str = "reestimated"
     description: str = ""
     eval_every: int | None = None  # every training arm's per-epoch test metrics every N epochs (None: the arm's own)
+    contrasts: tuple = ()  # (arm, other) pairs: paired differences arm - other in the report, beside those to baseline
 
     def validate(self) -> "StudySpec":
         """The spec, checked whole before any run starts (a mistake in the last arm costs nothing)."""
@@ -116,6 +119,11 @@ class StudySpec:
             raise ConfigError(f"study {self.name}: arm names must be unique, got {names}")
         if self.baseline not in names:
             raise ConfigError(f"study {self.name}: the baseline {self.baseline!r} is not one of its arms {names}")
+        for pair in self.contrasts:
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(p in names for p in pair)
+                    and pair[0] != pair[1]):
+                raise ConfigError(f"study {self.name}: a contrast is a pair of two different arms of the study "
+                                  f"({', '.join(names)}), e.g. [\"{names[-1]}\", \"{names[0]}\"]; got {pair!r}")
         _check_seeds(self.seeds, f"study {self.name}: seeds")
         if len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"study {self.name}: seeds must be distinct integers >= 0, got {list(self.seeds)}")
@@ -159,7 +167,7 @@ class StudySpec:
 
 # An arm's name is a folder of the study: a plain name, never a path (no "..", "/", "" or ".").
 ARM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
-SPEC_KEYS = ("name", "description", "seeds", "baseline", "rule", "arms", "eval_every")
+SPEC_KEYS = ("name", "description", "seeds", "baseline", "rule", "arms", "eval_every", "contrasts")
 ARM_KEYS = ("config", "overrides", "seeds")
 ENSEMBLE_KEYS = ("ensemble_of", "size")
 
@@ -215,7 +223,15 @@ def parse_spec(d, default_name: str) -> StudySpec:
             raise ConfigError(f"{where}.seeds must be a list of seeds of the study, got {seeds!r}")
         arms.append(Arm(name, a["config"], dict(overrides), seeds=tuple(seeds)))
     return StudySpec(d.get("name", default_name), tuple(arms), tuple(d["seeds"]), d["baseline"],
-                     d.get("rule", "reestimated"), d.get("description", ""), d.get("eval_every")).validate()
+                     d.get("rule", "reestimated"), d.get("description", ""), d.get("eval_every"),
+                     _contrasts(d.get("contrasts", []))).validate()
+
+
+def _contrasts(value) -> tuple:
+    """The spec's contrasts as a tuple of pairs (their arms are checked by StudySpec.validate)."""
+    if not isinstance(value, list) or not all(isinstance(p, list) for p in value):
+        raise ConfigError(f"the spec's contrasts must be a list of [arm, other arm] pairs, got {value!r}")
+    return tuple(tuple(p) for p in value)
 
 
 def _paper_study(name: str, dataset: str) -> StudySpec:
@@ -280,7 +296,9 @@ STUDIES = {
               Arm("late_phase_inv_K", "fmnist_paper_shape_bn", {"gamma_theta": "1/K"}),
               Arm("large_batch_twin", "fmnist_paper_shape_twin"),
               Arm("late_phase_wd_K", "fmnist_paper_shape_wdK"),
-              Arm("deep_ensemble", ensemble_of="base", size=4))),
+              Arm("deep_ensemble", ensemble_of="base", size=4)),
+        # the ensemble of phi against the mean model's dynamics without one (the block model's question)
+        contrasts=(("late_phase", "large_batch_twin"),)),
 }
 
 
@@ -650,7 +668,7 @@ def make_report(spec: StudySpec, out: str) -> dict:
                    for o in _part(_part(_part(r, "models"), "averaged").get("stored") or {}, "ood")})
     metrics = list(METRICS) + [f"ood:{o}:auroc_entropy" for o in oods] + (["ood:mean:auroc_entropy"] if oods else [])
     report = {"study": spec.name, "description": spec.description, "baseline": spec.baseline, "rule": spec.rule,
-              "seeds": list(spec.seeds), "arms": {}, "paired": {},
+              "seeds": list(spec.seeds), "arms": {}, "paired": {}, "contrasts": {},
               "left_out": {a: {str(s): w for s, w in by_seed.items()} for a, by_seed in skipped.items()}}
     base_flops = [_number(_part(r, "cost").get("training_flops")) for r in results.get(spec.baseline, {}).values()]
     base_flops = [f for f in base_flops if f]
@@ -704,6 +722,14 @@ def make_report(spec: StudySpec, out: str) -> dict:
                     if d:
                         report["paired"].setdefault(arm.name, {}).setdefault(rule, {}).setdefault(model, {})[
                             metric] = d
+    for first, second in spec.contrasts:
+        mine, other = (report["arms"][a]["metrics"] for a in (first, second))
+        for rule in mine:
+            for metric, stats in mine[rule].get("averaged", {}).items():
+                ref = other.get(rule, {}).get("averaged", {}).get(metric)
+                d = paired(stats["per_seed"], ref["per_seed"]) if ref else None
+                if d:
+                    report["contrasts"].setdefault(f"{first} - {second}", {}).setdefault(rule, {})[metric] = d
     write_json(os.path.join(out, "report.json"), _json_safe(report))
     figures = _plots(spec, out, results)
     atomic_write(os.path.join(out, "report.md"), render_report(report, figures))  # a link there is replaced
@@ -799,6 +825,16 @@ def render_report(report: dict, figures: list) -> str:
                     d = ms.get(m)
                     cells.append("—" if d is None else f"{_cell(d, _digits(m))}, +{d['positive']}/−{d['negative']}")
                 lines.append(f"| {name} | {model} | " + " | ".join(cells) + " |")
+        contrasts = {pair: by_rule[r] for pair, by_rule in report.get("contrasts", {}).items() if r in by_rule}
+        if contrasts:
+            lines += ["", f"## Paired contrasts between arms (averaged models) ({r})", "",
+                      "d = first − second arm per seed: mean ± 95 % CI, and the seeds with d > 0 / d < 0.", "",
+                      "| first − second | " + " | ".join(_name(m) for m in metrics) + " |",
+                      "|---|" + "---:|" * len(metrics)]
+            for pair, ms in contrasts.items():
+                cells = ["—" if (d := ms.get(m)) is None else f"{_cell(d, _digits(m))}, +{d['positive']}/−{d['negative']}"
+                         for m in metrics]
+                lines.append(f"| {pair} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["## Cost", "", "Training FLOPs relative to the baseline arm (3 x 2 x forward multiply-accumulates per "
               "example x examples trained on; a deep ensemble sums its runs).", "",

@@ -312,6 +312,8 @@ def test_the_spec_s_eval_every_reaches_every_run_and_round_trips(tmp_path):
          "arms": {"base": {"config": "fmnist_paper_shape_base"}, "ens": {"ensemble_of": "base", "size": 2}}}
     spec = parse_spec(d, "s")
     assert spec.eval_every == 5 and parse_spec(spec_json(spec), "s") == spec
+    named = STUDIES["fmnist_paper_shape"]  # its contrast (late_phase - large_batch_twin) survives the jobs' file too
+    assert named.contrasts and parse_spec(spec_json(named), named.name) == named
     seen = []
     run_one(spec, str(tmp_path), 0, spec.arms[0], runner=lambda cfg, *a, **kw: seen.append(cfg.eval_every))
     assert seen == [5]

@@ -10,6 +10,7 @@ import torch
 
 from deep.cli import main
 from deep.config import get_config
+from deep.errors import ConfigError
 from deep.images import ImageRun
 from deep.study import STUDIES, Arm, StudySpec, load_spec, make_report, mean_ci, paired, run_study
 from deep.trainer import shareable
@@ -133,6 +134,27 @@ def test_study_end_to_end_resume_and_report(data_root, tmp_path, capsys):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
     saved = json.load(open(tmp_path / "report.json"))
     assert saved["paired"]["late"]["reestimated"]["averaged"]["accuracy"]["seeds"] == [0, 1]
+    # a contrast between two arms other than the baseline: d_s = late - late_mean, averaged models, both rules
+    report = make_report(dataclasses.replace(spec, contrasts=(("late", "late_mean"),)), str(tmp_path))
+    mean_gamma = report["arms"]["late_mean"]["metrics"]["reestimated"]["averaged"]["accuracy"]["per_seed"]
+    c = report["contrasts"]["late - late_mean"]["reestimated"]["accuracy"]
+    assert c["mean"] == pytest.approx(sum(per_seed[s] - mean_gamma[s] for s in (0, 1)) / 2) and c["seeds"] == [0, 1]
+    assert "stored" in report["contrasts"]["late - late_mean"]
+    assert "| late - late_mean |" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.parametrize("contrasts,msg", [
+    ([["late", "nope"]], "pair of two different arms"), ([["late", "late"]], "pair of two different arms"),
+    ([["late"]], "pair of two different arms"), ("late", "list of \\[arm, other arm\\] pairs"),
+    ([[1, 2]], "pair of two different arms")])
+def test_spec_contrasts_are_checked(contrasts, msg):
+    from deep.study import parse_spec
+    d = {"seeds": [0], "baseline": "base", "arms": {"base": {"config": "fmnist_cpu_base"},
+                                                    "late": {"config": "fmnist_cpu_bn"}}, "contrasts": contrasts}
+    with pytest.raises(ConfigError, match=msg):
+        parse_spec(d, "x")
+    ok = parse_spec({**d, "contrasts": [["late", "base"]]}, "x")
+    assert ok.contrasts == (("late", "base"),)
 
 
 def test_spec_files_and_cli(data_root, tmp_path, capsys):
@@ -240,3 +262,4 @@ def test_the_extending_guide_study_spec():
     assert arms["late_phase_no_decay"].resolved() == dataclasses.replace(get_config("fmnist_cpu_bn"),
                                                                          weight_decay_phi=0.0)
     assert arms["late_phase_no_decay"].seeds_in(spec) == (0,) and arms["deep_ensemble"].seeds_in(spec) == (0, 1)
+    assert spec.contrasts == (("late_phase_no_decay", "late_phase"),)

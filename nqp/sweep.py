@@ -205,10 +205,12 @@ def _long_run(problem, P, nesterov, stable, chunk_elements):
 
     n, d = P["K"].size, problem.dim
     h, s, w = problem.curvature, problem.noise, np.abs(problem.optimum)
-    # blocks of about 4k (points x coordinates): the root finder's dozens of temporaries then stay in the core's
-    # cache (measured on a 2-core machine: 30 % faster than 10k, twice as fast as 256k)
-    cols = max(1, min(d, chunk_elements, 1 << 12))
-    rows = max(1, min(chunk_elements, 1 << 12) // cols)
+    # blocks of about 16k (points x coordinates): large enough that numpy's per-call overhead is small beside the
+    # arithmetic (the root finder makes ~100 calls a block), small enough that its dozens of temporaries stay in the
+    # core's cache. Measured on this project's 2-core AMD EPYC (1 MiB L2 a core), the 50 x 50 x 10^4 sweep's long run:
+    # 4k 4.1 s, 8k 2.8 s, 16k 1.7 s, 32k 1.7 s, 256k 2.3 s (benchmarks/nqp_bench.py --sweep-only for the whole CLI)
+    cols = max(1, min(d, chunk_elements, 1 << 14))
+    rows = max(1, min(chunk_elements, 1 << 14) // cols)
     starts = range(0, d, cols)
     part_mean, part_mem = np.zeros((n, len(starts))), np.zeros((n, len(starts)))
     jobs = []

@@ -224,14 +224,7 @@ class RunConfig:
                     "test_subset", "bn_images", "batch_size_late"):
             _need(getattr(self, key) >= 0, f"{key} must be >= 0, got {getattr(self, key)}")
         _need(self.lr > 0, f"lr must be > 0, got {self.lr}")
-        _need(self.lr_phi is None or self.lr_phi > 0,
-              f"lr_phi must be > 0, got {self.lr_phi} (leave it out for the members' lr to be lr)")
-        for key in ("weight_decay_phi", "weight_decay_theta"):
-            _need(getattr(self, key) is None or getattr(self, key) >= 0,
-                  f"{key} must be >= 0, got {getattr(self, key)} (leave it out for weight_decay)")
-        _need(self.gamma_theta == ONE_OVER_K or (not isinstance(self.gamma_theta, str) and self.gamma_theta >= 0),
-              f"gamma_theta must be a number >= 0 or {ONE_OVER_K} (the members' mean gradient), got "
-              f"{self.gamma_theta!r}")
+        self._validate_after_release()
         _need(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
         _need(not (self.nesterov and self.momentum == 0), "nesterov needs momentum > 0 (or --nesterov false)")
         for problem in families.problems(self.phi, self.rank1_layers):
@@ -257,6 +250,17 @@ class RunConfig:
               f"swa_start ({self.swa_start}) must come after the release at T0: the first late-phase epoch is "
               f"{self.T0 + 1}; use --swa-start {self.T0 + 1} or later")
         return self
+
+    def _validate_after_release(self) -> None:
+        """The fields that may be unset (None: the same as lr / weight_decay) and gamma_theta (a number or 1/K)."""
+        _need(self.lr_phi is None or self.lr_phi > 0,
+              f"lr_phi must be > 0, got {self.lr_phi} (leave it out for the members' lr to be lr)")
+        for key in ("weight_decay_phi", "weight_decay_theta"):
+            _need(getattr(self, key) is None or getattr(self, key) >= 0,
+                  f"{key} must be >= 0, got {getattr(self, key)} (leave it out for weight_decay)")
+        _need(self.gamma_theta == ONE_OVER_K or (not isinstance(self.gamma_theta, str) and self.gamma_theta >= 0),
+              f"gamma_theta must be a number >= 0 or {ONE_OVER_K} (the members' mean gradient), got "
+              f"{self.gamma_theta!r}")
 
     # ------------------------------------------------------------------ conversions
     def to_dict(self) -> dict:

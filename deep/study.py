@@ -709,31 +709,34 @@ def make_report(spec: StudySpec, out: str) -> dict:
         report["arms"][arm.name] = entry
     base = report["arms"][spec.baseline]["metrics"]
     for arm in spec.arms:
-        if arm.name == spec.baseline:
-            continue
-        mine = report["arms"][arm.name]["metrics"]
-        for rule in mine:
-            for model in mine[rule]:
-                for metric, stats in mine[rule][model].items():
-                    ref = base.get(rule, {}).get("averaged", {}).get(metric)
-                    if ref is None:
-                        continue
-                    d = paired(stats["per_seed"], ref["per_seed"])
+        if arm.name != spec.baseline:
+            mine = report["arms"][arm.name]["metrics"]
+            for rule, by_model in mine.items():
+                for model in by_model:
+                    d = _paired_metrics({rule: by_model}, model, base).get(rule)
                     if d:
-                        report["paired"].setdefault(arm.name, {}).setdefault(rule, {}).setdefault(model, {})[
-                            metric] = d
+                        report["paired"].setdefault(arm.name, {}).setdefault(rule, {})[model] = d
     for first, second in spec.contrasts:
-        mine, other = (report["arms"][a]["metrics"] for a in (first, second))
-        for rule in mine:
-            for metric, stats in mine[rule].get("averaged", {}).items():
-                ref = other.get(rule, {}).get("averaged", {}).get(metric)
-                d = paired(stats["per_seed"], ref["per_seed"]) if ref else None
-                if d:
-                    report["contrasts"].setdefault(f"{first} - {second}", {}).setdefault(rule, {})[metric] = d
+        d = _paired_metrics(report["arms"][first]["metrics"], "averaged", report["arms"][second]["metrics"])
+        if d:
+            report["contrasts"][f"{first} - {second}"] = d
     write_json(os.path.join(out, "report.json"), _json_safe(report))
     figures = _plots(spec, out, results)
     atomic_write(os.path.join(out, "report.md"), render_report(report, figures))  # a link there is replaced
     return report
+
+
+def _paired_metrics(mine: dict, model: str, other: dict) -> dict:
+    """rule -> metric -> :func:`paired` of ``mine``'s ``model`` against ``other``'s averaged model (arm metrics as
+    in report.json: rule -> model -> metric -> stats with per_seed), where both have the metric."""
+    out: dict = {}
+    for rule, by_model in mine.items():
+        for metric, stats in by_model.get(model, {}).items():
+            ref = other.get(rule, {}).get("averaged", {}).get(metric)
+            d = paired(stats["per_seed"], ref["per_seed"]) if ref else None
+            if d:
+                out.setdefault(rule, {})[metric] = d
+    return out
 
 
 def _what(a: dict) -> str:
@@ -818,23 +821,15 @@ def render_report(report: dict, figures: list) -> str:
                   "d = arm − base per seed: mean ± 95 % CI, and the seeds with d > 0 / d < 0.", "",
                   "| arm | model | " + " | ".join(_name(m) for m in metrics) + " |",
                   "|---|---|" + "---:|" * len(metrics)]
-        for name, by_rule in report["paired"].items():
-            for model, ms in by_rule.get(r, {}).items():
-                cells = []
-                for m in metrics:
-                    d = ms.get(m)
-                    cells.append("—" if d is None else f"{_cell(d, _digits(m))}, +{d['positive']}/−{d['negative']}")
-                lines.append(f"| {name} | {model} | " + " | ".join(cells) + " |")
+        lines += [f"| {name} | {model} | {_paired_cells(ms, metrics)} |"
+                  for name, by_rule in report["paired"].items() for model, ms in by_rule.get(r, {}).items()]
         contrasts = {pair: by_rule[r] for pair, by_rule in report.get("contrasts", {}).items() if r in by_rule}
         if contrasts:
             lines += ["", f"## Paired contrasts between arms (averaged models) ({r})", "",
                       "d = first − second arm per seed: mean ± 95 % CI, and the seeds with d > 0 / d < 0.", "",
                       "| first − second | " + " | ".join(_name(m) for m in metrics) + " |",
                       "|---|" + "---:|" * len(metrics)]
-            for pair, ms in contrasts.items():
-                cells = ["—" if (d := ms.get(m)) is None else f"{_cell(d, _digits(m))}, +{d['positive']}/−{d['negative']}"
-                         for m in metrics]
-                lines.append(f"| {pair} | " + " | ".join(cells) + " |")
+            lines += [f"| {pair} | {_paired_cells(ms, metrics)} |" for pair, ms in contrasts.items()]
         lines.append("")
     lines += ["## Cost", "", "Training FLOPs relative to the baseline arm (3 x 2 x forward multiply-accumulates per "
               "example x examples trained on; a deep ensemble sums its runs).", "",
@@ -853,6 +848,12 @@ def render_report(report: dict, figures: list) -> str:
                       "(cyclically), so their samples overlap and their confidence intervals are optimistic."]
     lines += [""] + [f"![{os.path.basename(f)}]({os.path.basename(f)})" for f in figures]
     return "\n".join(lines) + "\n"
+
+
+def _paired_cells(by_metric: dict, metrics: list) -> str:
+    """The table cells of paired differences: mean ± CI (n), and the seeds with d > 0 / d < 0."""
+    return " | ".join("—" if (d := by_metric.get(m)) is None else
+                      f"{_cell(d, _digits(m))}, +{d['positive']}/−{d['negative']}" for m in metrics)
 
 
 def _name(metric: str) -> str:

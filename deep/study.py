@@ -33,7 +33,9 @@ ensemble of ``size`` runs of that arm from seed s on (cyclically; one ensemble w
 An optional top-level ``"eval_every": N`` (or ``--eval-every N``) evaluates every training arm's per-epoch test
 metrics every N epochs (and at its last epoch); it changes no weight, so the runs and the report are the same.
 An optional ``"contrasts": [["late", "full"], ...]`` adds paired differences between two arms other than the baseline
-to the report (d_s = metric(first, s) - metric(second, s), averaged models, on the seeds both have).
+to the report (d_s = metric(first, s) - metric(second, s), averaged models, on the seeds both have). The report
+also pairs the logged per-epoch test accuracy (``paired_curves``: every arm with the baseline, and each contrast),
+the intervals a claim about the curves' shapes needs.
 
 A spec file is checked whole before the first run: unknown keys (with the closest valid one), repeated keys, arm
 names that are not plain folder names (letters, digits, ``_ . -``), seeds outside 0..2**32 - 1 (the range of
@@ -299,8 +301,10 @@ STUDIES = {
               Arm("large_batch_twin", "fmnist_paper_shape_twin"),
               Arm("late_phase_wd_K", "fmnist_paper_shape_wdK"),
               Arm("deep_ensemble", ensemble_of="base", size=4)),
-        # the ensemble of phi against the mean model's dynamics without one (the block model's question)
-        contrasts=(("late_phase", "large_batch_twin"),)),
+        # the block model's questions: the ensemble of phi against the mean model's dynamics without one; theta's
+        # weight decay per example (the scale-invariant conv weights' effective learning rate); gamma_theta = 1/K
+        contrasts=(("late_phase", "large_batch_twin"), ("late_phase_wd_K", "late_phase"),
+                   ("late_phase_inv_K", "late_phase"))),
 }
 
 
@@ -722,6 +726,7 @@ def make_report(spec: StudySpec, out: str) -> dict:
         d = _paired_metrics(report["arms"][first]["metrics"], "averaged", report["arms"][second]["metrics"])
         if d:
             report["contrasts"][f"{first} - {second}"] = d
+    report["paired_curves"] = {"metric": "test_accuracy", "model": "averaged", **paired_curves(spec, out, results)}
     write_json(os.path.join(out, "report.json"), _json_safe(report))
     figures = _plots(spec, out, results)
     atomic_write(os.path.join(out, "report.md"), render_report(report, figures))  # a link there is replaced
@@ -833,6 +838,7 @@ def render_report(report: dict, figures: list) -> str:
                       "|---|" + "---:|" * len(metrics)]
             lines += [f"| {pair} | {_paired_cells(ms, metrics)} |" for pair, ms in contrasts.items()]
         lines.append("")
+    lines += _curve_table(report)
     lines += ["## Cost", "", "Training FLOPs relative to the baseline arm (3 x 2 x forward multiply-accumulates per "
               "example x examples trained on; a deep ensemble sums its runs).", "",
               "| arm | what | parameters | training FLOPs vs base | test passes per example | train seconds per run | "
@@ -850,6 +856,29 @@ def render_report(report: dict, figures: list) -> str:
                       "(cyclically), so their samples overlap and their confidence intervals are optimistic."]
     lines += [""] + [f"![{os.path.basename(f)}]({os.path.basename(f)})" for f in figures]
     return "\n".join(lines) + "\n"
+
+
+def _curve_table(report: dict, columns: int = 8) -> list:
+    """report.md's rows of the paired per-epoch differences (report.json: paired_curves; at most ``columns`` epochs,
+    evenly spaced, the last always: the JSON has them all)."""
+    pc = report.get("paired_curves") or {}
+    curves = {**(pc.get("arms") or {}), **(pc.get("contrasts") or {})}
+    if not curves:
+        return []
+    epochs = sorted({r["epoch"] for rows in curves.values() for r in rows})
+    if len(epochs) > columns:
+        step = (len(epochs) - 1) / (columns - 1)
+        epochs = sorted({epochs[round(i * step)] for i in range(columns)})
+    lines = [f"## Paired differences to `{report['baseline']}` per epoch: test accuracy (%), averaged model", "",
+             "d = arm − base (or first − second arm) per seed at each epoch, as logged during training (the stored "
+             "BatchNorm statistics): mean ± 95 % CI, and the seeds with d > 0 / d < 0; from the first epoch at which "
+             "the runs differ.", "", "| arm | n | " + " | ".join(f"epoch {e}" for e in epochs) + " |", "|---|---:|" + "---:|" * len(epochs)]
+    for name, rows in curves.items():
+        at = {r["epoch"]: r for r in rows}
+        cells = ["—" if (d := at.get(e)) is None else f"{_cell(d, 2).rsplit(' (', 1)[0]}, +{d['positive']}/−"
+                 f"{d['negative']}" for e in epochs]
+        lines.append(f"| {name} | {max(r['n'] for r in rows)} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def _paired_cells(by_metric: dict, metrics: list) -> str:
@@ -875,35 +904,32 @@ def _plots(spec: StudySpec, out: str, results: dict) -> list:
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     # test accuracy, training loss, and (late-phase arms) whether the members diverge at all: their disagreement on
     # the test set and the spread of their late-phase weights
-    panels = (("test_accuracy", "test accuracy (%), averaged model", "SWA arms: the SWA average"),
+    swa = any(arm.ensemble_of is None and arm.resolved().swa for arm in spec.arms)
+    panels = (("test_accuracy", "test accuracy (%), averaged model", "SWA arms: the SWA average" if swa else None),
               ("loss", "training loss", None),
               ("members_disagreement", "members' disagreement on the test set (%)", "mean over member pairs"),
               ("phi_spread", "spread of phi: mean_k |phi_k - phi_bar| / |phi_bar|", None))
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.4))
     axes = axes.ravel()
     marks = {}
+    logged = {key: _logged(spec, out, results, key) for key, _title, _note in panels}
     for i, arm in enumerate(spec.arms):
-        if arm.ensemble_of is not None:
-            continue
-        logs = [[e for e in log if e.get("phase") != "pretrained"] for seed in results.get(arm.name, {})
-                if (log := _read_log(os.path.join(_folder(out, arm.name, seed), "log.jsonl"))) is not None]
-        if not logs:
-            continue
         color = colors[i % len(colors)]
         for ax, (key, _title, _note) in zip(axes, panels):
-            # an SWA arm's model is its SWA average from the SWA start on (swa_test_accuracy), not the current weights
-            def value(e, key=key):
-                v = e.get("swa_test_accuracy", e.get(key)) if key == "test_accuracy" else e.get(key)
-                return _number(v)  # a hand-edited log may hold anything: only numbers are drawn
+            series = list(logged[key].get(arm.name, {}).values())
+            if not series:
+                continue
             # the epochs every seed has the value at (test metrics are logged every eval_every epochs)
-            epochs = sorted(set.intersection(*({e["epoch"] for e in log if value(e) is not None} for log in logs)))
+            epochs = sorted(set.intersection(*(set(v) for v in series)))
             if not epochs:
                 continue
-            rows = [[value(e) for e in log if e["epoch"] in epochs] for log in logs]
+            rows = [[v[e] for e in epochs] for v in series]
             mean = [sum(c) / len(c) for c in zip(*rows)]
             ax.plot(epochs, mean, "o-", ms=3, color=color, label=f"{arm.name} (n={len(rows)})")
             ax.fill_between(epochs, [min(c) for c in zip(*rows)], [max(c) for c in zip(*rows)], color=color,
                             alpha=0.15)
+        if not any(arm.name in by_arm for by_arm in logged.values()):  # no curve drawn: no release line either
+            continue
         cfg = arm.resolved()
         for ax in axes:
             if cfg.late_phase and cfg.T0:
@@ -925,9 +951,12 @@ def _plots(spec: StudySpec, out: str, results: dict) -> list:
     for ls, what in marks.items():  # name the vertical lines (each arm's, in its colour)
         handles.append(Line2D([], [], color="gray", ls=ls, lw=1))
         labels.append(what)
+    # one legend below the panels (an arm has one colour everywhere): inside a panel it hid curves and footnotes
+    ncol = min(4, len(handles)) or 1
+    rows = -(-len(handles) // ncol)
     if handles:  # no curve at all (damaged logs): no empty legend
-        axes[0].legend(handles, labels, fontsize=8, loc="best")
-    fig.tight_layout()
+        fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.03 * rows + 0.01 if handles else 0, 1, 1))
     curves = os.path.join(out, "curves.png")
     write_png(fig, curves, dpi=110)  # atomically: a link there is replaced, its target untouched
     plt.close(fig)
@@ -968,6 +997,54 @@ def _read_log(path: str) -> list | None:
     if not all(isinstance(e, dict) and _number(e.get("epoch")) is not None for e in log):
         return None
     return log
+
+
+def _values(log: list, key: str) -> dict:
+    """epoch -> the number ``key`` holds in a run's log.jsonl entries; test accuracy is the model the run delivers
+    (an SWA arm's SWA average from its start on, ``swa_test_accuracy``). Epochs without a number are absent."""
+    out = {}
+    for e in log:
+        if e.get("phase") == "pretrained":
+            continue
+        v = e.get("swa_test_accuracy", e.get(key)) if key == "test_accuracy" else e.get(key)
+        if _number(v) is not None:  # a hand-edited log may hold anything: only numbers count
+            out[e["epoch"]] = v
+    return out
+
+
+def _logged(spec: StudySpec, out: str, results: dict, key: str) -> dict:
+    """arm -> seed -> :func:`_values` of ``key``, for the finished runs of the training arms whose log is readable."""
+    found: dict = {}
+    for arm in spec.arms:
+        for seed in results.get(arm.name, {}) if arm.ensemble_of is None else ():
+            log = _read_log(os.path.join(_folder(out, arm.name, seed), "log.jsonl"))
+            if log is not None:
+                found.setdefault(arm.name, {})[seed] = _values(log, key)
+    return found
+
+
+def paired_curves(spec: StudySpec, out: str, results: dict) -> dict:
+    """{"arms": arm -> rows, "contrasts": "first - second" -> rows}: the paired per-epoch differences (arm - baseline,
+    and the spec's contrasts; the same seed) of the logged test accuracy (%) of the averaged model, each row {epoch,
+    mean, ci95, sd, n, positive, negative}, at the epochs every paired seed logged, from the first epoch at which any
+    seed's two runs differ (before a release the arms share their trunk). What a claim about the curves' shapes
+    needs: per-epoch intervals, not the overlap of two bands."""
+    logs = _logged(spec, out, results, "test_accuracy")
+    def rows(first: str, second: str) -> list:
+        mine, other = logs.get(first, {}), logs.get(second, {})
+        seeds = sorted(set(mine) & set(other))
+        if not seeds:
+            return []
+        found = []
+        for e in sorted(set.intersection(*(set(mine[s]) & set(other[s]) for s in seeds))):
+            d = paired({s: mine[s][e] for s in seeds}, {s: other[s][e] for s in seeds})
+            d.pop("seeds")
+            found.append({"epoch": e, **d})
+        start = next((i for i, r in enumerate(found) if r["positive"] or r["negative"]), len(found))
+        return found[start:]
+    arms = {a.name: r for a in spec.arms if a.name != spec.baseline and (r := rows(a.name, spec.baseline))}
+    contrasts = {f"{a} - {b}": r for a, b in spec.contrasts if (r := rows(a, b))}
+    return {"arms": arms, "contrasts": contrasts}
 
 
 def _pooled_bins(runs: dict, model: str, rule: str) -> list:

@@ -141,6 +141,24 @@ def test_study_end_to_end_resume_and_report(data_root, tmp_path, capsys):
     assert c["mean"] == pytest.approx(sum(per_seed[s] - mean_gamma[s] for s in (0, 1)) / 2) and c["seeds"] == [0, 1]
     assert "stored" in report["contrasts"]["late - late_mean"]
     assert "| late - late_mean |" in (tmp_path / "report.md").read_text()
+    # paired per-epoch differences of the logged test accuracy: by hand from log.jsonl, from the first epoch at
+    # which a seed's two runs differ (the shared epoch before the release differs in none)
+    def logged(arm):
+        return {s: {e["epoch"]: e["test_accuracy"] for e in map(json.loads, open(tmp_path / arm / f"seed{s}" /
+                                                                                    "log.jsonl"))
+                    if "test_accuracy" in e} for s in (0, 1)}
+    curves = report["paired_curves"]
+    assert (curves["metric"], curves["model"]) == ("test_accuracy", "averaged")
+    for name, (first, second) in (("late", ("late", "base")), ("late - late_mean", ("late", "late_mean"))):
+        a, b = logged(first), logged(second)
+        d = {e: [a[s][e] - b[s][e] for s in (0, 1)] for e in sorted(a[0])}
+        rows = curves["contrasts" if " - " in name else "arms"].get(name, [])
+        differ = [e for e in d if any(d[e])]
+        assert [r["epoch"] for r in rows] == ([e for e in d if e >= differ[0]] if differ else [])
+        assert 1 not in differ  # the trunk before the release is the same run
+        for r in rows:
+            assert r["mean"] == pytest.approx(sum(d[r["epoch"]]) / 2) and r["n"] == 2
+            assert r["positive"] == sum(x > 0 for x in d[r["epoch"]])
 
 
 @pytest.mark.parametrize("contrasts,msg", [

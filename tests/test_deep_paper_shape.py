@@ -347,3 +347,37 @@ def test_unset_fields_are_none_and_shown_as_what_they_stand_for(capsys, tmp_path
     assert rc == 2 and len(err) == 1 and "lr_phi must be > 0" in err[0]
     rc = main(["train", "--config", "fmnist_paper_shape_bn", "--gamma-theta", "one", "--out", str(tmp_path / "r")])
     assert rc == 2 and "1/K" in capsys.readouterr().err
+
+
+def _close(a, b, path="report.json"):
+    """Equal structures, floats to 1e-9 relative (a deep ensemble's NLL is a reduction: the last bits depend on the
+    CPU's kernels)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            _close(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list) and isinstance(b, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _close(x, y, f"{path}[{i}]")
+    elif isinstance(a, float) or isinstance(b, float):
+        assert a == pytest.approx(b, rel=1e-9, abs=1e-12), path
+    else:
+        assert a == b, path
+
+
+def test_the_committed_study_rebuilds_from_its_committed_files(tmp_path):
+    """docs/results/fmnist_paper_shape holds only the finished runs' small files: `--report-only` rebuilds the
+    committed report.json from them (every arm on its 8 seeds), without reaching a checkpoint or the data."""
+    import pathlib
+    committed = pathlib.Path(__file__).resolve().parent.parent / "docs" / "results" / "fmnist_paper_shape"
+    if not committed.is_dir():
+        pytest.skip("no committed fmnist_paper_shape study in this checkout")
+    out = tmp_path / "study"
+    shutil.copytree(committed, out)
+    assert not list(out.rglob("*.ckpt")) and not list(out.rglob("checkpoint*"))
+    assert main(["study", "fmnist_paper_shape", "--report-only", "--out", str(out)]) == 0
+    rebuilt = json.loads((out / "report.json").read_text())
+    _close(rebuilt, json.loads((committed / "report.json").read_text()))
+    assert all(len(a["seeds"]) == 8 for a in rebuilt["arms"].values() if not a["ensemble_of"])
+    assert rebuilt["contrasts"] and rebuilt["paired_curves"]["arms"]

@@ -95,6 +95,7 @@ def plot_runs(folders: list, out: str) -> None:
     classifiers = [r for r in runs if r["results"] and "accuracy" in (entries(r["results"], "averaged", None) or {})]
     fig, axes = plt.subplots(2 if classifiers else 1, 3, figsize=(15, 8.5 if classifiers else 4.5), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    marks = {}  # what the drawn marks mean: named in the legend, only those drawn (in a panel they hid the curves)
     for i, run in enumerate(runs):
         color, label = colors[i % len(colors)], _label(run, runs)
         epochs = [e["epoch"] for e in run["log"]]
@@ -110,17 +111,17 @@ def plot_runs(folders: list, out: str) -> None:
                    if key == "test_accuracy" and _num(e.get("swa_test_accuracy")) is not None]
             if swa:  # the SWA average the run delivers, beside the current weights
                 ax.plot(*zip(*swa), "s:", ms=3, color=color)
+                marks["s:"] = "squares: the SWA average (test accuracy)"
             ax.set_title(title or "")
             ax.set_xlabel("epoch")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             if cfg.get("phi") and (_num(cfg.get("T0")) or 0) > 0:
                 ax.axvline(cfg["T0"] + 0.5, color=color, ls="--", lw=1, alpha=0.7)
+                marks["--"] = "release of the late-phase weights (T0)"
             if (_num(cfg.get("swa_start")) or 0) > 0:
                 ax.axvline(cfg["swa_start"] - 0.5, color=color, ls=":", lw=1, alpha=0.7)
+                marks[":"] = "SWA start"
         axes[0][2].set_yscale("log")
-    axes[0][1].text(0.01, 0.01, "dashed: release at T0; dotted: SWA start; squares: the SWA average",
-                    transform=axes[0][1].transAxes,
-                    fontsize=8, color="gray")
     if classifiers:
         for ax, model in zip(axes[1], ("averaged", "ensemble", "members")):
             ax.plot([0, 1], [0, 1], color="gray", lw=1)
@@ -158,6 +159,11 @@ def plot_runs(folders: list, out: str) -> None:
             if not any(lbl.split(" [")[0] == seen.split(" [")[0] for seen in labels):
                 handles.append(h)
                 labels.append(lbl)
+    from matplotlib.lines import Line2D
+    for style, what in marks.items():  # each run's marks are in its colour; the legend names the style in gray
+        handles.append(Line2D([], [], color="gray", lw=1, ls=style[-1] if style == "s:" else style,
+                              marker="s" if style == "s:" else None, ms=3))
+        labels.append(what)
     rows = -(-len(labels) // 2)
     fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=9, frameon=False)
     fig.tight_layout(rect=(0, 0.035 * rows + 0.01, 1, 1))

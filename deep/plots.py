@@ -65,7 +65,11 @@ LATE_FIELDS = ("K", "T0", "gamma_theta", "sigma0", "lr_phi", "weight_decay_phi",
 
 def _effective(cfg: dict) -> dict:
     """The fields that matter for a run: without late-phase weights, the late-phase settings do not."""
+    from .config import SAME_AS
     out = {k: v for k, v in cfg.items() if k != "name" and (cfg.get("phi") or k not in LATE_FIELDS)}
+    for k, ref in SAME_AS.items():  # an unset field is the field it stands for: the legend shows the value used
+        if k in out and out[k] in (None, 0):
+            out[k] = cfg.get(ref)
     out["phi"] = "+".join(cfg.get("phi") or []) or "none"
     return out
 
@@ -74,7 +78,7 @@ def _label(run: dict, others: list) -> str:
     """A short legend entry: the config name, the fields that differ between the plotted runs, and the seed."""
     mine, theirs = _effective(run["config"]), [_effective(o["config"]) for o in others]
     differ = [k for k in mine if k != "phi" and any(k in t and t[k] != mine[k] for t in theirs)]
-    extra = ", ".join(f"{k}={mine[k]}" for k in differ[:3])
+    extra = ", ".join(f"{k}={mine[k]}" for k in differ[:4])
     return f"{run['config']['name']}" + (f" ({extra})" if extra else "") + f" s{run['seed']}"
 
 

@@ -182,3 +182,15 @@ def test_checkpoints_of_another_kind_or_world_are_refused(data_root, tmp_path):
         shared.save(tmp_path / "r" / "checkpoint.pt", {**state, **change})
         with pytest.raises(ValueError, match=msg):
             ImageRun(cfg, data_dir=str(data_root), out=str(tmp_path / "r"), device="cpu", resume=True, quiet=True)
+
+
+def test_plot_labels_show_the_value_an_unset_field_stands_for():
+    """`deep plot`'s legend names the fields that differ between runs, an unset field (None; 0 for batch_size_late)
+    as the value it stands for: the twin's batch 512 against the late-phase run's 128, not against 0."""
+    from deep.plots import _label
+    late = {"config": {**get_config("fmnist_paper_shape_bn").to_dict(), "name": "late"}, "seed": 0}
+    twin = {"config": {**get_config("fmnist_paper_shape_twin").to_dict(), "name": "twin"}, "seed": 0}
+    assert late["config"]["batch_size_late"] in (None, 0)
+    runs = [late, twin]
+    assert "batch_size_late=128" in _label(late, runs) and "batch_size_late=512" in _label(twin, runs)
+    assert "lr_phi" not in _label(late, runs)  # None (same as lr) in both

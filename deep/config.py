@@ -660,6 +660,12 @@ SAME_AS = {"lr_phi": "lr", "weight_decay_phi": "weight_decay", "weight_decay_the
            "batch_size_late": "batch_size"}
 
 
+def unset(name: str, value) -> bool:
+    """Whether ``value`` of the SAME_AS field ``name`` stands for the other field's value: None, or 0 for
+    batch_size_late (no minibatch has 0 examples). A weight decay of 0 is a decay: none."""
+    return value is None or (name == "batch_size_late" and value == 0)
+
+
 def show(cfg: RunConfig) -> str:
     """``cfg`` a field a line for people (``python -m deep configs NAME``): an unset field of SAME_AS as "same as
     lr (0.1)", gamma_theta 1/K with its value; the JSON that config.json stores is :meth:`RunConfig.to_dict`."""
@@ -667,7 +673,7 @@ def show(cfg: RunConfig) -> str:
     lines = []
     for f in fields(cfg):
         v = getattr(cfg, f.name)
-        if f.name in SAME_AS and v in (None, 0):
+        if f.name in SAME_AS and unset(f.name, v):
             text = f"same as {SAME_AS[f.name]} ({getattr(cfg, SAME_AS[f.name])})"
         elif f.name == "gamma_theta" and v == ONE_OVER_K:
             text = f"1/K ({cfg.theta_scale:g} at K = {cfg.K})"

@@ -65,10 +65,10 @@ LATE_FIELDS = ("K", "T0", "gamma_theta", "sigma0", "lr_phi", "weight_decay_phi",
 
 def _effective(cfg: dict) -> dict:
     """The fields that matter for a run: without late-phase weights, the late-phase settings do not."""
-    from .config import SAME_AS
+    from .config import SAME_AS, unset
     out = {k: v for k, v in cfg.items() if k != "name" and (cfg.get("phi") or k not in LATE_FIELDS)}
     for k, ref in SAME_AS.items():  # an unset field is the field it stands for: the legend shows the value used
-        if k in out and out[k] in (None, 0):
+        if k in out and unset(k, out[k]):
             out[k] = cfg.get(ref)
     out["phi"] = "+".join(cfg.get("phi") or []) or "none"
     return out
@@ -87,6 +87,7 @@ def plot_runs(folders: list, out: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
     from .table import default_rule, entries
@@ -115,16 +116,16 @@ def plot_runs(folders: list, out: str) -> None:
                    if key == "test_accuracy" and _num(e.get("swa_test_accuracy")) is not None]
             if swa:  # the SWA average the run delivers, beside the current weights
                 ax.plot(*zip(*swa), "s:", ms=3, color=color)
-                marks["s:"] = "squares: the SWA average (test accuracy)"
+                marks["squares: the SWA average (test accuracy)"] = {"ls": ":", "marker": "s"}
             ax.set_title(title or "")
             ax.set_xlabel("epoch")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             if cfg.get("phi") and (_num(cfg.get("T0")) or 0) > 0:
                 ax.axvline(cfg["T0"] + 0.5, color=color, ls="--", lw=1, alpha=0.7)
-                marks["--"] = "release of the late-phase weights (T0)"
+                marks["release of the late-phase weights (T0)"] = {"ls": "--"}
             if (_num(cfg.get("swa_start")) or 0) > 0:
                 ax.axvline(cfg["swa_start"] - 0.5, color=color, ls=":", lw=1, alpha=0.7)
-                marks[":"] = "SWA start"
+                marks["SWA start"] = {"ls": ":"}
         axes[0][2].set_yscale("log")
     if classifiers:
         for ax, model in zip(axes[1], ("averaged", "ensemble", "members")):
@@ -163,10 +164,8 @@ def plot_runs(folders: list, out: str) -> None:
             if not any(lbl.split(" [")[0] == seen.split(" [")[0] for seen in labels):
                 handles.append(h)
                 labels.append(lbl)
-    from matplotlib.lines import Line2D
-    for style, what in marks.items():  # each run's marks are in its colour; the legend names the style in gray
-        handles.append(Line2D([], [], color="gray", lw=1, ls=style[-1] if style == "s:" else style,
-                              marker="s" if style == "s:" else None, ms=3))
+    for what, style in marks.items():  # each run's marks are in its colour; the legend names the style in gray
+        handles.append(Line2D([], [], color="gray", lw=1, ms=3, **style))
         labels.append(what)
     rows = -(-len(labels) // 2)
     fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=9, frameon=False)

@@ -726,9 +726,10 @@ def make_report(spec: StudySpec, out: str) -> dict:
         d = _paired_metrics(report["arms"][first]["metrics"], "averaged", report["arms"][second]["metrics"])
         if d:
             report["contrasts"][f"{first} - {second}"] = d
-    report["paired_curves"] = {"metric": "test_accuracy", "model": "averaged", **paired_curves(spec, out, results)}
+    logs = _logs(spec, out, results)  # read once, for the paired curves and the plots
+    report["paired_curves"] = {"metric": "test_accuracy", "model": "averaged", **paired_curves(spec, logs)}
     write_json(os.path.join(out, "report.json"), _json_safe(report))
-    figures = _plots(spec, out, results)
+    figures = _plots(spec, out, results, logs)
     atomic_write(os.path.join(out, "report.md"), render_report(report, figures))  # a link there is replaced
     return report
 
@@ -872,7 +873,8 @@ def _curve_table(report: dict, columns: int = 8) -> list:
     lines = [f"## Paired differences to `{report['baseline']}` per epoch: test accuracy (%), averaged model", "",
              "d = arm − base (or first − second arm) per seed at each epoch, as logged during training (the stored "
              "BatchNorm statistics): mean ± 95 % CI, and the seeds with d > 0 / d < 0; from the first epoch at which "
-             "the runs differ.", "", "| arm | n | " + " | ".join(f"epoch {e}" for e in epochs) + " |", "|---|---:|" + "---:|" * len(epochs)]
+             "the runs differ.", "",
+             "| arm | n | " + " | ".join(f"epoch {e}" for e in epochs) + " |", "|---|---:|" + "---:|" * len(epochs)]
     for name, rows in curves.items():
         at = {r["epoch"]: r for r in rows}
         cells = ["—" if (d := at.get(e)) is None else f"{_cell(d, 2).rsplit(' (', 1)[0]}, +{d['positive']}/−"
@@ -894,8 +896,9 @@ def _name(metric: str) -> str:
     return metric
 
 
-def _plots(spec: StudySpec, out: str, results: dict) -> list:
-    """Learning curves (mean over seeds per arm) and pooled reliability diagrams; returns the PNG paths."""
+def _plots(spec: StudySpec, out: str, results: dict, logs: dict) -> list:
+    """Learning curves (mean over seeds per arm; ``logs`` as :func:`_logs`) and pooled reliability diagrams; returns
+    the PNG paths."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -912,7 +915,7 @@ def _plots(spec: StudySpec, out: str, results: dict) -> list:
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.4))
     axes = axes.ravel()
     marks = {}
-    logged = {key: _logged(spec, out, results, key) for key, _title, _note in panels}
+    logged = {key: _logged(logs, key) for key, _title, _note in panels}
     for i, arm in enumerate(spec.arms):
         color = colors[i % len(colors)]
         for ax, (key, _title, _note) in zip(axes, panels):
@@ -1012,24 +1015,30 @@ def _values(log: list, key: str) -> dict:
     return out
 
 
-def _logged(spec: StudySpec, out: str, results: dict, key: str) -> dict:
-    """arm -> seed -> :func:`_values` of ``key``, for the finished runs of the training arms whose log is readable."""
+def _logs(spec: StudySpec, out: str, results: dict) -> dict:
+    """arm -> seed -> log.jsonl entries, for the finished runs of the training arms whose log is readable."""
     found: dict = {}
     for arm in spec.arms:
         for seed in results.get(arm.name, {}) if arm.ensemble_of is None else ():
             log = _read_log(os.path.join(_folder(out, arm.name, seed), "log.jsonl"))
             if log is not None:
-                found.setdefault(arm.name, {})[seed] = _values(log, key)
+                found.setdefault(arm.name, {})[seed] = log
     return found
 
 
-def paired_curves(spec: StudySpec, out: str, results: dict) -> dict:
+def _logged(logs: dict, key: str) -> dict:
+    """arm -> seed -> :func:`_values` of ``key`` in ``logs`` (as :func:`_logs`)."""
+    return {arm: {seed: _values(log, key) for seed, log in by_seed.items()} for arm, by_seed in logs.items()}
+
+
+def paired_curves(spec: StudySpec, logs: dict) -> dict:
     """{"arms": arm -> rows, "contrasts": "first - second" -> rows}: the paired per-epoch differences (arm - baseline,
     and the spec's contrasts; the same seed) of the logged test accuracy (%) of the averaged model, each row {epoch,
     mean, ci95, sd, n, positive, negative}, at the epochs every paired seed logged, from the first epoch at which any
     seed's two runs differ (before a release the arms share their trunk). What a claim about the curves' shapes
-    needs: per-epoch intervals, not the overlap of two bands."""
-    logs = _logged(spec, out, results, "test_accuracy")
+    needs: per-epoch intervals, not the overlap of two bands. ``logs``: arm -> seed -> log entries (:func:`_logs`)."""
+    logs = _logged(logs, "test_accuracy")
+
     def rows(first: str, second: str) -> list:
         mine, other = logs.get(first, {}), logs.get(second, {})
         seeds = sorted(set(mine) & set(other))

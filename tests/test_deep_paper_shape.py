@@ -332,6 +332,11 @@ def test_unset_fields_are_none_and_shown_as_what_they_stand_for(capsys, tmp_path
     lines = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
     assert lines["lr_phi"] == "same as lr (0.001)" and lines["weight_decay_theta"] == "same as weight_decay (0.0001)"
     assert lines["gamma_theta"] == "1/K (0.1 at K = 10)" and lines["batch_size_late"] == "same as batch_size (256)"
+    # a weight decay of 0 is set (no decay), not "same as weight_decay"
+    from deep.config import show
+    shown = dict(line.split(None, 1) for line in show(get_config("fmnist_paper_shape_bn", weight_decay_phi=0.0,
+                                                                   weight_decay_theta=0.0)).splitlines())
+    assert shown["weight_decay_phi"] == "0.0" and shown["weight_decay_theta"] == "0.0"
     cfg = get_config("fmnist_paper_shape_bn", gamma_theta="1/K")
     assert cfg.theta_scale == 0.25 and cfg.phi_lr == cfg.lr and cfg.theta_weight_decay == cfg.weight_decay
     legacy = {**cfg.to_dict(), "gamma_theta": -1.0, "lr_phi": -1.0, "weight_decay_phi": -1.0,

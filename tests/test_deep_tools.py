@@ -194,3 +194,5 @@ def test_plot_labels_show_the_value_an_unset_field_stands_for():
     runs = [late, twin]
     assert "batch_size_late=128" in _label(late, runs) and "batch_size_late=512" in _label(twin, runs)
     assert "lr_phi" not in _label(late, runs)  # None (same as lr) in both
+    no_decay = {"config": {**late["config"], "name": "no_decay", "weight_decay_theta": 0.0}, "seed": 0}
+    assert "weight_decay_theta=0.0" in _label(no_decay, [late, no_decay])  # 0 is no decay, not "same as"
